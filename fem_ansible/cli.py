@@ -1,0 +1,211 @@
+"""The ``fem-ansible`` command line: parse, call the library, map errors to exit codes.
+
+Exit codes (DESIGN.md §8): 0 COMPLETED or valid, 1 FAILED/TIMED_OUT/CANCELLED, 2 usage or
+config error, 3 REJECTED or invalid.  This module is the only place that decides them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .errors import ConfigError, RejectedError
+from .logs import setup_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+STATE_EXIT = {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED, "TIMED_OUT": EXIT_FAILED,
+              "CANCELLED": EXIT_FAILED, "REJECTED": EXIT_REJECTED}
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=DEFAULT_CONFIG_PATH,
+    show_default=True, envvar="FEM_CONFIG", help="The site config file.",
+)
+log_format_option = click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Log lines for a terminal (text) or a log pipeline (json).",
+)
+
+
+def _config(path: str, *, scrub: bool = False) -> Config:
+    try:
+        return load_config(path, scrub_environ=scrub)
+    except ConfigError as e:
+        click.echo(f"fem-ansible: config error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        click.echo(f"fem-ansible: cannot read {path}: {e.strerror}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    extra = []
+    for key in ("host", "image_digest", "source_commit", "exit_code"):
+        if event.get(key) is not None:
+            extra.append(f"{key}={event[key]}")
+    for key in ("outputs", "logs"):
+        if event.get(key):
+            a = event[key]
+            extra.append(f"{key}={a['url'] or '(kept on node)'} {a['size']}B")
+    if event.get("error"):
+        extra.append(f"error={event['error']['code']}")
+    tail = f" [{', '.join(extra)}]" if extra else ""
+    click.echo(f"{event['seq']:>3} {event['state']:<11} {event['message']}{tail}")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="fem-ansible")
+def main() -> None:
+    """fem-ansible: runs Federated Execution Manager tasks next to this site's data."""
+
+
+@main.command()
+@config_option
+@log_format_option
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+def listen(config_path: str, log_format: str, metrics_port: int | None) -> None:
+    """Run the service: consume this node's tasks from the broker."""
+    setup_logging(log_format)
+    config = _config(config_path, scrub=True)
+    from .listener import Listener
+
+    Listener(config).run()
+
+
+@main.command()
+@config_option
+@log_format_option
+@click.argument("task_file", type=click.Path(dir_okay=False))
+def run(config_path: str, log_format: str, task_file: str) -> None:
+    """Run one task (fem.task/v1 JSON) here without a broker, printing its events."""
+    setup_logging(log_format, level="WARNING")
+    config = _config(config_path, scrub=True)
+    body = _read_file(task_file)
+    from .journal import Journal
+    from .lifecycle import Node, read_message
+
+    journal = Journal(config.work_dir / "journal.sqlite")
+
+    def show() -> None:
+        for event_id, event in journal.unpublished():
+            _print_event(event)
+            journal.mark_published(event_id)
+
+    node = Node(config, journal, notify=show)
+    try:
+        task = read_message(config, body)
+    except RejectedError as e:
+        node.reject(e)
+        sys.exit(EXIT_REJECTED)
+    _event, existing = node.accept(task)
+    if existing is not None and existing.terminal:
+        click.echo(f"task {task['task_id']} already ran here: {existing.state}", err=True)
+        sys.exit(STATE_EXIT[existing.state])
+    final = node.execute(task["task_id"])
+    sys.exit(STATE_EXIT.get(final.get("state", "FAILED"), EXIT_FAILED))
+
+
+@main.command()
+@config_option
+@click.argument("task_file", type=click.Path(dir_okay=False))
+def validate(config_path: str, task_file: str) -> None:
+    """Check a task against the schema and this site's policy (no signature)."""
+    config = _config(config_path)
+    body = _read_file(task_file)
+    from .lifecycle import read_message
+
+    try:
+        task = read_message(config, body)
+    except RejectedError as e:
+        click.echo(f"invalid ({e.code}): {e.message}")
+        sys.exit(EXIT_REJECTED)
+    click.echo(f"valid: task {task['task_id']} may run on node {config.node_id}")
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schemas of every message, keyed by schema id."""
+    from .schema import SCHEMAS
+
+    click.echo(json.dumps(SCHEMAS, indent=2))
+
+
+@main.command()
+@config_option
+@click.argument("task_file", type=click.Path(dir_okay=False))
+@click.option("--wait/--no-wait", default=False, help="Follow the task's events to its end.")
+@click.option("--timeout", type=float, default=3600, show_default=True,
+              help="Seconds to wait for the terminal event.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
+              help="HMAC key file to sign with (default: the config's, in hmac mode).")
+def submit(config_path: str, task_file: str, wait: bool, timeout: float,
+           sign_key: str | None) -> None:
+    """Publish a task as an orchestrator would, and optionally follow its events."""
+    config = _config(config_path)
+    body = _read_file(task_file)
+    from .orchestrator import submit_task
+
+    try:
+        task_id = json.loads(body).get("task_id")
+    except (ValueError, AttributeError):
+        task_id = None
+    final = submit_task(config, body, task_id, wait=wait, timeout=timeout, sign_key=sign_key,
+                        on_event=_print_event)
+    if not wait:
+        click.echo(f"published task {task_id}")
+        return
+    if final is None:
+        click.echo("no terminal event before the timeout", err=True)
+        sys.exit(EXIT_FAILED)
+    sys.exit(STATE_EXIT[final["state"]])
+
+
+@main.command()
+@config_option
+@click.argument("task_id")
+def cancel(config_path: str, task_id: str) -> None:
+    """Ask every listener of this node to cancel a task."""
+    config = _config(config_path)
+    from .orchestrator import send_cancel
+
+    send_cancel(config, task_id)
+    click.echo(f"cancel sent for {task_id}")
+
+
+@main.command()
+@config_option
+@click.argument("task_id", required=False)
+@click.option("--limit", type=int, default=30, show_default=True, help="How many tasks.")
+def tasks(config_path: str, task_id: str | None, limit: int) -> None:
+    """The journal: recent tasks, or one task's events."""
+    config = _config(config_path)
+    from .journal import Journal
+
+    journal = Journal(config.work_dir / "journal.sqlite")
+    if task_id:
+        rec = journal.get(task_id, with_events=True)
+        if rec is None:
+            click.echo(f"no task {task_id} in the journal", err=True)
+            sys.exit(EXIT_FAILED)
+        click.echo(f"task {rec.task_id}: {rec.state}, attempt {rec.attempt}, host {rec.host}")
+        click.echo(f"run dir: {config.work_dir / 'runs' / rec.task_id}")
+        for event in rec.events:
+            _print_event(event)
+        return
+    click.echo(f"{'TASK':<40} {'STATE':<11} {'ATT':>3} {'DURATION':>9} {'EXIT':>4}")
+    for rec in journal.recent(limit):
+        end = rec.finished_at or time.time()
+        code = rec.result.get("exit_code")
+        click.echo(f"{rec.task_id:<40} {rec.state:<11} {rec.attempt:>3} "
+                   f"{end - rec.received_at:>8.1f}s {'' if code is None else code:>4}")

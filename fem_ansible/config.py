@@ -1,0 +1,470 @@
+"""The site's config file (DESIGN.md §7): the model, its defaults, and loading it.
+
+The model is a tree of frozen dataclasses; each field's ``doc`` metadata is the one place its
+meaning is written, so the configuration reference in docs/ is generated from it.  Loading is
+strict: an unknown key or a value of the wrong type is a :class:`ConfigError` naming the key's
+full path, because a typo in a security policy must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+from .sizes import parse_bytes
+
+DEFAULT_CONFIG_PATH = "/etc/fem-ansible/config.yml"
+ENV_PREFIX = "FEM_"
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: str | None = _doc("CA bundle that signs the broker's certificate.", default=None)
+    cert_file: str | None = _doc("Client certificate for mutual TLS.", default=None)
+    key_file: str | None = _doc("Private key of the client certificate.", default=None)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str = _doc(
+        "AMQP URL of the broker; `amqps://` for TLS.",
+        default="amqp://guest:guest@127.0.0.1:5672/%2F",
+    )
+    tls: TlsConfig = _doc("TLS material for `amqps://`.", default_factory=TlsConfig)
+    heartbeat_s: int = _doc(
+        "AMQP heartbeat and node heartbeat event interval, seconds.", default=60
+    )
+    declare: bool = _doc(
+        "Declare the topology; false checks it passively (accounts that may not declare).",
+        default=True,
+    )
+    queue_type: Literal["classic", "quorum"] = _doc(
+        "Type of the node's queues; `quorum` for RabbitMQ clusters.", default="classic"
+    )
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    runtime: Literal["docker", "podman"] = _doc(
+        "Container engine on the cluster's nodes.", default="docker"
+    )
+    partition: str | None = _doc("Slurm partition for task jobs.", default=None)
+    account: str | None = _doc("Slurm account for task jobs.", default=None)
+    qos: str | None = _doc("Slurm QoS for task jobs.", default=None)
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    max_parallel: int = _doc("Tasks accepted at once by this listener.", default=1)
+    max_attempts: int = _doc(
+        "Attempts (listener restarts included) before a task is FAILED `interrupted`.",
+        default=3,
+    )
+    shutdown_grace_s: int = _doc(
+        "On SIGTERM, how long running tasks may finish before they are left to recovery.",
+        default=60,
+    )
+    work_dir: str = _doc(
+        "Journal, per-task run dirs (archives, logs, ansible artifacts), audit log.",
+        default="/var/lib/fem-ansible",
+    )
+    keep_runs: int = _doc(
+        "Finished runs whose listener-side run dir is kept (oldest removed first).", default=20
+    )
+    inventory: str | None = _doc(
+        "Ansible inventory (file or directory); default the built-in `inventory/localhost.yml`.",
+        default=None,
+    )
+    target: str = _doc("Inventory host or group tasks run on by default.", default="localhost")
+    roles_path: list[str] = _doc(
+        "Site role directories, searched before the built-in roles.", default_factory=list
+    )
+    playbook: str | None = _doc(
+        "Site playbook instead of the built-in `playbooks/task.yml`.", default=None
+    )
+    default_executor: str = _doc(
+        "Executor for tasks that name none (role `fem_executor_<name>`).", default="docker"
+    )
+    container_uid: int = _doc(
+        "User (uid, and gid) for containers whose image user is root or unset.", default=65534
+    )
+    slurm: SlurmConfig = _doc("Settings of the Slurm executor.", default_factory=SlurmConfig)
+
+
+@dataclass(frozen=True)
+class AllowList:
+    allow: list[str] = _doc(
+        "Glob patterns; `*` does not cross `/`, `**` does.", default_factory=list
+    )
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    allow: list[str] = _doc(
+        "Glob patterns matched against the normalised image reference.", default_factory=list
+    )
+    require_digest: bool = _doc("Accept only `…@sha256:` references.", default=False)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    path: str = _doc("Host directory of the dataset, mounted read-only.")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    cpus: float = _doc("Most CPUs a task may ask for.", default=1.0)
+    memory: int = _doc("Most memory a task may ask for (bytes or `2Gi`).", default=2 * 1024**3)
+    gpus: int = _doc("Most GPUs a task may ask for.", default=0)
+    timeout_s: int = _doc("Longest container run time a task may ask for.", default=3600)
+    pids: int = _doc("Process limit of every task container.", default=256)
+    input_bytes: int = _doc("Most bytes of downloaded inputs.", default=1024**3)
+    output_bytes: int = _doc("Largest outputs a task may leave.", default=10 * 1024**3)
+    log_bytes: int = _doc("Largest container log kept (per stream).", default=100 * 1024**2)
+
+
+@dataclass(frozen=True)
+class DefaultsConfig:
+    cpus: float | None = _doc("CPUs when the task asks none; default the limit.", default=None)
+    memory: int | None = _doc(
+        "Memory when the task asks none; default the limit.", default=None
+    )
+    timeout_s: int | None = _doc(
+        "Run time when the task asks none; default the limit.", default=None
+    )
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    images: ImagePolicy = _doc("Images tasks may run.", default_factory=ImagePolicy)
+    sources: AllowList = _doc("Git repositories tasks may check out.", default_factory=AllowList)
+    downloads: AllowList = _doc("URLs inputs may be downloaded from.", default_factory=AllowList)
+    uploads: AllowList = _doc("URLs outputs and logs may go to.", default_factory=AllowList)
+    targets: AllowList = _doc(
+        "Inventory hosts or groups tasks may name.",
+        default_factory=lambda: AllowList(allow=["localhost"]),
+    )
+    executors: AllowList = _doc(
+        "Executors tasks may use.", default_factory=lambda: AllowList(allow=["docker"])
+    )
+    networks: AllowList = _doc(
+        "Container networks besides `none` (e.g. `host`).", default_factory=AllowList
+    )
+    datasets: dict[str, DatasetConfig] = _doc(
+        "Datasets by name; tasks name them, never a host path.", default_factory=dict
+    )
+    limits: LimitsConfig = _doc("Maxima of what a task may ask.", default_factory=LimitsConfig)
+    defaults: DefaultsConfig = _doc(
+        "Resources of a task that asks none.", default_factory=DefaultsConfig
+    )
+    share_logs: bool = _doc(
+        "Upload container logs; false keeps them on the node.", default=True
+    )
+
+
+@dataclass(frozen=True)
+class SignatureConfig:
+    mode: Literal["none", "hmac", "ed25519"] = _doc(
+        "How task and control messages are signed.", default="none"
+    )
+    key_file: str | None = _doc("Shared secret for `hmac`.", default=None)
+    key_files: list[str] = _doc(
+        "Orchestrator public keys (PEM) for `ed25519`.", default_factory=list
+    )
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    signature: SignatureConfig = _doc(
+        "Message signatures.", default_factory=SignatureConfig
+    )
+    max_message_bytes: int = _doc("Largest message body accepted.", default=1048576)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    file: str | None = _doc(
+        "Append-only JSON-lines audit log; default `<work_dir>/audit.jsonl`.", default=None
+    )
+
+
+@dataclass(frozen=True)
+class RegistryCredentials:
+    username: str = _doc("Registry user.")
+    password_file: str = _doc("File holding the registry password.")
+
+
+@dataclass(frozen=True)
+class SourceCredentials:
+    username: str = _doc("Git user.")
+    token_file: str = _doc("File holding the git token.")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    ca_file: str | None = _doc("CA bundle for downloads and uploads.", default=None)
+    proxy: str | None = _doc("HTTP(S) proxy for downloads and uploads.", default=None)
+
+
+@dataclass(frozen=True)
+class LegacyConfig:
+    enabled: bool = _doc("Also serve the original FEM-client protocol.", default=False)
+    queue: str | None = _doc("Queue of the legacy protocol; default the node id.", default=None)
+    sandbox_path: str | None = _doc("Root of per-run sandboxes.", default=None)
+    data_path: str | None = _doc("Site data directory, mounted read-only.", default=None)
+    site_vars: dict[str, str] = _doc(
+        "Values of `$NAME` placeholders in legacy tasks.", default_factory=dict
+    )
+    chunk_size: int = _doc("Bytes of result per reply chunk.", default=65536)
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str = _doc("This node's id (routing key of its queues).")
+    listener_id: str = _doc(
+        "This listener's id; default the host name.", default_factory=socket.gethostname
+    )
+    broker: BrokerConfig = _doc("The RabbitMQ connection.", default_factory=BrokerConfig)
+    execution: ExecutionConfig = _doc(
+        "How and where tasks run.", default_factory=ExecutionConfig
+    )
+    policy: PolicyConfig = _doc("What tasks may do.", default_factory=PolicyConfig)
+    security: SecurityConfig = _doc("Message checks.", default_factory=SecurityConfig)
+    audit: AuditConfig = _doc("The local audit log.", default_factory=AuditConfig)
+    registries: dict[str, RegistryCredentials] = _doc(
+        "Registry credentials by registry host.", default_factory=dict
+    )
+    sources: dict[str, SourceCredentials] = _doc(
+        "Git credentials by git host.", default_factory=dict
+    )
+    http: HttpConfig = _doc("HTTP client settings.", default_factory=HttpConfig)
+    legacy: LegacyConfig = _doc(
+        "The original FEM-client protocol (DESIGN.md §9).", default_factory=LegacyConfig
+    )
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.execution.work_dir)
+
+    @property
+    def audit_file(self) -> Path:
+        return Path(self.audit.file) if self.audit.file else self.work_dir / "audit.jsonl"
+
+    def resource_defaults(self) -> dict[str, Any]:
+        """The resources of a task that asks none: the policy defaults, else the limits."""
+        limits, defaults = self.policy.limits, self.policy.defaults
+        return {
+            "cpus": defaults.cpus if defaults.cpus is not None else limits.cpus,
+            "memory": defaults.memory if defaults.memory is not None else limits.memory,
+            "gpus": 0,
+            "timeout_s": defaults.timeout_s if defaults.timeout_s is not None else limits.timeout_s,
+        }
+
+
+# Byte-sized fields accept `2Gi`-style strings; every other int field takes a plain integer.
+_BYTE_FIELDS = {"memory", "input_bytes", "output_bytes", "log_bytes", "max_message_bytes"}
+
+
+def _convert(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], path)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(map(str, typing.get_args(hint)))
+            raise ConfigError(f"{path}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        _, item = typing.get_args(hint)
+        return {str(k): _convert(v, item, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if path.rsplit(".", 1)[-1] in _BYTE_FIELDS:
+            try:
+                return parse_bytes(value)
+            except ValueError as e:
+                raise ConfigError(f"{path}: {e}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {hint}")  # pragma: no cover - model bug
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"unknown config key {where!r}")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key {where!r}")
+    return cls(**kwargs)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Lay ``FEM_A__B=value`` over ``data['a']['b']``; return the variable names used."""
+    used = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        if not all(keys):
+            raise ConfigError(f"{name}: malformed override name")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{name}: not valid YAML: {e}") from None
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {key!r} is not a mapping")
+            node = child
+        node[keys[-1]] = value
+        used.append(name)
+    return used
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    scrub_environ: bool = False,
+) -> Config:
+    """Read, override and validate the config.
+
+    :param path: the YAML file; default ``/etc/fem-ansible/config.yml``.
+    :param environ: where ``FEM_*`` overrides come from; default ``os.environ``.
+    :param scrub_environ: remove the overrides used from ``os.environ`` afterwards.  An
+        override may hold a credential (``FEM_BROKER__URL``), and ansible-runner writes the
+        whole environment into each run's artifacts, so the service drops them once read.
+    :returns: the validated :class:`Config`.
+    :raises ConfigError: naming the bad key.
+    """
+    path = Path(path or DEFAULT_CONFIG_PATH)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    used = _apply_env(data, os.environ if environ is None else environ)
+    config = _build(Config, data, "")
+    _check(config)
+    if scrub_environ:
+        for name in used:
+            os.environ.pop(name, None)
+    return config
+
+
+def _check(config: Config) -> None:
+    """Rules across fields, which the type model alone cannot say."""
+    if not re.match(NODE_ID_PATTERN, config.node_id):
+        raise ConfigError(f"node_id: {config.node_id!r} does not match {NODE_ID_PATTERN}")
+    if not re.match(NODE_ID_PATTERN, config.listener_id):
+        raise ConfigError(f"listener_id: {config.listener_id!r} does not match {NODE_ID_PATTERN}")
+    ex = config.execution
+    for name in ("max_parallel", "max_attempts", "heartbeat_s"):
+        owner = config.broker if name == "heartbeat_s" else ex
+        if getattr(owner, name) < 1:
+            section = "broker" if owner is config.broker else "execution"
+            raise ConfigError(f"{section}.{name}: must be at least 1")
+    if ex.keep_runs < 0:
+        raise ConfigError("execution.keep_runs: must not be negative")
+    if not config.broker.url.startswith(("amqp://", "amqps://")):
+        raise ConfigError("broker.url: must start with amqp:// or amqps://")
+    sig = config.security.signature
+    if sig.mode == "hmac" and not sig.key_file:
+        raise ConfigError("security.signature.key_file: required when mode is hmac")
+    if sig.mode == "ed25519" and not sig.key_files:
+        raise ConfigError("security.signature.key_files: required when mode is ed25519")
+    defaults, limits = config.policy.defaults, config.policy.limits
+    for name in ("cpus", "memory", "timeout_s"):
+        value = getattr(defaults, name)
+        if value is not None and value > getattr(limits, name):
+            raise ConfigError(f"policy.defaults.{name}: above policy.limits.{name}")
+    for name, ds in config.policy.datasets.items():
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+            raise ConfigError(f"policy.datasets.{name}: invalid dataset name")
+        if not os.path.isabs(ds.path):
+            raise ConfigError(f"policy.datasets.{name}.path: must be an absolute path")
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key path, default, meaning)`` for every leaf of the model, for the docs."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows.extend(field_docs(hint, f"{key}."))
+            continue
+        if typing.get_origin(hint) is dict:
+            _, item = typing.get_args(hint)
+            if dataclasses.is_dataclass(item):
+                rows.extend(field_docs(item, f"{key}.<name>."))
+                continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default) if f.default is not None else "none"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = "host name" if f.name == "listener_id" else repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append((key, default, f.metadata.get("doc", "")))
+    return rows

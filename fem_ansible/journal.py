@@ -1,0 +1,257 @@
+"""The local durable journal: every task this listener accepted, its stages, its events.
+
+SQLite in WAL mode, in ``execution.work_dir``, written by this process only (one lock, one
+connection).  A task is in the journal before it is acknowledged to the broker, each stage
+is recorded as it completes, and every event is written here first and marked published
+only once the broker confirmed it; so a crash or a broker outage loses nothing, and events
+go out in ``seq`` order when the broker is back (DESIGN.md §5).
+
+The file holds what recovery needs, upload URLs and headers included, so it is created
+readable by the service user only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .schema import TERMINAL_STATES
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id     TEXT PRIMARY KEY,
+    task        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    attempt     INTEGER NOT NULL DEFAULT 1,
+    stages_done TEXT NOT NULL DEFAULT '[]',
+    result      TEXT NOT NULL DEFAULT '{}',
+    host        TEXT,
+    received_at REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id   TEXT,
+    seq       INTEGER NOT NULL,
+    state     TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_task_seq ON events(task_id, seq)
+    WHERE task_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_unpublished ON events(published, id);
+CREATE TABLE IF NOT EXISTS cancels (
+    task_id TEXT PRIMARY KEY,
+    at      REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class TaskRecord:
+    """One row of the journal, decoded."""
+
+    task_id: str
+    task: dict[str, Any]
+    state: str
+    attempt: int
+    stages_done: list[str]
+    result: dict[str, Any]
+    host: str | None
+    received_at: float
+    updated_at: float
+    finished_at: float | None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class Journal:
+    """The journal file; safe to share between the listener's threads."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    def get(self, task_id: str, *, with_events: bool = False) -> TaskRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            if row is None:
+                return None
+            rec = self._record(row)
+            if with_events:
+                rec.events = [
+                    json.loads(b)
+                    for (b,) in self._db.execute(
+                        "SELECT body FROM events WHERE task_id=? ORDER BY seq", (task_id,)
+                    )
+                ]
+            return rec
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> TaskRecord:
+        (task_id, task, state, attempt, stages, result, host, rec_at, upd_at, fin_at) = row
+        return TaskRecord(task_id, json.loads(task), state, attempt, json.loads(stages),
+                          json.loads(result), host, rec_at, upd_at, fin_at)
+
+    def add_task(self, task_id: str, task: dict[str, Any], first_event: dict[str, Any]
+                 ) -> tuple[TaskRecord | None, dict[str, Any] | None]:
+        """Record a new task with its first event, atomically.
+
+        :returns: ``(None, event)`` when it was new; ``(existing record, None)`` when the
+            task id is already in the journal (the caller decides what a re-send means).
+        """
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            if row is not None:
+                return self._record(row), None
+            db.execute(
+                "INSERT INTO tasks (task_id, task, state, received_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (task_id, json.dumps(task), first_event["state"], now, now),
+            )
+            return None, self._insert_event(db, task_id, first_event, now)
+
+    def update(self, task_id: str, **fields: Any) -> None:
+        """Set ``attempt``, ``stages_done``, ``result`` or ``host`` of a task."""
+        allowed = {"attempt", "stages_done", "result", "host"}
+        if not fields.keys() <= allowed:
+            raise ValueError(f"cannot update {sorted(fields.keys() - allowed)}")
+        sets, values = [], []
+        for name, value in fields.items():
+            sets.append(f"{name}=?")
+            values.append(json.dumps(value) if name in ("stages_done", "result") else value)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE tasks SET {', '.join(sets)}, updated_at=? WHERE task_id=?",
+                (*values, time.time(), task_id),
+            )
+
+    def unfinished(self) -> list[TaskRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM tasks WHERE finished_at IS NULL ORDER BY received_at"
+            ).fetchall()
+        return [self._record(r) for r in rows]
+
+    def recent(self, limit: int = 50) -> list[TaskRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM tasks ORDER BY received_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [self._record(r) for r in rows]
+
+    def finished_beyond(self, keep: int) -> list[str]:
+        """Ids of finished tasks older than the ``keep`` most recent finished ones."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_id FROM tasks WHERE finished_at IS NOT NULL"
+                " ORDER BY finished_at DESC LIMIT -1 OFFSET ?",
+                (keep,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # -- events --------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_event(db: sqlite3.Connection, task_id: str | None, event: dict[str, Any],
+                      now: float) -> dict[str, Any]:
+        if task_id is None:
+            seq = 1
+        else:
+            (last,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE task_id=?", (task_id,)
+            ).fetchone()
+            seq = last + 1
+        event = {**event, "seq": seq}
+        db.execute(
+            "INSERT INTO events (task_id, seq, state, body) VALUES (?, ?, ?, ?)",
+            (task_id, seq, event["state"], json.dumps(event)),
+        )
+        if task_id is not None:
+            finished = now if event["state"] in TERMINAL_STATES else None
+            db.execute(
+                "UPDATE tasks SET state=?, updated_at=?, finished_at=COALESCE(?, finished_at)"
+                " WHERE task_id=?",
+                (event["state"], now, finished, task_id),
+            )
+        return event
+
+    def append_event(self, task_id: str | None, event: dict[str, Any]) -> dict[str, Any]:
+        """Store an event with the task's next ``seq``; returns it with its ``seq``."""
+        with self._tx() as db:
+            return self._insert_event(db, task_id, event, time.time())
+
+    def last_event(self, task_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT body FROM events WHERE task_id=? ORDER BY seq DESC LIMIT 1", (task_id,)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def unpublished(self, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
+        """Events not yet confirmed by the broker, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, body FROM events WHERE published=0 ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [(i, json.loads(b)) for i, b in rows]
+
+    def mark_published(self, event_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE events SET published=1 WHERE id=?", (event_id,))
+
+    def republish(self, task_id: str, seq: int) -> None:
+        """Queue an already published event to go out again (same ``seq`` and content)."""
+        with self._tx() as db:
+            db.execute("UPDATE events SET published=0 WHERE task_id=? AND seq=?", (task_id, seq))
+
+    # -- cancels -------------------------------------------------------------------------
+
+    def record_cancel(self, task_id: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO cancels (task_id, at) VALUES (?, ?)",
+                       (task_id, time.time()))
+
+    def is_cancelled(self, task_id: str) -> bool:
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM cancels WHERE task_id=?", (task_id,)
+            ).fetchone() is not None

@@ -1,0 +1,354 @@
+"""A task's life on this node, whatever brought it: intake, acceptance, execution.
+
+:class:`Node` holds the node's config, journal and verifier, and is used the same way by the
+broker listener and by ``fem-ansible run``.  Every event goes to the journal first and is
+announced through ``notify``; who publishes it (the broker, or a terminal) is the caller's
+business.  Policy is decided here, in Python, before Ansible starts; all work on hosts is
+done by the playbook's roles.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import policy, schema
+from .config import Config
+from .errors import RejectedError, TaskFailed
+from .events import task_event
+from .journal import Journal, TaskRecord
+from .refs import parse_image, split_url
+from .runner import STAGE_ORDER, RunHooks, RunResult, RunSpec, data_dir, run_playbook
+from .signatures import HEADER, Verifier
+from .transfer import Archive, upload
+
+log = logging.getLogger(__name__)
+
+# Room for ansible itself above the container's own timeout before the playbook is killed.
+PLAYBOOK_MARGIN_S = 600
+
+
+def read_message(config: Config, body: bytes, headers: Mapping[str, Any] | None = None,
+                 verifier: Verifier | None = None) -> dict[str, Any]:
+    """Turn a raw message into a normalised, policy-checked task.
+
+    The order is the contract's: size → signature → JSON → schema → ``node_id`` and
+    ``not_after`` → policy (DESIGN.md §3).  Without a ``verifier`` the signature is not
+    checked (``fem-ansible run`` and ``validate``: the sysadmin's own files).
+
+    :raises RejectedError: with the contract's code; ``task_id`` once it could be read.
+    """
+    limit = config.security.max_message_bytes
+    if len(body) > limit:
+        raise RejectedError(f"message of {len(body)} bytes is over the {limit}-byte limit")
+    if verifier is not None:
+        verifier.verify(body, (headers or {}).get(HEADER))
+    value = schema.parse_json(body, limit)
+    task = schema.read_task(
+        value,
+        default_executor=config.execution.default_executor,
+        default_target=config.execution.target,
+        resource_defaults=config.resource_defaults(),
+    )
+    policy.check_addressing(task, config)
+    policy.decide(task, config)
+    return task
+
+
+class Node:
+    """This node's task service.
+
+    :param config: the validated site config.
+    :param journal: the node's journal.
+    :param notify: called (from any thread) after an event was journaled.
+    """
+
+    def __init__(self, config: Config, journal: Journal,
+                 notify: Callable[[], None] = lambda: None):
+        self.config = config
+        self.journal = journal
+        self.notify = notify
+        self.verifier = Verifier.from_config(config.security.signature)
+        self.runs_dir = config.work_dir / "runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Set when the listener shuts down: running playbooks are stopped and their tasks
+        # left, unreported, to the next listener's recovery.
+        self.abandon = threading.Event()
+
+    # -- intake --------------------------------------------------------------------------
+
+    def read(self, body: bytes, headers: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A signed message from the broker, read as :func:`read_message` says."""
+        return read_message(self.config, body, headers, self.verifier)
+
+    def reject(self, err: RejectedError) -> dict[str, Any]:
+        """Journal the REJECTED event of a refused message."""
+        event = task_event(
+            self.config.node_id, None, "REJECTED", f"rejected: {err.message}",
+            task_id=err.task_id,
+            error={"code": err.code, "stage": "intake", "message": err.message},
+        )
+        stored = self.journal.append_event(None, event)
+        self.notify()
+        return stored
+
+    def accept(self, task: dict[str, Any]) -> tuple[dict[str, Any] | None, TaskRecord | None]:
+        """Journal a new task with its RECEIVED event.
+
+        :returns: ``(event, None)`` for a new task; ``(None, record)`` when the task id is
+            known already; a finished one then has its terminal event queued again.
+        """
+        tid = task["task_id"]
+        first = task_event(self.config.node_id, task, "RECEIVED", "task received")
+        existing, event = self.journal.add_task(tid, task, first)
+        if existing is not None:
+            if existing.terminal:
+                last = self.journal.last_event(tid)
+                if last is not None:
+                    self.journal.republish(tid, last["seq"])
+                    self.notify()
+            log.info("task %s is already in the journal (%s): not run again", tid,
+                     existing.state, extra={"task_id": tid})
+            return None, existing
+        self.notify()
+        return event, None
+
+    # -- execution -----------------------------------------------------------------------
+
+    def execute(self, task_id: str, cancel: threading.Event | None = None) -> dict[str, Any]:
+        """Run an accepted task to its terminal event (which it returns)."""
+        rec = self.journal.get(task_id)
+        if rec is None:
+            raise KeyError(task_id)
+        return _Execution(self, rec, cancel or threading.Event()).run()
+
+    def run_dir(self, task_id: str) -> Path:
+        return self.runs_dir / task_id
+
+    def prune_runs(self) -> None:
+        """Keep the listener-side run dirs of the ``execution.keep_runs`` newest finished
+        tasks; the rest are removed."""
+        for tid in self.journal.finished_beyond(self.config.execution.keep_runs):
+            shutil.rmtree(self.run_dir(tid), ignore_errors=True)
+
+    def engine_name(self, task_id: str) -> str:
+        return f"fem-{self.config.node_id}-{task_id}"
+
+
+class _Execution(RunHooks):
+    """One attempt at one task: the playbook, then the uploads, then the terminal event."""
+
+    def __init__(self, node: Node, rec: TaskRecord, cancel: threading.Event):
+        self.node = node
+        self.config = node.config
+        self.journal = node.journal
+        self.rec = rec
+        self.task = rec.task
+        self.tid = rec.task_id
+        self.cancel = cancel
+        self.known: dict[str, Any] = {
+            "host": rec.host or self.task["target"],
+            "image_digest": rec.result.get("image_digest"),
+            "source_commit": rec.result.get("source_commit"),
+        }
+        self.stages_done = list(rec.stages_done)
+        self.result = dict(rec.result)
+
+    # Events ------------------------------------------------------------------------------
+
+    def emit(self, state: str, message: str, **fields: Any) -> dict[str, Any]:
+        event = task_event(self.config.node_id, self.task, state, message,
+                           attempt=self.rec.attempt, **{**self.known, **fields})
+        stored = self.journal.append_event(self.tid, event)
+        log.info("%s %s: %s", self.tid, state, message, extra={"task_id": self.tid})
+        self.node.notify()
+        return stored
+
+    def _stage_done(self, stage: str) -> None:
+        if stage not in self.stages_done:
+            self.stages_done.append(stage)
+            self.journal.update(self.tid, stages_done=self.stages_done)
+
+    # RunHooks (called from ansible-runner's thread) ----------------------------------------
+
+    def on_stage(self, stage: str) -> None:
+        for earlier in STAGE_ORDER[: STAGE_ORDER.index(stage)]:
+            if earlier != "cleanup":
+                self._stage_done(earlier)
+        if stage == "run":
+            self.emit("RUNNING", f"running {self.task['image']['ref']}")
+        elif stage == "stage_out":
+            self.emit("STAGING_OUT", "archiving outputs and logs")
+
+    def on_report(self, data: dict[str, Any]) -> None:
+        if data.get("fem_image_digest"):
+            self.known["image_digest"] = data["fem_image_digest"]
+        if data.get("fem_source_commit"):
+            self.known["source_commit"] = data["fem_source_commit"]
+        self.result.update({
+            "image_digest": self.known["image_digest"],
+            "source_commit": self.known["source_commit"],
+        })
+        for key in ("fem_exit_code", "fem_timed_out", "fem_outputs_archive", "fem_logs_archive"):
+            if key in data:
+                self.result[key.removeprefix("fem_")] = data[key]
+        self.journal.update(self.tid, result=self.result)
+
+    # The attempt -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        if self.journal.is_cancelled(self.tid):
+            return self.emit("CANCELLED", "cancelled before it started",
+                             error=_error("cancelled", "intake", "cancelled before start"))
+        self.journal.update(self.tid, host=self.known["host"])
+        self.emit("STAGING_IN", "preparing volumes, image and source")
+        outcome = run_playbook(self._spec(), self, self._should_stop)
+        if self.node.abandon.is_set() and outcome.status == "canceled":
+            # The listener is shutting down: the task is left to recovery as it stands.
+            return {}
+        try:
+            return self._finish(outcome)
+        finally:
+            self.node.prune_runs()
+
+    def _spec(self, tags: list[str] | None = None) -> RunSpec:
+        config, task = self.config, self.task
+        decision = policy.decide(task, config)
+        pdd = self.node.run_dir(self.tid)
+        (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
+        pdd.chmod(0o700)
+        name = self.node.engine_name(self.tid)
+        builtin = data_dir()
+        playbook = (Path(config.execution.playbook) if config.execution.playbook
+                    else builtin / "playbooks" / "task.yml")
+        inventory = (Path(config.execution.inventory) if config.execution.inventory
+                     else builtin / "inventory" / "localhost.yml")
+        return RunSpec(
+            private_data_dir=pdd,
+            ident=f"{self.tid}-a{self.rec.attempt}" + ("-" + "-".join(tags) if tags else ""),
+            playbook=playbook,
+            inventory=inventory,
+            limit=self.known["host"],
+            roles_path=[*config.execution.roles_path, str(builtin / "roles")],
+            extravars={
+                "fem_task": schema.public_task(task),
+                "fem_node_id": config.node_id,
+                "fem_run": {
+                    "dir": str(config.work_dir / "tasks" / name),
+                    "attempt": self.rec.attempt,
+                    "name": name,
+                    "local_dir": str(pdd),
+                },
+                "fem_datasets": decision.datasets,
+                "fem_policy": decision.policy,
+            },
+            secrets=self._secrets(),
+            tags=tags or [],
+            timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
+        )
+
+    def _secrets(self) -> dict[str, Any]:
+        """``fem_secrets``: credentials from the site config for this task's registry and git
+        host, and the real input URLs and headers (docs/roles.md)."""
+        config, task = self.config, self.task
+        registry_auth = {}
+        registry = parse_image(task["image"]["ref"]).registry
+        if registry in config.registries:
+            cred = config.registries[registry]
+            registry_auth[registry] = {"username": cred.username,
+                                       "password": _read_secret(cred.password_file)}
+        git = None
+        if task["source"]:
+            host = split_url(task["source"]["repo"]).hostname or ""
+            if host in config.sources:
+                cred = config.sources[host]
+                git = {"username": cred.username, "token": _read_secret(cred.token_file)}
+        return {
+            "registry_auth": registry_auth,
+            "git": git,
+            "inputs": [{"url": i["url"], "headers": i["headers"]} for i in task["inputs"]],
+        }
+
+    def _should_stop(self) -> bool:
+        return self.cancel.is_set() or self.node.abandon.is_set()
+
+    def _cleanup(self) -> None:
+        """Run only the cleanup stage, after a playbook that was stopped midway."""
+        run_playbook(self._spec(tags=["cleanup"]), RunHooks(), lambda: False)
+
+    def _finish(self, outcome: RunResult) -> dict[str, Any]:
+        failure = outcome.failure
+        if self.cancel.is_set() and outcome.status == "canceled":
+            # The playbook was stopped before its own cleanup could run.
+            self._cleanup()
+            return self.emit("CANCELLED", "cancelled",
+                             error=_error("cancelled", "run", "cancelled by the orchestrator"))
+        if outcome.status == "timeout":
+            self._cleanup()
+            failure = failure or {"code": "execution_failed", "stage": "run",
+                                  "message": "the playbook outlived its time limit"}
+        if failure and failure["stage"] in ("stage_in", "run", None):
+            stage = failure["stage"] or "run"
+            return self.emit("FAILED", failure["message"],
+                             error=_error(failure["code"], stage, failure["message"]))
+        if failure:
+            return self.emit("FAILED", failure["message"],
+                             error=_error("stage_out_failed", "stage_out", failure["message"]))
+        self._stage_done("stage_out")
+        exit_code = self.result.get("exit_code")
+        timed_out = bool(self.result.get("timed_out"))
+        try:
+            reports = self._upload()
+        except TaskFailed as e:
+            return self.emit("FAILED", e.message, exit_code=exit_code,
+                             error=_error(e.code, e.stage, e.message))
+        if timed_out:
+            limit = self.task["resources"]["timeout_s"]
+            return self.emit("TIMED_OUT", f"stopped after {limit}s", exit_code=None,
+                             error=_error("timeout", "run", f"ran longer than {limit}s"),
+                             **reports)
+        if self.cancel.is_set():
+            return self.emit("CANCELLED", "cancelled", exit_code=None,
+                             error=_error("cancelled", "run", "cancelled by the orchestrator"),
+                             **reports)
+        if exit_code != 0:
+            return self.emit("FAILED", f"the container exited with {exit_code}",
+                             exit_code=exit_code,
+                             error=_error("execution_failed", "run",
+                                          f"the container exited with {exit_code}"),
+                             **reports)
+        return self.emit("COMPLETED", "completed", exit_code=0, **reports)
+
+    def _upload(self) -> dict[str, Any]:
+        """Upload the archives the playbook brought back; an archive already uploaded (by an
+        earlier attempt) is not uploaded again."""
+        uploaded = self.result.setdefault("uploaded", {})
+        reports: dict[str, Any] = {}
+        for kind in ("outputs", "logs"):
+            where = self.result.get(f"{kind}_archive") or {}
+            path = where.get("path")
+            if not path or not Path(path).is_file():
+                raise TaskFailed(f"the {kind} archive was not brought back",
+                                 code="stage_out_failed", stage="stage_out")
+            archive = Archive.of(path)
+            target = self.task[kind]["upload"]
+            if kind == "logs" and not self.config.policy.share_logs:
+                target = None
+            if target and not uploaded.get(kind):
+                upload(archive, target, self.config.http)
+                uploaded[kind] = True
+                self.journal.update(self.tid, result=self.result)
+            reports[kind] = archive.report(target["url"] if target else None)
+        return reports
+
+
+def _error(code: str, stage: str, message: str) -> dict[str, str]:
+    return {"code": code, "stage": stage, "message": message}
+
+
+def _read_secret(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8").strip()

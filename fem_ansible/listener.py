@@ -1,0 +1,278 @@
+"""``fem-ansible listen``: the broker loop around :class:`~fem_ansible.lifecycle.Node`.
+
+One thread owns the pika connection and does only quick things: read and journal a message,
+publish journaled events with confirms, ack.  Tasks run in a pool of
+``execution.max_parallel`` worker threads; while every slot is taken the task consumer is
+cancelled, so waiting tasks stay in the broker for another listener (DESIGN.md §5).  A task
+is acked once it is in the journal and its RECEIVED event is confirmed; from then on the
+journal owns it, whatever the broker does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from . import broker
+from .config import Config
+from .errors import RejectedError
+from .events import heartbeat_routing_key, node_heartbeat, routing_key
+from .journal import Journal
+from .lifecycle import Node
+from .schema import CONTROL_SCHEMA_ID, parse_json, schema_errors
+from .signatures import HEADER
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 30.0
+
+
+class Listener:
+    """The service.  ``run()`` blocks until :meth:`stop` (or a signal) ends it."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.journal = Journal(config.work_dir / "journal.sqlite")
+        self.node = Node(config, self.journal, notify=self._notify)
+        self.pool = ThreadPoolExecutor(config.execution.max_parallel,
+                                       thread_name_prefix="fem-task")
+        self.running: dict[str, tuple[Future[Any], threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._connection: pika.BlockingConnection | None = None
+        self._tasks_ch: Any = None
+        self._events_ch: Any = None
+        self._consumer_tag: str | None = None
+        self._names: broker.Names | None = None
+        self._stopping = threading.Event()
+        self._stop_now = threading.Event()
+        self._connected = threading.Event()
+
+    # -- public --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._install_signal_handlers()
+        self._recover()
+        delay = RECONNECT_MIN_S
+        while not self._stop_now.is_set():
+            if self._stopping.is_set() and not self.running:
+                break
+            try:
+                self._serve()
+                delay = RECONNECT_MIN_S
+            except (pika.exceptions.AMQPError, OSError) as e:
+                log.warning("broker connection lost (%s: %s); reconnecting in %.1fs",
+                            type(e).__name__, e, delay)
+            finally:
+                self._connected.clear()
+                self._close_connection()
+            if self._stop_now.wait(delay * random.uniform(0.5, 1.0)):
+                break
+            delay = min(delay * 2, RECONNECT_MAX_S)
+        self._shutdown()
+
+    def stop(self, now: bool = False) -> None:
+        """Stop taking tasks; with ``now``, also stop waiting for running ones."""
+        self._stopping.set()
+        if now:
+            self._stop_now.set()
+
+    # -- the connection thread -----------------------------------------------------------
+
+    def _serve(self) -> None:
+        conn = broker.connect(self.config)
+        self._connection = conn
+        self._tasks_ch = conn.channel()
+        self._names = broker.declare_topology(self._tasks_ch, self.config)
+        self._events_ch = conn.channel()
+        self._events_ch.confirm_delivery()
+        self._tasks_ch.basic_qos(prefetch_count=1)
+        control_ch = conn.channel()
+        control_ch.basic_consume(self._names.control, self._on_control)
+        self._consumer_tag = None
+        self._connected.set()
+        log.info("connected to the broker; node %s, listener %s, %d slot(s)",
+                 self.config.node_id, self.config.listener_id, self.config.execution.max_parallel)
+        self._publish_pending()
+        self._update_consumer()
+        next_beat = 0.0
+        grace_end: float | None = None
+        while not self._stop_now.is_set():
+            conn.process_data_events(time_limit=1)
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat()
+                next_beat = now + self.config.broker.heartbeat_s
+            if self._stopping.is_set():
+                self._update_consumer()
+                if not self.running:
+                    return
+                grace_end = grace_end or now + self.config.execution.shutdown_grace_s
+                if now >= grace_end:
+                    log.warning("shutdown grace over; %d task(s) left to recovery",
+                                len(self.running))
+                    self._stop_now.set()
+
+    def _close_connection(self) -> None:
+        conn, self._connection = self._connection, None
+        self._tasks_ch = self._events_ch = None
+        self._consumer_tag = None
+        if conn is not None and conn.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                conn.close()
+
+    def _update_consumer(self) -> None:
+        """Consume tasks only while a slot is free and the listener is not stopping."""
+        ch = self._tasks_ch
+        if ch is None or not ch.is_open or self._names is None:
+            return
+        want = not self._stopping.is_set() and len(self.running) < \
+            self.config.execution.max_parallel
+        if want and self._consumer_tag is None:
+            self._consumer_tag = ch.basic_consume(self._names.tasks, self._on_task)
+        elif not want and self._consumer_tag is not None:
+            ch.basic_cancel(self._consumer_tag)
+            self._consumer_tag = None
+
+    def _on_task(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        try:
+            task = self.node.read(body, props.headers)
+        except RejectedError as e:
+            log.warning("rejected a message (%s): %s", e.code, e.message,
+                        extra={"task_id": e.task_id})
+            self.node.reject(e)
+            self._publish_pending()
+            self._dead_letter(body, props, e.code)
+            ch.basic_ack(method.delivery_tag)
+            return
+        _event, existing = self.node.accept(task)
+        tid = task["task_id"]
+        if existing is not None and (existing.terminal or tid in self.running):
+            self._publish_pending()
+            ch.basic_ack(method.delivery_tag)
+            return
+        # New, or journaled by an earlier delivery that was never acked: run it.
+        self._publish_pending()
+        self._start(tid)
+        self._update_consumer()
+        ch.basic_ack(method.delivery_tag)
+
+    def _on_control(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        try:
+            self.node.verifier.verify(body, (props.headers or {}).get(HEADER))
+            msg = parse_json(body, self.config.security.max_message_bytes)
+            errors = schema_errors(CONTROL_SCHEMA_ID, msg)
+            if errors:
+                raise RejectedError(errors[0])
+            if msg.get("node_id") not in (None, self.config.node_id):
+                raise RejectedError("control message for another node", code="wrong_node")
+        except RejectedError as e:
+            log.warning("ignored a control message (%s): %s", e.code, e.message)
+            ch.basic_ack(method.delivery_tag)
+            return
+        tid = msg["task_id"]
+        self.journal.record_cancel(tid)
+        with self._lock:
+            entry = self.running.get(tid)
+        if entry is not None:
+            log.info("cancelling task %s", tid, extra={"task_id": tid})
+            entry[1].set()
+        ch.basic_ack(method.delivery_tag)
+
+    def _dead_letter(self, body: bytes, props: Any, reason: str) -> None:
+        headers = dict(props.headers or {})
+        headers[broker.REJECT_REASON_HEADER] = reason
+        self._events_ch.basic_publish(
+            broker.DLX_EXCHANGE, self.config.node_id, body,
+            pika.BasicProperties(content_type=props.content_type, delivery_mode=2,
+                                 headers=headers),
+        )
+
+    def _publish_pending(self) -> None:
+        """Publish journaled events in order, each marked once the broker confirmed it."""
+        ch = self._events_ch
+        while ch is not None and ch.is_open:
+            batch = self.journal.unpublished()
+            if not batch:
+                return
+            for event_id, event in batch:
+                try:
+                    broker.publish_json(ch, broker.EVENTS_EXCHANGE, routing_key(event), event)
+                except pika.exceptions.UnroutableError:
+                    log.warning("event %s had no queue bound to receive it",
+                                routing_key(event))
+                self.journal.mark_published(event_id)
+
+    def _heartbeat(self) -> None:
+        beat = node_heartbeat(self.config.node_id, self.config.listener_id,
+                              self.config.execution.max_parallel, len(self.running),
+                              not self._stopping.is_set())
+        broker.publish_json(self._events_ch, broker.EVENTS_EXCHANGE,
+                            heartbeat_routing_key(self.config.node_id), beat, mandatory=False)
+
+    # -- workers -------------------------------------------------------------------------
+
+    def _start(self, task_id: str) -> None:
+        cancel = threading.Event()
+        with self._lock:
+            self.running[task_id] = (self.pool.submit(self._work, task_id, cancel), cancel)
+
+    def _work(self, task_id: str, cancel: threading.Event) -> None:
+        try:
+            self.node.execute(task_id, cancel)
+        except Exception:
+            log.exception("task %s: unexpected error; left to recovery", task_id,
+                          extra={"task_id": task_id})
+        finally:
+            with self._lock:
+                self.running.pop(task_id, None)
+            self._call_on_connection(self._update_consumer)
+
+    def _notify(self) -> None:
+        self._call_on_connection(self._publish_pending)
+
+    def _call_on_connection(self, fn: Any) -> None:
+        conn = self._connection
+        if conn is None or not self._connected.is_set():
+            return  # events wait in the journal; the next connection publishes them
+        with contextlib.suppress(pika.exceptions.ConnectionWrongStateError, AttributeError):
+            conn.add_callback_threadsafe(fn)
+
+    # -- start and end -------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Carry on every task an earlier listener process left unfinished."""
+        for rec in self.journal.unfinished():
+            log.info("recovering task %s (%s)", rec.task_id, rec.state,
+                     extra={"task_id": rec.task_id})
+            self._start(rec.task_id)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self._stopping.is_set():
+                log.warning("second signal: stopping now")
+                self.stop(now=True)
+            else:
+                log.info("signal %d: no new tasks; waiting up to %ds for %d running",
+                         signum, self.config.execution.shutdown_grace_s, len(self.running))
+                self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _shutdown(self) -> None:
+        self.node.abandon.set()
+        self.pool.shutdown(wait=not self._stop_now.is_set(), cancel_futures=True)
+        self.journal.close()

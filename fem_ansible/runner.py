@@ -1,0 +1,271 @@
+"""One playbook run through ansible-runner: the only module that imports ``ansible_runner``.
+
+A run is first laid out as a :class:`RunSpec` in its own private data dir (extra-vars as
+``!unsafe`` YAML, secrets in a vault file), then executed by :func:`run_playbook`, which
+turns ansible-runner's events into what the listener cares about: the stage a role belongs
+to, what roles reported with ``set_stats``, and the failed task, if any (docs/roles.md).
+
+ansible-runner's own cancel and timeout leave orphans (ansible-core's workers call
+``setsid()``), so every process of a run carries ``FEM_JOB_ID`` in its environment and is
+swept by that marker when a run is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ansible_runner
+
+from . import unsafe, vault
+
+log = logging.getLogger(__name__)
+
+# Which stage each built-in role's tasks belong to (docs/roles.md).
+ROLE_STAGES = {
+    "fem_volumes": "stage_in",
+    "fem_image": "stage_in",
+    "fem_source": "stage_in",
+    "fem_execute": "run",
+    "fem_stage_out": "stage_out",
+    "fem_cleanup": "cleanup",
+}
+# The error code of a failure in each role.
+ROLE_ERRORS = {
+    "fem_volumes": "input_failed",
+    "fem_image": "image_pull_failed",
+    "fem_source": "source_checkout_failed",
+    "fem_execute": "execution_failed",
+    "fem_stage_out": "stage_out_failed",
+    "fem_cleanup": "stage_out_failed",
+}
+STAGE_ORDER = ("stage_in", "run", "stage_out", "cleanup")
+
+
+def role_stage(role: str | None) -> str | None:
+    if not role:
+        return None
+    if role.startswith("fem_executor_"):
+        return "run"
+    return ROLE_STAGES.get(role)
+
+
+def role_error(role: str | None, stage: str | None) -> str:
+    if role and role.startswith("fem_executor_"):
+        return "execution_failed"
+    if role in ROLE_ERRORS:
+        return ROLE_ERRORS[role]
+    return {"stage_in": "input_failed", "run": "execution_failed"}.get(stage or "",
+                                                                       "stage_out_failed")
+
+
+def data_dir() -> Path:
+    """Where playbooks, roles, inventory and collections are: inside the installed package
+    (wheel), else the source checkout this package sits in."""
+    packaged = Path(__file__).resolve().parent / "_data"
+    return packaged if (packaged / "playbooks").is_dir() else Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one ansible-runner invocation needs, decided before it starts.
+
+    Attributes:
+        private_data_dir: this task's run dir on the listener's host (mode 0700).
+        ident: the run's name inside ``artifacts/``; also the process marker.
+        playbook: absolute path of the playbook.
+        inventory: inventory file or directory.
+        limit: the one inventory host the run may touch.
+        roles_path: site roles first, then the built-in ones.
+        extravars: the contract's variables (docs/roles.md), written ``!unsafe``.
+        secrets: ``fem_secrets``, written to a vault file.
+        tags / skip_tags: which stages to run (recovery, cleanup-only runs).
+        timeout_s: hard limit for the whole playbook; a safety net above the executor's own.
+    """
+
+    private_data_dir: Path
+    ident: str
+    playbook: Path
+    inventory: Path
+    limit: str
+    roles_path: list[str]
+    extravars: dict[str, Any]
+    secrets: dict[str, Any]
+    tags: list[str] = field(default_factory=list)
+    skip_tags: list[str] = field(default_factory=list)
+    timeout_s: int | None = None
+
+
+@dataclass
+class RunResult:
+    """What a playbook run came to."""
+
+    status: str
+    rc: int
+    reports: dict[str, Any]
+    failure: dict[str, Any] | None
+    stages_started: list[str]
+
+
+class RunHooks:
+    """Callbacks a run calls from ansible-runner's thread; all optional."""
+
+    def on_stage(self, stage: str) -> None:
+        """A task of a new stage started."""
+
+    def on_report(self, data: dict[str, Any]) -> None:
+        """A role reported with ``set_stats``."""
+
+
+def _ansible_env(ident: str) -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)
+    return {
+        "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "FEM_JOB_ID": ident,
+        "ANSIBLE_COLLECTIONS_PATH": str(data_dir() / "collections"),
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_LOCALHOST_WARNING": "False",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+        "ANSIBLE_DEPRECATION_WARNINGS": "False",
+        "ANSIBLE_NOCOLOR": "True",
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_GATHERING": "explicit",
+        "ANSIBLE_FORCE_VALID_GROUP_NAMES": "ignore",
+    }
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -> RunResult:
+    """Run ``spec`` to the end; once ``should_stop()`` is true the run is stopped, with every
+    process it started.
+
+    A fresh ``env/`` is written for every run: ansible-runner never overwrites files already
+    in ``env/`` and would reuse stale values.
+    """
+    pdd = spec.private_data_dir
+    env_dir = pdd / "env"
+    env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for stale in env_dir.iterdir():
+        stale.unlink()
+    _write_private(env_dir / "extravars", unsafe.dump(spec.extravars))
+    password = vault.new_password()
+    secrets_file = env_dir / "secrets.yml"
+    vault.write_vars_file(secrets_file, {"fem_secrets": spec.secrets}, password)
+
+    reports: dict[str, Any] = {}
+    stages: list[str] = []
+    failure: dict[str, Any] | None = None
+
+    def on_event(event: dict[str, Any]) -> bool:
+        nonlocal failure
+        kind = event.get("event")
+        data = event.get("event_data", {})
+        if kind == "playbook_on_task_start":
+            stage = role_stage(data.get("role"))
+            if stage and stage not in stages:
+                stages.append(stage)
+                hooks.on_stage(stage)
+        elif kind == "runner_on_ok":
+            stats = (data.get("res") or {}).get("ansible_stats")
+            if stats and isinstance(stats.get("data"), dict):
+                reports.update(stats["data"])
+                hooks.on_report(stats["data"])
+        elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get(
+            "ignore_errors"
+        ):
+            role = data.get("role")
+            if failure is None or role_stage(role) != "cleanup":
+                res = data.get("res") or {}
+                msg = str(res.get("msg") or res.get("stderr") or "task failed")
+                if kind == "runner_on_unreachable":
+                    msg = f"host unreachable: {msg}"
+                failure = failure or {
+                    "role": role, "task": data.get("task"), "message": msg[:2000],
+                    "stage": role_stage(role), "code": role_error(role, role_stage(role)),
+                }
+        return True
+
+    def on_cancel() -> bool:
+        if should_stop():
+            terminate_processes(spec.ident)
+            return True
+        return False
+
+    settings: dict[str, Any] = {"pexpect_timeout": 1, "suppress_ansible_output": True}
+    if spec.timeout_s:
+        settings["job_timeout"] = spec.timeout_s
+    started = time.monotonic()
+    runner = ansible_runner.run(
+        private_data_dir=str(pdd),
+        ident=spec.ident,
+        project_dir=str(spec.playbook.parent),
+        playbook=spec.playbook.name,
+        inventory=str(spec.inventory),
+        limit=spec.limit,
+        roles_path=spec.roles_path,
+        envvars=_ansible_env(spec.ident),
+        cmdline=f"--vault-id {vault.VAULT_ID}@prompt -e @{secrets_file}",
+        passwords={vault.PROMPT: password},
+        tags=",".join(spec.tags) or None,
+        skip_tags=",".join(spec.skip_tags) or None,
+        settings=settings,
+        quiet=True,
+        suppress_env_files=True,
+        rotate_artifacts=0,
+        event_handler=on_event,
+        cancel_callback=on_cancel,
+    )
+    # Whatever ended the run, nothing of it may outlive it.
+    kill_processes(spec.ident)
+    log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
+              time.monotonic() - started)
+    return RunResult(runner.status, runner.rc or 0, reports, failure, stages)
+
+
+def _marked_pids(ident: str) -> list[int]:
+    marker = f"FEM_JOB_ID={ident}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def terminate_processes(ident: str, grace_s: float = 3.0) -> None:
+    """SIGTERM every process of a run (ansible cleans up its workers on SIGTERM), then
+    SIGKILL what is left after ``grace_s``."""
+    for pid in _marked_pids(ident):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _marked_pids(ident) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    kill_processes(ident)
+
+
+def kill_processes(ident: str) -> None:
+    for pid in _marked_pids(ident):
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
