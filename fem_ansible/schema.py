@@ -354,7 +354,7 @@ def parse_time(text: str) -> datetime:
 
 def _container_path(path: str, field: str) -> str:
     norm = posixpath.normpath(path)
-    if norm != path.rstrip("/") or "//" in path:
+    if norm != (path.rstrip("/") or "/") or "//" in path:
         raise ValueError(f"{field}: container path {path!r} is not normalised")
     if norm == "/" or any(norm == r or norm.startswith(r + "/") for r in _RESERVED_PATHS):
         raise ValueError(f"{field}: container path {path!r} is reserved")

@@ -1,0 +1,37 @@
+"""Shared fixtures: a site config in a temp dir, built from keyword overrides."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from fem_ansible.config import load_config
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """``make_config(**sections)`` writes a config with a temp work dir and loads it."""
+
+    def make(**overrides):
+        data = {
+            "node_id": "site-a",
+            "listener_id": "l1",
+            "execution": {"work_dir": str(tmp_path / "work")},
+            "policy": {
+                "images": {"allow": ["127.0.0.1:5000/**"]},
+                "sources": {"allow": ["git://127.0.0.1:9418/**"]},
+                "downloads": {"allow": ["http://127.0.0.1:8089/**"]},
+                "uploads": {"allow": ["http://127.0.0.1:8089/**"]},
+                "datasets": {"cohort": {"path": str(tmp_path / "data")}},
+            },
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        path = tmp_path / "config.yml"
+        path.write_text(yaml.safe_dump(data))
+        return load_config(path, environ={})
+
+    return make
