@@ -229,7 +229,7 @@ class _Execution(RunHooks):
                      else builtin / "inventory" / "localhost.yml")
         return RunSpec(
             private_data_dir=pdd,
-            ident=f"{self.tid}-a{self.rec.attempt}" + ("-" + "-".join(tags) if tags else ""),
+            ident=f"{name}-a{self.rec.attempt}" + ("-" + "-".join(tags) if tags else ""),
             playbook=playbook,
             inventory=inventory,
             limit=self.known["host"],

@@ -6,6 +6,14 @@ import pytest
 import yaml
 
 from fem_ansible.config import load_config
+from tests.support.services import ensure_services
+
+
+@pytest.fixture(scope="session")
+def fem_env():
+    """The local services (dockerd, registry, git daemon, upload endpoint, RabbitMQ), started
+    by the project's own script, and what they hold (``.fem-dev/env``)."""
+    return ensure_services()
 
 
 @pytest.fixture

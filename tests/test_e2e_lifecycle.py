@@ -1,0 +1,164 @@
+"""The task lifecycle end to end: real RabbitMQ, Docker engine, registry, git daemon and
+upload endpoint, through a real ``fem-ansible listen`` process (issue 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.harness import (
+    Listener,
+    Orchestrator,
+    leftovers,
+    new_node_id,
+    sample_task,
+    site_config,
+)
+from tests.support.services import upload_requests
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def site(tmp_path, fem_env):
+    """A node with its own id, config, listener process and test orchestrator."""
+    node_id = new_node_id()
+    orch = Orchestrator(node_id)
+    created: list[Listener] = []
+
+    class Site:
+        env = fem_env
+        node = node_id
+        orchestrator = orch
+        work_dir = tmp_path / "work"
+
+        def config(self, **overrides):
+            return site_config(tmp_path, fem_env, node_id, **overrides)
+
+        def listener(self, config=None, name="listener.log", **kw):
+            lst = Listener(config or self.config(), tmp_path / name, **kw)
+            created.append(lst)
+            return lst.start()
+
+    yield Site()
+    for lst in created:
+        lst.stop()
+    orch.close()
+
+
+def put_input(env, task_id: str, content: bytes) -> tuple[str, str]:
+    url = f"{env['FEM_TEST_UPLOAD_URL']}/inputs/{task_id}/params.json"
+    requests.put(url, data=content, timeout=10).raise_for_status()
+    return url + "?X-Sig=input-secret", hashlib.sha256(content).hexdigest()
+
+
+def uploaded_file(env, url: str) -> bytes:
+    path = url.split("://", 1)[1].split("/", 1)[1]
+    return (Path(env["FEM_TEST_UPLOAD_DIR"]) / path).read_bytes()
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers()
+                if m.isfile()}
+
+
+def test_task_runs_end_to_end(site):
+    env, orch = site.env, site.orchestrator
+    tid = "e2e-ok"
+    params = b'{"rounds": 3}\n'
+    url, digest = put_input(env, tid, params)
+    task = sample_task(env, tid, inputs=[{"url": url, "path": "params.json", "sha256": digest}])
+    site.listener()
+    orch.publish(task)
+    final = orch.wait_terminal(tid)
+    events = orch.events(tid)
+
+    assert [e["state"] for e in events] == [
+        "RECEIVED", "STAGING_IN", "RUNNING", "STAGING_OUT", "COMPLETED"], final
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert [e["_routing_key"] for e in events][-1] == f"{site.node}.{tid}.COMPLETED"
+    assert final["exit_code"] == 0 and final["error"] is None
+    assert final["source_commit"] == env["FEM_TEST_GIT_COMMIT"]
+    assert final["image_digest"] == env["FEM_TEST_IMAGE_DIGEST"]
+    assert final["host"] == "localhost"
+
+    # The archive uploaded is the one the event describes, and holds the task's result.
+    outputs = final["outputs"]
+    assert "?" not in outputs["url"] and "secret" not in json.dumps(events)
+    archive = uploaded_file(env, outputs["url"])
+    assert len(archive) == outputs["size"]
+    assert hashlib.sha256(archive).hexdigest() == outputs["sha256"]
+    result = tar_members(archive)["result.txt"]
+    assert b"id,age" in result and b'"rounds": 3' in result and b"hello" in result.lower()
+    logs = tar_members(uploaded_file(env, final["logs"]["url"]))
+    assert b"task-done" in logs["stdout.log"]
+
+    methods = {r["path"]: r["method"] for r in upload_requests(env)
+               if r["path"].startswith(f"/{tid}/")}
+    assert methods == {f"/{tid}/outputs.tar.gz": "PUT", f"/{tid}/logs.tar.gz": "POST"}
+    assert leftovers(site.node, site.work_dir) == {
+        "containers": [], "volumes": [], "dirs": [], "processes": []}
+
+
+def test_failures_are_reported_with_their_codes(site):
+    env, orch = site.env, site.orchestrator
+    site.listener()
+    orch.publish(sample_task(env, "exit-3", command=["sh", "-c", "echo to-stderr >&2; exit 3"]))
+    orch.publish(sample_task(env, "no-image",
+                             image={"ref": f"{env['FEM_TEST_REGISTRY']}/fem/missing:1"}))
+    orch.publish(sample_task(env, "no-version",
+                             source={"repo": env["FEM_TEST_GIT_URL"], "version": "no-such-ref"}))
+
+    failed = orch.wait_terminal("exit-3")
+    assert failed["state"] == "FAILED" and failed["exit_code"] == 3
+    assert failed["error"]["code"] == "execution_failed"
+    assert [e["state"] for e in orch.events("exit-3")][-2:] == ["STAGING_OUT", "FAILED"]
+    logs = tar_members(uploaded_file(env, failed["logs"]["url"]))
+    assert b"to-stderr" in logs["stderr.log"]
+
+    for tid, code in (("no-image", "image_pull_failed"), ("no-version", "source_checkout_failed")):
+        final = orch.wait_terminal(tid)
+        assert final["state"] == "FAILED", final
+        assert final["error"]["code"] == code and final["error"]["stage"] == "stage_in"
+        assert [e["state"] for e in orch.events(tid)] == ["RECEIVED", "STAGING_IN", "FAILED"]
+    assert leftovers(site.node, site.work_dir) == {
+        "containers": [], "volumes": [], "dirs": [], "processes": []}
+
+
+def test_malformed_message_is_rejected_and_dead_lettered(site):
+    env, orch = site.env, site.orchestrator
+    site.listener()
+    orch.publish(b'{"schema": "fem.task/v1", "task_id": ')
+    orch.publish({"schema": "fem.task/v1", "task_id": "bad-fields", "image": {"ref": "x"},
+                  "unknown": 1})
+    orch.publish(sample_task(env, "after-bad"))
+
+    rejected = orch.wait_terminal(None)
+    assert rejected["state"] == "REJECTED"
+    assert rejected["error"]["code"] == "invalid_message"
+    named = orch.wait_terminal("bad-fields")
+    assert named["state"] == "REJECTED" and "unknown" in named["error"]["message"]
+    assert orch.wait_terminal("after-bad")["state"] == "COMPLETED"
+    dead = orch.dead_letters()
+    assert len(dead) == 2
+    assert all(h["x-fem-reject-reason"] == "invalid_message" for h, _ in dead)
+    assert dead[0][1] == b'{"schema": "fem.task/v1", "task_id": '
+
+
+def test_long_task_keeps_its_connection(site):
+    """A task running longer than three heartbeat intervals finishes on the same connection."""
+    env, orch = site.env, site.orchestrator
+    listener = site.listener(site.config(broker={"heartbeat_s": 2}))
+    orch.publish(sample_task(env, "long", command=["sh", "-c", "sleep 9; echo slept"]))
+    final = orch.wait_terminal("long", timeout=120)
+    assert final["state"] == "COMPLETED"
+    log = listener.log.read_text()
+    assert log.count("connected to the broker") == 1
+    assert "connection lost" not in log
