@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import Config
 from .errors import PolicyViolation, RejectedError
-from .refs import glob_match, normalise_url, parse_image
+from .refs import glob_match, normalise_url, normalise_url_pattern, parse_image
 from .schema import parse_time
 
 GIT_SCHEMES = ("https", "ssh", "git")
@@ -57,7 +57,7 @@ def _url_allowed(rule: str, url: str, patterns: list[str], schemes: tuple[str, .
     scheme = norm.split(":", 1)[0]
     if scheme not in schemes:
         raise PolicyViolation(rule, f"scheme {scheme!r} is not allowed", task_id=tid)
-    if not glob_match(norm, patterns):
+    if not glob_match(norm, [normalise_url_pattern(p) for p in patterns]):
         raise PolicyViolation(rule, f"{norm} is not in the allow-list", task_id=tid)
 
 
@@ -126,7 +126,6 @@ def decide(task: dict[str, Any], config: Config) -> Decision:
             "cap_drop": ["ALL"],
             "no_new_privileges": True,
             "tmpfs": {"/tmp": TMPFS_OPTIONS},
-            "input_bytes": limits.input_bytes,
             "output_bytes": limits.output_bytes,
             "log_bytes": limits.log_bytes,
         },

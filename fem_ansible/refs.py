@@ -115,6 +115,21 @@ def normalise_url(url: str) -> str:
     return urlunsplit((scheme, netloc, parts.path or "/", "", ""))
 
 
+def normalise_url_pattern(pattern: str) -> str:
+    """An allow-list URL pattern in the normal form of :func:`normalise_url`, so that
+    ``git://host:9418/**`` and ``HTTPS://Host/**`` match what they obviously mean."""
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)(.*)$", pattern)
+    if not match:
+        return pattern
+    scheme, netloc, rest = match.groups()
+    scheme = scheme.lower()
+    user, at, hostport = netloc.rpartition("@")
+    host, colon, port = hostport.partition(":")
+    if colon and port == str(_DEFAULT_PORTS.get(scheme)):
+        colon = port = ""
+    return f"{scheme}://{user}{at}{host.lower()}{colon}{port}{rest}"
+
+
 def redact_url(url: str) -> str:
     """The URL safe to show in events and logs: no userinfo, query or fragment."""
     try:

@@ -47,6 +47,16 @@ def test_url_normal_form_and_refusals():
             normalise_url(bad)
 
 
+def test_url_patterns_are_normalised_like_urls():
+    from fem_ansible.refs import normalise_url_pattern
+
+    assert normalise_url_pattern("git://127.0.0.1:9418/**") == "git://127.0.0.1/**"
+    assert normalise_url_pattern("HTTPS://Host:443/a/*") == "https://host/a/*"
+    assert normalise_url_pattern("http://h:8089/**") == "http://h:8089/**"
+    assert glob_match(normalise_url("git://127.0.0.1:9418/sample.git"),
+                      [normalise_url_pattern("git://127.0.0.1:9418/**")])
+
+
 def test_redact_keeps_no_credentials():
     assert redact_url("https://u:p@h:8443/a?sig=secret#x") == "https://h:8443/a"
 

@@ -70,8 +70,10 @@ def sample_task(env: dict[str, str], task_id: str, **overrides: Any) -> dict[str
         "image": {"ref": env["FEM_TEST_IMAGE"]},
         "source": {"repo": env["FEM_TEST_GIT_URL"]},
         "command": ["sh", "-c",
-                    "cat /fem/data/patients.csv /fem/input/params.json /fem/src/hello.txt"
-                    " > /fem/output/result.txt && echo task-done"],
+                    "cat /fem/data/patients.csv /fem/src/hello.txt > /fem/output/result.txt"
+                    " && if [ -e /fem/input/params.json ]; then"
+                    " cat /fem/input/params.json >> /fem/output/result.txt; fi"
+                    " && echo task-done"],
         "datasets": [{"name": "cohort", "mount": "/fem/data"}],
         "outputs": {"upload": {"url": f"{upload}/{task_id}/outputs.tar.gz?X-Sig=secret1"}},
         "logs": {"upload": {"url": f"{upload}/{task_id}/logs.tar.gz?X-Sig=secret2",
