@@ -22,7 +22,7 @@ from .errors import RejectedError, TaskFailed
 from .events import task_event
 from .journal import Journal, TaskRecord
 from .refs import parse_image, split_url
-from .runner import STAGE_ORDER, RunHooks, RunResult, RunSpec, data_dir, run_playbook
+from .runner import RunHooks, RunResult, RunSpec, data_dir, kill_processes, run_playbook
 from .signatures import HEADER, Verifier
 from .transfer import Archive, upload
 
@@ -157,6 +157,9 @@ class _Execution(RunHooks):
         }
         self.stages_done = list(rec.stages_done)
         self.result = dict(rec.result)
+        self._stage: str | None = None
+        self._failed = False
+        self._stopper: threading.Thread | None = None
 
     # Events ------------------------------------------------------------------------------
 
@@ -176,13 +179,17 @@ class _Execution(RunHooks):
     # RunHooks (called from ansible-runner's thread) ----------------------------------------
 
     def on_stage(self, stage: str) -> None:
-        for earlier in STAGE_ORDER[: STAGE_ORDER.index(stage)]:
-            if earlier != "cleanup":
-                self._stage_done(earlier)
+        # The stage before this one ended well: a failure sends the play to cleanup only.
+        if self._stage and not self._failed and self._stage != "cleanup":
+            self._stage_done(self._stage)
+        self._stage = stage
         if stage == "run":
             self.emit("RUNNING", f"running {self.task['image']['ref']}")
         elif stage == "stage_out":
             self.emit("STAGING_OUT", "archiving outputs and logs")
+
+    def on_failure(self, failure: dict[str, Any]) -> None:
+        self._failed = True
 
     def on_report(self, data: dict[str, Any]) -> None:
         if data.get("fem_image_digest"):
@@ -201,21 +208,52 @@ class _Execution(RunHooks):
     # The attempt -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        resumed = self.rec.state != "RECEIVED"
+        if resumed:
+            # An earlier listener process died in this task: whatever of its playbook still
+            # runs is stopped first, so that two attempts never work side by side.
+            kill_processes(f"{self.node.engine_name(self.tid)}.")
+            self.rec.attempt += 1
+            self.journal.update(self.tid, attempt=self.rec.attempt)
+            if self.rec.attempt > self.config.execution.max_attempts:
+                self._cleanup()
+                stage = {"RUNNING": "run", "STAGING_OUT": "stage_out"}.get(self.rec.state,
+                                                                          "stage_in")
+                return self._end(self.emit(
+                    "FAILED", f"given up after {self.config.execution.max_attempts} attempts",
+                    error=_error("interrupted", stage, "the listener was interrupted "
+                                 f"{self.config.execution.max_attempts} times in this task")))
+            log.info("%s: attempt %d, resuming after %s", self.tid, self.rec.attempt,
+                     self.stages_done or "nothing done", extra={"task_id": self.tid})
         if self.journal.is_cancelled(self.tid):
-            return self.emit("CANCELLED", "cancelled before it started",
-                             error=_error("cancelled", "intake", "cancelled before start"))
+            if resumed:
+                self._cleanup()
+            return self._end(self.emit("CANCELLED", "cancelled before it started",
+                                       error=_error("cancelled", "intake",
+                                                    "cancelled before it started")))
         self.journal.update(self.tid, host=self.known["host"])
-        self.emit("STAGING_IN", "preparing volumes, image and source")
-        outcome = run_playbook(self._spec(), self, self._should_stop)
+        if "stage_out" in self.stages_done:
+            # Only the uploads and the terminal event were left to do.
+            self._cleanup()
+            return self._end(self._finish(RunResult("successful", 0, {}, None, [])))
+        if resumed and not self.stages_done:
+            self._cleanup()  # what a broken stage-in left is removed before it is redone
+        if "stage_in" not in self.stages_done:
+            self.emit("STAGING_IN", "preparing volumes, image and source")
+        spec = self._spec(skip_tags=[s for s in self.stages_done if s != "stage_out"])
+        outcome = run_playbook(spec, self, self._should_stop)
         if self.node.abandon.is_set() and outcome.status == "canceled":
             # The listener is shutting down: the task is left to recovery as it stands.
             return {}
-        try:
-            return self._finish(outcome)
-        finally:
-            self.node.prune_runs()
+        return self._end(self._finish(outcome))
 
-    def _spec(self, tags: list[str] | None = None) -> RunSpec:
+    def _end(self, event: dict[str, Any]) -> dict[str, Any]:
+        self.node.prune_runs()
+        return event
+
+    def _spec(self, tags: list[str] | None = None, skip_tags: list[str] | None = None,
+              playbook: str | None = None) -> RunSpec:
+        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``)."""
         config, task = self.config, self.task
         decision = policy.decide(task, config)
         pdd = self.node.run_dir(self.tid)
@@ -223,14 +261,22 @@ class _Execution(RunHooks):
         pdd.chmod(0o700)
         name = self.node.engine_name(self.tid)
         builtin = data_dir()
-        playbook = (Path(config.execution.playbook) if config.execution.playbook
-                    else builtin / "playbooks" / "task.yml")
+        if playbook:
+            path = builtin / "playbooks" / playbook
+        elif config.execution.playbook:
+            path = Path(config.execution.playbook)
+        else:
+            path = builtin / "playbooks" / "task.yml"
+        suffix = "-".join(tags or []) or (playbook or "").removesuffix(".yml")
         inventory = (Path(config.execution.inventory) if config.execution.inventory
                      else builtin / "inventory" / "localhost.yml")
         return RunSpec(
-            private_data_dir=pdd,
-            ident=f"{name}-a{self.rec.attempt}" + ("-" + "-".join(tags) if tags else ""),
-            playbook=playbook,
+            # Runs beside the main one (stop, cleanup) get their own private data dir:
+            # ansible-runner runs sharing one corrupt each other's env/.
+            private_data_dir=pdd / "aux" / suffix if suffix else pdd,
+            # The marker of every process of the run; "." cannot occur in a task id.
+            ident=f"{name}.a{self.rec.attempt}" + (f"-{suffix}" if suffix else ""),
+            playbook=path,
             inventory=inventory,
             limit=self.known["host"],
             roles_path=[*config.execution.roles_path, str(builtin / "roles")],
@@ -248,6 +294,7 @@ class _Execution(RunHooks):
             },
             secrets=self._secrets(),
             tags=tags or [],
+            skip_tags=skip_tags or [],
             timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
         )
 
@@ -274,7 +321,28 @@ class _Execution(RunHooks):
         }
 
     def _should_stop(self) -> bool:
-        return self.cancel.is_set() or self.node.abandon.is_set()
+        """Polled by the runner about once a second: should the playbook be killed?
+
+        A cancel while the container runs stops the container instead, through the
+        executor's ``stop`` entry point; the play then goes on to stage out its logs.  A
+        cancel during stage-out lets the play finish."""
+        if self.node.abandon.is_set():
+            return True
+        if not self.cancel.is_set():
+            return False
+        if self._stage == "run":
+            if self._stopper is None:
+                self._stopper = threading.Thread(target=self._stop_container, daemon=True)
+                self._stopper.start()
+            return False
+        return self._stage not in ("stage_out", "cleanup")
+
+    def _stop_container(self) -> None:
+        log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
+        result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(), lambda: False)
+        if result.status != "successful":
+            log.warning("%s: stopping the container failed: %s", self.tid,
+                        (result.failure or {}).get("message"), extra={"task_id": self.tid})
 
     def _cleanup(self) -> None:
         """Run only the cleanup stage, after a playbook that was stopped midway."""

@@ -47,7 +47,6 @@ ROLE_ERRORS = {
     "fem_stage_out": "stage_out_failed",
     "fem_cleanup": "stage_out_failed",
 }
-STAGE_ORDER = ("stage_in", "run", "stage_out", "cleanup")
 
 
 def role_stage(role: str | None) -> str | None:
@@ -124,6 +123,9 @@ class RunHooks:
     def on_report(self, data: dict[str, Any]) -> None:
         """A role reported with ``set_stats``."""
 
+    def on_failure(self, failure: dict[str, Any]) -> None:
+        """A task failed (the first failure of the run)."""
+
 
 def _ansible_env(ident: str) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
@@ -192,10 +194,12 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
                 msg = str(res.get("msg") or res.get("stderr") or "task failed")
                 if kind == "runner_on_unreachable":
                     msg = f"host unreachable: {msg}"
-                failure = failure or {
-                    "role": role, "task": data.get("task"), "message": msg[:2000],
-                    "stage": role_stage(role), "code": role_error(role, role_stage(role)),
-                }
+                if failure is None:
+                    failure = {
+                        "role": role, "task": data.get("task"), "message": msg[:2000],
+                        "stage": role_stage(role), "code": role_error(role, role_stage(role)),
+                    }
+                    hooks.on_failure(failure)
         return True
 
     def on_cancel() -> bool:
@@ -235,15 +239,16 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     return RunResult(runner.status, runner.rc or 0, reports, failure, stages)
 
 
-def _marked_pids(ident: str) -> list[int]:
-    marker = f"FEM_JOB_ID={ident}".encode()
+def _marked_pids(marker_prefix: str) -> list[int]:
+    """Processes whose ``FEM_JOB_ID`` starts with ``marker_prefix``."""
+    marker = f"FEM_JOB_ID={marker_prefix}".encode()
     pids = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
+                if any(v.startswith(marker) for v in f.read().split(b"\0")):
                     pids.append(int(entry.name))
         except OSError:
             continue
@@ -261,8 +266,9 @@ def terminate_processes(ident: str, grace_s: float = 3.0) -> None:
     kill_processes(ident)
 
 
-def kill_processes(ident: str) -> None:
-    for pid in _marked_pids(ident):
+def kill_processes(marker_prefix: str) -> None:
+    """SIGKILL every process whose marker starts with ``marker_prefix``."""
+    for pid in _marked_pids(marker_prefix):
         _signal(pid, signal.SIGKILL)
 
 
