@@ -220,6 +220,12 @@ class SourceCredentials:
 class HttpConfig:
     ca_file: str | None = _doc("CA bundle for downloads and uploads.", default=None)
     proxy: str | None = _doc("HTTP(S) proxy for downloads and uploads.", default=None)
+    upload_tries: int = _doc(
+        "Tries of each upload before the task fails `stage_out_failed`.", default=5
+    )
+    retry_backoff_s: float = _doc(
+        "First wait between upload tries; doubled each try, at most 30 s.", default=1.0
+    )
 
 
 @dataclass(frozen=True)

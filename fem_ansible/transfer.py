@@ -23,8 +23,6 @@ from .refs import redact_url
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-RETRIES = 5
-BACKOFF_S = 1.0
 BACKOFF_MAX_S = 30.0
 TIMEOUT_S = (10, 300)
 
@@ -51,8 +49,7 @@ class Archive:
                 "sha256": self.sha256}
 
 
-def upload(archive: Archive, target: dict[str, Any], http: HttpConfig, *,
-           retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> None:
+def upload(archive: Archive, target: dict[str, Any], http: HttpConfig) -> None:
     """PUT or POST ``archive`` to ``target`` (``{url, method, headers}``).
 
     :raises TaskFailed: ``stage_out_failed`` after the last try; the message names the
@@ -67,6 +64,7 @@ def upload(archive: Archive, target: dict[str, Any], http: HttpConfig, *,
     headers.setdefault("Content-Type", "application/gzip")
     shown = redact_url(target["url"])
     last = ""
+    retries, backoff_s = max(1, http.upload_tries), http.retry_backoff_s
     for attempt in range(1, retries + 1):
         try:
             with archive.path.open("rb") as body:

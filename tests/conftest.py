@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from fem_ansible.config import load_config
+from tests.support.harness import Listener, Orchestrator, new_node_id, site_config
 from tests.support.services import ensure_services
 
 
@@ -43,3 +44,30 @@ def make_config(tmp_path):
         return load_config(path, environ={})
 
     return make
+
+
+@pytest.fixture
+def site(tmp_path, fem_env):
+    """A node with its own id, config, listener process and test orchestrator."""
+    node_id = new_node_id()
+    orch = Orchestrator(node_id)
+    created: list[Listener] = []
+
+    class Site:
+        env = fem_env
+        node = node_id
+        orchestrator = orch
+        work_dir = tmp_path / "work"
+
+        def config(self, **overrides):
+            return site_config(tmp_path, fem_env, node_id, **overrides)
+
+        def listener(self, config=None, name="listener.log", **kw):
+            lst = Listener(config or self.config(), tmp_path / name, **kw)
+            created.append(lst)
+            return lst.start()
+
+    yield Site()
+    for lst in created:
+        lst.stop()
+    orch.close()

@@ -33,7 +33,7 @@ def test_defaults_follow_the_contract(tmp_path):
 
 
 def test_unknown_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="policy.images.alow"):
+    with pytest.raises(ConfigError, match=r"policy\.images\.alow"):
         load_config(write(tmp_path, "node_id: a\npolicy:\n  images:\n    alow: []\n"), environ={})
 
 
@@ -62,7 +62,7 @@ def test_env_overrides_parse_yaml_and_are_scrubbed(tmp_path, monkeypatch):
 
 
 def test_env_override_of_unknown_key_fails(tmp_path):
-    with pytest.raises(ConfigError, match="execution.max_paralel"):
+    with pytest.raises(ConfigError, match=r"execution\.max_paralel"):
         load_config(write(tmp_path, "node_id: a\n"), environ={"FEM_EXECUTION__MAX_PARALEL": "2"})
 
 
@@ -71,7 +71,7 @@ def test_sizes_and_cross_field_rules(tmp_path):
         write(tmp_path, "node_id: a\npolicy:\n  limits:\n    memory: 512Mi\n"), environ={}
     )
     assert config.policy.limits.memory == 512 * 1024**2
-    with pytest.raises(ConfigError, match="policy.defaults.memory"):
+    with pytest.raises(ConfigError, match=r"policy\.defaults\.memory"):
         load_config(
             write(
                 tmp_path,

@@ -12,44 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.harness import (
-    Listener,
-    Orchestrator,
-    leftovers,
-    new_node_id,
-    sample_task,
-    site_config,
-)
+from tests.support.harness import NOTHING_LEFT, leftovers, sample_task
 from tests.support.services import upload_requests
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def site(tmp_path, fem_env):
-    """A node with its own id, config, listener process and test orchestrator."""
-    node_id = new_node_id()
-    orch = Orchestrator(node_id)
-    created: list[Listener] = []
-
-    class Site:
-        env = fem_env
-        node = node_id
-        orchestrator = orch
-        work_dir = tmp_path / "work"
-
-        def config(self, **overrides):
-            return site_config(tmp_path, fem_env, node_id, **overrides)
-
-        def listener(self, config=None, name="listener.log", **kw):
-            lst = Listener(config or self.config(), tmp_path / name, **kw)
-            created.append(lst)
-            return lst.start()
-
-    yield Site()
-    for lst in created:
-        lst.stop()
-    orch.close()
 
 
 def put_input(env, task_id: str, content: bytes) -> tuple[str, str]:
@@ -103,8 +69,7 @@ def test_task_runs_end_to_end(site):
     methods = {r["path"]: r["method"] for r in upload_requests(env)
                if r["path"].startswith(f"/{tid}/")}
     assert methods == {f"/{tid}/outputs.tar.gz": "PUT", f"/{tid}/logs.tar.gz": "POST"}
-    assert leftovers(site.node, site.work_dir) == {
-        "containers": [], "volumes": [], "dirs": [], "processes": []}
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
 def test_failures_are_reported_with_their_codes(site):
@@ -128,8 +93,7 @@ def test_failures_are_reported_with_their_codes(site):
         assert final["state"] == "FAILED", final
         assert final["error"]["code"] == code and final["error"]["stage"] == "stage_in"
         assert [e["state"] for e in orch.events(tid)] == ["RECEIVED", "STAGING_IN", "FAILED"]
-    assert leftovers(site.node, site.work_dir) == {
-        "containers": [], "volumes": [], "dirs": [], "processes": []}
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
 def test_malformed_message_is_rejected_and_dead_lettered(site):

@@ -56,7 +56,7 @@ def site_config(tmp_path: Path, env: dict[str, str], node_id: str, **overrides: 
             config[section] = {**config[section], **value}
         else:
             config[section] = value
-    path = tmp_path / f"config-{node_id}.yml"
+    path = tmp_path / f"config-{node_id}-{uuid.uuid4().hex[:6]}.yml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -142,6 +142,12 @@ class Orchestrator:
 
     def __init__(self, node_id: str):
         self.node_id = node_id
+        self.received: list[dict[str, Any]] = []
+        self.reconnect()
+
+    def reconnect(self) -> None:
+        """(Re)open the connection; the durable events queue kept what came meanwhile."""
+        node_id = self.node_id
         self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         self.ch = self.conn.channel()
         self.ch.exchange_declare("fem.events", "topic", durable=True)
@@ -151,7 +157,6 @@ class Orchestrator:
         self.ch.queue_declare(self.queue, durable=True)
         self.ch.queue_bind(self.queue, "fem.events", routing_key=f"{node_id}.#")
         self.ch.confirm_delivery()
-        self.received: list[dict[str, Any]] = []
 
     def publish(self, task: dict[str, Any] | bytes, headers: dict[str, str] | None = None
                 ) -> None:
@@ -172,7 +177,7 @@ class Orchestrator:
         """Move what the queue holds into ``received`` (heartbeats left out)."""
         deadline = time.monotonic() + timeout
         while True:
-            method, props, body = self.ch.basic_get(self.queue, auto_ack=True)
+            method, _props, body = self.ch.basic_get(self.queue, auto_ack=True)
             if method is None:
                 if time.monotonic() >= deadline:
                     return
@@ -249,5 +254,4 @@ def leftovers(node_id: str, work_dir: Path) -> dict[str, list[str]]:
             "dirs": dirs, "processes": procs}
 
 
-def no_leftovers(node_id: str, work_dir: Path) -> bool:
-    return not any(leftovers(node_id, work_dir).values())
+NOTHING_LEFT = {"containers": [], "volumes": [], "dirs": [], "processes": []}
