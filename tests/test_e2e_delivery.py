@@ -113,11 +113,13 @@ def test_task_outliving_consumer_timeout_is_not_redelivered(site):
 
 def test_same_task_id_twice_runs_once(site):
     env, orch = site.env, site.orchestrator
-    listener = site.listener()
+    # Two slots, so the copy sent while the task runs is consumed while it runs.
+    listener = site.listener(site.config(execution={"max_parallel": 2}))
     task = sample_task(env, "twice", command=["sh", "-c", "sleep 3; echo done"])
     orch.publish(task)
     orch.wait_state("twice", "RUNNING")
     orch.publish(task)  # while it runs
+    listener.wait_for_log("already in the journal (RUNNING)")
     first = orch.wait_terminal("twice")
     orch.publish(task)  # after it finished
     listener.wait_for_log("already in the journal (COMPLETED)")
