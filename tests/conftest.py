@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fem_ansible.config import load_config
-from tests.support.harness import Listener, Orchestrator, new_node_id, site_config
+from tests.support.harness import Listener, Orchestrator, new_node_id, sample_task, site_config
 from tests.support.services import ensure_services
 
 
@@ -58,6 +58,10 @@ def site(tmp_path, fem_env):
         node = node_id
         orchestrator = orch
         work_dir = tmp_path / "work"
+
+        def task(self, task_id, **overrides):
+            """The sample task, uploading under ``/<node id>/<task id>/``."""
+            return sample_task(fem_env, task_id, prefix=node_id, **overrides)
 
         def config(self, **overrides):
             return site_config(tmp_path, fem_env, node_id, **overrides)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.harness import NOTHING_LEFT, leftovers, sample_task
+from tests.support.harness import NOTHING_LEFT, leftovers
 from tests.support.services import upload_requests
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +40,7 @@ def test_task_runs_end_to_end(site):
     tid = "e2e-ok"
     params = b'{"rounds": 3}\n'
     url, digest = put_input(env, tid, params)
-    task = sample_task(env, tid, inputs=[{"url": url, "path": "params.json", "sha256": digest}])
+    task = site.task(tid, inputs=[{"url": url, "path": "params.json", "sha256": digest}])
     site.listener()
     orch.publish(task)
     final = orch.wait_terminal(tid)
@@ -66,19 +66,20 @@ def test_task_runs_end_to_end(site):
     logs = tar_members(uploaded_file(env, final["logs"]["url"]))
     assert b"task-done" in logs["stdout.log"]
 
+    base = f"/{site.node}/{tid}"
     methods = {r["path"]: r["method"] for r in upload_requests(env)
-               if r["path"].startswith(f"/{tid}/")}
-    assert methods == {f"/{tid}/outputs.tar.gz": "PUT", f"/{tid}/logs.tar.gz": "POST"}
+               if r["path"].startswith(base)}
+    assert methods == {f"{base}/outputs.tar.gz": "PUT", f"{base}/logs.tar.gz": "POST"}
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
 def test_failures_are_reported_with_their_codes(site):
     env, orch = site.env, site.orchestrator
     site.listener()
-    orch.publish(sample_task(env, "exit-3", command=["sh", "-c", "echo to-stderr >&2; exit 3"]))
-    orch.publish(sample_task(env, "no-image",
+    orch.publish(site.task("exit-3", command=["sh", "-c", "echo to-stderr >&2; exit 3"]))
+    orch.publish(site.task("no-image",
                              image={"ref": f"{env['FEM_TEST_REGISTRY']}/fem/missing:1"}))
-    orch.publish(sample_task(env, "no-version",
+    orch.publish(site.task("no-version",
                              source={"repo": env["FEM_TEST_GIT_URL"], "version": "no-such-ref"}))
 
     failed = orch.wait_terminal("exit-3")
@@ -97,12 +98,12 @@ def test_failures_are_reported_with_their_codes(site):
 
 
 def test_malformed_message_is_rejected_and_dead_lettered(site):
-    env, orch = site.env, site.orchestrator
+    orch = site.orchestrator
     site.listener()
     orch.publish(b'{"schema": "fem.task/v1", "task_id": ')
     orch.publish({"schema": "fem.task/v1", "task_id": "bad-fields", "image": {"ref": "x"},
                   "unknown": 1})
-    orch.publish(sample_task(env, "after-bad"))
+    orch.publish(site.task("after-bad"))
 
     rejected = orch.wait_terminal(None)
     assert rejected["state"] == "REJECTED"
@@ -118,9 +119,9 @@ def test_malformed_message_is_rejected_and_dead_lettered(site):
 
 def test_long_task_keeps_its_connection(site):
     """A task running longer than three heartbeat intervals finishes on the same connection."""
-    env, orch = site.env, site.orchestrator
+    orch = site.orchestrator
     listener = site.listener(site.config(broker={"heartbeat_s": 2}))
-    orch.publish(sample_task(env, "long", command=["sh", "-c", "sleep 9; echo slept"]))
+    orch.publish(site.task("long", command=["sh", "-c", "sleep 9; echo slept"]))
     final = orch.wait_terminal("long", timeout=120)
     assert final["state"] == "COMPLETED"
     log = listener.log.read_text()

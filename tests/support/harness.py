@@ -61,9 +61,11 @@ def site_config(tmp_path: Path, env: dict[str, str], node_id: str, **overrides: 
     return path
 
 
-def sample_task(env: dict[str, str], task_id: str, **overrides: Any) -> dict[str, Any]:
-    """A task reading a dataset file, a downloaded input and a file of the checkout."""
-    upload = env["FEM_TEST_UPLOAD_URL"]
+def sample_task(env: dict[str, str], task_id: str, prefix: str = "", **overrides: Any
+                ) -> dict[str, Any]:
+    """A task reading a dataset file, a downloaded input and a file of the checkout; its
+    archives go to ``<upload endpoint>/<prefix>/<task_id>/``."""
+    upload = env["FEM_TEST_UPLOAD_URL"] + (f"/{prefix}" if prefix else "")
     task: dict[str, Any] = {
         "schema": "fem.task/v1",
         "task_id": task_id,
