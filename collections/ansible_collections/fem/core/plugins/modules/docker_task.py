@@ -1,0 +1,553 @@
+#!/usr/bin/python
+# Copyright: fem-ansible developers
+# SPDX-License-Identifier: Apache-2.0
+"""Run one fem task container to completion, idempotently, and collect its logs."""
+
+# Ansible module layout (documentation before imports); runs on the target's Python (>= 3.8).
+# ruff: noqa: E402, UP017
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: docker_task
+short_description: Run one task container to completion with a timeout and collect its logs
+version_added: 1.0.0
+description:
+  - Creates and starts a container named O(name), or finds the one a previous run of the
+    same task started, waits for it to exit and writes its stdout and stderr, each capped at
+    O(log_bytes), plus its exit code into O(log_dir).
+  - The timeout is counted from the container's C(State.StartedAt), so running the module
+    again after an interruption (listener restart) only waits for the rest of it. A container
+    still running is waited for, never started again; one that has exited is only collected.
+  - At the timeout the container is stopped (SIGTERM, then SIGKILL after O(stop_grace)) and
+    the module reports RV(timed_out=true) and RV(exit_code=null).
+  - The container always runs unprivileged with the given hardening. Its user is the image's
+    own user unless that is empty or root, in which case it is O(fallback_user).
+  - A non-zero exit code is a result, not a failure.
+  - With O(state=stopped) it stops the container if it runs (SIGTERM, SIGKILL after
+    O(stop_grace)), which is how a task is cancelled. The run waiting for it then collects
+    it as exited.
+  - With O(state=absent) it removes the container (killing it if it runs, with its anonymous
+    volumes) and the named O(volumes); objects already gone are fine.
+  - Talks to the engine through the Docker SDK for Python (C(docker)); C(DOCKER_HOST) and
+    friends are honoured.
+options:
+  name:
+    description: Container name.
+    type: str
+    required: true
+  state:
+    description:
+      - V(present) runs the container to completion and collects it.
+      - V(stopped) stops it if it runs.
+      - V(absent) removes the container and O(volumes).
+    type: str
+    choices: [present, stopped, absent]
+    default: present
+  volumes:
+    description: Named volumes removed with O(state=absent).
+    type: list
+    elements: str
+    default: []
+  image:
+    description:
+      - Image reference; must already be present on the engine.
+      - Required with O(state=present).
+    type: str
+  command:
+    description: Argument vector; the image's default command when omitted or null.
+    type: list
+    elements: str
+  workdir:
+    description: Working directory in the container; the image's when omitted or null.
+    type: str
+  env:
+    description: Container environment.
+    type: dict
+    default: {}
+  labels:
+    description: Container labels.
+    type: dict
+    default: {}
+  mounts:
+    description: Bind mounts and named volumes.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      type:
+        description: C(bind) for a host path, C(volume) for a named volume.
+        type: str
+        choices: [bind, volume]
+        default: bind
+      source:
+        description: Host path or volume name.
+        type: str
+        required: true
+      target:
+        description: Path in the container.
+        type: str
+        required: true
+      read_only:
+        description: Mount read-only.
+        type: bool
+        default: true
+  fallback_user:
+    description:
+      - C(uid:gid) used when the image's user is empty, C(root) or C(0).
+      - Required with O(state=present).
+    type: str
+  read_only:
+    description: Read-only root filesystem.
+    type: bool
+    default: true
+  cap_drop:
+    description: Capabilities to drop.
+    type: list
+    elements: str
+    default: [ALL]
+  no_new_privileges:
+    description: Set the C(no-new-privileges) security option.
+    type: bool
+    default: true
+  tmpfs:
+    description: Map of container path to tmpfs mount options.
+    type: dict
+    default: {}
+  pids_limit:
+    description: Maximum number of processes; unlimited when 0.
+    type: int
+    default: 0
+  memory:
+    description: Memory limit in bytes (swap included); unlimited when 0.
+    type: int
+    default: 0
+  cpus:
+    description: CPU limit in CPUs; unlimited when 0.
+    type: float
+    default: 0
+  gpus:
+    description: Number of GPUs requested through the engine's device requests.
+    type: int
+    default: 0
+  network_mode:
+    description: Network mode (C(none), C(host) or a network name).
+    type: str
+    default: none
+  timeout:
+    description:
+      - Seconds the container may run, counted from its start.
+      - Required with O(state=present).
+    type: float
+  stop_grace:
+    description: Seconds between SIGTERM and SIGKILL when stopping at the timeout.
+    type: int
+    default: 10
+  log_dir:
+    description:
+      - Existing directory that receives C(stdout.log), C(stderr.log) and C(exit_code).
+      - Required with O(state=present).
+    type: path
+  log_bytes:
+    description:
+      - Maximum size of each log file, the truncation marker line included.
+      - Required with O(state=present).
+    type: int
+  docker_host:
+    description: Engine URL; C(DOCKER_HOST) or the local socket when omitted.
+    type: str
+  api_timeout:
+    description: Seconds to wait for an engine API call (the wait itself excepted).
+    type: int
+    default: 60
+requirements:
+  - docker (Docker SDK for Python) >= 5
+attributes:
+  check_mode:
+    support: full
+    details: In check mode the module does nothing and reports no change.
+author:
+  - fem-ansible developers
+"""
+
+EXAMPLES = r"""
+- name: Run the task container
+  fem.core.docker_task:
+    name: fem-node1-task42
+    image: registry.example.org/lab/train:1.2
+    command: [python, train.py]
+    labels: {fem.node_id: node1, fem.task_id: task42}
+    mounts:
+      - {source: /var/lib/fem-ansible/runs/task42/input, target: /fem/input}
+      - {source: /var/lib/fem-ansible/runs/task42/output, target: /fem/output, read_only: false}
+    fallback_user: "65534:65534"
+    tmpfs: {/tmp: "rw,nosuid,nodev,size=64m,mode=1777"}
+    pids_limit: 256
+    memory: 2147483648
+    cpus: 1
+    timeout: 3600
+    log_dir: /var/lib/fem-ansible/runs/task42/logs
+    log_bytes: 104857600
+"""
+
+RETURN = r"""
+exit_code:
+  description: The container's exit code; null when it was stopped at the timeout.
+  returned: success with O(state=present), not in check mode
+  type: int
+timed_out:
+  description: Whether the container was stopped at the timeout.
+  returned: always
+  type: bool
+container_id:
+  description: Full container id.
+  returned: success and not check mode
+  type: str
+user:
+  description: The user the container ran as.
+  returned: success and not check mode
+  type: str
+oom_killed:
+  description: Whether the kernel's OOM killer stopped the container.
+  returned: success and not check mode
+  type: bool
+started_at:
+  description: The container's C(State.StartedAt).
+  returned: success and not check mode
+  type: str
+finished_at:
+  description: The container's C(State.FinishedAt).
+  returned: success and not check mode
+  type: str
+logs:
+  description: Per stream, C(path), C(bytes) written and whether it was C(truncated).
+  returned: success and not check mode
+  type: dict
+stopped:
+  description: Whether the container was running and got stopped (O(state=stopped)).
+  returned: when O(state=stopped)
+  type: bool
+removed:
+  description: Names of the container and volumes removed (O(state=absent)).
+  returned: when O(state=absent)
+  type: list
+  elements: str
+"""
+
+import os
+import re
+import time
+import traceback
+from datetime import datetime, timezone
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+try:
+    import docker
+    import requests
+    from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+    from docker.types import DeviceRequest, Mount
+except ImportError:
+    DOCKER_IMPORT_ERROR = traceback.format_exc()
+else:
+    DOCKER_IMPORT_ERROR = None
+
+_ROOT_USERS = ("", "root", "0")
+_TRUNCATION_MARKER = "\n[fem: log truncated at {limit} bytes]\n"
+_TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_docker_time(value):
+    """Return the epoch seconds of a Docker RFC 3339 (nanosecond) time, None if unset."""
+    match = _TS_RE.match(value or "")
+    if not match or match.group(1).startswith("0001-"):
+        return None
+    base, frac, zone = match.groups()
+    stamp = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone))
+    return stamp.replace(tzinfo=stamp.tzinfo or timezone.utc).timestamp() + float(
+        "0." + (frac or "0")
+    )
+
+
+def effective_user(image_user, fallback):
+    """The image's user unless it is empty or root (by name or uid), else ``fallback``."""
+    if (image_user or "").split(":", 1)[0] in _ROOT_USERS:
+        return fallback
+    return image_user
+
+
+def write_capped(chunks, path, limit):
+    """Write ``chunks`` to ``path`` keeping at most ``limit`` bytes, marker line included.
+
+    Reads the iterator lazily and stops at the limit, so a large log is never held in memory.
+    Returns ``(bytes_written, truncated)``.
+    """
+    marker = _TRUNCATION_MARKER.format(limit=limit).encode()
+    written = 0
+    truncated = False
+    with open(path, "wb") as out:
+        for chunk in chunks:
+            if written + len(chunk) > limit:
+                keep = max(limit - len(marker), 0)
+                if written > keep:
+                    out.truncate(keep)
+                    out.seek(keep)
+                    written = keep
+                out.write(chunk[: keep - written])
+                out.write(marker[: limit - keep])
+                written = keep + min(len(marker), limit - keep)
+                truncated = True
+                break
+            out.write(chunk)
+            written += len(chunk)
+    return written, truncated
+
+
+class TaskRunner:
+    """One container's lifecycle: find or create, start, wait with timeout, collect."""
+
+    def __init__(self, module):
+        self.module = module
+        self.p = module.params
+        kwargs = {"timeout": self.p["api_timeout"]}
+        if self.p["docker_host"]:
+            self.client = docker.DockerClient(base_url=self.p["docker_host"], **kwargs)
+        else:
+            self.client = docker.from_env(**kwargs)
+        self.api = self.client.api
+        self.changed = False
+
+    def find(self):
+        try:
+            return self.api.inspect_container(self.p["name"])
+        except NotFound:
+            return None
+
+    def image_user(self):
+        try:
+            config = self.api.inspect_image(self.p["image"]).get("Config") or {}
+        except ImageNotFound:
+            self.module.fail_json(
+                msg=f"Image {self.p['image']} is not present on the engine "
+                "(fem_image pulls it first)"
+            )
+        return config.get("User") or ""
+
+    def create(self):
+        p = self.p
+        user = effective_user(self.image_user(), p["fallback_user"])
+        mounts = [
+            Mount(
+                target=m["target"],
+                source=m["source"],
+                type=m["type"],
+                read_only=m["read_only"],
+            )
+            for m in p["mounts"]
+        ]
+        host_config = {
+            "mounts": mounts,
+            "read_only": p["read_only"],
+            "cap_drop": p["cap_drop"],
+            "security_opt": ["no-new-privileges"] if p["no_new_privileges"] else None,
+            "tmpfs": p["tmpfs"] or None,
+            "network_mode": p["network_mode"],
+            "privileged": False,
+        }
+        if p["pids_limit"] > 0:
+            host_config["pids_limit"] = p["pids_limit"]
+        if p["memory"] > 0:
+            host_config["mem_limit"] = p["memory"]
+            host_config["memswap_limit"] = p["memory"]
+        if p["cpus"] > 0:
+            host_config["nano_cpus"] = int(p["cpus"] * 1e9)
+        if p["gpus"] > 0:
+            host_config["device_requests"] = [
+                DeviceRequest(count=p["gpus"], capabilities=[["gpu"]])
+            ]
+        created = self.api.create_container(
+            image=p["image"],
+            name=p["name"],
+            command=p["command"],
+            working_dir=p["workdir"] or None,
+            environment={k: str(v) for k, v in p["env"].items()},
+            labels={k: str(v) for k, v in p["labels"].items()},
+            user=user,
+            host_config=self.api.create_host_config(**host_config),
+        )
+        self.changed = True
+        return created["Id"]
+
+    def start(self, container_id):
+        self.api.start(container_id)
+        self.changed = True
+        return self.api.inspect_container(container_id)
+
+    def wait(self, info):
+        """Wait for the rest of the timeout; stop at it. Return (exit_code, timed_out)."""
+        container_id = info["Id"]
+        state = info["State"]
+        started = parse_docker_time(state.get("StartedAt")) or time.time()
+        timeout = self.p["timeout"]
+        if state.get("Running") or state.get("Paused") or state.get("Restarting"):
+            remaining = started + timeout - time.time()
+            if remaining > 0:
+                try:
+                    result = self.api.wait(container_id, timeout=remaining)
+                    return result.get("StatusCode"), False
+                except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                    # The HTTP read timeout is how the timeout fires; anything else that
+                    # breaks the wait early is an engine problem.
+                    state = self.api.inspect_container(container_id)["State"]
+                    if not state.get("Running"):
+                        return state.get("ExitCode"), False
+                    if time.time() < started + timeout - 1:
+                        raise
+            self.api.stop(container_id, timeout=self.p["stop_grace"])
+            self.api.wait(container_id, timeout=self.p["stop_grace"] + self.p["api_timeout"])
+            self.changed = True
+            return None, True
+        # Exited before this run saw it: it timed out if it ran for the whole timeout
+        # (an earlier run stopped it and was interrupted before collecting).
+        finished = parse_docker_time(state.get("FinishedAt"))
+        if finished is not None and finished - started >= timeout:
+            return None, True
+        return state.get("ExitCode"), False
+
+    def collect_logs(self, container_id):
+        logs = {}
+        for stream in ("stdout", "stderr"):
+            path = os.path.join(self.p["log_dir"], stream + ".log")
+            chunks = self.api.logs(
+                container_id,
+                stdout=stream == "stdout",
+                stderr=stream == "stderr",
+                stream=True,
+                follow=False,
+            )
+            try:
+                written, truncated = write_capped(chunks, path, self.p["log_bytes"])
+            finally:
+                close = getattr(chunks, "close", None)
+                if close:
+                    close()
+            logs[stream] = {"path": path, "bytes": written, "truncated": truncated}
+        return logs
+
+    def stop(self):
+        """Stop the container if it runs; nothing to do when it is gone or has exited."""
+        info = self.find()
+        if info is None or not info["State"].get("Running"):
+            return {"changed": False, "stopped": False}
+        self.api.stop(info["Id"], timeout=self.p["stop_grace"])
+        return {"changed": True, "stopped": True}
+
+    def remove(self):
+        """Remove the container (killed if running, anonymous volumes too) and the volumes."""
+        removed = []
+        try:
+            self.api.remove_container(self.p["name"], force=True, v=True)
+            removed.append(self.p["name"])
+        except NotFound:
+            pass
+        for volume in self.p["volumes"]:
+            try:
+                self.api.remove_volume(volume, force=True)
+                removed.append(volume)
+            except NotFound:
+                pass
+        return {"changed": bool(removed), "removed": removed}
+
+    def run(self):
+        info = self.find()
+        if info is None:
+            info = self.start(self.create())
+        elif info["State"].get("Status") == "created":
+            info = self.start(info["Id"])
+        exit_code, timed_out = self.wait(info)
+        info = self.api.inspect_container(info["Id"])
+        logs = self.collect_logs(info["Id"])
+        with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
+            out.write("null\n" if exit_code is None else f"{exit_code}\n")
+        return {
+            "changed": self.changed,
+            "exit_code": exit_code,
+            "timed_out": timed_out,
+            "container_id": info["Id"],
+            "user": info["Config"].get("User") or "",
+            "oom_killed": bool(info["State"].get("OOMKilled")),
+            "started_at": info["State"].get("StartedAt"),
+            "finished_at": info["State"].get("FinishedAt"),
+            "logs": logs,
+        }
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "name": {"type": "str", "required": True},
+            "state": {
+                "type": "str",
+                "choices": ["present", "stopped", "absent"],
+                "default": "present",
+            },
+            "volumes": {"type": "list", "elements": "str", "default": []},
+            "image": {"type": "str"},
+            "command": {"type": "list", "elements": "str"},
+            "workdir": {"type": "str"},
+            "env": {"type": "dict", "default": {}},
+            "labels": {"type": "dict", "default": {}},
+            "mounts": {
+                "type": "list",
+                "elements": "dict",
+                "default": [],
+                "options": {
+                    "type": {"type": "str", "choices": ["bind", "volume"], "default": "bind"},
+                    "source": {"type": "str", "required": True},
+                    "target": {"type": "str", "required": True},
+                    "read_only": {"type": "bool", "default": True},
+                },
+            },
+            "fallback_user": {"type": "str"},
+            "read_only": {"type": "bool", "default": True},
+            "cap_drop": {"type": "list", "elements": "str", "default": ["ALL"]},
+            "no_new_privileges": {"type": "bool", "default": True},
+            "tmpfs": {"type": "dict", "default": {}},
+            "pids_limit": {"type": "int", "default": 0},
+            "memory": {"type": "int", "default": 0},
+            "cpus": {"type": "float", "default": 0},
+            "gpus": {"type": "int", "default": 0},
+            "network_mode": {"type": "str", "default": "none"},
+            "timeout": {"type": "float"},
+            "stop_grace": {"type": "int", "default": 10},
+            "log_dir": {"type": "path"},
+            "log_bytes": {"type": "int"},
+            "docker_host": {"type": "str"},
+            "api_timeout": {"type": "int", "default": 60},
+        },
+        required_if=[
+            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes")),
+        ],
+        supports_check_mode=True,
+    )
+    if DOCKER_IMPORT_ERROR:
+        module.fail_json(msg=missing_required_lib("docker"), exception=DOCKER_IMPORT_ERROR)
+    if module.check_mode:
+        module.exit_json(changed=False, timed_out=False, msg="check mode: nothing done")
+    try:
+        runner = TaskRunner(module)
+        if module.params["state"] == "absent":
+            module.exit_json(**runner.remove())
+        if module.params["state"] == "stopped":
+            module.exit_json(**runner.stop())
+        module.exit_json(**runner.run())
+    except (APIError, DockerException, requests.exceptions.RequestException, OSError) as exc:
+        module.fail_json(
+            msg=f"Docker task {module.params['name']} failed: {exc}",
+            exception=traceback.format_exc(),
+        )
+
+
+if __name__ == "__main__":
+    main()

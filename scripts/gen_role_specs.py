@@ -1,0 +1,370 @@
+"""Write roles/*/meta/argument_specs.yml of the built-in roles from one description of the
+contract's extra-vars (docs/roles.md), so that every role declares them alike.
+
+Run from anywhere: ``python scripts/gen_role_specs.py``; commit the files it changes.
+A role validates exactly the keys listed here (ansible rejects unknown keys of a dict with
+``options``), so a key the listener adds to ``fem_task``, ``fem_run`` or ``fem_policy`` must
+be added here first.
+"""
+
+import copy
+from pathlib import Path
+
+import yaml
+
+ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
+
+
+def o(type_, desc, **kw):
+    d = {"description": desc, "type": type_}
+    d.update(kw)
+    return d
+
+
+FEM_RUN = o(
+    "dict",
+    "The task's run: work dir on the target host, attempt, engine object name, "
+    "listener-side run dir.",
+    required=True,
+    options={
+        "dir": o("str", "The task's work dir on the target host.", required=True),
+        "attempt": o("int", "Attempt number, from 1.", required=True),
+        "name": o(
+            "str",
+            "C(fem-<node_id>-<task_id>), the name and name prefix of every engine object "
+            "of the task.",
+            required=True,
+        ),
+        "local_dir": o(
+            "str",
+            "The listener-side run dir; stage-out puts the archives in its C(archives/).",
+            required=True,
+        ),
+    },
+)
+FEM_NODE_ID = o("str", "This node's id.", required=True)
+
+TASK_FULL = {
+    "schema": o("str", "C(fem.task/v1)."),
+    "task_id": o("str", "The task's id.", required=True),
+    "node_id": o("str", "The node id the task names, if any."),
+    "experiment_id": o("str", "Echoed in events."),
+    "not_after": o(
+        "str", "RFC 3339 time after which the task is refused (checked by the listener)."
+    ),
+    "executor": o("str", "The executor the task asked for."),
+    "image": o(
+        "dict",
+        "The image to run.",
+        options={
+            "ref": o(
+                "str",
+                "Normalised reference, C(registry/name:tag) or C(registry/name@sha256:...).",
+                required=True,
+            ),
+            "pull_policy": o(
+                "str", "When to pull.", choices=["missing", "always", "never"], default="missing"
+            ),
+        },
+    ),
+    "source": o(
+        "dict",
+        "The source repository, or null.",
+        options={
+            "repo": o(
+                "str", "Repository URL (https, ssh or git scheme, no userinfo).", required=True
+            ),
+            "version": o("str", "Branch, tag or commit; null for the remote HEAD."),
+            "mount": o("str", "Container path of the checkout (read-only).", default="/fem/src"),
+        },
+    ),
+    "command": o("list", "Argument vector, or null for the image's command.", elements="str"),
+    "workdir": o("str", "Working directory in the container, or null."),
+    "env": o("dict", "Container environment."),
+    "inputs": o(
+        "list",
+        "Files downloaded before the run (display URLs; the real ones are in fem_secrets).",
+        elements="dict",
+        options={
+            "url": o("str", "Display URL (no query string, no userinfo)."),
+            "path": o("str", "Relative path under the input dir.", required=True),
+            "sha256": o("str", "Expected SHA-256 (hex), or null."),
+        },
+    ),
+    "datasets": o(
+        "list",
+        "Site datasets the task mounts.",
+        elements="dict",
+        options={
+            "name": o("str", "Dataset name.", required=True),
+            "mount": o("str", "Container path.", required=True),
+        },
+    ),
+    "scratch": o(
+        "list",
+        "Per-task writable volumes.",
+        elements="dict",
+        options={
+            "name": o("str", "Volume name suffix.", required=True),
+            "mount": o("str", "Container path.", required=True),
+        },
+    ),
+    "outputs": o(
+        "dict",
+        "Where the task writes its outputs.",
+        options={
+            "path": o("str", "Container path of the output dir.", default="/fem/output"),
+            "upload": o("dict", "Upload target (display URL), or null."),
+        },
+    ),
+    "logs": o(
+        "dict",
+        "Logs upload target, or null.",
+        options={
+            "upload": o("dict", "Upload target (display URL), or null."),
+        },
+    ),
+    "resources": o("dict", "What the task asked for (fem_policy holds what it gets)."),
+    "network": o("str", "Network the task asked for."),
+    "target": o("str", "Inventory host or group the task asked for."),
+    "labels": o("dict", "Echoed in events."),
+}
+
+
+def fem_task(read):
+    opts = {}
+    for k, v in TASK_FULL.items():
+        v = copy.deepcopy(v)
+        if k not in read:
+            v.pop("options", None)
+            v.pop("required", None)
+            v.pop("default", None)
+            v.pop("choices", None)
+        opts[k] = v
+    return o(
+        "dict",
+        "The validated, normalised task (docs/roles.md); every string is unsafe.",
+        required=True,
+        options=opts,
+    )
+
+
+FEM_POLICY = o(
+    "dict",
+    "The container settings the listener decided.",
+    required=True,
+    options={
+        "executor": o("str", "Executor role suffix (C(fem_executor_<executor>)).", required=True),
+        "user": o("str", "C(uid:gid) used when the image's user is root or unset.", required=True),
+        "network": o("str", "Network mode of the container.", required=True),
+        "cpus": o("float", "CPU limit.", required=True),
+        "memory": o("int", "Memory limit in bytes.", required=True),
+        "pids": o("int", "Process limit.", required=True),
+        "gpus": o("int", "GPUs to request.", required=True),
+        "timeout_s": o(
+            "int", "Run time limit in seconds, counted from the container's start.", required=True
+        ),
+        "stop_grace_s": o(
+            "int", "Seconds between SIGTERM and SIGKILL when stopping.", required=True
+        ),
+        "read_only": o("bool", "Read-only root filesystem.", required=True),
+        "cap_drop": o("list", "Capabilities to drop.", elements="str", required=True),
+        "no_new_privileges": o("bool", "Set no-new-privileges.", required=True),
+        "tmpfs": o("dict", "Container path to tmpfs options.", required=True),
+        "log_bytes": o("int", "Maximum size of each of stdout.log and stderr.log.", required=True),
+        "output_bytes": o("int", "Maximum size of the output dir.", required=True),
+    },
+)
+
+FEM_DATASETS = o(
+    "list",
+    "Datasets resolved from the site policy.",
+    elements="dict",
+    required=True,
+    options={
+        "name": o("str", "Dataset name.", required=True),
+        "host_path": o("str", "Directory on the target host.", required=True),
+        "mount": o("str", "Container path (read-only).", required=True),
+    },
+)
+
+SECRETS_FULL = {
+    "registry_auth": o("dict", "Registry host to C({username, password}).", no_log=True),
+    "git": o(
+        "dict",
+        "Git credentials for the source host, or null.",
+        no_log=True,
+        options={
+            "username": o("str", "Git user name.", required=True, no_log=True),
+            "token": o("str", "Git token or password.", required=True, no_log=True),
+        },
+    ),
+    "inputs": o(
+        "list",
+        "Real input URLs and their headers, in the order of fem_task.inputs.",
+        elements="dict",
+        no_log=True,
+        options={
+            "url": o("str", "The real URL, query string included.", required=True, no_log=True),
+            "headers": o("dict", "Request headers.", no_log=True),
+        },
+    ),
+}
+
+
+def fem_secrets(read):
+    opts = {}
+    for k, v in SECRETS_FULL.items():
+        v = copy.deepcopy(v)
+        if k not in read:
+            v.pop("options", None)
+        opts[k] = v
+    return o(
+        "dict",
+        "Secrets from the vault-encrypted vars file; every task reading them is no_log.",
+        required=True,
+        no_log=False,
+        options=opts,
+    )
+
+
+ROLES = {
+    "fem_volumes": (
+        "Create the task's run directory, scratch volumes and inputs.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_node_id": FEM_NODE_ID,
+            "fem_task": fem_task({"task_id", "inputs", "scratch"}),
+            "fem_secrets": fem_secrets({"inputs"}),
+            "fem_volumes_download_timeout": o(
+                "int", "Timeout in seconds of each input download request.", default=60
+            ),
+            "fem_volumes_writable_mode": o(
+                "str",
+                "Mode of output/ and scratch/<name>/; they must be writable by the container "
+                "user (the run dir itself is 0700).",
+                default="0777",
+            ),
+        },
+    ),
+    "fem_image": (
+        "Pull the task's image per its pull policy and report fem_image_digest.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_task": fem_task({"image"}),
+            "fem_secrets": fem_secrets({"registry_auth"}),
+        },
+    ),
+    "fem_source": (
+        "Check out the task's source and report fem_source_commit.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_task": fem_task({"source"}),
+            "fem_secrets": fem_secrets({"git"}),
+            "fem_source_depth": o(
+                "int",
+                "History depth of the clone of a branch, tag or HEAD; 0 for the full history "
+                "(a commit id always gets the full history).",
+                default=1,
+            ),
+            "fem_source_submodules": o(
+                "bool",
+                "Check out submodules too (their URLs are not checked against the site policy).",
+                default=False,
+            ),
+            "fem_source_accept_newhostkey": o(
+                "bool",
+                "Accept an unknown SSH host key of the source host (C(accept_newhostkey)).",
+                default=False,
+            ),
+        },
+    ),
+    "fem_execute": (
+        "Run the task through the executor role fem_policy.executor names.",
+        {
+            "fem_policy": FEM_POLICY,
+        },
+    ),
+    "fem_executor_docker": (
+        "Run the task's container on Docker and report fem_exit_code and fem_timed_out.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_node_id": FEM_NODE_ID,
+            "fem_task": fem_task(
+                {"task_id", "image", "source", "command", "workdir", "env", "scratch", "outputs"}
+            ),
+            "fem_datasets": FEM_DATASETS,
+            "fem_policy": FEM_POLICY,
+            "fem_executor_docker_api_timeout": o(
+                "int",
+                "Seconds to wait for a Docker API call (the wait for the container excepted).",
+                default=60,
+            ),
+        },
+    ),
+    "fem_stage_out": (
+        "Archive outputs and logs, bring them to the listener's host, report their paths.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_policy": FEM_POLICY,
+        },
+    ),
+    "fem_cleanup": (
+        "Remove the task's container, scratch volumes and run directory.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_task": fem_task({"scratch"}),
+            "fem_cleanup_keep_run_dir": o(
+                "bool",
+                "Keep the run directory on the target host (debugging only: it may hold "
+                "secrets' files until removed).",
+                default=False,
+            ),
+        },
+    ),
+}
+
+
+class D(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+        return True
+
+    def increase_indent(self, flow=False, indentless=False):
+        return super().increase_indent(flow, False)
+
+
+STOP = {
+    "fem_execute": (
+        "Stop the task's container through the executor role (playbooks/stop.yml).",
+        {
+            "fem_policy": FEM_POLICY,
+        },
+    ),
+    "fem_executor_docker": (
+        "Stop the task's container (cancel).",
+        {
+            "fem_run": FEM_RUN,
+            "fem_policy": FEM_POLICY,
+            "fem_executor_docker_api_timeout": ROLES["fem_executor_docker"][1][
+                "fem_executor_docker_api_timeout"
+            ],
+        },
+    ),
+}
+
+for role, (short, opts) in ROLES.items():
+    for v in opts.values():
+        if v.get("no_log") is False:
+            v.pop("no_log")
+    doc = {"argument_specs": {"main": {"short_description": short, "options": opts}}}
+    if role in STOP:
+        doc["argument_specs"]["stop"] = {
+            "short_description": STOP[role][0],
+            "options": STOP[role][1],
+        }
+    text = (
+        "---\n# The contract vars (docs/roles.md) are described alike in every role:\n"
+        "# scripts/gen_role_specs.py writes these files, edit it rather than them.\n"
+        + yaml.dump(doc, Dumper=D, sort_keys=False, width=120, default_flow_style=False)
+    )
+    (ROLES_DIR / role / "meta" / "argument_specs.yml").write_text(text)
