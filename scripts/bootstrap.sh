@@ -4,14 +4,17 @@
 #     openssh-server curl iproute2 util-linux
 #   .venv (python3.11) with `pip install -e '.[test]'`, redone only when pyproject.toml changed.
 # Silent on success; a failure prints the end of the log that tells why.
-# FEM_PYTHON=/path/to/python3.11 chooses the interpreter for a new .venv.
+# FEMDEV_PYTHON=/path/to/python3.11 chooses the interpreter for a new .venv.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOGS=$ROOT/.fem-dev/logs
 VENV=$ROOT/.venv
 STAMP=$VENV/.fem-bootstrap
-mkdir -p "$LOGS"
+mkdir -p "$LOGS" "$ROOT/.fem-dev/run"
+# one bootstrap at a time in this checkout (two pip installs into one venv break it)
+exec 8>"$ROOT/.fem-dev/run/bootstrap.lock"
+flock -w 900 8 || { echo "bootstrap.sh: another bootstrap holds the lock" >&2; exit 1; }
 
 die() {
   echo "bootstrap.sh: $*" >&2
@@ -61,7 +64,7 @@ py_ok() { # py_ok PYTHON: runs, and is 3.11 or newer
 
 find_python() {
   local c
-  for c in "${FEM_PYTHON:-}" python3.11 /root/.pyenv/versions/3.11*/bin/python3.11 \
+  for c in "${FEMDEV_PYTHON:-}" python3.11 /root/.pyenv/versions/3.11*/bin/python3.11 \
     /usr/local/bin/python3.11 /usr/bin/python3.11; do
     [[ -n $c ]] || continue
     if py_ok "$c"; then

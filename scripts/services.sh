@@ -12,7 +12,8 @@
 #   stop    stops the registry, git daemon and upload endpoint; with --all also the dockerd
 #           that this script started (never a dockerd or RabbitMQ it did not start)
 #   status  one line per service; exit 0 when all answer, 3 otherwise
-# Ports can be moved with FEM_DEV_REGISTRY_PORT, FEM_DEV_GIT_PORT, FEM_DEV_UPLOAD_PORT.
+# Ports can be moved with FEMDEV_REGISTRY_PORT, FEMDEV_GIT_PORT, FEMDEV_UPLOAD_PORT (not FEM_*:
+# fem-ansible reads every FEM_* variable of its environment as a config override).
 # A dockerd started here tries overlay2, then vfs; its log is .fem-dev/logs/dockerd.log.
 set -euo pipefail
 
@@ -21,9 +22,9 @@ STATE=$ROOT/.fem-dev
 RUN=$STATE/run
 LOGS=$STATE/logs
 HOST=127.0.0.1
-REGISTRY_PORT=${FEM_DEV_REGISTRY_PORT:-5000}
-GIT_PORT=${FEM_DEV_GIT_PORT:-9418}
-UPLOAD_PORT=${FEM_DEV_UPLOAD_PORT:-8089}
+REGISTRY_PORT=${FEMDEV_REGISTRY_PORT:-5000}
+GIT_PORT=${FEMDEV_GIT_PORT:-9418}
+UPLOAD_PORT=${FEMDEV_UPLOAD_PORT:-8089}
 AMQP_PORT=5672
 DOCKER_SOCK=/var/run/docker.sock
 REGISTRY=$HOST:$REGISTRY_PORT
@@ -79,7 +80,7 @@ our_pid() {
   local file=$RUN/$1.pid pid
   [[ -s $file && -s $RUN/$1.cmd ]] || return 1
   pid=$(<"$file")
-  [[ $pid =~ ^[0-9]+$ ]] && [[ -d /proc/$pid ]] || return 1
+  [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" || return 1
   # guard against pid reuse: the command line must be the one we started
   grep -qF -- "$(<"$RUN/$1.cmd")" <(tr '\0' ' ' <"/proc/$pid/cmdline") 2>/dev/null || return 1
   echo "$pid"
@@ -114,6 +115,13 @@ wait_for() {
   done
 }
 
+alive() { # alive PID: runs and is not a zombie waiting for its (adopting) parent to reap it
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [[ ${stat%% *} != Z ]]
+}
+
 stop_pid() { # stop_pid NAME: TERM, then KILL after 20 s
   local pid i
   pid=$(our_pid "$1") || {
@@ -122,10 +130,10 @@ stop_pid() { # stop_pid NAME: TERM, then KILL after 20 s
   }
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < 200; i++)); do
-    [[ -d /proc/$pid ]] || break
+    alive "$pid" || break
     sleep 0.1
   done
-  if [[ -d /proc/$pid ]]; then
+  if alive "$pid"; then
     kill -KILL "$pid" 2>/dev/null || true
     sleep 0.2
   fi
@@ -147,8 +155,8 @@ start_dockerd() {
   need_root "starting dockerd"
   need_cmd dockerd
   local driver
-  # FEM_DEV_DOCKER_DRIVERS: the storage drivers to try, in order (a test hook)
-  for driver in ${FEM_DEV_DOCKER_DRIVERS:-overlay2 vfs}; do
+  # FEMDEV_DOCKER_DRIVERS: the storage drivers to try, in order (a test hook)
+  for driver in ${FEMDEV_DOCKER_DRIVERS:-overlay2 vfs}; do
     spawn dockerd "dockerd --bridge=none" \
       dockerd --bridge=none --iptables=false --storage-driver="$driver" \
       --host "unix://$DOCKER_SOCK"
@@ -194,7 +202,7 @@ start_registry() {
   fi
   if tcp_open "$REGISTRY_PORT"; then
     die "port $REGISTRY_PORT is taken by $(port_owner "$REGISTRY_PORT"), not by this" \
-      "checkout's registry (stop it, or set FEM_DEV_REGISTRY_PORT)"
+      "checkout's registry (stop it, or set FEMDEV_REGISTRY_PORT)"
   fi
   need_cmd docker-registry
   mkdir -p "$STATE/registry/data"
@@ -230,7 +238,7 @@ start_git_daemon() {
   fi
   if tcp_open "$GIT_PORT"; then
     die "port $GIT_PORT is taken by $(port_owner "$GIT_PORT"), not by this checkout's" \
-      "git daemon (stop it, or set FEM_DEV_GIT_PORT)"
+      "git daemon (stop it, or set FEMDEV_GIT_PORT)"
   fi
   need_cmd git
   local exe
@@ -258,7 +266,7 @@ start_upload() {
   fi
   if tcp_open "$UPLOAD_PORT"; then
     die "port $UPLOAD_PORT is taken by $(port_owner "$UPLOAD_PORT"), not by this checkout's" \
-      "upload endpoint (stop it, or set FEM_DEV_UPLOAD_PORT)"
+      "upload endpoint (stop it, or set FEMDEV_UPLOAD_PORT)"
   fi
   spawn upload "$ROOT/tests/support/upload_server.py" \
     "$(python_for_tools)" "$ROOT/tests/support/upload_server.py" \

@@ -3,7 +3,7 @@
 # (services.sh), then ruff, ansible-lint (when roles/ has content) and pytest.
 # Arguments go to pytest: scripts/test.sh -k upload -x
 # Exits non-zero when any step fails (pytest's "no tests collected" included).
-# FEM_TEST_TIMEOUT: seconds pytest may take (default 1080).
+# FEMDEV_TEST_TIMEOUT: seconds pytest may take (default 1080).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,12 +35,13 @@ print_summary() {
   echo "== scripts/test.sh summary ($((SECONDS - t0))s)"
   printf '   %s\n' "${summary[@]}"
   # pytest's own closing line last, as the line that tells what ran
-  if [[ -s $LOGS/pytest.out ]]; then
-    tail -n 1 "$LOGS/pytest.out"
+  if [[ -s $PYTEST_OUT ]]; then
+    tail -n 1 "$PYTEST_OUT"
   fi
 }
 
-rm -f "$LOGS/pytest.out"
+PYTEST_OUT=$LOGS/pytest.$$.out
+trap 'rm -f "$PYTEST_OUT"' EXIT
 t=$SECONDS
 scripts/bootstrap.sh || { echo "test.sh: bootstrap failed" >&2; exit 1; }
 note bootstrap ok "$((SECONDS - t))s"
@@ -62,8 +63,8 @@ fi
 
 pytest_step() {
   set -o pipefail
-  timeout --signal=INT --kill-after=60 "${FEM_TEST_TIMEOUT:-1080}" \
-    pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$LOGS/pytest.out"
+  timeout --signal=INT --kill-after=60 "${FEMDEV_TEST_TIMEOUT:-1080}" \
+    pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$PYTEST_OUT"
 }
 run_step pytest pytest_step "$@"
 
