@@ -93,7 +93,7 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
     config = _config(config_path, scrub=True)
     body = _read_file(task_file)
     from .journal import Journal
-    from .lifecycle import Node, read_message
+    from .lifecycle import Node
 
     journal = Journal(config.work_dir / "journal.sqlite")
 
@@ -104,7 +104,7 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
 
     node = Node(config, journal, notify=show)
     try:
-        task = read_message(config, body)
+        task = node.read(body, None, signed=False)
     except RejectedError as e:
         node.reject(e)
         sys.exit(EXIT_REJECTED)

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from . import policy, schema
+from .audit import AuditLog
 from .config import Config
 from .errors import RejectedError, TaskFailed
 from .events import task_event
 from .journal import Journal, TaskRecord
-from .refs import parse_image, split_url
+from .refs import parse_image, redact_url, split_url
 from .runner import RunHooks, RunResult, RunSpec, data_dir, kill_processes, run_playbook
 from .signatures import HEADER, Verifier
 from .transfer import Archive, upload
@@ -33,20 +34,22 @@ PLAYBOOK_MARGIN_S = 600
 
 
 def read_message(config: Config, body: bytes, headers: Mapping[str, Any] | None = None,
-                 verifier: Verifier | None = None) -> dict[str, Any]:
+                 verifier: Verifier | None = None,
+                 on_signed: Callable[[str | None], None] = lambda key_id: None
+                 ) -> dict[str, Any]:
     """Turn a raw message into a normalised, policy-checked task.
 
     The order is the contract's: size → signature → JSON → schema → ``node_id`` and
     ``not_after`` → policy (DESIGN.md §3).  Without a ``verifier`` the signature is not
     checked (``fem-ansible run`` and ``validate``: the sysadmin's own files).
+    ``on_signed`` is told the id of the key that signed the message, once it is known.
 
     :raises RejectedError: with the contract's code; ``task_id`` once it could be read.
     """
     limit = config.security.max_message_bytes
     if len(body) > limit:
         raise RejectedError(f"message of {len(body)} bytes is over the {limit}-byte limit")
-    if verifier is not None:
-        verifier.verify(body, (headers or {}).get(HEADER))
+    on_signed(verifier.verify(body, (headers or {}).get(HEADER)) if verifier else None)
     value = schema.parse_json(body, limit)
     task = schema.read_task(
         value,
@@ -73,6 +76,7 @@ class Node:
         self.journal = journal
         self.notify = notify
         self.verifier = Verifier.from_config(config.security.signature)
+        self.audit = AuditLog(config.audit_file, config.node_id)
         self.runs_dir = config.work_dir / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Set when the listener shuts down: running playbooks are stopped and their tasks
@@ -81,9 +85,35 @@ class Node:
 
     # -- intake --------------------------------------------------------------------------
 
-    def read(self, body: bytes, headers: Mapping[str, Any] | None) -> dict[str, Any]:
-        """A signed message from the broker, read as :func:`read_message` says."""
-        return read_message(self.config, body, headers, self.verifier)
+    def read(self, body: bytes, headers: Mapping[str, Any] | None, *,
+             signed: bool = True) -> dict[str, Any]:
+        """A message, read as :func:`read_message` says; every decision is audited.
+
+        :param signed: check the signature (messages from the broker); ``fem-ansible run``
+            reads the sysadmin's own file without one.
+        """
+        key: dict[str, str | None] = {"key_id": None}
+
+        def received(key_id: str | None) -> None:
+            key["key_id"] = key_id
+            self.audit.record("received", None, key_id=key_id, bytes=len(body),
+                              signature="checked" if signed else "not checked (local file)")
+
+        try:
+            task = read_message(self.config, body, headers,
+                                self.verifier if signed else None, on_signed=received)
+        except RejectedError as e:
+            self.audit.record("rejected", e.task_id, key_id=key["key_id"], code=e.code,
+                              rule=getattr(e, "rule", None), reason=e.message)
+            raise
+        decision = policy.decide(task, self.config)
+        self.audit.record(
+            "accepted", task["task_id"], key_id=key["key_id"],
+            experiment_id=task["experiment_id"], image=task["image"]["ref"],
+            source=task["source"]["repo"] if task["source"] else None,
+            executor=task["executor"], target=task["target"], network=task["network"],
+            resources=task["resources"], datasets=decision.datasets)
+        return task
 
     def reject(self, err: RejectedError) -> dict[str, Any]:
         """Journal the REJECTED event of a refused message."""
@@ -184,6 +214,11 @@ class _Execution(RunHooks):
             self._stage_done(self._stage)
         self._stage = stage
         if stage == "run":
+            self.node.audit.record(
+                "run", self.tid, host=self.known["host"], image=self.task["image"]["ref"],
+                image_digest=self.known["image_digest"],
+                source_commit=self.known["source_commit"],
+                datasets=[d["name"] for d in self.task["datasets"]], attempt=self.rec.attempt)
             self.emit("RUNNING", f"running {self.task['image']['ref']}")
         elif stage == "stage_out":
             self.emit("STAGING_OUT", "archiving outputs and logs")
@@ -248,6 +283,10 @@ class _Execution(RunHooks):
         return self._end(self._finish(outcome))
 
     def _end(self, event: dict[str, Any]) -> dict[str, Any]:
+        self.node.audit.record("outcome", self.tid, state=event["state"],
+                               exit_code=event["exit_code"],
+                               error=(event["error"] or {}).get("code"),
+                               outputs=event["outputs"], logs=event["logs"])
         self.node.prune_runs()
         return event
 
@@ -407,6 +446,9 @@ class _Execution(RunHooks):
             if kind == "logs" and not self.config.policy.share_logs:
                 target = None
             if target and not uploaded.get(kind):
+                self.node.audit.record("upload", self.tid, archive=kind,
+                                       url=redact_url(target["url"]), size=archive.size,
+                                       sha256=archive.sha256)
                 upload(archive, target, self.config.http)
                 uploaded[kind] = True
                 self.journal.update(self.tid, result=self.result)

@@ -181,6 +181,7 @@ class Listener:
             return
         tid = msg["task_id"]
         self.journal.record_cancel(tid)
+        self.node.audit.record("cancel_requested", tid)
         with self._lock:
             entry = self.running.get(tid)
         if entry is not None:

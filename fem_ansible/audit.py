@@ -1,0 +1,42 @@
+"""The local audit log (DESIGN.md §7): one JSON line per decision, fsync'd before the
+action it records.
+
+A sysadmin must be able to answer, months later, "what ran here, on whose word, with which
+data, and where did its results go?" without trusting the orchestrator's records.  Lines
+are appended with ``O_APPEND`` and one ``write`` each, so a crash leaves no torn line; they
+hold ids, digests, rules and redacted URLs, never a secret or a byte of data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from .schema import now_rfc3339
+
+
+class AuditLog:
+    """The append-only audit file; safe to share between threads."""
+
+    def __init__(self, path: str | os.PathLike[str], node_id: str):
+        self.path = Path(path)
+        self.node_id = node_id
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def record(self, decision: str, task_id: str | None, **fields: Any) -> None:
+        """Append ``{ts, node_id, decision, task_id, …fields}`` and fsync it."""
+        line = json.dumps({"ts": now_rfc3339(), "node_id": self.node_id, "decision": decision,
+                           "task_id": task_id, **fields}, sort_keys=False) + "\n"
+        data = line.encode()
+        with self._lock:
+            os.write(self._fd, data)
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self._fd)
