@@ -22,8 +22,9 @@ description:
     still running is waited for, never started again; one that has exited is only collected.
   - At the timeout the container is stopped (SIGTERM, then SIGKILL after O(stop_grace)) and
     the module reports RV(timed_out=true) and RV(exit_code=null).
-  - The container always runs unprivileged with the given hardening. Its user is the image's
-    own user unless that is empty or root, in which case it is O(fallback_user).
+  - The container always runs unprivileged, with a private IPC namespace and the given
+    hardening. Its user is the image's own user unless that is empty or root, in which case
+    it is O(fallback_user).
   - A non-zero exit code is a result, not a failure.
   - With O(state=stopped) it stops the container if it runs (SIGTERM, SIGKILL after
     O(stop_grace)), which is how a task is cancelled. The run waiting for it then collects
@@ -353,6 +354,7 @@ class TaskRunner:
             "security_opt": ["no-new-privileges"] if p["no_new_privileges"] else None,
             "tmpfs": p["tmpfs"] or None,
             "network_mode": p["network_mode"],
+            "ipc_mode": "private",
             "privileged": False,
         }
         if p["pids_limit"] > 0:
