@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import yaml
 
 from fem_ansible.schema import TERMINAL_STATES
@@ -82,7 +83,11 @@ def sample_task(env: dict[str, str], task_id: str, prefix: str = "", **overrides
                             "method": "POST"}},
         "resources": {"memory": "128Mi", "timeout_s": 120},
     }
-    task.update(overrides)
+    for key, value in overrides.items():  # None removes a field
+        if value is None:
+            task.pop(key, None)
+        else:
+            task[key] = value
     return task
 
 
@@ -219,6 +224,8 @@ class Orchestrator:
 
     def close(self) -> None:
         """Delete this node's queues, so tests leave the broker as they found it."""
+        if not self.conn.is_open:
+            self.reconnect()
         try:
             for queue in (self.queue, f"fem.tasks.{self.node_id}",
                           f"fem.tasks.{self.node_id}.dead"):

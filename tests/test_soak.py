@@ -1,0 +1,73 @@
+"""Soak: many short tasks through one listener with random kill -9 restarts and one broker
+restart; every task ends in exactly one terminal event and nothing is left behind (issue 3).
+
+The size is ``SOAK_TASKS`` (default 12, what CI runs); the README's figures come from
+``SOAK_TASKS=200``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.support.services import start_rabbitmq, stop_rabbitmq
+
+pytestmark = pytest.mark.e2e
+
+TERMINAL = {"COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED", "REJECTED"}
+
+
+def test_soak_with_kills_and_a_broker_restart(site):
+    size = int(os.environ.get("SOAK_TASKS", "12"))
+    rng = random.Random(size)
+    orch = site.orchestrator
+    listener = site.listener(site.config(execution={"max_parallel": 2, "max_attempts": 5}))
+    ids = [f"soak-{i}" for i in range(size)]
+    for tid in ids:
+        orch.publish(site.task(tid, command=["sh", "-c", "echo ok > /fem/output/r.txt"],
+                               source=None, datasets=[]))
+    started = time.monotonic()
+    kills = broker_restarts = 0
+    deadline = started + 120 + size * 20
+
+    def finished() -> set[str]:
+        orch.drain(0.5)
+        return {e["task_id"] for e in orch.received if e["state"] in TERMINAL}
+
+    while finished() < set(ids):
+        assert time.monotonic() < deadline, f"{len(finished())}/{size} finished"
+        time.sleep(rng.uniform(3, 8))
+        if broker_restarts == 0 and len(finished()) >= size // 2:
+            orch.conn.close()
+            stop_rabbitmq()
+            time.sleep(3)
+            start_rabbitmq()
+            orch.reconnect()
+            broker_restarts += 1
+        elif len(finished()) < size:
+            listener.kill9()
+            kills += 1
+            listener.start()
+    elapsed = time.monotonic() - started
+    orch.drain(2.0)
+    listener.stop()
+
+    terminal_seqs: dict[str, set[int]] = {}
+    for e in orch.received:
+        if e["state"] in TERMINAL:
+            terminal_seqs.setdefault(e["task_id"], set()).add(e["seq"])
+    duplicates = [t for t, seqs in terminal_seqs.items() if len(seqs) != 1]
+    states = Counter()
+    for tid in ids:
+        states[next(e["state"] for e in orch.events(tid) if e["state"] in TERMINAL)] += 1
+    print(f"\nsoak: {size} tasks, {kills} kill -9, {broker_restarts} broker restart, "
+          f"{elapsed:.0f}s; terminal: {dict(states)}; duplicates: {len(duplicates)}")
+    assert set(terminal_seqs) == set(ids)
+    assert duplicates == []
+    assert kills >= 1 and broker_restarts == 1
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
