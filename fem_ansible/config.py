@@ -26,6 +26,8 @@ from .sizes import parse_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/fem-ansible/config.yml"
 ENV_PREFIX = "FEM_"
+# FEM_* variables that are not config overrides: the CLI's own.
+NOT_OVERRIDES = frozenset({"FEM_CONFIG"})
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
@@ -360,7 +362,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
     """Lay ``FEM_A__B=value`` over ``data['a']['b']``; return the variable names used."""
     used = []
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NOT_OVERRIDES:
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
         if not all(keys):

@@ -61,6 +61,11 @@ def test_env_overrides_parse_yaml_and_are_scrubbed(tmp_path, monkeypatch):
     assert "FEM_BROKER__URL" not in os.environ
 
 
+def test_fem_config_variable_is_the_cli_option_not_an_override(tmp_path):
+    config = load_config(write(tmp_path, "node_id: a\n"), environ={"FEM_CONFIG": "/x.yml"})
+    assert config.node_id == "a"
+
+
 def test_env_override_of_unknown_key_fails(tmp_path):
     with pytest.raises(ConfigError, match=r"execution\.max_paralel"):
         load_config(write(tmp_path, "node_id: a\n"), environ={"FEM_EXECUTION__MAX_PARALEL": "2"})

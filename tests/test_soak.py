@@ -26,7 +26,7 @@ def test_soak_with_kills_and_a_broker_restart(site):
     size = int(os.environ.get("SOAK_TASKS", "12"))
     rng = random.Random(size)
     orch = site.orchestrator
-    listener = site.listener(site.config(execution={"max_parallel": 2, "max_attempts": 5}))
+    listener = site.listener(site.config(execution={"max_parallel": 2, "max_attempts": 10}))
     ids = [f"soak-{i}" for i in range(size)]
     for tid in ids:
         orch.publish(site.task(tid, command=["sh", "-c", "echo ok > /fem/output/r.txt"],
@@ -41,7 +41,7 @@ def test_soak_with_kills_and_a_broker_restart(site):
 
     while finished() < set(ids):
         assert time.monotonic() < deadline, f"{len(finished())}/{size} finished"
-        time.sleep(rng.uniform(3, 8))
+        time.sleep(rng.uniform(8, 20))
         if broker_restarts == 0 and len(finished()) >= size // 2:
             orch.conn.close()
             stop_rabbitmq()
@@ -62,12 +62,15 @@ def test_soak_with_kills_and_a_broker_restart(site):
         if e["state"] in TERMINAL:
             terminal_seqs.setdefault(e["task_id"], set()).add(e["seq"])
     duplicates = [t for t, seqs in terminal_seqs.items() if len(seqs) != 1]
-    states = Counter()
+    states: Counter[str] = Counter()
     for tid in ids:
-        states[next(e["state"] for e in orch.events(tid) if e["state"] in TERMINAL)] += 1
+        final = next(e for e in orch.events(tid) if e["state"] in TERMINAL)
+        states[final["state"] + (f"/{final['error']['code']}" if final["error"] else "")] += 1
     print(f"\nsoak: {size} tasks, {kills} kill -9, {broker_restarts} broker restart, "
           f"{elapsed:.0f}s; terminal: {dict(states)}; duplicates: {len(duplicates)}")
     assert set(terminal_seqs) == set(ids)
+    # Only the listener's own give-up is an acceptable failure here.
+    assert set(states) <= {"COMPLETED", "FAILED/interrupted"}, states
     assert duplicates == []
     assert kills >= 1 and broker_restarts == 1
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
