@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from .transfer import Archive, upload
 
 log = logging.getLogger(__name__)
 
+# How often a cancel stops the container again while the play is still in the run stage.
+STOP_RETRY_S = 2.0
 # Room for ansible itself above the container's own timeout before the playbook is killed.
 PLAYBOOK_MARGIN_S = 600
 
@@ -377,11 +380,15 @@ class _Execution(RunHooks):
         return self._stage not in ("stage_out", "cleanup")
 
     def _stop_container(self) -> None:
-        log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
-        result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(), lambda: False)
-        if result.status != "successful":
-            log.warning("%s: stopping the container failed: %s", self.tid,
-                        (result.failure or {}).get("message"), extra={"task_id": self.tid})
+        """Stop the container until the play has left the run stage: a cancel that arrives
+        as the stage starts may find no container yet, and one must not start after it."""
+        while self._stage == "run":
+            log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
+            result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(), lambda: False)
+            if result.status != "successful":
+                log.warning("%s: stopping the container failed: %s", self.tid,
+                            (result.failure or {}).get("message"), extra={"task_id": self.tid})
+            time.sleep(STOP_RETRY_S)
 
     def _cleanup(self) -> None:
         """Run only the cleanup stage, after a playbook that was stopped midway."""
