@@ -4,14 +4,12 @@ upload endpoint, through a real ``fem-ansible listen`` process (issue 2)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
-from pathlib import Path
 
 import pytest
 import requests
 
+from tests.support.archives import tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
 from tests.support.services import upload_requests
 
@@ -22,17 +20,6 @@ def put_input(env, task_id: str, content: bytes) -> tuple[str, str]:
     url = f"{env['FEM_TEST_UPLOAD_URL']}/inputs/{task_id}/params.json"
     requests.put(url, data=content, timeout=10).raise_for_status()
     return url + "?X-Sig=input-secret", hashlib.sha256(content).hexdigest()
-
-
-def uploaded_file(env, url: str) -> bytes:
-    path = url.split("://", 1)[1].split("/", 1)[1]
-    return (Path(env["FEM_TEST_UPLOAD_DIR"]) / path).read_bytes()
-
-
-def tar_members(data: bytes) -> dict[str, bytes]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        return {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers()
-                if m.isfile()}
 
 
 def test_task_runs_end_to_end(site):
