@@ -1,0 +1,167 @@
+"""A message that can do no harm (issue 4), through a real listener, broker, engine, registry,
+git daemon and upload endpoint: hostile tasks end REJECTED with the right code (and rule),
+or run with every hostile string kept literal; signatures, the audit log, container
+hardening, ``policy.share_logs`` and the secrets of a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import requests
+
+from fem_ansible.signatures import sign_hmac
+from tests.support.archives import tar_entries, tar_members, uploaded_file
+from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.support.services import upload_requests
+
+pytestmark = pytest.mark.e2e
+
+JINJA = "{{ lookup('pipe','id') }}"
+# What a rendered lookup('pipe','id') would have left anywhere (the listener runs as root).
+RENDERED = "uid="
+
+
+def pwn(marker: Path) -> str:
+    """A template that, if Ansible ever rendered it, would leave ``marker`` on the host."""
+    return "{{ lookup('pipe','touch " + str(marker) + "') }}"
+
+
+def wait_anonymous_rejections(orch, count: int, timeout: float = 120) -> list[dict[str, Any]]:
+    """The REJECTED events without a task id (refused before the body could be read)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        orch.drain(0.2)
+        found = [e for e in orch.events(None) if e["state"] == "REJECTED"]
+        if len(found) >= count:
+            return found
+    raise AssertionError(f"fewer than {count} anonymous REJECTED events: {orch.events(None)}")
+
+
+def hostile_corpus(site, marker: Path) -> dict[str, tuple[dict[str, Any], str, str | None]]:
+    """task id → (task, expected error code, expected policy rule)."""
+    env = site.env
+    up = env["FEM_TEST_UPLOAD_URL"]
+    t = site.task
+    bad = {
+        # Attempts to set Ansible variables: no task field is ever a top-level variable.
+        "ansible-connection": ({"ansible_connection": "local"}, "invalid_message", None),
+        "ansible-become": ({"ansible_become": True, "ansible_become_user": "root"},
+                           "invalid_message", None),
+        "ansible-ssh-args": ({"vars": {"ansible_ssh_common_args": "-o ProxyCommand=id"}},
+                             "invalid_message", None),
+        # Sources: only https, ssh and git URLs on the allow-list.
+        "src-ext": ({"source": {"repo": "ext::sh -c touch% " + str(marker)}},
+                    "invalid_message", None),
+        "src-ext-bare": ({"source": {"repo": "ext::sh"}}, "invalid_message", None),
+        "src-file": ({"source": {"repo": "file:///etc"}}, "invalid_message", None),
+        "src-file-host": ({"source": {"repo": "file://localhost/srv/git/sample.git"}},
+                          "policy_violation", "policy.sources"),
+        "src-local": ({"source": {"repo": "/srv/git/sample.git"}}, "invalid_message", None),
+        "src-userinfo": ({"source": {"repo": "https://user:pw@127.0.0.1/x.git"}},
+                         "invalid_message", None),
+        "src-version-opt": ({"source": {"repo": env["FEM_TEST_GIT_URL"],
+                                        "version": "--upload-pack=touch"}},
+                            "invalid_message", None),
+        "src-version-jinja": ({"source": {"repo": env["FEM_TEST_GIT_URL"], "version": JINJA}},
+                              "invalid_message", None),
+        # Paths: container paths absolute and normalised, input paths relative, datasets
+        # only by name.
+        "mount-dotdot": ({"datasets": [{"name": "cohort", "mount": "/fem/../etc"}]},
+                         "invalid_message", None),
+        "mount-relative": ({"datasets": [{"name": "cohort", "mount": "../etc"}]},
+                           "invalid_message", None),
+        "mount-proc": ({"datasets": [{"name": "cohort", "mount": "/proc/1"}]},
+                       "invalid_message", None),
+        "scratch-root": ({"scratch": [{"name": "s", "mount": "/"}]}, "invalid_message", None),
+        "output-dotdot": ({"outputs": {"path": "/fem/output/../../etc"}},
+                          "invalid_message", None),
+        "output-relative": ({"outputs": {"path": "output"}}, "invalid_message", None),
+        "output-in-data": ({"outputs": {"path": "/fem/data/out"}}, "invalid_message", None),
+        "input-dotdot": ({"inputs": [{"url": f"{up}/x", "path": "../../etc/cron.d/x"}]},
+                         "invalid_message", None),
+        "input-inner-dotdot": ({"inputs": [{"url": f"{up}/x", "path": "a/../../../x"}]},
+                               "invalid_message", None),
+        "input-absolute": ({"inputs": [{"url": f"{up}/x", "path": "/etc/passwd"}]},
+                           "invalid_message", None),
+        "input-file-url": ({"inputs": [{"url": "file:///etc/shadow", "path": "s"}]},
+                           "invalid_message", None),
+        "dataset-dotdot": ({"datasets": [{"name": "../../etc", "mount": "/fem/data"}]},
+                           "invalid_message", None),
+        "dataset-absolute": ({"datasets": [{"name": "/etc", "mount": "/fem/data"}]},
+                             "invalid_message", None),
+        "dataset-unknown": ({"datasets": [{"name": "etc", "mount": "/fem/data"}]},
+                            "policy_violation", "policy.datasets"),
+        # Jinja where a pattern forbids it.
+        "jinja-image": ({"image": {"ref": JINJA}}, "invalid_message", None),
+        "jinja-experiment": ({"experiment_id": JINJA}, "invalid_message", None),
+        "jinja-target": ({"target": JINJA}, "invalid_message", None),
+        "jinja-executor": ({"executor": JINJA}, "invalid_message", None),
+        "jinja-network": ({"network": JINJA}, "invalid_message", None),
+        "jinja-env-name": ({"env": {JINJA: "x"}}, "invalid_message", None),
+        "jinja-not-after": ({"not_after": JINJA}, "invalid_message", None),
+        "jinja-input-path": ({"inputs": [{"url": f"{up}/x", "path": JINJA}]},
+                             "invalid_message", None),
+        # Policy: what only the sysadmin may allow.
+        "net-host": ({"network": "host"}, "policy_violation", "policy.networks"),
+        "upload-elsewhere": ({"outputs": {"upload": {"url": "http://127.0.0.2:8089/x"}}},
+                             "policy_violation", "policy.uploads"),
+        "upload-userinfo": ({"outputs": {"upload": {"url": "http://u:p@127.0.0.1:8089/x"}}},
+                            "invalid_message", None),
+        "image-elsewhere": ({"image": {"ref": "busybox"}}, "policy_violation", "policy.images"),
+        "too-much-memory": ({"resources": {"memory": "64Gi"}}, "policy_violation",
+                            "policy.limits.memory"),
+        "gpus": ({"resources": {"gpus": 1}}, "policy_violation", "policy.limits.gpus"),
+        "executor-unknown": ({"executor": "shell"}, "policy_violation", "policy.executors"),
+        "target-unknown": ({"target": "db-server"}, "policy_violation", "policy.targets"),
+    }
+    return {tid: ({**t(tid), **fields}, code, rule) for tid, (fields, code, rule) in bad.items()}
+
+
+def test_hostile_messages_are_rejected_and_leave_nothing(site):
+    orch = site.orchestrator
+    marker = Path(f"/tmp/fem-pwned-{site.node}")
+    corpus = hostile_corpus(site, marker)
+    site.listener(site.config(security={"max_message_bytes": 65536}))
+    for task, _code, _rule in corpus.values():
+        orch.publish(task)
+    anonymous = [
+        b"x" * 70000,                                           # oversized
+        b'{"schema": "fem.task/v1", "labels": ' + b"[" * 20000 + b"]" * 20000 + b"}",
+        b'{"schema": "fem.task/v1", "task_id": "bad-utf8-\xff\xfe", "image": {}}',
+        b'{"schema": "fem.task/v1", "task_id": "deep", "image": {"ref": "x"}, "labels": '
+        + b'{"a": ' * 20 + b"1" + b"}" * 20 + b"}",              # deeper than 16, parses
+    ]
+    for body in anonymous:
+        orch.publish(body)
+    orch.publish(site.task("after-the-corpus"))
+
+    assert orch.wait_terminal("after-the-corpus")["state"] == "COMPLETED"
+    for tid, (_task, code, rule) in corpus.items():
+        final = orch.wait_terminal(tid, timeout=30)
+        assert final["state"] == "REJECTED", (tid, final)
+        assert final["error"]["code"] == code, (tid, final["error"])
+        if rule:
+            assert final["error"]["message"].startswith(rule + ":"), (tid, final["error"])
+        assert [e["state"] for e in orch.events(tid)] == ["REJECTED"], tid
+    rejected = wait_anonymous_rejections(orch, len(anonymous))
+    assert all(e["error"]["code"] == "invalid_message" for e in rejected)
+    reasons = " | ".join(e["error"]["message"] for e in rejected)
+    assert "over the 65536-byte limit" in reasons and "not UTF-8" in reasons
+    assert reasons.count("nested") == 2, reasons
+
+    dead = orch.dead_letters()
+    assert len(dead) == len(corpus) + len(anonymous)
+    codes = sorted(h["x-fem-reject-reason"] for h, _ in dead)
+    assert codes == sorted([c for _, c, _ in corpus.values()]
+                           + ["invalid_message"] * len(anonymous))
+    assert not marker.exists()
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+    # Nothing of a refused task reached the engine or a run dir.
+    runs = site.work_dir / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["after-the-corpus"]
