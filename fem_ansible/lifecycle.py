@@ -85,6 +85,9 @@ class Node:
         # Set when the listener shuts down: running playbooks are stopped and their tasks
         # left, unreported, to the next listener's recovery.
         self.abandon = threading.Event()
+        # Datasets the listener resolves per task (name -> host path), besides the site's:
+        # the legacy protocol sets this (fem_ansible/legacy.py); messages never can.
+        self.run_datasets: Callable[[dict[str, Any]], dict[str, str]] = lambda task: {}
 
     # -- intake --------------------------------------------------------------------------
 
@@ -297,7 +300,7 @@ class _Execution(RunHooks):
               playbook: str | None = None) -> RunSpec:
         """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``)."""
         config, task = self.config, self.task
-        decision = policy.decide(task, config)
+        decision = policy.decide(task, config, self.node.run_datasets(task))
         pdd = self.node.run_dir(self.tid)
         (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
         pdd.chmod(0o700)

@@ -8,6 +8,7 @@ container settings the listener chose.  Nothing a role does is left to the messa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -61,9 +62,13 @@ def _url_allowed(rule: str, url: str, patterns: list[str], schemes: tuple[str, .
         raise PolicyViolation(rule, f"{norm} is not in the allow-list", task_id=tid)
 
 
-def decide(task: dict[str, Any], config: Config) -> Decision:
+def decide(task: dict[str, Any], config: Config,
+           run_datasets: Mapping[str, str] | None = None) -> Decision:
     """Check a normalised task against the site policy.
 
+    :param run_datasets: datasets the listener itself resolved for this one task (name →
+        host path), never from a message: the legacy protocol's data path and the run's
+        received files (docs/legacy.md).  They are looked up before the site's datasets.
     :raises PolicyViolation: with the rule (``policy.images``, ``policy.limits.memory``…).
     """
     pol, tid = config.policy, task["task_id"]
@@ -89,11 +94,13 @@ def decide(task: dict[str, Any], config: Config) -> Decision:
 
     datasets = []
     for d in task["datasets"]:
-        ds = pol.datasets.get(d["name"])
-        if ds is None:
+        host_path = (run_datasets or {}).get(d["name"])
+        if host_path is None and d["name"] in pol.datasets:
+            host_path = pol.datasets[d["name"]].path
+        if host_path is None:
             raise PolicyViolation("policy.datasets", f"no dataset named {d['name']!r}",
                                   task_id=tid)
-        datasets.append({"name": d["name"], "host_path": ds.path, "mount": d["mount"]})
+        datasets.append({"name": d["name"], "host_path": host_path, "mount": d["mount"]})
 
     network = task["network"]
     if network != "none" and network not in pol.networks.allow:
