@@ -5,17 +5,15 @@ hardening, ``policy.share_logs`` and the secrets of a run."""
 
 from __future__ import annotations
 
+import gzip
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
 import requests
 
-from fem_ansible.signatures import sign_hmac
 from tests.support.archives import tar_entries, tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
 from tests.support.services import upload_requests
@@ -165,3 +163,72 @@ def test_hostile_messages_are_rejected_and_leave_nothing(site):
     # Nothing of a refused task reached the engine or a run dir.
     runs = site.work_dir / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["after-the-corpus"]
+
+
+def test_jinja_everywhere_stays_literal_and_symlinks_stay_links(site):
+    """Every free-text field carries a template; the task runs and each stays text.  The
+    container also plants symlinks to host files in its outputs: only the links travel."""
+    env, orch = site.env, site.orchestrator
+    marker = Path(f"/tmp/fem-pwned-{site.node}")
+    up = f"{env['FEM_TEST_UPLOAD_URL']}/{site.node}"
+    tid = "literal"
+    # An input stored under a path that is itself a template (no spaces: a URL).
+    input_url = f"{up}/in/{{{{lookup('pipe','id')}}}}/in.txt"
+    requests.put(input_url, data=b"input " + JINJA.encode() + b"\n", timeout=10)
+    out_dir = "/fem/out " + JINJA
+    script = ('echo "env=$FEM_J"; echo "arg=$1"; echo "lit={{ lookup(\'pipe\',\'id\') }}"; '
+              'cat /fem/input/in.txt "/fem/data ' + JINJA + '/patients.csv"; pwd; '
+              'ln -s /etc/shadow shadow; ln -s / root; ln -s ../../../../etc/passwd passwd; '
+              'echo ok > result.txt')
+    task = site.task(
+        tid,
+        command=["sh", "-c", script, "sh", JINJA],
+        workdir=out_dir,
+        outputs={"path": out_dir, "upload": {
+            "url": f"{up}/{tid}/{{{{lookup('pipe','id')}}}}/outputs.tar.gz?q={{{{x}}}}",
+            "headers": {"X-Fem-Probe": JINJA}}},
+        datasets=[{"name": "cohort", "mount": "/fem/data " + JINJA}],
+        inputs=[{"url": input_url, "path": "in.txt", "headers": {"X-Fem-Probe": pwn(marker)}}],
+        labels={JINJA: pwn(marker), "ansible_become": "true"},
+    )
+    task["env"] = {"FEM_J": JINJA, "FEM_T": pwn(marker), "ANSIBLE_CONNECTION": JINJA}
+    task["source"]["repo"] = env["FEM_TEST_GIT_URL"]
+    listener = site.listener()
+    orch.publish(task)
+    final = orch.wait_terminal(tid)
+    assert final["state"] == "COMPLETED", final
+    assert final["labels"] == {JINJA: pwn(marker), "ansible_become": "true"}
+    assert final["outputs"]["url"] == f"{up}/{tid}/{{{{lookup('pipe','id')}}}}/outputs.tar.gz"
+
+    stdout = tar_members(uploaded_file(env, final["logs"]["url"]))["stdout.log"].decode()
+    assert f"env={JINJA}\n" in stdout and f"arg={JINJA}\n" in stdout
+    assert f"lit={JINJA}\n" in stdout and f"input {JINJA}\n" in stdout
+    assert "id,age" in stdout and f"{out_dir}\n" in stdout
+
+    # Symlinks are archived as links; the targets' contents never are.
+    outputs = uploaded_file(env, final["outputs"]["url"])
+    entries = tar_entries(outputs)
+    assert entries["shadow"].issym() and entries["shadow"].linkname == "/etc/shadow"
+    assert entries["root"].issym() and entries["passwd"].issym()
+    assert set(tar_members(outputs)) == {"result.txt"}
+    raw = gzip.decompress(outputs)
+    assert Path("/etc/shadow").read_bytes().splitlines()[0] not in raw
+    assert Path("/etc/passwd").read_bytes().splitlines()[0] not in raw
+
+    # The requests the node made carried the templates as text.
+    reqs = [r for r in upload_requests(env) if r["path"].startswith(f"/{site.node}/")]
+    download = [r for r in reqs if r["method"] == "GET" and r["path"].endswith("/in.txt")]
+    assert download and download[-1]["headers"]["X-Fem-Probe"] == pwn(marker)
+    put = [r for r in reqs if r["method"] == "PUT" and r["path"].endswith("outputs.tar.gz")]
+    assert put[-1]["path"] == f"/{site.node}/{tid}/{{{{lookup('pipe','id')}}}}/outputs.tar.gz"
+    assert put[-1]["headers"]["X-Fem-Probe"] == JINJA
+
+    # Nothing was rendered anywhere: no id output, no marker, no leftovers.
+    assert not marker.exists()
+    texts = [listener.log.read_text(errors="replace"), json.dumps(orch.events(tid))]
+    for path in (site.work_dir / "runs" / tid).rglob("*"):
+        if path.is_file() and not path.name.endswith(".tar.gz"):
+            texts.append(path.read_text(errors="replace"))
+    assert not [t for t in texts if RENDERED in t]
+    assert any(JINJA in t for t in texts[2:])  # the artifacts saw the template, as text
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
