@@ -72,6 +72,26 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class SshConfig:
+    private_key_file: str | None = _doc(
+        "Private key for SSH to inventory hosts; default the SSH agent and ~/.ssh "
+        "(a host's `ansible_ssh_private_key_file` wins).",
+        default=None,
+    )
+    known_hosts_file: str | None = _doc(
+        "Known-hosts file for inventory hosts; default the listener user's ~/.ssh/known_hosts.",
+        default=None,
+    )
+    host_key_checking: bool = _doc(
+        "Refuse hosts whose key is unknown or changed (keep on outside of labs).", default=True
+    )
+    control_persist_s: int = _doc(
+        "Seconds an idle SSH master connection stays open within one playbook run.",
+        default=60,
+    )
+
+
+@dataclass(frozen=True)
 class ExecutionConfig:
     max_parallel: int = _doc("Tasks accepted at once by this listener.", default=1)
     max_attempts: int = _doc(
@@ -107,6 +127,10 @@ class ExecutionConfig:
         "User (uid, and gid) for containers whose image user is root or unset.", default=65534
     )
     slurm: SlurmConfig = _doc("Settings of the Slurm executor.", default_factory=SlurmConfig)
+    ssh: SshConfig = _doc(
+        "SSH to inventory hosts (docs/hosts.md); hosts' `ansible_*` variables win.",
+        default_factory=SshConfig,
+    )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -88,6 +89,9 @@ class RunSpec:
         secrets: ``fem_secrets``, written to a vault file.
         tags / skip_tags: which stages to run (recovery, cleanup-only runs).
         timeout_s: hard limit for the whole playbook; a safety net above the executor's own.
+        env: more environment for Ansible (the SSH settings, fem_ansible.targets.ssh_env).
+        ssh_control_dir: the run's own SSH ControlPath dir, removed after the run: SSH
+            masters live as long as the run that started them (docs/hosts.md).
     """
 
     private_data_dir: Path
@@ -101,6 +105,8 @@ class RunSpec:
     tags: list[str] = field(default_factory=list)
     skip_tags: list[str] = field(default_factory=list)
     timeout_s: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    ssh_control_dir: Path | None = None
 
 
 @dataclass
@@ -127,7 +133,7 @@ class RunHooks:
         """A task failed (the first failure of the run)."""
 
 
-def _ansible_env(ident: str) -> dict[str, str]:
+def ansible_env(ident: str) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     return {
         "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
@@ -198,6 +204,7 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
                     failure = {
                         "role": role, "task": data.get("task"), "message": msg[:2000],
                         "stage": role_stage(role), "code": role_error(role, role_stage(role)),
+                        "unreachable": kind == "runner_on_unreachable",
                     }
                     hooks.on_failure(failure)
         return True
@@ -220,7 +227,7 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         inventory=str(spec.inventory),
         limit=spec.limit,
         roles_path=spec.roles_path,
-        envvars=_ansible_env(spec.ident),
+        envvars={**ansible_env(spec.ident), **spec.env},
         cmdline=f"--vault-id {vault.VAULT_ID}@prompt -e @{secrets_file}",
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,
@@ -234,6 +241,8 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     )
     # Whatever ended the run, nothing of it may outlive it.
     kill_processes(spec.ident)
+    if spec.ssh_control_dir is not None:
+        shutil.rmtree(spec.ssh_control_dir, ignore_errors=True)
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
               time.monotonic() - started)
     return RunResult(runner.status, runner.rc or 0, reports, failure, stages)

@@ -1,0 +1,329 @@
+"""Where a task runs: the inventory's hosts and groups, one host picked per task.
+
+A task names a host or a group of ``execution.inventory`` (``target``, default
+``execution.target``).  The inventory is read once, with ``ansible-inventory --list`` (so
+every inventory source Ansible knows works: YAML, INI, directories, plugins), and kept: a
+site that changes its inventory restarts the listener.
+
+For a group the listener picks one host per task: the one running the fewest of *this
+listener's* tasks, ties going to the host picked least recently (so a batch spreads over the
+group whatever the timing).  A host that turns out unreachable is skipped for the next
+:data:`SKIP_UNREACHABLE_S` seconds, and the task that found it so is retried on another host
+of the group before it fails (:meth:`Targets.retry_host`).
+
+:func:`check_host` is the host check ``fem-ansible doctor`` runs on every inventory host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .config import Config
+from .errors import ConfigError, PolicyViolation
+
+log = logging.getLogger(__name__)
+
+# How long a host found unreachable is passed over when picking hosts for new tasks.
+SKIP_UNREACHABLE_S = 60.0
+# ansible-inventory on a large dynamic inventory may take a while; it runs once.
+INVENTORY_TIMEOUT_S = 120
+
+
+def inventory_path(config: Config) -> Path:
+    """``execution.inventory``, else the built-in ``inventory/localhost.yml``."""
+    from .runner import data_dir
+
+    if config.execution.inventory:
+        return Path(config.execution.inventory)
+    return data_dir() / "inventory" / "localhost.yml"
+
+
+def ansible_bin(name: str) -> str:
+    """A tool of the Ansible installed beside this Python (the venv's ``bin``)."""
+    return str(Path(sys.executable).parent / name)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The inventory as ``ansible-inventory --list`` sees it.
+
+    Attributes:
+        groups: every group name to the hosts in it (through child groups too), sorted.
+        hostvars: each host's variables, group variables merged in, not templated.
+    """
+
+    groups: dict[str, list[str]]
+    hostvars: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(cls, path: Path) -> Inventory:
+        """Read the inventory at ``path``.
+
+        :raises ConfigError: when ansible-inventory cannot read it.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
+        env.update({"ANSIBLE_INVENTORY_UNPARSED_FAILED": "True", "ANSIBLE_NOCOLOR": "True"})
+        try:
+            done = subprocess.run(
+                [ansible_bin("ansible-inventory"), "-i", str(path), "--list"],
+                capture_output=True, text=True, timeout=INVENTORY_TIMEOUT_S, env=env,
+                check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ConfigError(f"execution.inventory: cannot run ansible-inventory: {e}") from None
+        if done.returncode != 0:
+            raise ConfigError(f"execution.inventory: ansible-inventory cannot read {path}: "
+                              f"{done.stderr.strip()[-500:]}")
+        return cls.from_list(json.loads(done.stdout))
+
+    @classmethod
+    def from_list(cls, data: dict[str, Any]) -> Inventory:
+        """Build from the JSON of ``ansible-inventory --list``."""
+        hostvars = dict((data.get("_meta") or {}).get("hostvars") or {})
+        direct = {name: (body or {}) for name, body in data.items() if name != "_meta"}
+
+        def members(group: str, seen: frozenset[str] = frozenset()) -> set[str]:
+            body = direct.get(group) or {}
+            hosts = set(body.get("hosts") or [])
+            for child in body.get("children") or []:
+                if child not in seen:
+                    hosts |= members(child, seen | {group})
+            return hosts
+
+        groups = {name: sorted(members(name)) for name in direct}
+        for hosts in groups.values():
+            for host in hosts:
+                hostvars.setdefault(host, {})
+        return cls(groups=groups, hostvars=hostvars)
+
+    def hosts_of(self, name: str) -> list[str]:
+        """The hosts a target name stands for: a host itself, or the hosts of a group.
+
+        A name that is both (Ansible forbids it in most sources) is taken as the host.
+        """
+        if name in self.hostvars:
+            return [name]
+        return list(self.groups.get(name, []))
+
+    def work_dir(self, host: str, default: str) -> str:
+        """The fem work dir on ``host``: its ``fem_work_dir`` variable (host or group var,
+        an absolute path, never templated), else ``default`` (``execution.work_dir``)."""
+        value = self.hostvars.get(host, {}).get("fem_work_dir")
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value.startswith("/") or "{" in value:
+            raise ConfigError(f"inventory host {host}: fem_work_dir must be an absolute path "
+                              f"without templates, got {value!r}")
+        return str(PurePosixPath(value))
+
+
+@dataclass
+class _HostState:
+    running: int = 0
+    last_pick: float = 0.0
+    unreachable_at: float | None = None
+
+
+@dataclass
+class Targets:
+    """This listener's view of where tasks run; thread-safe (tasks run in a pool).
+
+    :param config: the site config (inventory path, work dir).
+    """
+
+    config: Config
+    _inventory: Inventory | None = None
+    _hosts: dict[str, _HostState] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def inventory(self) -> Inventory:
+        """The inventory, read on first use (intake of the first task, or doctor)."""
+        with self._lock:
+            if self._inventory is None:
+                self._inventory = Inventory.load(inventory_path(self.config))
+            return self._inventory
+
+    def check(self, task: dict[str, Any]) -> None:
+        """At intake: the task's target must name hosts of the inventory.
+
+        :raises PolicyViolation: rule ``execution.inventory``.
+        """
+        target = task["target"]
+        if not self.inventory.hosts_of(target):
+            raise PolicyViolation(
+                "execution.inventory",
+                f"target {target!r} is allowed but is neither a host nor a non-empty group "
+                f"of the inventory", task_id=task["task_id"])
+
+    def work_dir(self, host: str) -> str:
+        return self.inventory.work_dir(host, self.config.execution.work_dir)
+
+    def acquire(self, target: str, host: str | None = None,
+                exclude: Iterable[str] = ()) -> str | None:
+        """Take a slot on a host for one task and return the host.
+
+        :param target: the task's host or group.
+        :param host: the host the task already has (recovery): taken as it is.
+        :param exclude: hosts this task already found unreachable.
+        :returns: None when no host of the target is left to try.
+        """
+        with self._lock:
+            if host is None:
+                host = self._pick(target, set(exclude))
+                if host is None:
+                    return None
+            state = self._hosts.setdefault(host, _HostState())
+            state.running += 1
+            state.last_pick = time.monotonic()
+            return host
+
+    def release(self, host: str, *, unreachable: bool = False) -> None:
+        """A task let go of ``host``; ``unreachable`` says it could not reach the host (a
+        task that reached it clears that)."""
+        with self._lock:
+            state = self._hosts.setdefault(host, _HostState())
+            state.running = max(state.running - 1, 0)
+            state.unreachable_at = time.monotonic() if unreachable else None
+
+    def _pick(self, target: str, exclude: set[str]) -> str | None:
+        candidates = [h for h in self.inventory.hosts_of(target) if h not in exclude]
+        if not candidates:
+            return None
+        now = time.monotonic()
+
+        def skipped(h: str) -> bool:
+            at = self._hosts.get(h, _HostState()).unreachable_at
+            return at is not None and now - at < SKIP_UNREACHABLE_S
+
+        # Hosts lately unreachable come last, but are still tried when nothing else is left.
+        reachable = [h for h in candidates if not skipped(h)] or candidates
+
+        def load(h: str) -> tuple[int, float, str]:
+            state = self._hosts.get(h, _HostState())
+            return state.running, state.last_pick, h
+
+        return min(reachable, key=load)
+
+    def retry_host(self, task: dict[str, Any], host: str, failure: dict[str, Any] | None,
+                   stages_done: list[str], tried: list[str]) -> str | None:
+        """After a run on ``host``: the host to run the task on next, or None to finish.
+
+        A task moves to another host of its target only when ``host`` was unreachable
+        before any stage was done there (so nothing of the task is on it).  ``tried``
+        collects the hosts found unreachable.  On a move the slot on ``host`` is released
+        and one on the new host taken; otherwise the caller keeps (and releases) its slot.
+        """
+        if not (failure and failure.get("unreachable")) or stages_done:
+            return None
+        tried.append(host)
+        nxt = self.acquire(task["target"], exclude=tried)
+        if nxt is not None:
+            self.release(host, unreachable=True)
+        return nxt
+
+
+def ssh_env(config: Config, control_dir: Path | None = None) -> dict[str, str]:
+    """Ansible's SSH settings for the listener's runs (docs/hosts.md).
+
+    Multiplexed connections (``ControlPersist``) and pipelining, host key checking on unless
+    the site turns it off, the key from ``execution.ssh.private_key_file`` (else the agent
+    and ``~/.ssh``).  A host's own ``ansible_*`` variables in the inventory win over all of
+    these, as with any Ansible run.
+
+    :param control_dir: the run's own ControlPath dir (see :func:`control_dir`).
+    """
+    ssh = config.execution.ssh
+    args = f"-C -o ControlMaster=auto -o ControlPersist={ssh.control_persist_s}s"
+    if ssh.known_hosts_file:
+        args += f" -o UserKnownHostsFile={ssh.known_hosts_file}"
+    env = {
+        "ANSIBLE_SSH_ARGS": args,
+        "ANSIBLE_HOST_KEY_CHECKING": str(ssh.host_key_checking),
+        "ANSIBLE_PIPELINING": "True",
+    }
+    if ssh.private_key_file:
+        env["ANSIBLE_PRIVATE_KEY_FILE"] = ssh.private_key_file
+    if control_dir is not None:
+        env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(control_dir)
+    return env
+
+
+def control_dir(config: Config, ident: str) -> Path:
+    """A run's own SSH ControlPath dir: short (a socket path has at most 107 bytes, a task
+    id alone may have 128) and private to the run, whose end removes it with its masters."""
+    import hashlib
+
+    return config.work_dir / "ssh" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+# Run on the host by its own Python: what a task needs there, as one JSON line.
+_HOST_PROBE = """\
+import json, os, shutil, sys
+p = {work_dir!r}
+while not os.path.exists(p):
+    p = os.path.dirname(p)
+print("FEM-HOST " + json.dumps({{
+    "python": sys.version.split()[0], "free": shutil.disk_usage(p).free,
+    "docker": os.path.exists("/var/run/docker.sock") or bool(shutil.which("docker")),
+    "podman": bool(shutil.which("podman"))}}))
+"""
+
+
+def check_host(config: Config, host: str, timeout_s: int = 60) -> dict[str, Any]:
+    """Check one inventory host the way tasks reach it, for ``fem-ansible doctor``.
+
+    One ad-hoc ``raw`` call over the host's own connection settings (the listener's SSH
+    settings and the host's ``ansible_*`` variables), running the host's
+    ``ansible_python_interpreter`` (default ``/usr/bin/python3``).
+
+    :returns: ``{host, reachable, python, engines{docker, podman}, work_dir, free_bytes,
+        message}``: ``reachable`` False (and the rest None) when Ansible could not connect;
+        ``python`` None when the interpreter did not run; ``free_bytes`` is the free space
+        of the host's fem work dir, or of its nearest existing parent.
+    """
+    import base64
+
+    from .runner import ansible_env
+
+    inventory = Inventory.load(inventory_path(config))
+    work_dir = inventory.work_dir(host, config.execution.work_dir)
+    probe = base64.b64encode(_HOST_PROBE.format(work_dir=work_dir).encode()).decode()
+    result: dict[str, Any] = {"host": host, "reachable": False, "python": None,
+                              "engines": None, "work_dir": work_dir, "free_bytes": None,
+                              "message": ""}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
+    env.update({**ansible_env("fem-doctor"), **ssh_env(config)})
+    command = ("{{ ansible_python_interpreter | default('/usr/bin/python3') }} -c "
+               f"'import base64; exec(base64.b64decode(\"{probe}\"))'")
+    try:
+        done = subprocess.run(
+            [ansible_bin("ansible"), host, "-i", str(inventory_path(config)), "-o",
+             "-m", "ansible.builtin.raw", "-a", command],
+            capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        result["message"] = f"no answer within {timeout_s}s"
+        return result
+    out = done.stdout.strip() or done.stderr.strip()
+    if "UNREACHABLE" in out:
+        result["message"] = out[-500:]
+        return result
+    result["reachable"] = True
+    at = out.find("FEM-HOST ")
+    if at < 0:
+        result["message"] = f"python did not run: {out[-500:]}"
+        return result
+    facts, _ = json.JSONDecoder().raw_decode(out[at + len("FEM-HOST "):])
+    result.update(python=facts["python"], free_bytes=facts["free"],
+                  engines={"docker": facts["docker"], "podman": facts["podman"]},
+                  message="ok")
+    return result
