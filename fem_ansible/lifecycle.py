@@ -65,19 +65,34 @@ def read_message(config: Config, body: bytes, headers: Mapping[str, Any] | None 
     return task
 
 
+class NodeObserver:
+    """What a :class:`Node` tells besides the journal, for whoever watches it (the metrics,
+    ``fem-ansible run``'s progress display); every method is optional and called from any
+    thread, so it must be quick and never raise."""
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """An event was journaled (before it is announced through ``notify``)."""
+
+    def on_upload(self, task_id: str, kind: str, sent: int, total: int) -> None:
+        """``sent`` of ``total`` bytes of a task's ``kind`` archive are uploaded."""
+
+
 class Node:
     """This node's task service.
 
     :param config: the validated site config.
     :param journal: the node's journal.
     :param notify: called (from any thread) after an event was journaled.
+    :param observer: told of every event and upload progress (metrics, progress display).
     """
 
     def __init__(self, config: Config, journal: Journal,
-                 notify: Callable[[], None] = lambda: None):
+                 notify: Callable[[], None] = lambda: None,
+                 observer: NodeObserver | None = None):
         self.config = config
         self.journal = journal
         self.notify = notify
+        self.observer = observer or NodeObserver()
         self.verifier = Verifier.from_config(config.security.signature)
         self.audit = AuditLog(config.audit_file, config.node_id)
         self.runs_dir = config.work_dir / "runs"
@@ -129,6 +144,7 @@ class Node:
             error={"code": err.code, "stage": "intake", "message": err.message},
         )
         stored = self.journal.append_event(None, event)
+        self.observer.on_event(stored)
         self.notify()
         return stored
 
@@ -150,6 +166,8 @@ class Node:
             log.info("task %s is already in the journal (%s): not run again", tid,
                      existing.state, extra={"task_id": tid})
             return None, existing
+        if event is not None:
+            self.observer.on_event(event)
         self.notify()
         return event, None
 
@@ -204,6 +222,7 @@ class _Execution(RunHooks):
                            attempt=self.rec.attempt, **{**self.known, **fields})
         stored = self.journal.append_event(self.tid, event)
         log.info("%s %s: %s", self.tid, state, message, extra={"task_id": self.tid})
+        self.node.observer.on_event(stored)
         self.node.notify()
         return stored
 
@@ -459,7 +478,9 @@ class _Execution(RunHooks):
                 self.node.audit.record("upload", self.tid, archive=kind,
                                        url=redact_url(target["url"]), size=archive.size,
                                        sha256=archive.sha256)
-                upload(archive, target, self.config.http)
+                upload(archive, target, self.config.http,
+                       progress=lambda sent, k=kind, total=archive.size:
+                       self.node.observer.on_upload(self.tid, k, sent, total))
                 uploaded[kind] = True
                 self.journal.update(self.tid, result=self.result)
             reports[kind] = archive.report(target["url"] if target else None)

@@ -27,7 +27,7 @@ from .config import Config
 from .errors import RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal
-from .lifecycle import Node
+from .lifecycle import Node, NodeObserver
 from .schema import CONTROL_SCHEMA_ID, parse_json, schema_errors
 from .signatures import HEADER
 
@@ -40,10 +40,10 @@ RECONNECT_MAX_S = 30.0
 class Listener:
     """The service.  ``run()`` blocks until :meth:`stop` (or a signal) ends it."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, observer: NodeObserver | None = None):
         self.config = config
         self.journal = Journal(config.work_dir / "journal.sqlite")
-        self.node = Node(config, self.journal, notify=self._notify)
+        self.node = Node(config, self.journal, notify=self._notify, observer=observer)
         self.pool = ThreadPoolExecutor(config.execution.max_parallel,
                                        thread_name_prefix="fem-task")
         self.running: dict[str, tuple[Future[Any], threading.Event]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,32 @@ class Archive:
                 "sha256": self.sha256}
 
 
-def upload(archive: Archive, target: dict[str, Any], http: HttpConfig) -> None:
+class _Counted:
+    """A file read by ``requests`` in blocks, telling ``progress`` the bytes read so far;
+    ``__len__`` lets ``requests`` send a Content-Length rather than chunks."""
+
+    def __init__(self, f: Any, size: int, progress: Callable[[int], None]):
+        self._f, self._size, self._progress, self._sent = f, size, progress, 0
+
+    def __len__(self) -> int:
+        return self._size - self._sent
+
+    def __iter__(self) -> Any:  # a stream to ``requests``, as the file itself is
+        while block := self.read(CHUNK):
+            yield block
+
+    def read(self, n: int = -1) -> bytes:
+        block = self._f.read(n)
+        self._sent += len(block)
+        self._progress(self._sent)
+        return block
+
+
+def upload(archive: Archive, target: dict[str, Any], http: HttpConfig,
+           progress: Callable[[int], None] | None = None) -> None:
     """PUT or POST ``archive`` to ``target`` (``{url, method, headers}``).
+
+    :param progress: told the bytes sent so far of the current try, as they go.
 
     :raises TaskFailed: ``stage_out_failed`` after the last try; the message names the
         redacted URL and the last error, never the query string or a header.
@@ -67,7 +92,8 @@ def upload(archive: Archive, target: dict[str, Any], http: HttpConfig) -> None:
     retries, backoff_s = max(1, http.upload_tries), http.retry_backoff_s
     for attempt in range(1, retries + 1):
         try:
-            with archive.path.open("rb") as body:
+            with archive.path.open("rb") as f:
+                body = _Counted(f, archive.size, progress) if progress else f
                 resp = session.request(
                     target.get("method", "PUT"), target["url"], data=body, headers=headers,
                     allow_redirects=False, timeout=TIMEOUT_S, verify=verify,
