@@ -73,14 +73,32 @@ def main() -> None:
 @main.command()
 @config_option
 @log_format_option
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
-def listen(config_path: str, log_format: str, metrics_port: int | None) -> None:
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics on this port (/metrics).")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True,
+              help="Address the metrics port listens on (0.0.0.0: every interface).")
+def listen(config_path: str, log_format: str, metrics_port: int | None,
+           metrics_address: str) -> None:
     """Run the service: consume this node's tasks from the broker."""
     setup_logging(log_format)
     config = _config(config_path, scrub=True)
     from .listener import Listener
 
-    Listener(config).run()
+    if metrics_port is None:
+        Listener(config).run()
+        return
+    from .metrics import Metrics
+
+    metrics = Metrics(config)
+    listener = Listener(config, observer=metrics)
+    metrics.watch(listener)
+    try:
+        metrics.serve(metrics_port, metrics_address)
+    except OSError as e:
+        click.echo(f"fem-ansible: cannot serve metrics on {metrics_address}:{metrics_port}: "
+                   f"{e.strerror}", err=True)
+        sys.exit(EXIT_USAGE)
+    listener.run()
 
 
 @main.command()

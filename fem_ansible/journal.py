@@ -234,6 +234,12 @@ class Journal:
             ).fetchall()
         return [(i, json.loads(b)) for i, b in rows]
 
+    def unpublished_count(self) -> int:
+        """How many events wait for the broker (a metric: non-zero for long = broker trouble)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM events WHERE published=0"
+                                    ).fetchone()[0]
+
     def mark_published(self, event_id: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE events SET published=1 WHERE id=?", (event_id,))

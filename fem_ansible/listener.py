@@ -80,6 +80,11 @@ class Listener:
             delay = min(delay * 2, RECONNECT_MAX_S)
         self._shutdown()
 
+    @property
+    def connected(self) -> bool:
+        """Connected to the broker, topology declared (for the metrics)."""
+        return self._connected.is_set()
+
     def stop(self, now: bool = False) -> None:
         """Stop taking tasks; with ``now``, also stop waiting for running ones."""
         self._stopping.set()
