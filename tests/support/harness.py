@@ -94,9 +94,11 @@ def sample_task(env: dict[str, str], task_id: str, prefix: str = "", **overrides
 class Listener:
     """``fem-ansible listen`` in a subprocess, its log in a file."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None):
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None):
         self.config, self.log = config, log
         self._env = env
+        self._args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_connected: bool = True) -> Listener:
@@ -104,7 +106,7 @@ class Listener:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
         env.update(self._env or {})
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([FEM, "listen", "--config", str(self.config)],
+            self.proc = subprocess.Popen([FEM, "listen", "--config", str(self.config), *self._args],
                                          stdout=out, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         if wait_connected:
