@@ -6,14 +6,18 @@ hardening, ``policy.share_logs`` and the secrets of a run."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 import requests
+import yaml
 
+from fem_ansible.signatures import sign_hmac
 from tests.support.archives import tar_entries, tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
 from tests.support.services import upload_requests
@@ -232,3 +236,98 @@ def test_jinja_everywhere_stays_literal_and_symlinks_stay_links(site):
     assert not [t for t in texts if RENDERED in t]
     assert any(JINJA in t for t in texts[2:])  # the artifacts saw the template, as text
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def publish_control(orch, body: bytes, headers: dict[str, str] | None) -> None:
+    orch.ch.basic_publish("fem.control", orch.node_id, body,
+                          pika.BasicProperties(content_type="application/json",
+                                               delivery_mode=2, headers=headers))
+
+
+def audit_lines(site) -> list[dict[str, Any]]:
+    path = site.work_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_signed_mode_refuses_forged_messages_and_runs_signed_ones(site, tmp_path):
+    env, orch = site.env, site.orchestrator
+    key, other = b"the-shared-key-of-this-site", b"someone-elses-key"
+    key_file = tmp_path / "hmac.key"
+    key_file.write_bytes(key + b"\n")
+    key_file.chmod(0o600)
+    config = site.config(security={"signature": {"mode": "hmac", "key_file": str(key_file)}},
+                         policy={**site_policy(site), "share_logs": False})
+    listener = site.listener(config)
+
+    def signed(task: dict[str, Any], with_key: bytes = key) -> tuple[bytes, dict[str, str]]:
+        body = json.dumps(task).encode()
+        return body, {"x-fem-signature": sign_hmac(body, with_key)}
+
+    def send(body: bytes, headers: dict[str, str] | None) -> None:
+        orch.publish(body, headers=headers)
+
+    node = {"node_id": site.node}
+    send(json.dumps(site.task("unsigned", **node)).encode(), None)
+    send(*signed(site.task("wrong-key", **node), other))
+    body, headers = signed(site.task("tampered", **node))
+    send(body.replace(b'"memory": "128Mi"', b'"memory": "256Mi"'), headers)
+    send(*signed(site.task("expired", not_after="2020-01-01T00:00:00Z", **node)))
+    send(*signed(site.task("other-node", node_id="some-other-node")))
+    send(*signed(site.task("no-node")))
+    body, _ = signed(site.task("bad-header", **node))
+    send(body, {"x-fem-signature": "hmac-sha256=" + "0" * 64})
+
+    for tid, code in (("expired", "expired"), ("other-node", "wrong_node"),
+                      ("no-node", "wrong_node")):
+        final = orch.wait_terminal(tid, timeout=60)
+        assert (final["state"], final["error"]["code"]) == ("REJECTED", code), final
+    anonymous = wait_anonymous_rejections(orch, 4)  # before parsing: no task id
+    assert {e["error"]["code"] for e in anonymous} == {"signature_invalid"}
+    dead = orch.dead_letters()
+    assert sorted(h["x-fem-reject-reason"] for h, _ in dead) == sorted(
+        ["signature_invalid"] * 4 + ["expired", "wrong_node", "wrong_node"])
+
+    # Control messages: an unsigned cancel is ignored, a signed one is obeyed.
+    publish_control(orch, json.dumps({"schema": "fem.control/v1", "action": "cancel",
+                                      "task_id": "signed-ok"}).encode(), None)
+    listener.wait_for_log("ignored a control message (signature_invalid)")
+    cancel = json.dumps({"schema": "fem.control/v1", "action": "cancel",
+                         "task_id": "signed-cancelled", "node_id": site.node}).encode()
+    publish_control(orch, cancel, {"x-fem-signature": sign_hmac(cancel, key)})
+    wait_for(lambda: any(a["decision"] == "cancel_requested" for a in audit_lines(site)),
+             "the signed cancel in the audit log")
+    send(*signed(site.task("signed-cancelled", **node)))
+    send(*signed(site.task("signed-ok", **node)))
+
+    cancelled = orch.wait_terminal("signed-cancelled")
+    assert cancelled["state"] == "CANCELLED", cancelled
+    assert [e["state"] for e in orch.events("signed-cancelled")] == ["RECEIVED", "CANCELLED"]
+    final = orch.wait_terminal("signed-ok")
+    assert final["state"] == "COMPLETED", final
+    # policy.share_logs false: the logs stay on the node, described but not uploaded.
+    assert final["logs"]["url"] is None
+    kept = site.work_dir / "runs" / "signed-ok" / "archives" / "logs.tar.gz"
+    assert final["logs"]["size"] == kept.stat().st_size
+    assert final["logs"]["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
+    assert b"task-done" in tar_members(kept.read_bytes())["stdout.log"]
+    paths = {r["path"] for r in upload_requests(env) if r["path"].startswith(f"/{site.node}/")}
+    assert paths == {f"/{site.node}/signed-ok/outputs.tar.gz"}
+    received = [a for a in audit_lines(site) if a["decision"] == "received"]
+    assert received and all(a["key_id"] is None or a["key_id"].startswith("hmac:")
+                            for a in received)
+    assert key.decode() not in (site.work_dir / "audit.jsonl").read_text()
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def site_policy(site) -> dict[str, Any]:
+    """The ``policy`` section ``site.config()`` writes, to extend one key of it."""
+    return yaml.safe_load(site.config().read_text())["policy"]
