@@ -34,9 +34,13 @@ print_summary() {
   echo
   echo "== scripts/test.sh summary ($((SECONDS - t0))s)"
   printf '   %s\n' "${summary[@]}"
-  # pytest's own closing line last, as the line that tells what ran
+  # The pytest phases' closing lines, then their sum as the line that tells what ran.
   if [[ -s $PYTEST_OUT ]]; then
-    tail -n 1 "$PYTEST_OUT"
+    grep -E '^=* ?[0-9]+ (passed|failed|error)|no tests ran' "$PYTEST_OUT" || true
+    local passed failed_n
+    passed=$(grep -Eo '[0-9]+ passed' "$PYTEST_OUT" | awk '{s+=$1} END {print s+0}')
+    failed_n=$(grep -Eo '[0-9]+ (failed|errors?)' "$PYTEST_OUT" | awk '{s+=$1} END {print s+0}')
+    echo "tests: $passed passed, $failed_n failed"
   fi
 }
 
@@ -61,12 +65,24 @@ else
   note ansible-lint skipped "roles/ is empty"
 fi
 
+# Two phases: most tests in parallel workers, then alone the ones that stop RabbitMQ (they
+# would break every other test's connection). Both closing lines go to the summary.
 pytest_step() {
   set -o pipefail
   timeout --signal=INT --kill-after=60 "${FEMDEV_TEST_TIMEOUT:-1080}" \
-    pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$PYTEST_OUT"
+    pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$PYTEST_OUT"
 }
-run_step pytest pytest_step "$@"
+if (($# == 0)); then
+  run_step pytest pytest_step -n "${FEMDEV_TEST_WORKERS:-3}" -m "not serial"
+  run_step pytest-serial pytest_step -m serial
+else
+  run_step pytest pytest_step "$@"
+fi
+
+# The benchmark in quick mode, so that it keeps working (it asserts nothing on speed).
+if (($# == 0)); then
+  run_step bench timeout 900 python bench/run.py --quick
+fi
 
 print_summary
 exit $failed

@@ -63,6 +63,7 @@ def test_kill_9_then_restart_finishes_once(site, kill_at):
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
+@pytest.mark.serial
 def test_broker_down_for_20s_loses_no_event(site):
     orch = site.orchestrator
     site.listener()
@@ -89,6 +90,7 @@ def _rabbit_eval(expr: str) -> str:
                           check=True).stdout.strip()
 
 
+@pytest.mark.serial
 def test_task_outliving_consumer_timeout_is_not_redelivered(site):
     orch = site.orchestrator
     before = _rabbit_eval("application:get_env(rabbit, consumer_timeout).")

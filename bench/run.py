@@ -1,0 +1,299 @@
+"""fem-ansible benchmarks: each figure measured side by side with its baseline in one run.
+
+    .venv/bin/python bench/run.py            # full: 5+ runs per point, 50-task batches, 1 GiB
+    .venv/bin/python bench/run.py --quick    # CI: fewer runs, small sizes (keeps it working)
+
+Prints a table of ratios (fem-ansible / baseline, medians after a warm-up) and, with
+``--write``, updates bench/RESULTS.md.  Uses the project's own services
+(``scripts/services.sh start``): RabbitMQ, Docker engine, registry, git daemon, upload
+endpoint.  A benchmark is not a test: nothing here fails on a slow number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.harness import Listener, Orchestrator, site_config  # noqa: E402
+from tests.support.services import ensure_services  # noqa: E402
+
+BASELINE = textwrap.dedent("""\
+    set -euo pipefail
+    d=$(mktemp -d); trap 'rm -rf "$d"' EXIT
+    mkdir -p "$d/output"; chmod 777 "$d/output"
+    docker pull -q "$IMAGE" >/dev/null
+    git clone -q "$REPO_URL" "$d/src"
+    docker run --rm --network none --read-only --user 65534:65534 \\
+      -v "$d/src:/fem/src:ro" -v "$d/output:/fem/output" --name "b-$RANDOM$RANDOM" \\
+      "$IMAGE" sh -c "$CMD" >/dev/null
+    tar -C "$d/output" -czf "$d/outputs.tar.gz" .
+    curl -sf -T "$d/outputs.tar.gz" "$UPLOAD/$NAME/outputs.tar.gz"
+""")
+TRIVIAL = "head -c 1024 /dev/urandom > /fem/output/out.bin"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+class Bench:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.env = ensure_services()
+        self.tmp = Path(tempfile.mkdtemp(prefix="fem-bench-"))
+        self.rows: list[tuple[str, str, str, str, str]] = []
+
+    # -- building blocks -------------------------------------------------------------------
+
+    def task(self, node: str, tid: str, command: str = TRIVIAL) -> dict:
+        up = self.env["FEM_TEST_UPLOAD_URL"]
+        return {
+            "schema": "fem.task/v1", "task_id": tid,
+            "image": {"ref": self.env["FEM_TEST_IMAGE"]},
+            "source": {"repo": self.env["FEM_TEST_GIT_URL"]},
+            "command": ["sh", "-c", command],
+            "outputs": {"upload": {"url": f"{up}/bench/{node}/{tid}/outputs.tar.gz"}},
+            "resources": {"memory": "128Mi", "timeout_s": 600},
+        }
+
+    def listener(self, node: str, **execution) -> tuple[Listener, Orchestrator]:
+        cfg = site_config(self.tmp / node, self.env, node,
+                          execution={"work_dir": str(self.tmp / node / "work"),
+                                     "keep_runs": 2, **execution})
+        lst = Listener(cfg, self.tmp / node / "listener.log").start()
+        return lst, Orchestrator(node)
+
+    def baseline(self, name: str, command: str = TRIVIAL) -> float:
+        env = {**os.environ, "IMAGE": self.env["FEM_TEST_IMAGE"],
+               "REPO_URL": self.env["FEM_TEST_GIT_URL"], "CMD": command,
+               "UPLOAD": self.env["FEM_TEST_UPLOAD_URL"] + "/bench/shell", "NAME": name}
+        t = time.monotonic()
+        subprocess.run(["bash", "-c", BASELINE], env=env, check=True)
+        return time.monotonic() - t
+
+    def fem_once(self, lst: Listener, orch: Orchestrator, node: str, tid: str,
+                 command: str = TRIVIAL) -> float:
+        t = time.monotonic()
+        orch.publish(self.task(node, tid, command))
+        final = orch.wait_terminal(tid, timeout=600)
+        if final["state"] != "COMPLETED":
+            raise RuntimeError(f"{tid}: {final['state']} {final.get('error')}\n{lst.tail()}")
+        return time.monotonic() - t
+
+    def row(self, name: str, fem: str, base: str, ratio: float | None, target: str) -> None:
+        shown = f"{ratio:.2f}" if ratio is not None else "n/a"
+        self.rows.append((name, fem, base, shown, target))
+        print(f"{name:<34} {fem:>16} {base:>16} {shown:>7}  {target}", flush=True)
+
+    # -- the five measures -----------------------------------------------------------------
+
+    def overhead(self) -> None:
+        runs = 2 if self.quick else 7
+        node = f"bench{uuid.uuid4().hex[:6]}"
+        lst, orch = self.listener(node)
+        try:
+            self.fem_once(lst, orch, node, "warm")
+            self.baseline("warm")
+            fem, base = [], []
+            for i in range(runs):  # interleaved, so both see the same machine
+                fem.append(self.fem_once(lst, orch, node, f"o{i}"))
+                base.append(self.baseline(f"o{i}"))
+        finally:
+            lst.stop()
+            orch.close()
+        self.row("overhead: trivial task (s)", f"{median(fem):.2f}", f"{median(base):.2f}",
+                 median(fem) / median(base), "≤ 2.0")
+
+    def throughput(self) -> None:
+        count = 2 if self.quick else 50
+        for parallel in (1, 2, 4):
+            node = f"bench{uuid.uuid4().hex[:6]}"
+            lst, orch = self.listener(node, max_parallel=parallel)
+            try:
+                self.fem_once(lst, orch, node, "warm")
+                t = time.monotonic()
+                for i in range(count):
+                    orch.publish(self.task(node, f"t{i}"))
+                for i in range(count):
+                    orch.wait_terminal(f"t{i}", timeout=1800)
+                fem_rate = count / (time.monotonic() - t) * 60
+            finally:
+                lst.stop()
+                orch.close()
+            t = time.monotonic()
+            with ThreadPoolExecutor(parallel) as pool:
+                names = [f"p{parallel}-{i}" for i in range(count)]
+                list(pool.map(self.baseline, names))
+            base_rate = count / (time.monotonic() - t) * 60
+            self.row(f"throughput: {count} tasks, parallel {parallel} (/min)",
+                     f"{fem_rate:.1f}", f"{base_rate:.1f}", base_rate / fem_rate, "≤ 2.0")
+
+    def stage_out(self) -> None:
+        size_mib = 32 if self.quick else 1024
+        node = f"bench{uuid.uuid4().hex[:6]}"
+        lst, orch = self.listener(node)
+        command = f"head -c {size_mib}M /dev/urandom > /fem/output/big.bin"
+        try:
+            self.fem_once(lst, orch, node, "warm")
+            pid = lst.proc.pid
+            base_rss = _rss_kib(pid)
+            peak = [base_rss]
+            done = False
+
+            def sample() -> None:
+                while not done:
+                    peak.append(_rss_kib(pid))
+                    time.sleep(0.05)
+
+            sampler = ThreadPoolExecutor(1)
+            sampler.submit(sample)
+            orch.publish(self.task(node, "big", command))
+            started = None
+            while True:
+                orch.drain(0.05)
+                states = {e["state"] for e in orch.events("big")}
+                if "STAGING_OUT" in states and started is None:
+                    started = time.monotonic()
+                if states & {"COMPLETED", "FAILED"}:
+                    break
+            fem_s = time.monotonic() - (started or time.monotonic())
+            done = True
+            sampler.shutdown()
+            archive = next(p for p in (self.tmp / node / "work" / "runs" / "big").rglob(
+                "outputs.tar.gz"))
+            t = time.monotonic()
+            subprocess.run(["curl", "-sf", "-T", str(archive),
+                            f"{self.env['FEM_TEST_UPLOAD_URL']}/bench/curl/big.tar.gz"],
+                           check=True)
+            curl_s = time.monotonic() - t
+            mib = archive.stat().st_size / 2**20
+        finally:
+            lst.stop()
+            orch.close()
+        # fem's figure covers all of stage-out (archive, fetch, hash, upload): conservative.
+        self.row(f"stage-out: {size_mib} MiB (MiB/s)", f"{mib / fem_s:.0f}",
+                 f"{mib / curl_s:.0f}", (mib / fem_s) / (mib / curl_s), "≥ 0.8 (fem/curl)")
+        growth = (max(peak) - base_rss) / 1024
+        self.row("stage-out: listener RSS growth (MiB)", f"{growth:.1f}", "-", None, "≤ 64")
+
+    def footprint(self) -> None:
+        seconds = 10 if self.quick else 60
+        node = f"bench{uuid.uuid4().hex[:6]}"
+        lst, orch = self.listener(node)
+        try:
+            time.sleep(2)
+            pid = lst.proc.pid
+            cpu0, t0 = _cpu_s(pid), time.monotonic()
+            time.sleep(seconds)
+            cpu = (_cpu_s(pid) - cpu0) / (time.monotonic() - t0) * 100
+            rss = _rss_kib(pid) / 1024
+        finally:
+            lst.stop()
+            orch.close()
+        self.row(f"footprint: idle RSS (MiB, {seconds}s)", f"{rss:.1f}", "-", None, "≤ 80")
+        self.row("footprint: idle CPU (% of a core)", f"{cpu:.2f}", "-", None, "≤ 1")
+
+    def scale(self) -> None:
+        counts = (1, 2) if self.quick else (1, 20)
+        results = {}
+        for n in counts:
+            node = f"bench{uuid.uuid4().hex[:6]}"
+            listeners = []
+            for k in range(n):
+                cfg = site_config(self.tmp / node / f"l{k}", self.env, node, listener_id=f"l{k}",
+                                  execution={"work_dir": str(self.tmp / node / f"w{k}"),
+                                             "keep_runs": 2})
+                listeners.append(Listener(cfg, self.tmp / node / f"l{k}.log").start())
+            orch = Orchestrator(node)
+            try:
+                self.fem_once(listeners[0], orch, node, "warm")
+                results[n] = median([self.fem_once(listeners[0], orch, node, f"s{i}")
+                                     for i in range(1 if self.quick else 5)])
+            finally:
+                for lst in listeners:
+                    lst.stop()
+                orch.close()
+        lo, hi = counts
+        self.row(f"scale: {hi} vs {lo} listeners, overhead (s)", f"{results[hi]:.2f}",
+                 f"{results[lo]:.2f}", results[hi] / results[lo], "grows little")
+        self.row("scale: 1/4/16 inventory hosts (SSH)", "-", "-", None,
+                 "not measured yet: needs the SSH hosts of issue 6")
+
+    # -- output ----------------------------------------------------------------------------
+
+    def table(self) -> str:
+        lines = ["| measure | fem-ansible | baseline | ratio | target |", "|---|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in self.rows]
+        return "\n".join(lines)
+
+    def machine(self) -> str:
+        cpu = next((line.split(":", 1)[1].strip() for line in
+                    Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.machine())
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
+        docker = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"],
+                                capture_output=True, text=True).stdout.strip()
+        return (f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} x {cpu}, "
+                f"{mem} GiB, Python {platform.python_version()}, Docker {docker}, "
+                f"{'quick' if self.quick else 'full'} mode")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs, small sizes (CI)")
+    parser.add_argument("--only", nargs="*", help="run only these measures")
+    parser.add_argument("--write", action="store_true", help="record in bench/RESULTS.md")
+    args = parser.parse_args()
+    bench = Bench(args.quick)
+    measures: dict[str, Callable[[], None]] = {
+        "overhead": bench.overhead, "throughput": bench.throughput,
+        "stage_out": bench.stage_out, "footprint": bench.footprint, "scale": bench.scale,
+    }
+    print(f"{'measure':<34} {'fem-ansible':>16} {'baseline':>16} {'ratio':>7}  target")
+    try:
+        for name, fn in measures.items():
+            if not args.only or name in args.only:
+                fn()
+    finally:
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+    print(f"\nmachine: {bench.machine()}")
+    if args.write:
+        results = REPO / "bench" / "RESULTS.md"
+        entry = f"\n## {bench.machine()}\n\n{bench.table()}\n"
+        with results.open("a") as f:
+            f.write(entry)
+        print(f"appended to {results}")
+    print(json.dumps({"rows": bench.rows}))
+
+
+if __name__ == "__main__":
+    main()
