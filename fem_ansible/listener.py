@@ -27,6 +27,7 @@ from .config import Config
 from .errors import RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal
+from .legacy import LegacyConsumer
 from .lifecycle import Node, NodeObserver
 from .schema import CONTROL_SCHEMA_ID, parse_json, schema_errors
 from .signatures import HEADER
@@ -56,6 +57,8 @@ class Listener:
         self._stopping = threading.Event()
         self._stop_now = threading.Event()
         self._connected = threading.Event()
+        # The original FEM-client protocol (DESIGN.md §9), all of it in fem_ansible/legacy.py.
+        self.legacy = LegacyConsumer(self) if config.legacy.enabled else None
 
     # -- public --------------------------------------------------------------------------
 
@@ -104,6 +107,8 @@ class Listener:
         control_ch = conn.channel()
         control_ch.basic_consume(self._names.control, self._on_control)
         self._consumer_tag = None
+        if self.legacy:
+            self.legacy.attach(conn)
         self._connected.set()
         log.info("connected to the broker; node %s, listener %s, %d slot(s)",
                  self.config.node_id, self.config.listener_id, self.config.execution.max_parallel)
@@ -131,6 +136,8 @@ class Listener:
         conn, self._connection = self._connection, None
         self._tasks_ch = self._events_ch = None
         self._consumer_tag = None
+        if self.legacy:
+            self.legacy.detach()
         if conn is not None and conn.is_open:
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                 conn.close()
@@ -166,10 +173,14 @@ class Listener:
             ch.basic_ack(method.delivery_tag)
             return
         # New, or journaled by an earlier delivery that was never acked: run it.
-        self._publish_pending()
-        self._start(tid)
-        self._update_consumer()
+        self.launch(tid)
         ch.basic_ack(method.delivery_tag)
+
+    def launch(self, task_id: str) -> None:
+        """Run a task just journaled (on the connection thread)."""
+        self._publish_pending()
+        self._start(task_id)
+        self._update_consumer()
 
     def _on_control(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         try:
@@ -184,7 +195,12 @@ class Listener:
             log.warning("ignored a control message (%s): %s", e.code, e.message)
             ch.basic_ack(method.delivery_tag)
             return
-        tid = msg["task_id"]
+        self.cancel_task(msg["task_id"])
+        ch.basic_ack(method.delivery_tag)
+
+    def cancel_task(self, tid: str) -> bool:
+        """Record a cancel (a task that comes later never starts) and stop the task when it
+        runs here; returns whether it did."""
         self.journal.record_cancel(tid)
         self.node.audit.record("cancel_requested", tid)
         with self._lock:
@@ -192,7 +208,7 @@ class Listener:
         if entry is not None:
             log.info("cancelling task %s", tid, extra={"task_id": tid})
             entry[1].set()
-        ch.basic_ack(method.delivery_tag)
+        return entry is not None
 
     def _dead_letter(self, body: bytes, props: Any, reason: str) -> None:
         headers = dict(props.headers or {})
@@ -234,7 +250,9 @@ class Listener:
 
     def _work(self, task_id: str, cancel: threading.Event) -> None:
         try:
-            self.node.execute(task_id, cancel)
+            event = self.node.execute(task_id, cancel)
+            if self.legacy:
+                self.legacy.finished(task_id, event)
         except Exception:
             log.exception("task %s: unexpected error; left to recovery", task_id,
                           extra={"task_id": task_id})
@@ -280,5 +298,7 @@ class Listener:
 
     def _shutdown(self) -> None:
         self.node.abandon.set()
+        if self.legacy:
+            self.legacy.close()
         self.pool.shutdown(wait=not self._stop_now.is_set(), cancel_futures=True)
         self.journal.close()
