@@ -26,6 +26,8 @@ from .journal import Journal, TaskRecord
 from .refs import parse_image, redact_url, split_url
 from .runner import RunHooks, RunResult, RunSpec, data_dir, kill_processes, run_playbook
 from .signatures import HEADER, Verifier
+from .site_roles import check_executor, roles_path
+from .targets import Targets, control_dir, inventory_path, ssh_env
 from .transfer import Archive, upload
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ class Node:
         self.observer = observer or NodeObserver()
         self.verifier = Verifier.from_config(config.security.signature)
         self.audit = AuditLog(config.audit_file, config.node_id)
+        # Where tasks run: the inventory's hosts, and this listener's count per host.
+        self.targets = Targets(config)
         self.runs_dir = config.work_dir / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Set when the listener shuts down: running playbooks are stopped and their tasks
@@ -123,6 +127,8 @@ class Node:
         try:
             task = read_message(self.config, body, headers,
                                 self.verifier if signed else None, on_signed=received)
+            self.targets.check(task)
+            check_executor(task, self.config)
         except RejectedError as e:
             self.audit.record("rejected", e.task_id, key_id=key["key_id"], code=e.code,
                               rule=getattr(e, "rule", None), reason=e.message)
@@ -214,8 +220,7 @@ class _Execution(RunHooks):
         self._stage: str | None = None
         self._failed = False
         self._stopper: threading.Thread | None = None
-        # The state of the last event, which a progress event repeats.
-        self._state_now = rec.state
+        self._unreachable = False
 
     # Events ------------------------------------------------------------------------------
 
@@ -223,7 +228,6 @@ class _Execution(RunHooks):
         event = task_event(self.config.node_id, self.task, state, message,
                            attempt=self.rec.attempt, **{**self.known, **fields})
         stored = self.journal.append_event(self.tid, event)
-        self._state_now = state
         log.info("%s %s: %s", self.tid, state, message, extra={"task_id": self.tid})
         self.node.observer.on_event(stored)
         self.node.notify()
@@ -267,10 +271,6 @@ class _Execution(RunHooks):
             if key in data:
                 self.result[key.removeprefix("fem_")] = data[key]
         self.journal.update(self.tid, result=self.result)
-        if data.get("fem_progress"):
-            # News within the current state (DESIGN.md §4), e.g. a queued Slurm job's id and
-            # why it waits: a progress event, same state, next seq (docs/roles.md).
-            self.emit(self._state_now, str(data["fem_progress"])[:500])
 
     # The attempt -------------------------------------------------------------------------
 
@@ -298,7 +298,21 @@ class _Execution(RunHooks):
             return self._end(self.emit("CANCELLED", "cancelled before it started",
                                        error=_error("cancelled", "intake",
                                                     "cancelled before it started")))
-        self.journal.update(self.tid, host=self.known["host"])
+        host = self.node.targets.acquire(self.task["target"], host=self.rec.host)
+        if host is None:
+            return self._end(self.emit(
+                "FAILED", f"no inventory host for target {self.task['target']}",
+                error=_error("input_failed", "stage_in",
+                             f"target {self.task['target']} has no host in the inventory")))
+        self.known["host"] = host
+        self.journal.update(self.tid, host=host)
+        try:
+            return self._attempt(resumed)
+        finally:
+            self.node.targets.release(self.known["host"], unreachable=self._unreachable)
+
+    def _attempt(self, resumed: bool) -> dict[str, Any]:
+        """The attempt on the host it holds, from the stage the journal says is next."""
         if "stage_out" in self.stages_done:
             # Only the uploads and the terminal event were left to do.
             self._cleanup()
@@ -307,12 +321,29 @@ class _Execution(RunHooks):
             self._cleanup()  # what a broken stage-in left is removed before it is redone
         if "stage_in" not in self.stages_done:
             self.emit("STAGING_IN", "preparing volumes, image and source")
-        spec = self._spec(skip_tags=[s for s in self.stages_done if s != "stage_out"])
-        outcome = run_playbook(spec, self, self._should_stop)
+        outcome = self._run_task_playbook()
         if self.node.abandon.is_set() and outcome.status == "canceled":
             # The listener is shutting down: the task is left to recovery as it stands.
             return {}
         return self._end(self._finish(outcome))
+
+    def _run_task_playbook(self) -> RunResult:
+        """The task playbook; on a group, run again on another of its hosts while the one
+        picked was unreachable before anything was done there (Targets.retry_host)."""
+        tried: list[str] = []
+        while True:
+            spec = self._spec(skip_tags=[s for s in self.stages_done if s != "stage_out"])
+            outcome = run_playbook(spec, self, self._should_stop)
+            host = self.known["host"]
+            nxt = self.node.targets.retry_host(self.task, host, outcome.failure,
+                                               self.stages_done, tried)
+            if nxt is None:
+                self._unreachable = bool(outcome.failure and outcome.failure.get("unreachable"))
+                return outcome
+            self.known["host"] = nxt
+            self.journal.update(self.tid, host=nxt)
+            self._stage, self._failed = None, False
+            self.emit("STAGING_IN", f"host {host} is unreachable; trying {nxt}")
 
     def _end(self, event: dict[str, Any]) -> dict[str, Any]:
         self.node.audit.record("outcome", self.tid, state=event["state"],
@@ -339,23 +370,26 @@ class _Execution(RunHooks):
         else:
             path = builtin / "playbooks" / "task.yml"
         suffix = "-".join(tags or []) or (playbook or "").removesuffix(".yml")
-        inventory = (Path(config.execution.inventory) if config.execution.inventory
-                     else builtin / "inventory" / "localhost.yml")
+        ident = f"{name}.a{self.rec.attempt}" + (f"-{suffix}" if suffix else "")
+        ssh_dir = control_dir(config, ident)
+        host = self.known["host"]
+        inventory = inventory_path(config)
         return RunSpec(
             # Runs beside the main one (stop, cleanup) get their own private data dir:
             # ansible-runner runs sharing one corrupt each other's env/.
             private_data_dir=pdd / "aux" / suffix if suffix else pdd,
             # The marker of every process of the run; "." cannot occur in a task id.
-            ident=f"{name}.a{self.rec.attempt}" + (f"-{suffix}" if suffix else ""),
+            ident=ident,
             playbook=path,
             inventory=inventory,
-            limit=self.known["host"],
-            roles_path=[*config.execution.roles_path, str(builtin / "roles")],
+            limit=host,
+            roles_path=roles_path(config),
             extravars={
                 "fem_task": schema.public_task(task),
                 "fem_node_id": config.node_id,
                 "fem_run": {
-                    "dir": str(config.work_dir / "tasks" / name),
+                    # The host's own work dir (inventory var fem_work_dir, docs/hosts.md).
+                    "dir": f"{self.node.targets.work_dir(host)}/tasks/{name}",
                     "attempt": self.rec.attempt,
                     "name": name,
                     "local_dir": str(pdd),
@@ -367,6 +401,8 @@ class _Execution(RunHooks):
             tags=tags or [],
             skip_tags=skip_tags or [],
             timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
+            env=ssh_env(config, ssh_dir),
+            ssh_control_dir=ssh_dir,
         )
 
     def _secrets(self) -> dict[str, Any]:

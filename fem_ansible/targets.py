@@ -144,11 +144,12 @@ class Targets:
     _inventory: Inventory | None = None
     _hosts: dict[str, _HostState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _load_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def inventory(self) -> Inventory:
         """The inventory, read on first use (intake of the first task, or doctor)."""
-        with self._lock:
+        with self._load_lock:
             if self._inventory is None:
                 self._inventory = Inventory.load(inventory_path(self.config))
             return self._inventory
