@@ -22,7 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from . import broker
+from . import broker, policy
 from .config import Config
 from .errors import RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
@@ -189,8 +189,12 @@ class Listener:
             errors = schema_errors(CONTROL_SCHEMA_ID, msg)
             if errors:
                 raise RejectedError(errors[0])
-            if msg.get("node_id") not in (None, self.config.node_id):
-                raise RejectedError("control message for another node", code="wrong_node")
+            try:
+                # Checked as a task's are: a signed cancel names its node (no replay at
+                # another node sharing the key) and expires with its not_after.
+                policy.check_addressing(msg, self.config)
+            except ValueError as e:
+                raise RejectedError(str(e)) from None
         except RejectedError as e:
             log.warning("ignored a control message (%s): %s", e.code, e.message)
             ch.basic_ack(method.delivery_tag)
