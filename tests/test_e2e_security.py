@@ -300,6 +300,13 @@ def test_signed_mode_refuses_forged_messages_and_runs_signed_ones(site, tmp_path
     publish_control(orch, json.dumps({"schema": "fem.control/v1", "action": "cancel",
                                       "task_id": "signed-ok"}).encode(), None)
     listener.wait_for_log("ignored a control message (signature_invalid)")
+    # Signed, but for any node (replayable elsewhere) or expired: ignored as well.
+    for extra, code in (({}, "wrong_node"),
+                        ({"node_id": site.node, "not_after": "2020-01-01T00:00:00Z"}, "expired")):
+        stale = json.dumps({"schema": "fem.control/v1", "action": "cancel",
+                            "task_id": "signed-ok", **extra}).encode()
+        publish_control(orch, stale, {"x-fem-signature": sign_hmac(stale, key)})
+        listener.wait_for_log(f"ignored a control message ({code})")
     cancel = json.dumps({"schema": "fem.control/v1", "action": "cancel",
                          "task_id": "signed-cancelled", "node_id": site.node}).encode()
     publish_control(orch, cancel, {"x-fem-signature": sign_hmac(cancel, key)})
