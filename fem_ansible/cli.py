@@ -152,6 +152,25 @@ def validate(config_path: str, task_file: str) -> None:
 
 
 @main.command()
+@config_option
+def doctor(config_path: str) -> None:
+    """Check that this node is ready to take tasks; one line per check, ✓ ! or ✗."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        click.echo(f"✗ config: {e} — correct {config_path} (docs/configuration.md)")
+        sys.exit(EXIT_USAGE)
+    click.echo(f"✓ config: {config_path}, node {config.node_id}, listener {config.listener_id}")
+    from .doctor import diagnose
+
+    failed = False
+    for check in diagnose(config):
+        click.echo(check.line())
+        failed = failed or check.status == "fail"
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON Schemas of every message, keyed by schema id."""
     from .schema import SCHEMAS

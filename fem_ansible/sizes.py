@@ -33,3 +33,12 @@ def parse_bytes(value: int | str) -> int:
         raise ValueError(f"not a size: {value!r} (use bytes or a suffix like 512Mi, 2Gi)")
     number, unit, _ = match.groups()
     return int(float(number) * _UNITS[unit.lower()])
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes for people (``1.5 GiB``), in the binary units :func:`parse_bytes` reads."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,449 @@
+"""``fem-ansible doctor``: is this node ready to take tasks?  One line per check.
+
+Each check says ✓ (fine), ! (works, but the sysadmin should know) or ✗ (tasks will fail) and,
+for ✗ and !, what to do about it.  The checks look where a task will look, with the
+listener's own settings: the broker through ``broker.url`` and its TLS material, the
+container engine through the same environment the roles get (``DOCKER_HOST`` chooses the
+Docker engine, as it does for the ``community.docker`` modules), inventory hosts through
+Ansible itself (:func:`fem_ansible.targets.check_host`).  Nothing is created: the topology is
+checked passively (the listener declares what is missing when ``broker.declare`` is true).
+
+The clock is compared with the ``Date`` header of the registries and upload endpoints the
+policy names literally: a task's ``not_after`` is judged by this clock, so a node whose clock
+runs late accepts expired tasks, and one that runs early rejects good ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import pika
+import pika.exceptions
+import requests
+
+from . import broker
+from .config import Config
+from .errors import ConfigError
+from .sizes import format_bytes
+
+# A clock further off than this is an error: not_after is usually minutes, not seconds.
+MAX_SKEW_S = 30.0
+NET_TIMEOUT_S = 5.0
+GLOB = set("*?[")
+DEFAULT_PORTS = {"git": 9418, "ssh": 22, "https": 443, "http": 80}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report.
+
+    Attributes:
+        status: ``ok``, ``warn`` or ``fail``.
+        name: what was checked (``broker``, ``engine docker``, ``host node7``…).
+        detail: what was found.
+        fix: what to do, for ``warn`` and ``fail``.
+    """
+
+    status: Literal["ok", "warn", "fail"]
+    name: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = {"ok": "✓", "warn": "!", "fail": "✗"}[self.status]
+        tail = f" — {self.fix}" if self.fix and self.status != "ok" else ""
+        return f"{mark} {self.name}: {self.detail}{tail}"
+
+
+def ok(name: str, detail: str) -> Check:
+    return Check("ok", name, detail)
+
+
+def warn(name: str, detail: str, fix: str) -> Check:
+    return Check("warn", name, detail, fix)
+
+
+def fail(name: str, detail: str, fix: str) -> Check:
+    return Check("fail", name, detail, fix)
+
+
+class _Clock:
+    """``Date`` headers met on the way, to compare the local clock with."""
+
+    def __init__(self) -> None:
+        self.references: list[tuple[str, float]] = []
+
+    def saw(self, source: str, resp: requests.Response, sent_at: float) -> None:
+        date = resp.headers.get("Date")
+        if not date:
+            return
+        try:
+            remote = parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        # The header is whole seconds, taken while the request was in flight.
+        local = (sent_at + time.time()) / 2
+        self.references.append((source, local - remote))
+
+
+# -- the checks ----------------------------------------------------------------------------
+
+
+def check_paths(config: Config) -> Iterator[Check]:
+    work = config.work_dir
+    parent = work
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        yield fail("work dir", f"{work} is not writable by this user",
+                   f"create it for the service user: install -d -m 0700 -o fem {work}")
+    else:
+        yield ok("work dir", f"{work}" + ("" if work.exists() else " (created on first run)"))
+    files = {
+        "execution.inventory": config.execution.inventory,
+        "execution.playbook": config.execution.playbook,
+        "security.signature.key_file": config.security.signature.key_file,
+        "broker.tls.ca_file": config.broker.tls.ca_file,
+        "broker.tls.cert_file": config.broker.tls.cert_file,
+        "broker.tls.key_file": config.broker.tls.key_file,
+        "http.ca_file": config.http.ca_file,
+    }
+    for i, path in enumerate(config.security.signature.key_files):
+        files[f"security.signature.key_files[{i}]"] = path
+    for host, reg in config.registries.items():
+        files[f"registries.{host}.password_file"] = reg.password_file
+    for host, src in config.sources.items():
+        files[f"sources.{host}.token_file"] = src.token_file
+    for key, path in files.items():
+        if path and not os.access(path, os.R_OK):
+            yield fail("file", f"{key}: {path} is missing or not readable",
+                       f"create it, readable by the service user, or correct {key}")
+    for i, path in enumerate(config.execution.roles_path):
+        if not Path(path).is_dir():
+            yield fail("roles", f"execution.roles_path[{i}]: {path} is not a directory",
+                       "create it or remove it from execution.roles_path")
+    for name, ds in config.policy.datasets.items():
+        if not Path(ds.path).is_dir():
+            yield fail(f"dataset {name}", f"{ds.path} is not a directory",
+                       f"mount the data there or correct policy.datasets.{name}.path")
+        else:
+            yield ok(f"dataset {name}", ds.path)
+
+
+def check_ansible(config: Config) -> Iterator[Check]:
+    import importlib.util
+
+    from .runner import data_dir
+
+    data = data_dir()
+    missing = [p for p in ("playbooks/task.yml", "roles/fem_execute", "inventory/localhost.yml",
+                           "collections/ansible_collections/fem/core") if not (data / p).exists()]
+    if missing:
+        yield fail("ansible", f"built-in files missing under {data}: {', '.join(missing)}",
+                   "reinstall fem-ansible (pip install --force-reinstall fem-ansible)")
+        return
+    bin_dir = Path(sys.executable).parent
+    playbook = shutil.which("ansible-playbook", path=str(bin_dir))
+    collections = [c for c in ("community.docker", "containers.podman")
+                   if importlib.util.find_spec(f"ansible_collections.{c}") is None]
+    if not playbook or collections:
+        what = "ansible-playbook" if not playbook else ", ".join(collections)
+        yield fail("ansible", f"{what} not installed beside {sys.executable}",
+                   "reinstall fem-ansible with its dependencies (pip install fem-ansible)")
+        return
+    from ansible.release import __version__ as ansible_core
+
+    yield ok("ansible", f"ansible-core {ansible_core}, built-in roles in {data}")
+
+
+def check_signatures(config: Config) -> Iterator[Check]:
+    mode = config.security.signature.mode
+    if mode == "none":
+        yield warn("signatures", "security.signature.mode is none: any message on this node's "
+                   "queue is run", "ask the orchestrator for a key and set mode hmac or ed25519")
+    else:
+        yield ok("signatures", f"mode {mode}")
+
+
+def _broker_where(config: Config) -> str:
+    url = urlsplit(config.broker.url)
+    user = url.username or "guest"
+    return f"{user}@{url.hostname}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
+
+
+def check_broker(config: Config) -> Iterator[Check]:
+    where = _broker_where(config)
+    params = broker.connection_parameters(config)
+    params.connection_attempts = 1
+    params.retry_delay = 0
+    params.socket_timeout = NET_TIMEOUT_S
+    params.stack_timeout = NET_TIMEOUT_S * 2
+    try:
+        conn = pika.BlockingConnection(params)
+    except (pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.AuthenticationError) as e:
+        yield fail("broker", f"login refused for {where} ({type(e).__name__})",
+                   "correct the user and password in broker.url "
+                   "(rabbitmqctl authenticate_user USER PASSWORD tells which is wrong)")
+        return
+    except pika.exceptions.ProbableAccessDeniedError:
+        yield fail("broker", f"{where}: no access to the virtual host",
+                   "rabbitmqctl set_permissions -p VHOST USER '^fem\\..*' '^fem\\..*' "
+                   "'^fem\\..*'")
+        return
+    except (pika.exceptions.AMQPError, OSError) as e:
+        yield fail("broker", f"cannot connect to {where}: {type(e).__name__} {e}".rstrip(),
+                   "start RabbitMQ, open the port, or correct broker.url")
+        return
+    try:
+        yield ok("broker", f"logged in as {where}")
+        yield from _check_topology(conn, config)
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def _check_topology(conn: pika.BlockingConnection, config: Config) -> Iterator[Check]:
+    names = broker.Names.of(config)
+    objects: list[tuple[str, str]] = [
+        ("exchange", broker.TASKS_EXCHANGE), ("exchange", broker.DLX_EXCHANGE),
+        ("exchange", broker.CONTROL_EXCHANGE), ("exchange", broker.EVENTS_EXCHANGE),
+        ("queue", names.tasks), ("queue", names.dead), ("queue", names.control)]
+    missing, refused = [], []
+    for kind, name in objects:
+        ch = conn.channel()
+        try:
+            if kind == "exchange":
+                ch.exchange_declare(name, passive=True)
+            else:
+                ch.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            (refused if e.reply_code == 403 else missing).append(name)
+            continue
+        ch.close()
+    if refused:
+        yield fail("topology", f"access refused to {', '.join(refused)}",
+                   "grant the node's account configure, write and read on ^fem\\..* "
+                   "(rabbitmqctl set_permissions)")
+    elif missing and config.broker.declare:
+        yield ok("topology", f"{len(missing)} of {len(objects)} objects not there yet; "
+                 "`listen` declares them (broker.declare: true)")
+    elif missing:
+        yield fail("topology", f"missing: {', '.join(missing)} (broker.declare is false)",
+                   "ask the broker's admin to declare them (DESIGN.md §2) or set "
+                   "broker.declare: true")
+    else:
+        yield ok("topology", f"exchanges and queues of node {config.node_id} are there")
+
+
+def check_engines(config: Config) -> Iterator[Check]:
+    executors = set(config.policy.executors.allow) | {config.execution.default_executor}
+    if "docker" in executors:
+        import docker
+        import docker.errors
+
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        try:
+            client = docker.DockerClient.from_env(timeout=int(NET_TIMEOUT_S))
+            version = client.version()
+            client.close()
+        except docker.errors.DockerException as e:
+            reason = str(e).split("\n")[0][:200]
+            yield fail("engine docker", f"no Docker engine at {where}: {reason}",
+                       "start it (systemctl start docker), give the service user the "
+                       "socket (group docker), or set DOCKER_HOST in the service's environment")
+        else:
+            yield ok("engine docker", f"Docker {version.get('Version')} at {where}")
+    if "podman" in executors:
+        podman = shutil.which("podman")
+        if podman is None:
+            yield fail("engine podman", "podman is not installed but executor podman is allowed",
+                       "install podman or remove podman from policy.executors.allow")
+        else:
+            yield ok("engine podman", podman)
+
+
+def _literal_host(pattern: str, *, with_scheme: bool) -> tuple[str, str, int | None] | None:
+    """``(scheme, host, port)`` of an allow-list pattern whose host part has no glob."""
+    if with_scheme:
+        scheme, sep, rest = pattern.partition("://")
+        netloc = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        if not sep or not netloc or GLOB & set(scheme + netloc):
+            return None
+        try:
+            url = urlsplit(f"{scheme}://{netloc}")
+            return url.scheme, url.hostname or "", url.port
+        except ValueError:
+            return None
+    host = pattern.split("/", 1)[0]
+    if GLOB & set(host) or ("." not in host and ":" not in host and host != "localhost"):
+        return None
+    if host == "docker.io":
+        host = "registry-1.docker.io"
+    name, _, port = host.partition(":")
+    return "https", name, int(port) if port.isdigit() else None
+
+
+def check_registries(config: Config, clock: _Clock) -> Iterator[Check]:
+    seen = set()
+    for pattern in config.policy.images.allow:
+        lit = _literal_host(pattern, with_scheme=False)
+        if lit is None:
+            continue
+        _scheme, host, port = lit
+        netloc = f"{host}:{port}" if port else host
+        if netloc in seen:
+            continue
+        seen.add(netloc)
+        errors = []
+        for scheme in ("https", "http"):
+            sent = time.time()
+            try:
+                resp = requests.get(f"{scheme}://{netloc}/v2/", timeout=NET_TIMEOUT_S,
+                                    allow_redirects=False, verify=config.http.ca_file or True)
+            except requests.RequestException as e:
+                errors.append(f"{scheme}: {type(e).__name__}")
+                continue
+            clock.saw(f"registry {netloc}", resp, sent)
+            plain = " (plain HTTP)" if scheme == "http" else ""
+            yield ok(f"registry {netloc}", f"answers{plain} (HTTP {resp.status_code})")
+            break
+        else:
+            yield fail(f"registry {netloc}", f"unreachable ({'; '.join(errors)})",
+                       "check the network path and proxy to the registry, or correct "
+                       "policy.images.allow")
+
+
+def check_git(config: Config) -> Iterator[Check]:
+    seen = set()
+    for pattern in config.policy.sources.allow:
+        lit = _literal_host(pattern, with_scheme=True)
+        if lit is None:
+            continue
+        scheme, host, port = lit
+        port = port or DEFAULT_PORTS.get(scheme, 443)
+        if (host, port) in seen:
+            continue
+        seen.add((host, port))
+        try:
+            with socket.create_connection((host, port), timeout=NET_TIMEOUT_S):
+                pass
+        except OSError as e:
+            yield fail(f"git {host}:{port}", f"unreachable ({e.strerror or e})",
+                       "check the network path to the git server, or correct "
+                       "policy.sources.allow")
+        else:
+            yield ok(f"git {host}:{port}", f"reachable ({scheme})")
+
+
+def check_hosts(config: Config) -> Iterator[Check]:
+    from .targets import Inventory, check_host, inventory_path
+
+    path = inventory_path(config)
+    try:
+        inventory = Inventory.load(path)
+    except ConfigError as e:
+        yield fail("inventory", str(e), f"correct the inventory {path}")
+        return
+    names = [config.execution.target, *config.policy.targets.allow]
+    hosts = sorted({h for n in names for h in inventory.hosts_of(n)})
+    unknown = [n for n in dict.fromkeys(names) if not inventory.hosts_of(n)]
+    for name in unknown:
+        yield fail(f"target {name}", f"not a host or group of {path}",
+                   "add it to the inventory or remove it from policy.targets.allow / "
+                   "execution.target")
+    for host in hosts:
+        yield _host_line(config, host, check_host)
+
+
+def _host_line(config: Config, host: str, check: Callable[..., dict]) -> Check:
+    result = check(config, host, timeout_s=30)
+    if not result["reachable"]:
+        reason = " ".join(str(result.get("message") or "unreachable").split())[:300]
+        return fail(f"host {host}", f"unreachable: {reason}",
+                    "check ansible_host/ansible_port/ansible_user in the inventory, the SSH "
+                    "key (execution.ssh) and that sshd runs there")
+    engines = [e for e, there in (result.get("engines") or {}).items() if there]
+    free = result.get("free_bytes")
+    detail = (f"python {result.get('python')}, engines {', '.join(engines) or 'none'}, "
+              f"{format_bytes(free) if free is not None else '?'} free in {result['work_dir']}")
+    if result.get("python") is None:
+        return fail(f"host {host}", "reachable, but its Python did not run",
+                    "install python3 there or set ansible_python_interpreter")
+    if not engines:
+        return fail(f"host {host}", detail, "install Docker or podman on the host")
+    return ok(f"host {host}", detail)
+
+
+def check_disk(config: Config) -> Iterator[Check]:
+    path = config.work_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    limits = config.policy.limits
+    need = config.execution.max_parallel * (
+        limits.input_bytes + limits.output_bytes + 2 * limits.log_bytes)
+    detail = (f"{format_bytes(free)} free in {path}; {config.execution.max_parallel} task(s) "
+              f"at the policy's limits need {format_bytes(need)}")
+    if free < need:
+        yield fail("disk", detail, "free space, move execution.work_dir, or lower "
+                   "policy.limits.{input,output,log}_bytes or execution.max_parallel")
+    else:
+        yield ok("disk", detail)
+
+
+def check_clock(config: Config, clock: _Clock) -> Iterator[Check]:
+    seen = set()
+    for pattern in config.policy.uploads.allow:
+        lit = _literal_host(pattern, with_scheme=True)
+        if lit is None or lit[0] not in ("http", "https"):
+            continue
+        scheme, host, port = lit
+        base = f"{scheme}://{host}" + (f":{port}" if port else "")
+        if base in seen:
+            continue
+        seen.add(base)
+        sent = time.time()
+        try:
+            resp = requests.head(base + "/", timeout=NET_TIMEOUT_S, allow_redirects=False,
+                                 verify=config.http.ca_file or True)
+        except requests.RequestException:
+            continue
+        clock.saw(f"upload endpoint {host}", resp, sent)
+    if not clock.references:
+        yield warn("clock", "no registry or upload endpoint answered with a Date header",
+                   "make sure NTP runs (timedatectl): not_after is judged by this clock")
+        return
+    source, skew = max(clock.references, key=lambda r: abs(r[1]))
+    detail = f"{skew:+.0f}s from {source}"
+    if abs(skew) > MAX_SKEW_S:
+        yield fail("clock", detail + f" (more than {MAX_SKEW_S:.0f}s)",
+                   "synchronise the clock (chrony or systemd-timesyncd): tasks' not_after "
+                   "is judged by it")
+    else:
+        yield ok("clock", detail)
+
+
+def diagnose(config: Config) -> list[Check]:
+    """Run every check, in the order a sysadmin fixes things."""
+    clock = _Clock()
+    steps: list[Callable[[], Iterator[Check]]] = [
+        lambda: check_paths(config), lambda: check_ansible(config),
+        lambda: check_signatures(config), lambda: check_broker(config),
+        lambda: check_engines(config), lambda: check_registries(config, clock),
+        lambda: check_git(config), lambda: check_hosts(config),
+        lambda: check_disk(config), lambda: check_clock(config, clock)]
+    results: list[Check] = []
+    for step in steps:
+        results.extend(step())
+    return results

@@ -1,0 +1,93 @@
+"""``fem-ansible doctor`` against the real services, healthy and with each piece broken:
+broker down, wrong password, engine down, an unreachable inventory host (issue 8)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from fem_ansible.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def doctor(config) -> tuple[int, list[str]]:
+    result = CliRunner().invoke(main, ["doctor", "--config", str(config)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, result.output.splitlines()
+
+
+def line(lines: list[str], prefix: str) -> str:
+    found = [x for x in lines if x.startswith(prefix)]
+    assert len(found) == 1, f"{prefix!r} not once in:\n" + "\n".join(lines)
+    return found[0]
+
+
+def test_doctor_healthy_node(site):
+    code, lines = doctor(site.config(policy={
+        **yaml.safe_load(site.config().read_text())["policy"],
+        "limits": {"output_bytes": "1Gi"}}))
+    assert code == 0, "\n".join(lines)
+    assert not [x for x in lines if x.startswith("✗")]
+    for prefix in ("✓ config:", "✓ work dir:", "✓ ansible:", "✓ broker: logged in as guest@",
+                   "✓ topology:", "✓ engine docker: Docker", "✓ registry 127.0.0.1:5000:",
+                   "✓ git 127.0.0.1:9418:", "✓ host localhost:", "✓ disk:", "✓ clock:",
+                   "✓ dataset cohort:"):
+        line(lines, prefix)
+    # signatures off is allowed, but said
+    assert "set mode hmac or ed25519" in line(lines, "! signatures:")
+
+
+def test_doctor_broker_down(site):
+    port = closed_port()
+    code, lines = doctor(site.config(broker={"url": f"amqp://guest:guest@127.0.0.1:{port}/%2F"}))
+    assert code == 1
+    broken = line(lines, "✗ broker:")
+    assert f"cannot connect to guest@127.0.0.1:{port}" in broken and "start RabbitMQ" in broken
+    line(lines, "✓ engine docker:")  # the other checks still ran
+
+
+def test_doctor_wrong_password(site):
+    code, lines = doctor(site.config(broker={
+        "url": "amqp://guest:not-the-password@127.0.0.1:5672/%2F"}))
+    assert code == 1
+    broken = line(lines, "✗ broker:")
+    assert "login refused for guest@127.0.0.1:5672" in broken
+    assert "not-the-password" not in "\n".join(lines)
+
+
+def test_doctor_engine_down(site, monkeypatch):
+    # The engine is the one DOCKER_HOST names, as for the roles' docker modules.
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    code, lines = doctor(site.config())
+    assert code == 1
+    broken = line(lines, "✗ engine docker:")
+    assert "unix:///nonexistent/docker.sock" in broken and "DOCKER_HOST" in broken
+    line(lines, "✓ broker:")
+
+
+def test_doctor_unreachable_host(site, tmp_path):
+    port = closed_port()
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"hosts": {
+        "localhost": {"ansible_connection": "local"},
+        "gpu1": {"ansible_host": "127.0.0.1", "ansible_port": port,
+                 "ansible_connection": "ssh", "ansible_user": "fem"}}}}))
+    code, lines = doctor(site.config(
+        execution={"work_dir": str(site.work_dir), "inventory": str(inventory)},
+        policy={**yaml.safe_load(site.config().read_text())["policy"],
+                "targets": {"allow": ["localhost", "gpu1"]}}))
+    assert code == 1
+    broken = line(lines, "✗ host gpu1: unreachable")
+    assert "ansible_port" in broken
+    line(lines, "✓ host localhost:")
