@@ -259,12 +259,31 @@ def ssh_env(config: Config, control_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-def control_dir(config: Config, ident: str) -> Path:
-    """A run's own SSH ControlPath dir: short (a socket path has at most 107 bytes, a task
-    id alone may have 128) and private to the run, whose end removes it with its masters."""
-    import hashlib
+# ssh appends ~10 bytes of hash and ~17 of temporary suffix to the ControlPath dir, and a
+# unix socket path has at most 107 bytes.
+_CONTROL_DIR_MAX = 72
 
-    return config.work_dir / "ssh" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+def control_dir(config: Config, ident: str) -> Path:
+    """A run's own SSH ControlPath dir, which the run's end removes with its masters.
+
+    ``<work_dir>/ssh/<hash>``, or, when the work dir's path is too long for a socket path,
+    ``<tmp>/fem-ssh-<uid>/<hash>`` (a dir of this user only, mode 0700).
+    """
+    import hashlib
+    import tempfile
+
+    name = hashlib.sha256(f"{config.work_dir}/{ident}".encode()).hexdigest()[:12]
+    path = config.work_dir / "ssh" / name
+    if len(str(path)) <= _CONTROL_DIR_MAX:
+        return path
+    parent = Path(tempfile.gettempdir()) / f"fem-ssh-{os.getuid()}"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    st = parent.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(f"{parent} is not this user's private dir: SSH control sockets "
+                          f"cannot go there; use a shorter execution.work_dir")
+    return parent / name
 
 
 # Run on the host by its own Python: what a task needs there, as one JSON line.

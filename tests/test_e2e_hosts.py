@@ -1,0 +1,118 @@
+"""Tasks on inventory hosts over real SSH (issue 6): a real ``sshd`` per loopback address
+as the inventory's hosts, the real broker, engine, registry, git daemon and upload endpoint.
+
+The "remote" hosts are this machine behind sshd on 127.0.0.2 and 127.0.0.3, so the task's
+container runs on the same engine, but everything on the host side (run dir, pull,
+checkout, container, archives) goes through SSH as an unprivileged user and Debian's
+python3, and the archives come back to the listener by ``fetch``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import ssh
+from tests.support.archives import tar_members, uploaded_file
+from tests.support.harness import NOTHING_LEFT, leftovers
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def ssh_site(site):
+    """``ssh_site(up={name: address}, down={...})``: sshd hosts (those in ``down`` made but
+    not started), an inventory of them in group ``compute``, and a config running tasks
+    there with the test's key and known-hosts file."""
+    ssh.ensure_user()
+    base = ssh.new_dir(site.node)
+    keys = ssh.SshKeys(base / "client")
+    hosts: list[ssh.SshHost] = []
+
+    def make(up: dict[str, str], down: dict[str, str] | None = None, target: str = "compute",
+             **execution):
+        made = {}
+        for name, address in {**up, **(down or {})}.items():
+            host = ssh.SshHost(address, base / name, keys)
+            hosts.append(host)
+            made[name] = host.start() if name in up else host
+        inv = ssh.inventory(base / "inventory.yml", made)
+        config = site.config(
+            execution={"work_dir": str(site.work_dir), "shutdown_grace_s": 30,
+                       "inventory": str(inv), "target": target,
+                       "ssh": {"private_key_file": str(keys.private_key),
+                               "known_hosts_file": str(keys.known_hosts)}, **execution},
+            policy={**_policy(site), "targets": {"allow": ["compute", *made]}})
+        return made, config
+
+    yield make
+    for host in hosts:
+        host.stop()
+    import shutil
+
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _policy(site) -> dict:
+    import yaml
+
+    return yaml.safe_load(site.config().read_text())["policy"]
+
+
+def test_task_runs_on_an_ssh_host(site, ssh_site):
+    env, orch = site.env, site.orchestrator
+    hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, target="ssh-a")
+    site.listener(config)
+    orch.publish(site.task("over-ssh"))
+    final = orch.wait_terminal("over-ssh")
+
+    assert final["state"] == "COMPLETED", final
+    assert [e["state"] for e in orch.events("over-ssh")] == [
+        "RECEIVED", "STAGING_IN", "RUNNING", "STAGING_OUT", "COMPLETED"]
+    assert {e["host"] for e in orch.events("over-ssh")[1:]} == {"ssh-a"}
+    assert final["source_commit"] == env["FEM_TEST_GIT_COMMIT"]
+    result = tar_members(uploaded_file(env, final["outputs"]["url"]))["result.txt"]
+    assert b"id,age" in result and b"hello" in result.lower()
+    assert b"task-done" in tar_members(uploaded_file(env, final["logs"]["url"]))["stdout.log"]
+    # It went through that sshd, as the unprivileged user, key checked against known hosts.
+    assert f"Accepted publickey for {ssh.USER}" in hosts["ssh-a"].log.read_text()
+    # Nothing left on the host (its fem work dir), nor on the listener's side.
+    assert [p for p in hosts["ssh-a"].leftovers() if p != "tasks"] == []
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_group_with_a_host_down_completes_every_task(site, ssh_site):
+    orch = site.orchestrator
+    hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, down={"ssh-b": "127.0.0.3"},
+                             max_parallel=2)
+    site.listener(config)
+    ids = [f"batch-{i}" for i in range(4)]
+    for tid in ids:
+        orch.publish(site.task(tid, command=["sh", "-c", "echo done > /fem/output/r.txt"]))
+    finals = {tid: orch.wait_terminal(tid, timeout=300) for tid in ids}
+
+    assert {tid: e["state"] for tid, e in finals.items()} == dict.fromkeys(ids, "COMPLETED")
+    assert {e["host"] for e in finals.values()} == {"ssh-a"}
+    # The second task was given ssh-b (least busy), found it down and moved on.
+    moved = [e for tid in ids for e in orch.events(tid)
+             if "ssh-b is unreachable; trying ssh-a" in (e["message"] or "")]
+    assert moved, [e["message"] for tid in ids for e in orch.events(tid)]
+    assert [p for p in hosts["ssh-a"].leftovers() if p != "tasks"] == []
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_unknown_target_and_missing_executor_role_are_rejected(site, ssh_site):
+    orch = site.orchestrator
+    _hosts, config = ssh_site(up={}, down={"ssh-a": "127.0.0.2"}, target="ssh-a")
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    data["policy"]["targets"]["allow"].append("nowhere")
+    data["policy"]["executors"] = {"allow": ["docker", "ghost"]}
+    config.write_text(yaml.safe_dump(data))
+    site.listener(config)
+    orch.publish(site.task("to-nowhere", target="nowhere"))
+    orch.publish(site.task("ghost-exec", executor="ghost"))
+    nowhere = orch.wait_terminal("to-nowhere")
+    ghost = orch.wait_terminal("ghost-exec")
+    assert nowhere["state"] == "REJECTED" and "execution.inventory" in nowhere["error"]["message"]
+    assert ghost["state"] == "REJECTED" and "fem_executor_ghost" in ghost["error"]["message"]
