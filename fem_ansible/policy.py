@@ -9,7 +9,7 @@ container settings the listener chose.  Nothing a role does is left to the messa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -135,6 +135,8 @@ def decide(task: dict[str, Any], config: Config,
             "tmpfs": {"/tmp": TMPFS_OPTIONS},
             "output_bytes": limits.output_bytes,
             "log_bytes": limits.log_bytes,
+            # Site settings, never the message's: where Slurm runs the task's job.
+            "slurm": dict(asdict(config.execution.slurm)),
         },
         datasets=datasets,
     )

@@ -173,6 +173,18 @@ FEM_POLICY = o(
         "tmpfs": o("dict", "Container path to tmpfs options.", required=True),
         "log_bytes": o("int", "Maximum size of each of stdout.log and stderr.log.", required=True),
         "output_bytes": o("int", "Maximum size of the output dir.", required=True),
+        "slurm": o(
+            "dict",
+            "Site settings of the Slurm executor (C(execution.slurm)); never from the message.",
+            options={
+                "runtime": o(
+                    "str", "Container engine on the compute nodes.", choices=["docker", "podman"]
+                ),
+                "partition": o("str", "Partition of task jobs; null for the cluster's default."),
+                "account": o("str", "Account of task jobs; null for the user's default."),
+                "qos": o("str", "QoS of task jobs; null for the default."),
+            },
+        ),
     },
 )
 
@@ -302,6 +314,22 @@ ROLES = {
             ),
         },
     ),
+    "fem_executor_slurm": (
+        "Run the task's container as a Slurm job and report fem_progress, fem_exit_code and "
+        "fem_timed_out.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_node_id": FEM_NODE_ID,
+            "fem_task": fem_task(
+                {"task_id", "image", "source", "command", "workdir", "env", "scratch", "outputs"}
+            ),
+            "fem_datasets": FEM_DATASETS,
+            "fem_policy": FEM_POLICY,
+            "fem_executor_slurm_poll_interval": o(
+                "float", "Seconds between two looks at the Slurm queue.", default=1
+            ),
+        },
+    ),
     "fem_stage_out": (
         "Archive outputs and logs, bring them to the listener's host, report their paths.",
         {
@@ -314,6 +342,7 @@ ROLES = {
         {
             "fem_run": FEM_RUN,
             "fem_task": fem_task({"scratch"}),
+            "fem_policy": FEM_POLICY,
             "fem_cleanup_keep_run_dir": o(
                 "bool",
                 "Keep the run directory on the target host (debugging only: it may hold "
@@ -348,6 +377,13 @@ STOP = {
             "fem_executor_docker_api_timeout": ROLES["fem_executor_docker"][1][
                 "fem_executor_docker_api_timeout"
             ],
+        },
+    ),
+    "fem_executor_slurm": (
+        "Cancel the task's Slurm job (cancel); the job stops the container.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_policy": FEM_POLICY,
         },
     ),
 }

@@ -243,6 +243,11 @@ import traceback
 from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.fem.core.plugins.module_utils.container import (
+    CONTAINER_OPTIONS,
+    effective_user,
+    write_capped,
+)
 
 try:
     import docker
@@ -254,8 +259,6 @@ except ImportError:
 else:
     DOCKER_IMPORT_ERROR = None
 
-_ROOT_USERS = ("", "root", "0")
-_TRUNCATION_MARKER = "\n[fem: log truncated at {limit} bytes]\n"
 _TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
 
 
@@ -271,38 +274,42 @@ def parse_docker_time(value):
     )
 
 
-def effective_user(image_user, fallback):
-    """The image's user unless it is empty or root (by name or uid), else ``fallback``."""
-    if (image_user or "").split(":", 1)[0] in _ROOT_USERS:
-        return fallback
-    return image_user
+def host_config_kwargs(params):
+    """The engine's host settings for a task container, from the module's parameters.
 
-
-def write_capped(chunks, path, limit):
-    """Write ``chunks`` to ``path`` keeping at most ``limit`` bytes, marker line included.
-
-    Reads the iterator lazily and stops at the limit, so a large log is never held in memory.
-    Returns ``(bytes_written, truncated)``.
+    Every hardening setting is decided here and nowhere else, as plain data, so that what
+    reaches the engine can be checked without one (GPUs, on a machine that has none).
     """
-    marker = _TRUNCATION_MARKER.format(limit=limit).encode()
-    written = 0
-    truncated = False
-    with open(path, "wb") as out:
-        for chunk in chunks:
-            if written + len(chunk) > limit:
-                keep = max(limit - len(marker), 0)
-                if written > keep:
-                    out.truncate(keep)
-                    out.seek(keep)
-                    written = keep
-                out.write(chunk[: keep - written])
-                out.write(marker[: limit - keep])
-                written = keep + min(len(marker), limit - keep)
-                truncated = True
-                break
-            out.write(chunk)
-            written += len(chunk)
-    return written, truncated
+    p = params
+    mounts = [
+        Mount(
+            target=m["target"],
+            source=m["source"],
+            type=m["type"],
+            read_only=m["read_only"],
+        )
+        for m in p["mounts"]
+    ]
+    host_config = {
+        "mounts": mounts,
+        "read_only": p["read_only"],
+        "cap_drop": p["cap_drop"],
+        "security_opt": ["no-new-privileges"] if p["no_new_privileges"] else None,
+        "tmpfs": p["tmpfs"] or None,
+        "network_mode": p["network_mode"],
+        "ipc_mode": "private",
+        "privileged": False,
+    }
+    if p["pids_limit"] > 0:
+        host_config["pids_limit"] = p["pids_limit"]
+    if p["memory"] > 0:
+        host_config["mem_limit"] = p["memory"]
+        host_config["memswap_limit"] = p["memory"]
+    if p["cpus"] > 0:
+        host_config["nano_cpus"] = int(p["cpus"] * 1e9)
+    if p["gpus"] > 0:
+        host_config["device_requests"] = [DeviceRequest(count=p["gpus"], capabilities=[["gpu"]])]
+    return host_config
 
 
 class TaskRunner:
@@ -338,36 +345,6 @@ class TaskRunner:
     def create(self):
         p = self.p
         user = effective_user(self.image_user(), p["fallback_user"])
-        mounts = [
-            Mount(
-                target=m["target"],
-                source=m["source"],
-                type=m["type"],
-                read_only=m["read_only"],
-            )
-            for m in p["mounts"]
-        ]
-        host_config = {
-            "mounts": mounts,
-            "read_only": p["read_only"],
-            "cap_drop": p["cap_drop"],
-            "security_opt": ["no-new-privileges"] if p["no_new_privileges"] else None,
-            "tmpfs": p["tmpfs"] or None,
-            "network_mode": p["network_mode"],
-            "ipc_mode": "private",
-            "privileged": False,
-        }
-        if p["pids_limit"] > 0:
-            host_config["pids_limit"] = p["pids_limit"]
-        if p["memory"] > 0:
-            host_config["mem_limit"] = p["memory"]
-            host_config["memswap_limit"] = p["memory"]
-        if p["cpus"] > 0:
-            host_config["nano_cpus"] = int(p["cpus"] * 1e9)
-        if p["gpus"] > 0:
-            host_config["device_requests"] = [
-                DeviceRequest(count=p["gpus"], capabilities=[["gpu"]])
-            ]
         created = self.api.create_container(
             image=p["image"],
             name=p["name"],
@@ -376,7 +353,7 @@ class TaskRunner:
             environment={k: str(v) for k, v in p["env"].items()},
             labels={k: str(v) for k, v in p["labels"].items()},
             user=user,
-            host_config=self.api.create_host_config(**host_config),
+            host_config=self.api.create_host_config(**host_config_kwargs(p)),
         )
         self.changed = True
         return created["Id"]
@@ -495,32 +472,7 @@ def main():
                 "default": "present",
             },
             "volumes": {"type": "list", "elements": "str", "default": []},
-            "image": {"type": "str"},
-            "command": {"type": "list", "elements": "str"},
-            "workdir": {"type": "str"},
-            "env": {"type": "dict", "default": {}},
-            "labels": {"type": "dict", "default": {}},
-            "mounts": {
-                "type": "list",
-                "elements": "dict",
-                "default": [],
-                "options": {
-                    "type": {"type": "str", "choices": ["bind", "volume"], "default": "bind"},
-                    "source": {"type": "str", "required": True},
-                    "target": {"type": "str", "required": True},
-                    "read_only": {"type": "bool", "default": True},
-                },
-            },
-            "fallback_user": {"type": "str"},
-            "read_only": {"type": "bool", "default": True},
-            "cap_drop": {"type": "list", "elements": "str", "default": ["ALL"]},
-            "no_new_privileges": {"type": "bool", "default": True},
-            "tmpfs": {"type": "dict", "default": {}},
-            "pids_limit": {"type": "int", "default": 0},
-            "memory": {"type": "int", "default": 0},
-            "cpus": {"type": "float", "default": 0},
-            "gpus": {"type": "int", "default": 0},
-            "network_mode": {"type": "str", "default": "none"},
+            **CONTAINER_OPTIONS,
             "timeout": {"type": "float"},
             "stop_grace": {"type": "int", "default": 10},
             "log_dir": {"type": "path"},
