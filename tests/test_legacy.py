@@ -126,7 +126,7 @@ def test_mapping_onto_fem_task():
     {"host_path": "/var/run/docker.sock", "container_path": "/var/run/docker.sock"},
 ])
 def test_only_sandbox_and_data_volumes(volume):
-    with pytest.raises(PolicyViolation, match="legacy.volumes") as e:
+    with pytest.raises(PolicyViolation, match=r"legacy\.volumes") as e:
         mapped(info(volumes=[volume]))
     assert e.value.task_id == "legacy-e1"
 
