@@ -1,0 +1,49 @@
+"""Roles a site owns (issue 6): the example site's roles (examples/site/roles) on
+``execution.roles_path``, through a real listener and the real services.
+
+- its ``fem_stage_out`` replaces the built-in one: the outputs archive carries the manifest
+  only the site's role writes;
+- its ``fem_executor_audited`` is a site executor: a task naming it runs through it (its
+  note is in the task's logs) once ``policy.executors.allow`` lists it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import yaml
+
+from tests.support.archives import tar_members, uploaded_file
+from tests.support.harness import NOTHING_LEFT, REPO, leftovers
+
+pytestmark = pytest.mark.e2e
+
+SITE_ROLES = REPO / "examples" / "site" / "roles"
+
+
+def test_site_roles_replace_and_add(site):
+    env, orch = site.env, site.orchestrator
+    config = site.config(execution={"work_dir": str(site.work_dir), "max_parallel": 2,
+                                    "roles_path": [str(SITE_ROLES)]})
+    data = yaml.safe_load(config.read_text())
+    data["policy"]["executors"] = {"allow": ["docker", "audited"]}
+    config.write_text(yaml.safe_dump(data))
+    site.listener(config)
+    orch.publish(site.task("site-stage-out"))
+    orch.publish(site.task("site-executor", executor="audited"))
+
+    replaced = orch.wait_terminal("site-stage-out")
+    assert replaced["state"] == "COMPLETED", replaced
+    outputs = tar_members(uploaded_file(env, replaced["outputs"]["url"]))
+    digest = hashlib.sha256(outputs["result.txt"]).hexdigest()
+    assert outputs["MANIFEST.sha256"].decode() == f"{digest}  ./result.txt\n"
+    logs = tar_members(uploaded_file(env, replaced["logs"]["url"]))
+    assert "site-executor.txt" not in logs and b"task-done" in logs["stdout.log"]
+
+    added = orch.wait_terminal("site-executor")
+    assert added["state"] == "COMPLETED" and added["exit_code"] == 0, added
+    logs = tar_members(uploaded_file(env, added["logs"]["url"]))
+    assert b"run by the site executor fem_executor_audited" in logs["site-executor.txt"]
+    assert b"task-done" in logs["stdout.log"]
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
