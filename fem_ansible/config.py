@@ -477,26 +477,57 @@ def _check(config: Config) -> None:
             raise ConfigError(f"policy.datasets.{name}.path: must be an absolute path")
 
 
-def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(key path, default, meaning)`` for every leaf of the model, for the docs."""
+def field_docs(cls: type = Config, prefix: str = "", *, owner: Any = None,
+               section_doc: str = "") -> list[tuple[str, str, str]]:
+    """``(key path, default, meaning)`` for every leaf of the model, for the docs and the
+    example config (docs/configuration.md, examples/config.yml).
+
+    Defaults are read from the default instance of the section they are in (so
+    ``policy.targets.allow`` shows ``[localhost]``, not ``AllowList``'s ``[]``), written as
+    YAML; a one-key section (``policy.sources``) lends its own doc to its key.
+    """
     rows = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    for f in fields:
         key = f"{prefix}{f.name}"
         hint = hints[f.name]
+        doc = f.metadata.get("doc", "")
+        if len(fields) == 1 and section_doc:
+            doc = f"{section_doc} {doc}"
+        if f.default is not dataclasses.MISSING:
+            value: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = dataclasses.MISSING
+        if owner is not None:
+            value = getattr(owner, f.name)
         if dataclasses.is_dataclass(hint):
-            rows.extend(field_docs(hint, f"{key}."))
+            rows.extend(field_docs(hint, f"{key}.", owner=value, section_doc=doc))
             continue
         if typing.get_origin(hint) is dict:
             _, item = typing.get_args(hint)
             if dataclasses.is_dataclass(item):
-                rows.extend(field_docs(item, f"{key}.<name>."))
+                rows.extend(field_docs(item, f"{key}.<name>.", section_doc=doc))
                 continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default) if f.default is not None else "none"
-        elif f.default_factory is not dataclasses.MISSING:
-            default = "host name" if f.name == "listener_id" else repr(f.default_factory())
-        else:
+        if value is dataclasses.MISSING:
             default = "required"
-        rows.append((key, default, f.metadata.get("doc", "")))
+        elif f.name == "listener_id":
+            default = "host name"
+        elif value is None:
+            default = "none"
+        elif f.name in _BYTE_FIELDS and isinstance(value, int):
+            default = _size_text(value)
+        else:
+            default = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+            default = default.removesuffix("\n...").strip()
+        rows.append((key, default, doc))
     return rows
+
+
+def _size_text(n: int) -> str:
+    for unit, size in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
