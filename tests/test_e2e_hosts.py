@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from fem_ansible.config import load_config
+from fem_ansible.targets import check_host
 from tests.support import ssh
 from tests.support.archives import tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
@@ -78,6 +80,11 @@ def test_task_runs_on_an_ssh_host(site, ssh_site):
     # Nothing left on the host (its fem work dir), nor on the listener's side.
     assert [p for p in hosts["ssh-a"].leftovers() if p != "tasks"] == []
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+    # doctor's host check, over the same connection settings.
+    checked = check_host(load_config(config, environ={}), "ssh-a")
+    assert checked["reachable"] and checked["python"].startswith("3."), checked
+    assert checked["engines"]["docker"] and checked["free_bytes"] > 0
+    assert checked["work_dir"] == str(hosts["ssh-a"].work_dir)
 
 
 def test_group_with_a_host_down_completes_every_task(site, ssh_site):
@@ -98,6 +105,7 @@ def test_group_with_a_host_down_completes_every_task(site, ssh_site):
     assert moved, [e["message"] for tid in ids for e in orch.events(tid)]
     assert [p for p in hosts["ssh-a"].leftovers() if p != "tasks"] == []
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+    assert not check_host(load_config(config, environ={}), "ssh-b")["reachable"]
 
 
 def test_unknown_target_and_missing_executor_role_are_rejected(site, ssh_site):
