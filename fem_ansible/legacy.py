@@ -444,17 +444,28 @@ def reply_messages(result: Any, chunk_size: int) -> list[dict[str, Any]]:
     return out
 
 
-def error_result(msg: LegacyMessage | None, node: str, err: RejectedError) -> dict[str, Any]:
-    """The answer to a message that was refused: nothing ran."""
+def action_of(body: bytes) -> str | None:
+    """The action of a body that could not be parsed, when it names a known one."""
+    head = body.split(b"|", 1)[0].decode("utf-8", errors="replace").strip()
+    return head if head in ACTIONS else None
+
+
+def error_result(msg: LegacyMessage | None, node: str, err: RejectedError,
+                 action: str | None = None) -> dict[str, Any]:
+    """The answer to a message that was refused: nothing ran.  A ``submit_run`` (even one
+    whose other fields could not be read) gets a process-info record; other actions
+    ``{action, node, execution_id, status: "error", error}``."""
     error = {"code": err.code, "message": err.message}
-    if msg is not None and msg.action == SUBMIT:
+    action = msg.action if msg else action
+    if action == SUBMIT:
         now = now_rfc3339()
-        info = msg.task_info if isinstance(msg.task_info, dict) else {}
-        return {"execution_id": msg.execution_id, "action": SUBMIT, "tool_id": msg.tool_id,
-                "task_id": info.get("_id"), "user_id": msg.user_id, "node": node,
+        info = msg.task_info if msg and isinstance(msg.task_info, dict) else {}
+        return {"execution_id": msg.execution_id if msg else None, "action": SUBMIT,
+                "tool_id": msg.tool_id if msg else None, "task_id": info.get("_id"),
+                "user_id": msg.user_id if msg else None, "node": node,
                 "result": {"error": error}, "status": "error", "return_code": None,
                 "starting_time": now, "finish_time": now}
-    return {"action": msg.action if msg else None, "node": node,
+    return {"action": action, "node": node,
             "execution_id": msg.execution_id if msg else None, "status": "error",
             "error": error}
 
@@ -667,7 +678,7 @@ class LegacyConsumer:
                 self._submit(ch, method, props, msg)
                 return
         except RejectedError as e:
-            self._refuse(ch, method, props, msg, e)
+            self._refuse(ch, method, props, msg, e, action_of(body))
             return
         except (pika.exceptions.AMQPError, ConnectionError):
             raise
@@ -675,20 +686,21 @@ class LegacyConsumer:
             log.exception("legacy message failed")
             self._refuse(ch, method, props, msg,
                          RejectedError(f"internal error: {type(e).__name__}",
-                                       task_id=msg.task_id if msg else None))
+                                       task_id=msg.task_id if msg else None), action_of(body))
             return
         self.helper.submit(self._answer, ch, method.delivery_tag, props, msg)
 
     def _refuse(self, ch: Any, method: Any, props: Any, msg: LegacyMessage | None,
-                err: RejectedError) -> None:
-        log.warning("legacy %s refused (%s): %s", msg.action if msg else "message", err.code,
+                err: RejectedError, action: str | None = None) -> None:
+        action = msg.action if msg else action
+        log.warning("legacy %s refused (%s): %s", action or "message", err.code,
                     err.message, extra={"task_id": err.task_id})
         self.node.audit.record("rejected", err.task_id, protocol="legacy", code=err.code,
                                rule=getattr(err, "rule", None), reason=err.message)
-        if msg is not None and msg.action == SUBMIT:
+        if action == SUBMIT:
             self.node.reject(err)
             self.listener._publish_pending()
-        self._reply(ch, props, error_result(msg, self.config.node_id, err))
+        self._reply(ch, props, error_result(msg, self.config.node_id, err, action))
         ch.basic_ack(method.delivery_tag)
 
     def _reply(self, ch: Any, props: Any, result: Any) -> None:
