@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -338,3 +339,90 @@ def test_signed_mode_refuses_forged_messages_and_runs_signed_ones(site, tmp_path
 def site_policy(site) -> dict[str, Any]:
     """The ``policy`` section ``site.config()`` writes, to extend one key of it."""
     return yaml.safe_load(site.config().read_text())["policy"]
+
+
+def test_running_container_is_hardened_and_audit_survives_kill_9(site):
+    """``docker inspect`` of the task's container while it runs; the listener is then
+    killed with SIGKILL, and the audit log keeps whole lines in the order of the decisions."""
+    env, orch = site.env, site.orchestrator
+    tid = "hardened"
+    name = f"fem-{site.node}-{tid}"
+    go = site.work_dir / "tasks" / name / "output" / "go"
+    # Runs until the test lets it finish, whatever the timing.
+    task = site.task(tid, command=["sh", "-c", "id; until [ -e /fem/output/go ]; do sleep 0.2;"
+                                   " done; echo task-done"])
+    listener = site.listener()
+    orch.publish(site.task("refused", network="host"))
+    orch.publish(task)
+    orch.wait_state(tid, "RUNNING")
+
+    def inspect() -> dict[str, Any] | None:
+        out = subprocess.run(["docker", "inspect", name], capture_output=True, text=True)
+        return json.loads(out.stdout)[0] if out.returncode == 0 else None
+
+    wait_for(lambda: (inspect() or {}).get("State", {}).get("Running"), "the container")
+    info = inspect()
+    host, cfg = info["HostConfig"], info["Config"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["Privileged"] is False
+    assert host["PidsLimit"] == 256
+    assert host["Memory"] == host["MemorySwap"] == 128 * 1024**2
+    assert host["NanoCpus"] == 1_000_000_000
+    assert cfg["User"] == "65534:65534"  # the image's user is root
+    assert host["PidMode"] == "" and host["IpcMode"] == "private" and host["UsernsMode"] == ""
+    assert host["NetworkMode"] == "none"
+    assert list(host["Tmpfs"]) == ["/tmp"] and "mode=1777" in host["Tmpfs"]["/tmp"]
+    assert not host["Binds"] and not host["Devices"] and not host["DeviceRequests"]
+    run_dir = str(site.work_dir / "tasks" / name)
+    data_dir = str(Path(site.config().parent) / "data" / "cohort")
+    mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in info["Mounts"]}
+    assert mounts == {
+        "/fem/input": (f"{run_dir}/input", False),
+        "/fem/src": (f"{run_dir}/src", False),
+        "/fem/output": (f"{run_dir}/output", True),
+        "/fem/data": (data_dir, False),
+    }
+    assert {k: v for k, v in cfg["Labels"].items() if k.startswith("fem.")} == {
+        "fem.node_id": site.node, "fem.task_id": tid}
+
+    listener.kill9()
+    lines = (site.work_dir / "audit.jsonl").read_bytes()
+    assert lines.endswith(b"\n")
+    before = [json.loads(line) for line in lines.splitlines()]  # every line whole
+    go.touch()
+    listener.start()
+    final = orch.wait_terminal(tid)
+    assert final["state"] == "COMPLETED", final
+    stdout = tar_members(uploaded_file(env, final["logs"]["url"]))["stdout.log"]
+    assert stdout.startswith(b"uid=65534") and b"task-done" in stdout
+
+    audit = audit_lines(site)
+    assert audit[:len(before)] == before  # appended to, never rewritten
+    assert all(a["node_id"] == site.node and a["ts"] for a in audit)
+    decisions = [(a["decision"], a["task_id"]) for a in audit]
+    assert decisions == [
+        ("received", None), ("rejected", "refused"),
+        ("received", None), ("accepted", tid), ("run", tid),
+        # killed here; the next listener carries the task on from its last stage
+        ("run", tid), ("upload", tid), ("upload", tid), ("outcome", tid),
+    ], decisions
+    rejected, accepted, run1, run2, up1, up2, outcome = audit[1], *audit[3:]
+    assert (rejected["code"], rejected["rule"]) == ("policy_violation", "policy.networks")
+    assert accepted["image"] == env["FEM_TEST_IMAGE"] and accepted["source"] == env[
+        "FEM_TEST_GIT_URL"]
+    assert accepted["datasets"] == [{"name": "cohort", "host_path": data_dir,
+                                     "mount": "/fem/data"}]
+    for run, attempt in ((run1, 1), (run2, 2)):
+        assert run["image_digest"] == env["FEM_TEST_IMAGE_DIGEST"]
+        assert run["source_commit"] == env["FEM_TEST_GIT_COMMIT"]
+        assert run["datasets"] == ["cohort"] and run["attempt"] == attempt
+    assert [(u["archive"], u["url"]) for u in (up1, up2)] == [
+        ("outputs", final["outputs"]["url"]), ("logs", final["logs"]["url"])]
+    assert up1["sha256"] == final["outputs"]["sha256"]
+    assert (outcome["state"], outcome["exit_code"]) == ("COMPLETED", 0)
+    text = (site.work_dir / "audit.jsonl").read_text()
+    assert "X-Sig" not in text and "secret" not in text and "id,age" not in text
+    assert oct((site.work_dir / "audit.jsonl").stat().st_mode & 0o777) == "0o600"
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
