@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fem-ansible's tests and demo need on a Debian 12 machine, idempotently:
 #   Debian packages (only those missing): docker.io docker-registry busybox-static git
-#     openssh-server curl iproute2 util-linux slurm-wlm munge
+#     openssh-server curl iproute2 util-linux slurm-wlm munge apache2-utils openssl
 #   .venv (python3.11) with `pip install -e '.[test]'`, redone only when pyproject.toml changed.
 # Silent on success; a failure prints the end of the log that tells why.
 # FEMDEV_PYTHON=/path/to/python3.11 chooses the interpreter for a new .venv.
@@ -29,8 +29,10 @@ show_log() {
 # --- Debian packages -------------------------------------------------------------------------
 
 # slurm-wlm and munge: the one-node cluster of the Slurm executor's tests (tests/support/slurm.py).
+# apache2-utils (htpasswd) and openssl: the password-protected registry and the TLS broker
+# node that tests/test_e2e_security.py starts for itself.
 APT_PACKAGES=(docker.io docker-registry busybox-static git openssh-server curl iproute2 util-linux
-  slurm-wlm munge)
+  slurm-wlm munge apache2-utils openssl)
 
 missing_packages() { # prints the packages of "$@" that are not installed
   local pkg status
