@@ -2,6 +2,7 @@
 # Installs what fem-ansible's tests and demo need on a Debian 12 machine, idempotently:
 #   Debian packages (only those missing): docker.io docker-registry busybox-static git
 #     openssh-server curl iproute2 util-linux slurm-wlm munge apache2-utils openssl
+#     python3-docker
 #   .venv (python3.11) with `pip install -e '.[test]'`, redone only when pyproject.toml changed.
 # Silent on success; a failure prints the end of the log that tells why.
 # FEMDEV_PYTHON=/path/to/python3.11 chooses the interpreter for a new .venv.
@@ -31,8 +32,10 @@ show_log() {
 # slurm-wlm and munge: the one-node cluster of the Slurm executor's tests (tests/support/slurm.py).
 # apache2-utils (htpasswd) and openssl: the password-protected registry and the TLS broker
 # node that tests/test_e2e_security.py starts for itself.
+# python3-docker (brings python3-requests): the Docker SDK in Debian's python3, which the
+# SSH hosts of tests/test_e2e_hosts.py use as ansible_python_interpreter, as a remote host would.
 APT_PACKAGES=(docker.io docker-registry busybox-static git openssh-server curl iproute2 util-linux
-  slurm-wlm munge apache2-utils openssl)
+  slurm-wlm munge apache2-utils openssl python3-docker)
 
 missing_packages() { # prints the packages of "$@" that are not installed
   local pkg status
