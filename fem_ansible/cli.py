@@ -171,6 +171,28 @@ def doctor(config_path: str) -> None:
 
 
 @main.command()
+@click.option("--node-id", required=True, help="This node's id (routing key of its queues).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="/etc/fem-ansible",
+              show_default=True, help="Where to write config.yml and inventory.yml.")
+@click.option("--broker-url", default=None, help="The broker's AMQP URL.")
+@click.option("--work-dir", default=None, help="execution.work_dir (default /var/lib/fem-ansible).")
+def init(node_id: str, directory: str, broker_url: str | None, work_dir: str | None) -> None:
+    """Write a starter config (every key, commented) and inventory for this site."""
+    from .init import init_site
+
+    try:
+        written = init_site(Path(directory), node_id, broker_url, work_dir)
+        load_config(written[0], environ={})
+    except ConfigError as e:
+        click.echo(f"fem-ansible: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"next: edit the policy in {written[0]}, then: fem-ansible doctor --config "
+               f"{written[0]}")
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON Schemas of every message, keyed by schema id."""
     from .schema import SCHEMAS
