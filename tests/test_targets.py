@@ -1,0 +1,67 @@
+"""Unit tests of fem_ansible.targets: inventory groups, host picking, unreachable hosts."""
+
+from __future__ import annotations
+
+import pytest
+
+from fem_ansible.errors import ConfigError, PolicyViolation
+from fem_ansible.targets import Inventory, Targets, control_dir
+
+LISTING = {
+    "_meta": {"hostvars": {"a": {"fem_work_dir": "/srv/fem/"}, "b": {}, "c": {}}},
+    "all": {"children": ["ungrouped", "compute"]},
+    "compute": {"children": ["gpu"], "hosts": ["a"]},
+    "gpu": {"hosts": ["b", "c"]},
+    "ungrouped": {},
+}
+
+
+@pytest.fixture
+def targets(make_config):
+    t = Targets(make_config())
+    t._inventory = Inventory.from_list(LISTING)
+    return t
+
+
+def test_groups_include_child_groups_and_hosts_are_targets(targets):
+    inv = targets.inventory
+    assert inv.hosts_of("compute") == ["a", "b", "c"]
+    assert inv.hosts_of("b") == ["b"] and inv.hosts_of("ungrouped") == []
+    assert targets.work_dir("a") == "/srv/fem"
+    assert targets.work_dir("b") == targets.config.execution.work_dir
+    with pytest.raises(PolicyViolation, match=r"execution\.inventory"):
+        targets.check({"task_id": "t", "target": "ungrouped"})
+
+
+def test_least_busy_host_then_least_recently_picked(targets):
+    assert [targets.acquire("compute") for _ in range(4)] == ["a", "b", "c", "a"]
+    targets.release("b")
+    assert targets.acquire("compute") == "b"
+
+
+def test_unreachable_host_is_skipped_and_the_task_moves(targets):
+    first = targets.acquire("gpu")
+    tried: list[str] = []
+    moved = targets.retry_host({"target": "gpu"}, first, {"unreachable": True}, [], tried)
+    assert (first, moved, tried) == ("b", "c", ["b"])
+    # b is passed over for the next task although it is the least busy.
+    assert targets.acquire("gpu") == "c"
+    # Nothing left to try: the task stays where it is and fails there.
+    assert targets.retry_host({"target": "gpu"}, "c", {"unreachable": True}, [], ["b"]) is None
+    # Not unreachable, or a stage already done on the host: no move.
+    assert targets.retry_host({"target": "gpu"}, "c", {"unreachable": False}, [], []) is None
+    assert targets.retry_host({"target": "gpu"}, "c", {"unreachable": True}, ["stage_in"],
+                              []) is None
+
+
+def test_fem_work_dir_must_be_a_plain_absolute_path():
+    inv = Inventory.from_list({"_meta": {"hostvars": {"h": {"fem_work_dir": "{{ x }}/w"}}},
+                               "all": {"hosts": ["h"]}})
+    with pytest.raises(ConfigError, match="fem_work_dir"):
+        inv.work_dir("h", "/var/lib/fem-ansible")
+
+
+def test_control_dir_fits_a_socket_path(make_config):
+    config = make_config(execution={"work_dir": "/" + "x" * 120})
+    path = control_dir(config, "fem-node-" + "t" * 128 + ".a1")
+    assert len(str(path)) + 28 <= 107 and path.parent.stat().st_mode & 0o077 == 0
