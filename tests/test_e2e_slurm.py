@@ -70,6 +70,8 @@ def test_tasks_run_as_slurm_jobs(slurm_site):
     site.listener(site.slurm_config)
     orch.publish(site.task("slurm-ok"))
     orch.publish(site.task("slurm-exit-3", command=["sh", "-c", "echo to-stderr >&2; exit 3"]))
+    orch.publish(site.task("slurm-timeout", command=["sh", "-c", "echo waiting; sleep 300"],
+                           resources={"memory": "128Mi", "timeout_s": 3}))
 
     final = orch.wait_terminal("slurm-ok")
     events = orch.events("slurm-ok")
@@ -101,7 +103,16 @@ def test_tasks_run_as_slurm_jobs(slurm_site):
     assert scontrol(failed_job)["ExitCode"] == "3:0"
     assert b"to-stderr" in tar_members(uploaded_file(env, failed["logs"]["url"]))["stderr.log"]
 
-    assert active_jobs(name) == [] and active_jobs(f"fem-{site.node}-slurm-exit-3") == []
+    # At the timeout the job is cancelled and its step stops the container.
+    timed_out = orch.wait_terminal("slurm-timeout")
+    assert timed_out["state"] == "TIMED_OUT", orch.events("slurm-timeout")
+    assert timed_out["exit_code"] is None and timed_out["error"]["code"] == "timeout"
+    (timeout_job,) = job_ids(orch.events("slurm-timeout"))
+    assert scontrol(timeout_job)["JobState"] == "CANCELLED"
+    assert b"waiting" in tar_members(uploaded_file(env, timed_out["logs"]["url"]))["stdout.log"]
+
+    for tid in ("slurm-ok", "slurm-exit-3", "slurm-timeout"):
+        assert active_jobs(f"fem-{site.node}-{tid}") == []
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 

@@ -12,7 +12,7 @@ DOCUMENTATION = r"""
 ---
 module: slurm_task
 short_description: Run one task container as a Slurm job, with a timeout, and collect its logs
-version_added: 1.1.0
+version_added: 1.0.0
 description:
   - Runs on the cluster's login node (the inventory host). The job is named O(name) and its
     step runs the container with O(runtime) on a compute node, with the same hardening and
