@@ -44,6 +44,7 @@ from . import __version__, policy, schema
 from .config import Config
 from .errors import ConfigError, PolicyViolation, RejectedError
 from .schema import now_rfc3339
+from .site_roles import check_executor
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -725,7 +726,11 @@ class LegacyConsumer:
                 not self.config.legacy.data_path:
             raise PolicyViolation("legacy.data_path", "$DATA_PATH is not set on this site",
                                   task_id=tid)
+        # The checks Node.read makes of any task after its schema.
+        policy.check_addressing(normal, self.config)
         policy.decide(normal, self.config, self.datasets_for(user, eid))
+        self.node.targets.check(normal)
+        check_executor(normal, self.config)
         return normal
 
     def _submit(self, ch: Any, method: Any, props: Any, msg: LegacyMessage) -> None:
@@ -843,7 +848,7 @@ class LegacyConsumer:
     def _answer(self, ch: Any, delivery_tag: int, props: Any, msg: LegacyMessage) -> None:
         try:
             if msg.action in HEALTH:
-                result = self.health()
+                result = self.health(msg.action)
             elif msg.action == "send_files":
                 result = self.send_files(msg)
             elif msg.action == "receive_files":
@@ -936,7 +941,7 @@ class LegacyConsumer:
                           cancel="stopping" if running or rec else "recorded",
                           state=rec.state if rec else None)
 
-    def health(self) -> dict[str, Any]:
+    def health(self, action: str = "pre_checks") -> dict[str, Any]:
         """What the original's pre_checks reported, as far as it is not the site's secret:
         no listing of the data or sandbox contents."""
         legacy = self.config.legacy
@@ -949,7 +954,7 @@ class LegacyConsumer:
         except (OSError, KeyError, ValueError):
             pass
         return {
-            "action": "pre_checks", "node": self.config.node_id, "status": "success",
+            "action": action, "node": self.config.node_id, "status": "success",
             "installation_check": {"fem_ansible_version": __version__,
                                    "docker_version": _command_output(
                                        ["docker", "version", "--format",
