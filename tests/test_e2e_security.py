@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import yaml
 from fem_ansible.signatures import sign_hmac
 from tests.support.archives import tar_entries, tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.support.secure_services import ProcessSampler, auth_registry
 from tests.support.services import upload_requests
 
 pytestmark = pytest.mark.e2e
@@ -425,4 +427,82 @@ def test_running_container_is_hardened_and_audit_survives_kill_9(site):
     text = (site.work_dir / "audit.jsonl").read_text()
     assert "X-Sig" not in text and "secret" not in text and "id,age" not in text
     assert oct((site.work_dir / "audit.jsonl").stat().st_mode & 0o777) == "0o600"
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_secrets_of_a_run_appear_nowhere(site, tmp_path):
+    """A registry password, a git token, upload and download headers and presigned query
+    strings are used by a run, and are found in no artifact, log, event, audit line, argv or
+    environment of any process sampled during the run."""
+    env, orch = site.env, site.orchestrator
+    salt = uuid.uuid4().hex[:12]
+    secrets = {"registry": f"regpw{salt}", "git": f"gittok{salt}", "upload": f"bearer{salt}",
+               "presigned": f"presig{salt}", "download": f"dlhdr{salt}"}
+    with auth_registry(tmp_path, env["FEM_TEST_IMAGE"], secrets["registry"]) as registry:
+        (tmp_path / "registry.pw").write_text(secrets["registry"] + "\n")
+        (tmp_path / "git.token").write_text(secrets["git"] + "\n")
+        for f in ("registry.pw", "git.token"):
+            (tmp_path / f).chmod(0o600)
+        pol = site_policy(site)
+        pol["images"]["allow"].append(f"{registry.host}/**")
+        config = site.config(
+            policy=pol,
+            registries={registry.host: {"username": "fem",
+                                        "password_file": str(tmp_path / "registry.pw")}},
+            # git:// does not authenticate: the token still travels to fem_source's
+            # credential file, so every place it passes through is checked.
+            sources={"127.0.0.1": {"username": "fem", "token_file": str(tmp_path / "git.token")}},
+        )
+        tid = "secrets"
+        content = b"input behind a presigned URL\n"
+        in_url = f"{env['FEM_TEST_UPLOAD_URL']}/{site.node}/in/{tid}.txt"
+        requests.put(in_url, data=content, timeout=10).raise_for_status()
+        query = f"?X-Amz-Signature={secrets['presigned']}"
+        task = site.task(
+            tid, image={"ref": registry.image, "pull_policy": "always"},
+            inputs=[{"url": in_url + query, "path": "in.txt",
+                     "headers": {"X-Token": secrets["download"]}}],
+            outputs={"upload": {"url": f"{env['FEM_TEST_UPLOAD_URL']}/{site.node}/{tid}/"
+                                       f"outputs.tar.gz{query}",
+                                "headers": {"Authorization": f"Bearer {secrets['upload']}"}}},
+        )
+        task["logs"]["upload"]["url"] += f"&sig={secrets['presigned']}"
+        with ProcessSampler(list(secrets.values())) as sampler:
+            listener = site.listener(config)
+            orch.publish(task)
+            final = orch.wait_terminal(tid)
+            listener.stop()
+        assert final["state"] == "COMPLETED", final
+        assert final["image_digest"].startswith("sha256:")
+
+    # Each secret was really used...
+    reqs = [r for r in upload_requests(env) if r["path"].startswith(f"/{site.node}/")]
+    put = [r for r in reqs if r["path"] == f"/{site.node}/{tid}/outputs.tar.gz"][-1]
+    assert put["authorization_sha256"] == hashlib.sha256(
+        f"Bearer {secrets['upload']}".encode()).hexdigest()
+    assert secrets["presigned"] in put["query"]
+    get = [r for r in reqs if r["method"] == "GET" and r["path"].endswith(f"/in/{tid}.txt")][-1]
+    assert get["headers"].get("X-Token") == secrets["download"]
+    assert secrets["presigned"] in get["query"]
+    # ...and is nowhere else.
+    assert sampler.samples > 20 and len(sampler.processes_seen) > 20
+    assert sampler.hits == []
+    found = {}
+    journal = {"journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"}
+    for path in site.work_dir.rglob("*"):
+        if path.is_file() and path.name not in journal:
+            data = path.read_bytes()
+            for name, secret in secrets.items():
+                if secret.encode() in data:
+                    found.setdefault(name, []).append(str(path))
+    texts = {"listener log": listener.log.read_text(), "events": json.dumps(orch.events(tid))}
+    for where, text in texts.items():
+        for name, secret in secrets.items():
+            if secret in text:
+                found.setdefault(name, []).append(where)
+    assert found == {}
+    assert list((site.work_dir / "runs" / tid / "artifacts").iterdir())  # was looked at
+    for name in journal & {p.name for p in site.work_dir.iterdir()}:
+        assert (site.work_dir / name).stat().st_mode & 0o077 == 0, name
+    assert site.work_dir.stat().st_mode & 0o077 == 0
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
