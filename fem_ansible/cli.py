@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +49,9 @@ def _read_file(path: str) -> bytes:
 
 
 def _print_event(event: dict[str, Any]) -> None:
-    extra = []
-    for key in ("host", "image_digest", "source_commit", "exit_code"):
-        if event.get(key) is not None:
-            extra.append(f"{key}={event[key]}")
-    for key in ("outputs", "logs"):
-        if event.get(key):
-            a = event[key]
-            extra.append(f"{key}={a['url'] or '(kept on node)'} {a['size']}B")
-    if event.get("error"):
-        extra.append(f"error={event['error']['code']}")
-    tail = f" [{', '.join(extra)}]" if extra else ""
-    click.echo(f"{event['seq']:>3} {event['state']:<11} {event['message']}{tail}")
+    from .display import format_event
+
+    click.echo(format_event(event))
 
 
 @click.group()
@@ -110,17 +100,21 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
     setup_logging(log_format, level="WARNING")
     config = _config(config_path, scrub=True)
     body = _read_file(task_file)
+    from .display import Progress, format_event
     from .journal import Journal
     from .lifecycle import Node
 
     journal = Journal(config.work_dir / "journal.sqlite")
+    # On a terminal a live status line (stage, time, upload); elsewhere plain event lines.
+    progress = Progress(sys.stdout).start() if sys.stdout.isatty() else None
+    echo = progress.echo if progress else click.echo
 
     def show() -> None:
         for event_id, event in journal.unpublished():
-            _print_event(event)
+            echo(format_event(event))
             journal.mark_published(event_id)
 
-    node = Node(config, journal, notify=show)
+    node = Node(config, journal, notify=show, observer=progress)
     try:
         task = node.read(body, None, signed=False)
     except RejectedError as e:
@@ -130,7 +124,11 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
     if existing is not None and existing.terminal:
         click.echo(f"task {task['task_id']} already ran here: {existing.state}", err=True)
         sys.exit(STATE_EXIT[existing.state])
-    final = node.execute(task["task_id"])
+    try:
+        final = node.execute(task["task_id"])
+    finally:
+        if progress:
+            progress.stop()
     sys.exit(STATE_EXIT.get(final.get("state", "FAILED"), EXIT_FAILED))
 
 
@@ -247,8 +245,9 @@ def cancel(config_path: str, task_id: str) -> None:
 @click.argument("task_id", required=False)
 @click.option("--limit", type=int, default=30, show_default=True, help="How many tasks.")
 def tasks(config_path: str, task_id: str | None, limit: int) -> None:
-    """The journal: recent tasks, or one task's events."""
+    """The journal: recent tasks, or one task's events, stage times and logs."""
     config = _config(config_path)
+    from .display import task_detail, task_table
     from .journal import Journal
 
     journal = Journal(config.work_dir / "journal.sqlite")
@@ -257,14 +256,8 @@ def tasks(config_path: str, task_id: str | None, limit: int) -> None:
         if rec is None:
             click.echo(f"no task {task_id} in the journal", err=True)
             sys.exit(EXIT_FAILED)
-        click.echo(f"task {rec.task_id}: {rec.state}, attempt {rec.attempt}, host {rec.host}")
-        click.echo(f"run dir: {config.work_dir / 'runs' / rec.task_id}")
-        for event in rec.events:
-            _print_event(event)
-        return
-    click.echo(f"{'TASK':<40} {'STATE':<11} {'ATT':>3} {'DURATION':>9} {'EXIT':>4}")
-    for rec in journal.recent(limit):
-        end = rec.finished_at or time.time()
-        code = rec.result.get("exit_code")
-        click.echo(f"{rec.task_id:<40} {rec.state:<11} {rec.attempt:>3} "
-                   f"{end - rec.received_at:>8.1f}s {'' if code is None else code:>4}")
+        lines = task_detail(rec, config)
+    else:
+        lines = task_table(journal.recent(limit))
+    for line in lines:
+        click.echo(line)

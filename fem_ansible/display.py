@@ -1,0 +1,178 @@
+"""What the command line shows of tasks: event lines, the journal's table, one task's story
+with the time it spent in each stage, and ``fem-ansible run``'s live progress line.
+
+The progress line is drawn only on a terminal; anywhere else (a pipe, a log, CI) the same
+events come out as plain lines, one per event, which is what scripts and logs want.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from datetime import datetime
+from typing import Any, TextIO
+
+from .config import Config
+from .journal import TaskRecord
+from .lifecycle import NodeObserver
+from .schema import TERMINAL_STATES
+from .sizes import format_bytes
+
+# The stage a task is in while in each state (DESIGN.md §4); RECEIVED is the wait for a slot.
+STATE_STAGE = {"RECEIVED": "waiting", "STAGING_IN": "stage_in", "RUNNING": "run",
+               "STAGING_OUT": "stage_out"}
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One event as one line: seq, state, message, then what is known."""
+    extra = []
+    for key in ("host", "image_digest", "source_commit", "exit_code"):
+        if event.get(key) is not None:
+            extra.append(f"{key}={event[key]}")
+    for key in ("outputs", "logs"):
+        if event.get(key):
+            a = event[key]
+            extra.append(f"{key}={a['url'] or '(kept on node)'} {a['size']}B")
+    if event.get("error"):
+        extra.append(f"error={event['error']['code']}")
+    tail = f" [{', '.join(extra)}]" if extra else ""
+    return f"{event['seq']:>3} {event['state']:<11} {event['message']}{tail}"
+
+
+def duration(seconds: float) -> str:
+    h, rest = divmod(round(seconds), 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _ts(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+
+
+def stage_timings(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds spent in each stage, summed over attempts, from the events' ``ts``: a stage
+    lasts from the event that enters it to the next state change."""
+    spent: dict[str, float] = {}
+    current: tuple[str, float] | None = None
+    for event in events:
+        state, at = event["state"], _ts(event)
+        if current and current[0] == state:
+            continue  # a progress event within the state
+        if current and current[0] in STATE_STAGE:
+            stage = STATE_STAGE[current[0]]
+            spent[stage] = spent.get(stage, 0.0) + max(0.0, at - current[1])
+        current = (state, at)
+    return spent
+
+
+def task_table(records: list[TaskRecord], now: float | None = None) -> list[str]:
+    now = now or time.time()
+    lines = [f"{'TASK':<36} {'STATE':<11} {'ATT':>3} {'HOST':<12} {'RECEIVED':<19} "
+             f"{'DURATION':>9} {'EXIT':>4}"]
+    for rec in records:
+        end = rec.finished_at or now
+        code = rec.result.get("exit_code")
+        started = datetime.fromtimestamp(rec.received_at).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"{rec.task_id:<36} {rec.state:<11} {rec.attempt:>3} "
+                     f"{(rec.host or '-'):<12} {started:<19} "
+                     f"{duration(end - rec.received_at):>9} {'' if code is None else code:>4}")
+    return lines
+
+
+def task_detail(rec: TaskRecord, config: Config) -> list[str]:
+    """One task: its state, its events, the time per stage, and where its logs are."""
+    lines = [f"task {rec.task_id}: {rec.state}, attempt {rec.attempt}, host {rec.host or '-'}"]
+    lines += [format_event(e) for e in rec.events]
+    timings = stage_timings(rec.events)
+    if timings:
+        total = (rec.finished_at or time.time()) - rec.received_at
+        parts = [f"{stage} {duration(timings[stage])}"
+                 for stage in ("waiting", "stage_in", "run", "stage_out") if stage in timings]
+        lines.append(f"time: {', '.join(parts)}; total {duration(total)}")
+    run_dir = config.work_dir / "runs" / rec.task_id
+    lines.append("logs:")
+    if run_dir.is_dir():
+        for path in sorted((run_dir / "artifacts").glob("*/stdout")):
+            lines.append(f"  ansible output    {path}")
+        for name in ("logs", "outputs"):
+            archive = run_dir / "archives" / f"{name}.tar.gz"
+            if archive.is_file():
+                lines.append(f"  {name + ' archive':<17} {archive} "
+                             f"({format_bytes(archive.stat().st_size)})")
+    else:
+        lines.append(f"  run dir           {run_dir} (removed: older than the last "
+                     f"{config.execution.keep_runs} runs, execution.keep_runs)")
+    lines.append(f"  audit log         {config.audit_file} (lines with \"task_id\": "
+                 f"\"{rec.task_id}\")")
+    lines.append(f"  listener log      journalctl -u fem-ansible | grep {rec.task_id}")
+    return lines
+
+
+class Progress(NodeObserver):
+    """``fem-ansible run`` on a terminal: event lines scroll, and below them one line is
+    redrawn with the task's state, its time so far and the upload's progress.
+
+    :param out: the terminal.
+    """
+
+    SPIN = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._state = "RECEIVED"
+        self._state_since = self._started
+        self._upload: tuple[str, int, int] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._spin = itertools.cycle(self.SPIN)
+
+    def start(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
+        with self._lock:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+
+    def echo(self, line: str) -> None:
+        """Print a line above the status line."""
+        with self._lock:
+            self.out.write(f"\r\x1b[K{line}\n")
+            self._draw()
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            if event["state"] != self._state:
+                self._state, self._state_since = event["state"], time.monotonic()
+                self._upload = None
+
+    def on_upload(self, task_id: str, kind: str, sent: int, total: int) -> None:
+        with self._lock:
+            self._upload = (kind, sent, total)
+
+    def status(self) -> str:
+        now = time.monotonic()
+        line = (f"{self._state:<11} {duration(now - self._started)} "
+                f"(this stage {duration(now - self._state_since)})")
+        if self._upload:
+            kind, sent, total = self._upload
+            pct = 100 * sent // total if total else 100
+            line += f"  uploading {kind} {format_bytes(sent)} of {format_bytes(total)} ({pct}%)"
+        return line
+
+    def _draw(self) -> None:
+        if self._state not in TERMINAL_STATES:
+            self.out.write(f"\r\x1b[K{next(self._spin)} {self.status()}")
+        self.out.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            with self._lock:
+                self._draw()
+
