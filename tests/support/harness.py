@@ -149,15 +149,17 @@ class Listener:
 class Orchestrator:
     """The other end of the wire, on its own connection."""
 
-    def __init__(self, node_id: str):
+    def __init__(self, node_id: str, params: pika.ConnectionParameters | None = None):
+        """:param params: another broker than the shared one (e.g. a TLS node)."""
         self.node_id = node_id
+        self.params = params or pika.URLParameters(AMQP_URL)
         self.received: list[dict[str, Any]] = []
         self.reconnect()
 
     def reconnect(self) -> None:
         """(Re)open the connection; the durable events queue kept what came meanwhile."""
         node_id = self.node_id
-        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        self.conn = pika.BlockingConnection(self.params)
         self.ch = self.conn.channel()
         self.ch.exchange_declare("fem.events", "topic", durable=True)
         self.ch.exchange_declare("fem.tasks", "direct", durable=True)
