@@ -16,7 +16,7 @@ import click
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError, RejectedError
-from .logs import setup_logging
+from .logs import setup_logging, task_context
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 STATE_EXIT = {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED, "TIMED_OUT": EXIT_FAILED,
@@ -125,7 +125,8 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
         click.echo(f"task {task['task_id']} already ran here: {existing.state}", err=True)
         sys.exit(STATE_EXIT[existing.state])
     try:
-        final = node.execute(task["task_id"])
+        with task_context(task["task_id"]):
+            final = node.execute(task["task_id"])
     finally:
         if progress:
             progress.stop()

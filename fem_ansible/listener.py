@@ -29,6 +29,7 @@ from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal
 from .legacy import LegacyConsumer
 from .lifecycle import Node, NodeObserver
+from .logs import task_context
 from .schema import CONTROL_SCHEMA_ID, parse_json, schema_errors
 from .signatures import HEADER
 
@@ -235,7 +236,7 @@ class Listener:
                     broker.publish_json(ch, broker.EVENTS_EXCHANGE, routing_key(event), event)
                 except pika.exceptions.UnroutableError:
                     log.warning("event %s had no queue bound to receive it",
-                                routing_key(event))
+                                routing_key(event), extra={"task_id": event["task_id"]})
                 self.journal.mark_published(event_id)
 
     def _heartbeat(self) -> None:
@@ -254,7 +255,8 @@ class Listener:
 
     def _work(self, task_id: str, cancel: threading.Event) -> None:
         try:
-            event = self.node.execute(task_id, cancel)
+            with task_context(task_id):
+                event = self.node.execute(task_id, cancel)
             if self.legacy:
                 self.legacy.finished(task_id, event)
         except Exception:

@@ -1,7 +1,9 @@
 """Log output for a terminal (text) or a log pipeline (JSON lines).
 
-Every record about a task carries ``task_id`` (passed as ``extra={"task_id": …}``), so one
-task's story can be pulled out of months of logs with one filter.
+Every record about a task carries ``task_id``, so one task's story can be pulled out of
+months of logs with one filter: passed as ``extra={"task_id": …}``, or taken from
+:func:`task_context`, which the thread working on a task holds, so that lines from the
+modules it calls (uploads, the runner) carry it too without knowing about tasks.
 """
 
 from __future__ import annotations
@@ -9,7 +11,31 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
+
+_TASK_ID: ContextVar[str | None] = ContextVar("fem_task_id", default=None)
+
+
+@contextmanager
+def task_context(task_id: str) -> Iterator[None]:
+    """Log records made in this block (this thread) are about ``task_id``."""
+    token = _TASK_ID.set(task_id)
+    try:
+        yield
+    finally:
+        _TASK_ID.reset(token)
+
+
+class TaskIdFilter(logging.Filter):
+    """Gives a record without ``task_id`` the one of the current :func:`task_context`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "task_id", None) is None:
+            record.task_id = _TASK_ID.get()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,6 +67,7 @@ class TextFormatter(logging.Formatter):
 def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TaskIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
