@@ -34,8 +34,9 @@ show_log() {
 # node that tests/test_e2e_security.py starts for itself.
 # python3-docker (brings python3-requests): the Docker SDK in Debian's python3, which the
 # SSH hosts of tests/test_e2e_hosts.py use as ansible_python_interpreter, as a remote host would.
+# systemd: systemd-analyze verifies contrib/fem-ansible.service (tests/test_contrib.py).
 APT_PACKAGES=(docker.io docker-registry busybox-static git openssh-server curl iproute2 util-linux
-  slurm-wlm munge apache2-utils openssl python3-docker)
+  slurm-wlm munge apache2-utils openssl python3-docker systemd)
 
 missing_packages() { # prints the packages of "$@" that are not installed
   local pkg status
