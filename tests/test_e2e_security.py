@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import pytest
 import requests
 import yaml
 
 from fem_ansible.signatures import sign_hmac
 from tests.support.archives import tar_entries, tar_members, uploaded_file
-from tests.support.harness import NOTHING_LEFT, leftovers
-from tests.support.secure_services import ProcessSampler, auth_registry
+from tests.support.harness import NOTHING_LEFT, Orchestrator, leftovers
+from tests.support.secure_services import ProcessSampler, auth_registry, tls_broker
 from tests.support.services import upload_requests
 
 pytestmark = pytest.mark.e2e
@@ -506,3 +507,25 @@ def test_secrets_of_a_run_appear_nowhere(site, tmp_path):
         assert (site.work_dir / name).stat().st_mode & 0o077 == 0, name
     assert site.work_dir.stat().st_mode & 0o077 == 0
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_listener_runs_a_task_over_amqps_with_a_client_certificate(site, tmp_path):
+    """A RabbitMQ node of the test's own that speaks only TLS and wants a client certificate
+    (the shared broker is left alone); the listener connects with CA + certificate."""
+    with tls_broker(tmp_path) as broker:
+        with pytest.raises(pika.exceptions.AMQPConnectionError):
+            pika.BlockingConnection(broker.params(client_cert=False))
+        orch = Orchestrator(site.node, broker.params())
+        try:
+            config = site.config(broker={
+                "url": broker.url, "heartbeat_s": 5,
+                "tls": {"ca_file": str(broker.ca_file), "cert_file": str(broker.cert_file),
+                        "key_file": str(broker.key_file)}})
+            listener = site.listener(config)
+            orch.publish(site.task("over-tls"))
+            final = orch.wait_terminal("over-tls")
+            assert final["state"] == "COMPLETED", final
+            assert "connection lost" not in listener.log.read_text()
+            listener.stop()
+        finally:
+            orch.close()

@@ -131,3 +131,141 @@ class ProcessSampler:
                                                   "utf-8", "replace")))
             self.samples += 1
             self._stop.wait(self.interval_s)
+
+
+def _certificates(where: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("fem test CA")).issuer_name(name(
+        "fem test CA")).public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    out = {"ca": where / "ca.pem"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for who, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
+                       ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(f"fem test {who}"))
+                .issuer_name(ca.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        out[who] = where / f"{who}.pem"
+        out[who].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{who}_key"] = where / f"{who}.key"
+        write_key(key, out[f"{who}_key"])
+    return out
+
+
+@dataclass(frozen=True)
+class TlsBroker:
+    url: str
+    port: int
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def params(self, client_cert: bool = True):
+        """pika connection parameters trusting the test CA, with or without the client
+        certificate."""
+        import ssl
+
+        import pika
+
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        if client_cert:
+            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        params = pika.URLParameters(self.url)
+        params.ssl_options = pika.SSLOptions(context, "127.0.0.1")
+        return params
+
+
+@contextlib.contextmanager
+def tls_broker(tmp: Path) -> Iterator[TlsBroker]:
+    """A second RabbitMQ node, ``femtls<port>@localhost``, that speaks only AMQPS on
+    127.0.0.1 and requires a client certificate from the test CA.  The machine's own node is
+    never touched: this one has its own name, ports, database, logs, cookie and plugins."""
+    import pika
+
+    port, dist_port = free_port(), free_port()
+    node = f"femtls{port}@localhost"
+    root = tmp / "tls-broker"
+    (root / "certs").mkdir(parents=True)
+    certs = _certificates(root / "certs")
+    (root / "rabbitmq.conf").write_text(f"""listeners.tcp = none
+listeners.ssl.default = 127.0.0.1:{port}
+ssl_options.cacertfile = {certs['ca']}
+ssl_options.certfile = {certs['server']}
+ssl_options.keyfile = {certs['server_key']}
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+""")
+    (root / "enabled_plugins").write_text("[].\n")
+    (root / "rabbitmq-env.conf").write_text("")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "FEM_"))},
+        "HOME": str(root),  # its own Erlang cookie
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq"),
+        "RABBITMQ_CONF_ENV_FILE": str(root / "rabbitmq-env.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(root / "log"),
+        "RABBITMQ_PID_FILE": str(root / "node.pid"),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+    }
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen(["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    broker = TlsBroker(f"amqps://guest:guest@127.0.0.1:{port}/%2F", port, certs["ca"],
+                       certs["client"], certs["client_key"])
+    try:
+        params = broker.params()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                pika.BlockingConnection(params).close()
+                break
+            except pika.exceptions.AMQPError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the TLS broker did not start:\n"
+                                       + (root / "server.log").read_text()[-3000:]) from None
+                time.sleep(0.5)
+        yield broker
+    finally:
+        subprocess.run(["/usr/lib/rabbitmq/bin/rabbitmqctl", "-n", node, "stop"], env=env,
+                       capture_output=True, timeout=60, check=False)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
