@@ -66,6 +66,8 @@ class Metrics(NodeObserver):
         for kind in ("outputs", "logs"):
             self.upload_bytes.labels(kind)
         self.running = Gauge("fem_tasks_running", "Tasks this listener holds now.", registry=r)
+        Gauge("fem_task_slots", "Tasks this listener may hold (execution.max_parallel).",
+              registry=r).set(config.execution.max_parallel)
         self.connected = Gauge("fem_broker_connected",
                                "1 while connected to the broker, else 0.", registry=r)
         self.unpublished = Gauge("fem_events_unpublished",

@@ -36,6 +36,7 @@ def test_metrics_count_the_tasks_run(site):
     before = scrape(port)
     assert value(before, "fem_broker_connected") == 1
     assert value(before, "fem_tasks_received_total") == 0
+    assert value(before, "fem_task_slots") == 1
 
     orch.publish(site.task("m-ok"))
     orch.publish(site.task("m-exit3", command=["sh", "-c", "exit 3"]))
