@@ -65,6 +65,9 @@ class Listener:
 
     def run(self) -> None:
         self._install_signal_handlers()
+        # The inventory is read once, here, not in the connection thread at the first task:
+        # a broken one stops the service at start as a config error (docs/hosts.md).
+        _ = self.node.targets.inventory
         self._recover()
         delay = RECONNECT_MIN_S
         while not self._stop_now.is_set():
