@@ -276,3 +276,14 @@ def test_write_under_refuses_links(tmp_path):
         legacy._write_under(root, "l/x", b"1")
     legacy._write_under(root, "d/f.txt", b"1")
     assert (root / "d" / "f.txt").read_bytes() == b"1"
+
+
+def test_enabled_without_sandbox_path_is_a_config_error(make_config):
+    from fem_ansible.errors import ConfigError
+    from fem_ansible.listener import Listener
+
+    with pytest.raises(ConfigError, match=r"legacy\.sandbox_path"):
+        Listener(make_config(legacy={"enabled": True}))
+    with pytest.raises(ConfigError, match=r"legacy\.data_path"):
+        Listener(make_config(legacy={"enabled": True, "sandbox_path": "/srv/sb",
+                                     "data_path": "relative"}))
