@@ -8,11 +8,14 @@ step.  Both take them under the same option names (:data:`CONTAINER_OPTIONS`), s
 added to ``fem_policy`` is added here once and reaches both.
 """
 
-# Runs on the target's Python (>= 3.8).
+# Runs on the target's Python (>= 3.8): timezone.utc, not datetime.UTC.
+# ruff: noqa: UP017
 
 from __future__ import annotations
 
 import os
+import re
+from datetime import datetime, timezone
 
 _ROOT_USERS = ("", "root", "0")
 _TRUNCATION_MARKER = "\n[fem: log truncated at {limit} bytes]\n"
@@ -46,6 +49,22 @@ CONTAINER_OPTIONS = {
     "gpus": {"type": "int", "default": 0},
     "network_mode": {"type": "str", "default": "none"},
 }
+
+
+_TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_engine_time(value):
+    """Epoch seconds of an engine's RFC 3339 (nanosecond) time (Docker's and podman's
+    ``State.StartedAt``), None when unset (``0001-01-01…``)."""
+    match = _TS_RE.match(value or "")
+    if not match or match.group(1).startswith("0001-"):
+        return None
+    base, frac, zone = match.groups()
+    stamp = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone))
+    return stamp.replace(tzinfo=stamp.tzinfo or timezone.utc).timestamp() + float(
+        "0." + (frac or "0")
+    )
 
 
 def effective_user(image_user, fallback):
@@ -103,15 +122,18 @@ def _mount_arg(mount):
     return value + (",readonly" if mount["read_only"] else "")
 
 
-def run_argv(runtime, p, user, env_file=None):
+def run_argv(runtime, p, user, env_file=None, create=False):
     """The ``<runtime> run`` argument vector for the settings ``p`` (:data:`CONTAINER_OPTIONS`
     plus ``name``), with the hardening ``docker_task`` applies through the API.
 
     The environment is not on the command line (where any local user could read it): it is
     in ``env_file``, written by :func:`write_env_file`.  The container is removed by the
     engine when it ends (``--rm``), so one stopped with its job leaves nothing behind.
+    With ``create`` it is ``<runtime> create`` instead: the caller (``podman_task``) starts,
+    waits for, collects and removes the container itself.
     """
-    argv = [runtime, "run", "--rm", "--name", p["name"], "--user", user,
+    verb = ["create"] if create else ["run", "--rm"]
+    argv = [runtime, *verb, "--name", p["name"], "--user", user,
             "--network", p["network_mode"], "--ipc", "private"]
     for key, value in sorted(p["labels"].items()):
         argv += ["--label", f"{key}={value}"]

@@ -4,7 +4,7 @@
 """Run one fem task container to completion, idempotently, and collect its logs."""
 
 # Ansible module layout (documentation before imports); runs on the target's Python (>= 3.8).
-# ruff: noqa: E402, UP017
+# ruff: noqa: E402
 
 from __future__ import annotations
 
@@ -237,16 +237,17 @@ removed:
 """
 
 import os
-import re
 import time
 import traceback
-from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.fem.core.plugins.module_utils.container import (
     CONTAINER_OPTIONS,
     effective_user,
     write_capped,
+)
+from ansible_collections.fem.core.plugins.module_utils.container import (
+    parse_engine_time as parse_docker_time,
 )
 
 try:
@@ -258,21 +259,6 @@ except ImportError:
     DOCKER_IMPORT_ERROR = traceback.format_exc()
 else:
     DOCKER_IMPORT_ERROR = None
-
-_TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
-
-
-def parse_docker_time(value):
-    """Return the epoch seconds of a Docker RFC 3339 (nanosecond) time, None if unset."""
-    match = _TS_RE.match(value or "")
-    if not match or match.group(1).startswith("0001-"):
-        return None
-    base, frac, zone = match.groups()
-    stamp = datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone))
-    return stamp.replace(tzinfo=stamp.tzinfo or timezone.utc).timestamp() + float(
-        "0." + (frac or "0")
-    )
-
 
 def host_config_kwargs(params):
     """The engine's host settings for a task container, from the module's parameters.
