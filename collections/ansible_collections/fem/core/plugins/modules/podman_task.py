@@ -1,0 +1,449 @@
+#!/usr/bin/python
+# Copyright: fem-ansible developers
+# SPDX-License-Identifier: Apache-2.0
+"""Run one fem task container on podman to completion, idempotently, and collect its logs.
+
+The same states, options and return values as ``docker_task``, through the ``podman`` CLI
+(there is no daemon API to talk to; the CLI is podman's stable interface).
+"""
+
+# Ansible module layout (documentation before imports); runs on the target's Python (>= 3.8).
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: podman_task
+short_description: Run one task container on podman to completion with a timeout
+version_added: 1.1.0
+description:
+  - The podman twin of M(fem.core.docker_task), with the same states, container options and
+    return values. Creates (C(podman create)) and starts a container named O(name), or finds
+    the one a previous run of the same task started, waits for it to exit and writes its
+    stdout and stderr, each capped at O(log_bytes), plus its exit code into O(log_dir).
+  - The timeout is counted from the container's C(State.StartedAt), so running the module
+    again after an interruption only waits for the rest of it. A container still running is
+    waited for, never started again; one that has exited is only collected.
+  - At the timeout the container is stopped (SIGTERM, then SIGKILL after O(stop_grace)) and
+    the module reports RV(timed_out=true) and RV(exit_code=null).
+  - The container runs unprivileged with the given hardening, the C(k8s-file) log driver
+    (so that stdout and stderr stay apart) and ulimits within the host's hard limits. Its
+    user is the image's own user unless that is empty or root, then O(fallback_user).
+  - The environment goes through an env file (mode 0600, removed once the container is
+    created), never the command line.
+  - A non-zero exit code is a result, not a failure.
+  - With O(state=stopped) it stops the container if it runs; with O(state=absent) it
+    removes the container (killing it if it runs, with its anonymous volumes) and the named
+    O(volumes); objects already gone are fine.
+options:
+  name:
+    description: Container name.
+    type: str
+    required: true
+  state:
+    description:
+      - V(present) runs the container to completion and collects it.
+      - V(stopped) stops it if it runs.
+      - V(absent) removes the container and O(volumes).
+    type: str
+    choices: [present, stopped, absent]
+    default: present
+  volumes:
+    description: Named volumes removed with O(state=absent).
+    type: list
+    elements: str
+    default: []
+  image:
+    description: Image reference, already present; required with O(state=present).
+    type: str
+  command:
+    description: Argument vector; the image's default command when omitted or null.
+    type: list
+    elements: str
+  workdir:
+    description: Working directory in the container; the image's when omitted or null.
+    type: str
+  env:
+    description: Container environment.
+    type: dict
+    default: {}
+  labels:
+    description: Container labels.
+    type: dict
+    default: {}
+  mounts:
+    description: Bind mounts and named volumes.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      type:
+        description: C(bind) for a host path, C(volume) for a named volume.
+        type: str
+        choices: [bind, volume]
+        default: bind
+      source:
+        description: Host path or volume name.
+        type: str
+        required: true
+      target:
+        description: Path in the container.
+        type: str
+        required: true
+      read_only:
+        description: Mount read-only.
+        type: bool
+        default: true
+  fallback_user:
+    description: C(uid:gid) used when the image's user is empty, C(root) or C(0).
+    type: str
+  read_only:
+    description: Read-only root filesystem.
+    type: bool
+    default: true
+  cap_drop:
+    description: Capabilities to drop.
+    type: list
+    elements: str
+    default: [ALL]
+  no_new_privileges:
+    description: Set the C(no-new-privileges) security option.
+    type: bool
+    default: true
+  tmpfs:
+    description: Map of container path to tmpfs mount options.
+    type: dict
+    default: {}
+  pids_limit:
+    description: Maximum number of processes; unlimited when 0.
+    type: int
+    default: 0
+  memory:
+    description: Memory limit in bytes (swap included); unlimited when 0.
+    type: int
+    default: 0
+  cpus:
+    description: CPU limit in CPUs; unlimited when 0.
+    type: float
+    default: 0
+  gpus:
+    description: GPUs; when above 0 all of the host's CDI C(nvidia.com/gpu) devices.
+    type: int
+    default: 0
+  network_mode:
+    description: Network mode (C(none), C(host) or a network name).
+    type: str
+    default: none
+  timeout:
+    description: Seconds the container may run, counted from its start.
+    type: float
+  stop_grace:
+    description: Seconds between SIGTERM and SIGKILL when stopping.
+    type: int
+    default: 10
+  log_dir:
+    description: Existing directory that receives C(stdout.log), C(stderr.log), C(exit_code).
+    type: path
+  log_bytes:
+    description: Maximum size of each log file, the truncation marker line included.
+    type: int
+  executable:
+    description: The podman command.
+    type: str
+    default: podman
+  api_timeout:
+    description: Seconds to wait for a podman command (the wait itself excepted).
+    type: int
+    default: 60
+requirements:
+  - podman >= 4
+attributes:
+  check_mode:
+    support: full
+    details: In check mode the module does nothing and reports no change.
+author:
+  - fem-ansible developers
+"""
+
+EXAMPLES = r"""
+- name: Run the task container on podman
+  fem.core.podman_task:
+    name: fem-node1-task42
+    image: registry.example.org/lab/train:1.2
+    command: [python, train.py]
+    labels: {fem.node_id: node1, fem.task_id: task42}
+    mounts:
+      - {source: /var/lib/fem-ansible/runs/task42/input, target: /fem/input}
+      - {source: /var/lib/fem-ansible/runs/task42/output, target: /fem/output, read_only: false}
+    fallback_user: "65534:65534"
+    timeout: 3600
+    log_dir: /var/lib/fem-ansible/runs/task42/logs
+    log_bytes: 104857600
+"""
+
+RETURN = r"""
+exit_code:
+  description: The container's exit code; null when it was stopped at the timeout.
+  returned: success with O(state=present), not in check mode
+  type: int
+timed_out:
+  description: Whether the container was stopped at the timeout.
+  returned: always
+  type: bool
+container_id:
+  description: Full container id.
+  returned: success and not check mode
+  type: str
+user:
+  description: The user the container ran as.
+  returned: success and not check mode
+  type: str
+oom_killed:
+  description: Whether the kernel's OOM killer stopped the container.
+  returned: success and not check mode
+  type: bool
+started_at:
+  description: The container's C(State.StartedAt).
+  returned: success and not check mode
+  type: str
+finished_at:
+  description: The container's C(State.FinishedAt).
+  returned: success and not check mode
+  type: str
+logs:
+  description: Per stream, C(path), C(bytes) written and whether it was C(truncated).
+  returned: success and not check mode
+  type: dict
+stopped:
+  description: Whether the container was running and got stopped (O(state=stopped)).
+  returned: when O(state=stopped)
+  type: bool
+removed:
+  description: Names of the container and volumes removed (O(state=absent)).
+  returned: when O(state=absent)
+  type: list
+  elements: str
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.fem.core.plugins.module_utils.container import (
+    CONTAINER_OPTIONS,
+    effective_user,
+    parse_engine_time,
+    run_argv,
+    write_capped,
+    write_env_file,
+)
+
+_RUNNING = ("running", "paused", "stopping")
+_NOT_STARTED = ("created", "configured", "initialized")
+
+
+class PodmanError(Exception):
+    """A podman command failed."""
+
+
+class PodmanTask:
+    """One container's lifecycle through the podman CLI: find or create, start, wait, collect."""
+
+    def __init__(self, module):
+        self.module = module
+        self.p = module.params
+        self.changed = False
+
+    def podman(self, *args, timeout=None, check=True):
+        argv = [self.p["executable"], *args]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=timeout or self.p["api_timeout"])
+        except FileNotFoundError:
+            raise PodmanError(f"{argv[0]} not found (install podman)") from None
+        if check and done.returncode != 0:
+            raise PodmanError(f"podman {args[0]} {args[1] if len(args) > 1 else ''}: "
+                              f"{done.stderr.decode(errors='replace').strip()}")
+        return done
+
+    def inspect(self, kind, name):
+        """``podman <kind> inspect`` of one object, None when there is no such object."""
+        done = self.podman(kind, "inspect", name, check=False)
+        if done.returncode != 0:
+            if b"no such" in done.stderr.lower():
+                return None
+            raise PodmanError(done.stderr.decode(errors="replace").strip())
+        return json.loads(done.stdout)[0]
+
+    def find(self):
+        return self.inspect("container", self.p["name"])
+
+    def create(self):
+        p = self.p
+        image = self.inspect("image", p["image"])
+        if image is None:
+            self.module.fail_json(msg=f"Image {p['image']} is not present on podman "
+                                      "(fem_image pulls it first)")
+        user = effective_user((image.get("Config") or {}).get("User"), p["fallback_user"])
+        fd, env_file = tempfile.mkstemp(prefix=".env-", dir=p["log_dir"])
+        os.close(fd)
+        try:
+            write_env_file(env_file, p["env"])
+            argv = run_argv(p["executable"], p, user, env_file=env_file, create=True)
+            # k8s-file keeps stdout and stderr apart (journald needs a running journal).
+            argv[2:2] = ["--log-driver", "k8s-file"]
+            self.podman(*argv[1:])
+        finally:
+            os.unlink(env_file)
+        self.changed = True
+
+    def start(self):
+        self.podman("start", self.p["name"])
+        self.changed = True
+        return self.find()
+
+    def wait(self, info):
+        """Wait for the rest of the timeout; stop at it. Return (exit_code, timed_out)."""
+        state = info["State"]
+        started = parse_engine_time(state.get("StartedAt")) or time.time()
+        timeout = self.p["timeout"]
+        if state.get("Status") in _RUNNING:
+            remaining = started + timeout - time.time()
+            if remaining > 0:
+                try:
+                    self.podman("wait", info["Id"], timeout=remaining)
+                    return self.find()["State"].get("ExitCode"), False
+                except subprocess.TimeoutExpired:
+                    pass
+            self.podman("stop", "--time", str(self.p["stop_grace"]), info["Id"],
+                        timeout=self.p["stop_grace"] + self.p["api_timeout"])
+            self.changed = True
+            return None, True
+        # Exited before this run saw it: it timed out if it ran for the whole timeout
+        # (an earlier run stopped it and was interrupted before collecting).
+        finished = parse_engine_time(state.get("FinishedAt"))
+        if finished is not None and finished - started >= timeout:
+            return None, True
+        return state.get("ExitCode"), False
+
+    def collect_logs(self, container_id):
+        """Both streams of ``podman logs``, each read by its own thread so that neither pipe
+        fills up; past the cap the rest is read and dropped, never held."""
+        proc = subprocess.Popen([self.p["executable"], "logs", container_id],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        logs, errors = {}, []
+
+        def drain(stream, pipe):
+            path = os.path.join(self.p["log_dir"], stream + ".log")
+            chunks = iter(lambda: pipe.read(1 << 16), b"")
+            try:
+                written, truncated = write_capped(chunks, path, self.p["log_bytes"])
+                logs[stream] = {"path": path, "bytes": written, "truncated": truncated}
+            except OSError as exc:
+                errors.append(exc)
+            for _ in chunks:
+                pass
+
+        threads = [threading.Thread(target=drain, args=("stdout", proc.stdout)),
+                   threading.Thread(target=drain, args=("stderr", proc.stderr))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if proc.wait() != 0 or errors:
+            raise PodmanError(f"podman logs {container_id} failed: {errors or proc.returncode}")
+        return logs
+
+    def stop(self):
+        """Stop the container if it runs; nothing to do when it is gone or has exited."""
+        info = self.find()
+        if info is None or info["State"].get("Status") not in _RUNNING:
+            return {"changed": False, "stopped": False}
+        self.podman("stop", "--time", str(self.p["stop_grace"]), info["Id"],
+                    timeout=self.p["stop_grace"] + self.p["api_timeout"])
+        return {"changed": True, "stopped": True}
+
+    def remove(self):
+        """Remove the container (killed if running, anonymous volumes too) and the volumes."""
+        removed = []
+        if self.find() is not None:
+            self.podman("rm", "--force", "--volumes", "--time", str(self.p["stop_grace"]),
+                        self.p["name"], timeout=self.p["stop_grace"] + self.p["api_timeout"])
+            removed.append(self.p["name"])
+        for volume in self.p["volumes"]:
+            if self.inspect("volume", volume) is not None:
+                self.podman("volume", "rm", "--force", volume)
+                removed.append(volume)
+        return {"changed": bool(removed), "removed": removed}
+
+    def run(self):
+        info = self.find()
+        if info is None:
+            self.create()
+            info = self.start()
+        elif info["State"].get("Status") in _NOT_STARTED:
+            info = self.start()
+        exit_code, timed_out = self.wait(info)
+        info = self.find()
+        logs = self.collect_logs(info["Id"])
+        with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
+            out.write("null\n" if exit_code is None else f"{exit_code}\n")
+        return {
+            "changed": self.changed,
+            "exit_code": exit_code,
+            "timed_out": timed_out,
+            "container_id": info["Id"],
+            "user": info["Config"].get("User") or "",
+            "oom_killed": bool(info["State"].get("OOMKilled")),
+            "started_at": info["State"].get("StartedAt"),
+            "finished_at": info["State"].get("FinishedAt"),
+            "logs": logs,
+        }
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "name": {"type": "str", "required": True},
+            "state": {
+                "type": "str",
+                "choices": ["present", "stopped", "absent"],
+                "default": "present",
+            },
+            "volumes": {"type": "list", "elements": "str", "default": []},
+            **CONTAINER_OPTIONS,
+            "timeout": {"type": "float"},
+            "stop_grace": {"type": "int", "default": 10},
+            "log_dir": {"type": "path"},
+            "log_bytes": {"type": "int"},
+            "executable": {"type": "str", "default": "podman"},
+            "api_timeout": {"type": "int", "default": 60},
+        },
+        required_if=[
+            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes")),
+        ],
+        supports_check_mode=True,
+    )
+    if module.check_mode:
+        module.exit_json(changed=False, timed_out=False, msg="check mode: nothing done")
+    task = PodmanTask(module)
+    try:
+        if module.params["state"] == "absent":
+            module.exit_json(**task.remove())
+        if module.params["state"] == "stopped":
+            module.exit_json(**task.stop())
+        module.exit_json(**task.run())
+    except (PodmanError, subprocess.SubprocessError, ValueError, OSError) as exc:
+        module.fail_json(msg=f"Podman task {module.params['name']} failed: {exc}",
+                         exception=traceback.format_exc())
+
+
+if __name__ == "__main__":
+    main()
