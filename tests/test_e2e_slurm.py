@@ -19,13 +19,13 @@ pytestmark = pytest.mark.e2e
 JOB_ID = re.compile(r"Slurm job (\d+)")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
-    """The cluster, started for these tests (and stopped after them) unless one runs."""
-    started = slurm.start()
+    """The cluster, started for these tests unless one runs; the last test process to be
+    done with it stops what was started."""
+    slurm.acquire()
     yield
-    if started:
-        slurm.stop()
+    slurm.release()
 
 
 @pytest.fixture

@@ -6,12 +6,16 @@ real login node; the fem modules get no ``SLURM_CONF``).  :func:`start` writes t
 when it is absent or one of ours (its first line is :data:`MARKER`), and reuses a cluster
 that already answers; :func:`stop` stops only the daemons :func:`start` started.
 
+Tests use :func:`acquire` and :func:`release`: several pytest processes (xdist workers) may
+share the cluster, and the last one to release it stops it.
+
 ``python -m tests.support.slurm start|stop|status`` does the same from a shell.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -191,9 +195,37 @@ def status() -> str:
     return "\n".join(lines)
 
 
-def squeue_names() -> list[str]:
-    """Names of the jobs the cluster holds (pending, running or completing)."""
-    return _run("squeue", "-h", "-o", "%j", check=True).stdout.split()
+@contextlib.contextmanager
+def _locked():
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _users() -> Path:
+    users = STATE / "users"
+    users.mkdir(parents=True, exist_ok=True)
+    for entry in users.iterdir():  # users that died without releasing
+        if not entry.name.isdigit() or not _alive(int(entry.name)):
+            entry.unlink(missing_ok=True)
+    return users
+
+
+def acquire() -> None:
+    """Start the cluster if needed and count this process as one of its users."""
+    with _locked():
+        start()
+        (_users() / str(os.getpid())).touch()
+
+
+def release() -> None:
+    """This process is done with the cluster; the last user stops what :func:`start` started."""
+    with _locked():
+        users = _users()
+        (users / str(os.getpid())).unlink(missing_ok=True)
+        if not any(users.iterdir()):
+            stop()
 
 
 if __name__ == "__main__":
