@@ -72,6 +72,15 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class PodmanConfig:
+    insecure_registries: list[str] = _doc(
+        "Registry hosts (`host:port`) podman pulls from without TLS verification "
+        "(`--tls-verify=false`), e.g. a plain-HTTP mirror on 127.0.0.1.",
+        default_factory=list,
+    )
+
+
+@dataclass(frozen=True)
 class SshConfig:
     private_key_file: str | None = _doc(
         "Private key for SSH to inventory hosts; default the SSH agent and ~/.ssh "
@@ -127,6 +136,10 @@ class ExecutionConfig:
         "User (uid, and gid) for containers whose image user is root or unset.", default=65534
     )
     slurm: SlurmConfig = _doc("Settings of the Slurm executor.", default_factory=SlurmConfig)
+    podman: PodmanConfig = _doc(
+        "Settings of podman (the podman executor, Slurm with runtime podman).",
+        default_factory=PodmanConfig,
+    )
     ssh: SshConfig = _doc(
         "SSH to inventory hosts (docs/hosts.md); hosts' `ansible_*` variables win.",
         default_factory=SshConfig,

@@ -118,6 +118,9 @@ def decide(task: dict[str, Any], config: Config,
                                   task_id=tid)
 
     uid = config.execution.container_uid
+    # The engine that pulls, runs and removes the task's container (fem_image, fem_cleanup).
+    engine = {"podman": "podman", "slurm": config.execution.slurm.runtime}.get(
+        task["executor"], "docker")
     return Decision(
         policy={
             "executor": task["executor"],
@@ -137,6 +140,10 @@ def decide(task: dict[str, Any], config: Config,
             "log_bytes": limits.log_bytes,
             # Site settings, never the message's: where Slurm runs the task's job.
             "slurm": dict(asdict(config.execution.slurm)),
+            "engine": engine,
+            # Site settings: whether podman checks TLS for the image's registry.
+            "podman": {"tls_verify": parse_image(ref).registry
+                       not in {r.lower() for r in config.execution.podman.insecure_registries}},
         },
         datasets=datasets,
     )

@@ -185,6 +185,23 @@ FEM_POLICY = o(
                 "qos": o("str", "QoS of task jobs; null for the default."),
             },
         ),
+        "engine": o(
+            "str",
+            "Engine that pulls, runs and removes the task's container (C(podman) for the "
+            "podman executor, the Slurm runtime for Slurm, else C(docker)); absent means docker.",
+            choices=["docker", "podman"],
+        ),
+        "podman": o(
+            "dict",
+            "Site settings of podman (C(execution.podman)); never from the message.",
+            options={
+                "tls_verify": o(
+                    "bool",
+                    "Pull with TLS verification (false for the image's registry when the site "
+                    "lists it in C(execution.podman.insecure_registries)).",
+                ),
+            },
+        ),
     },
 )
 
@@ -248,6 +265,7 @@ ROLES = {
             "fem_node_id": FEM_NODE_ID,
             "fem_task": fem_task({"task_id", "inputs", "scratch"}),
             "fem_secrets": fem_secrets({"inputs"}),
+            "fem_policy": FEM_POLICY,
             "fem_volumes_download_timeout": o(
                 "int", "Timeout in seconds of each input download request.", default=60
             ),
@@ -265,6 +283,7 @@ ROLES = {
             "fem_run": FEM_RUN,
             "fem_task": fem_task({"image"}),
             "fem_secrets": fem_secrets({"registry_auth"}),
+            "fem_policy": FEM_POLICY,
         },
     ),
     "fem_source": (
@@ -310,6 +329,23 @@ ROLES = {
             "fem_executor_docker_api_timeout": o(
                 "int",
                 "Seconds to wait for a Docker API call (the wait for the container excepted).",
+                default=60,
+            ),
+        },
+    ),
+    "fem_executor_podman": (
+        "Run the task's container on podman and report fem_exit_code and fem_timed_out.",
+        {
+            "fem_run": FEM_RUN,
+            "fem_node_id": FEM_NODE_ID,
+            "fem_task": fem_task(
+                {"task_id", "image", "source", "command", "workdir", "env", "scratch", "outputs"}
+            ),
+            "fem_datasets": FEM_DATASETS,
+            "fem_policy": FEM_POLICY,
+            "fem_executor_podman_api_timeout": o(
+                "int",
+                "Seconds to wait for a podman command (the wait for the container excepted).",
                 default=60,
             ),
         },
@@ -376,6 +412,16 @@ STOP = {
             "fem_policy": FEM_POLICY,
             "fem_executor_docker_api_timeout": ROLES["fem_executor_docker"][1][
                 "fem_executor_docker_api_timeout"
+            ],
+        },
+    ),
+    "fem_executor_podman": (
+        "Stop the task's container (cancel).",
+        {
+            "fem_run": FEM_RUN,
+            "fem_policy": FEM_POLICY,
+            "fem_executor_podman_api_timeout": ROLES["fem_executor_podman"][1][
+                "fem_executor_podman_api_timeout"
             ],
         },
     ),
