@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,7 +243,8 @@ class Orchestrator:
 
 
 def leftovers(node_id: str, work_dir: Path) -> dict[str, list[str]]:
-    """Everything a node's tasks may have left: containers, volumes, target dirs, processes."""
+    """Everything a node's tasks may have left: containers and volumes (docker, podman),
+    target dirs, processes."""
     label = f"label=fem.node_id={node_id}"
     containers = subprocess.run(["docker", "ps", "-aq", "--filter", label],
                                 capture_output=True, text=True, check=True).stdout.split()
@@ -251,6 +253,13 @@ def leftovers(node_id: str, work_dir: Path) -> dict[str, list[str]]:
     named = subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}", "--filter",
                             f"name=fem-{node_id}-"], capture_output=True, text=True,
                            check=True).stdout.split()
+    if shutil.which("podman"):  # the podman executor's containers and volumes
+        for args in (["ps", "-aq", "--filter", label],
+                     ["ps", "-a", "--format", "{{.Names}}", "--filter", f"name=fem-{node_id}-"]):
+            containers += subprocess.run(["podman", *args], capture_output=True, text=True,
+                                         check=True).stdout.split()
+        volumes += subprocess.run(["podman", "volume", "ls", "-q", "--filter", label],
+                                  capture_output=True, text=True, check=True).stdout.split()
     tasks_dir = work_dir / "tasks"
     dirs = sorted(p.name for p in tasks_dir.iterdir()) if tasks_dir.is_dir() else []
     procs = []
