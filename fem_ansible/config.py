@@ -388,7 +388,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name
-        if name in data:
+        if name in data and (data[name] is not None or f.default is not dataclasses.MISSING
+                             or f.default_factory is dataclasses.MISSING):
+            # An empty key (`targets:` with nothing under it) keeps its default: YAML reads it
+            # as null, and a section's default may not be its type's empty value.
             kwargs[name] = _convert(data[name], hints[name], where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {where!r}")

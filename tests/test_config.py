@@ -102,3 +102,10 @@ def test_every_leaf_is_documented():
         "legacy.chunk_size",
     } <= keys
     assert all(doc for _, _, doc in rows)
+
+
+def test_empty_section_keeps_its_defaults(tmp_path):
+    config = load_config(write(tmp_path, "node_id: a\npolicy:\n  targets:\n  executors:\n"),
+                         environ={})
+    assert config.policy.targets.allow == ["localhost"]
+    assert config.policy.executors.allow == ["docker"]
