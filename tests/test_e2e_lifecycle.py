@@ -84,6 +84,22 @@ def test_failures_are_reported_with_their_codes(site):
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
+def test_input_redirect_is_refused(site):
+    """A redirect could carry the input's headers anywhere: it is never followed."""
+    env, orch = site.env, site.orchestrator
+    url, _digest = put_input(env, "redirected", b"data\n")
+    target = url.split("://", 1)[1].split("/", 1)[1]
+    redirect = f"{env['FEM_TEST_UPLOAD_URL']}/_redirect/{target}"
+    site.listener()
+    orch.publish(site.task("redirected", inputs=[{"url": redirect, "path": "p.json",
+                                                  "headers": {"X-Token": "tok"}}]))
+    final = orch.wait_terminal("redirected")
+    assert final["state"] == "FAILED" and final["error"]["code"] == "input_failed"
+    assert [e["state"] for e in orch.events("redirected")] == [
+        "RECEIVED", "STAGING_IN", "FAILED"]
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
 def test_malformed_message_is_rejected_and_dead_lettered(site):
     orch = site.orchestrator
     site.listener()

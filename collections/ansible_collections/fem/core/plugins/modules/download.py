@@ -1,0 +1,145 @@
+#!/usr/bin/python
+# Copyright: fem-ansible developers
+# SPDX-License-Identifier: Apache-2.0
+"""Download a task input: streamed, size-capped, sha256-checked, redirects refused."""
+
+# Ansible module layout (documentation before imports); runs on the target's Python (>= 3.8).
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: download
+short_description: Download one file for a fem task, refusing redirects
+version_added: 1.0.0
+description:
+  - Streams O(url) to O(dest) through a temporary file in the same directory, renamed only
+    when the download is whole, its size at most O(max_bytes) and, when O(sha256) is given,
+    its digest equal to it.
+  - A redirect is an error, never followed - DESIGN.md says redirects are not followed, since
+    one could send a request with the task's headers anywhere.
+    M(ansible.builtin.get_url) has no option for that.
+  - No proxy from the environment and no C(.netrc) are used.
+options:
+  url:
+    description: The URL (http or https); may hold a presigned query string.
+    type: str
+    required: true
+  dest:
+    description: The file to write; its directory must exist.
+    type: path
+    required: true
+  headers:
+    description: Request headers (may hold credentials).
+    type: dict
+    default: {}
+  sha256:
+    description: Expected sha256 (hex) of the content.
+    type: str
+  max_bytes:
+    description: Largest content accepted.
+    type: int
+    required: true
+  timeout:
+    description: Seconds without progress before the download fails.
+    type: int
+    default: 60
+  ca_file:
+    description: CA bundle to verify https servers with; default the system's.
+    type: path
+author:
+  - fem-ansible developers
+"""
+
+EXAMPLES = r"""
+- name: Download an input
+  fem.core.download:
+    url: https://bucket.example.org/in.csv?X-Amz-Signature=...
+    dest: /var/lib/fem-ansible/tasks/fem-site-t1/input/in.csv
+    max_bytes: 1073741824
+  no_log: true
+"""
+
+RETURN = r"""
+size:
+  description: Bytes written.
+  returned: success
+  type: int
+sha256:
+  description: sha256 (hex) of the content.
+  returned: success
+  type: str
+"""
+
+import hashlib
+import os
+import ssl
+import tempfile
+import urllib.error
+import urllib.request
+
+from ansible.module_utils.basic import AnsibleModule
+
+CHUNK = 1024 * 1024
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, "redirect refused", headers, fp)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "url": {"type": "str", "required": True, "no_log": True},
+            "dest": {"type": "path", "required": True},
+            "headers": {"type": "dict", "default": {}, "no_log": True},
+            "sha256": {"type": "str"},
+            "max_bytes": {"type": "int", "required": True},
+            "timeout": {"type": "int", "default": 60},
+            "ca_file": {"type": "path"},
+        },
+        supports_check_mode=False,
+    )
+    p = module.params
+    if not p["url"].lower().startswith(("http://", "https://")):
+        module.fail_json(msg="only http and https inputs can be downloaded")
+    context = ssl.create_default_context(cafile=p["ca_file"])
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), NoRedirect(),
+        urllib.request.HTTPSHandler(context=context),
+    )
+    request = urllib.request.Request(p["url"], headers=p["headers"])
+    name = os.path.basename(p["dest"])
+    digest, size = hashlib.sha256(), 0
+    fd, partial = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(p["dest"]))
+    try:
+        with os.fdopen(fd, "wb") as out, opener.open(request, timeout=p["timeout"]) as resp:
+            while True:
+                chunk = resp.read(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > p["max_bytes"]:
+                    module.fail_json(msg=f"input {name} is over the site's limit of "
+                                         f"{p['max_bytes']} bytes (policy.limits.input_bytes)")
+                digest.update(chunk)
+                out.write(chunk)
+        if p["sha256"] and digest.hexdigest() != p["sha256"].lower():
+            module.fail_json(msg=f"input {name}: sha256 {digest.hexdigest()} is not the "
+                                 f"expected {p['sha256']}")
+        os.chmod(partial, 0o644)
+        os.replace(partial, p["dest"])
+    except urllib.error.HTTPError as e:
+        module.fail_json(msg=f"input {name}: HTTP {e.code} ({e.msg}); redirects are not followed")
+    except (urllib.error.URLError, OSError) as e:
+        module.fail_json(msg=f"input {name}: download failed: {getattr(e, 'reason', e)}")
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    module.exit_json(changed=True, size=size, sha256=digest.hexdigest())
+
+
+if __name__ == "__main__":
+    main()
