@@ -142,13 +142,7 @@ def parse_message(body: bytes, max_bytes: int) -> LegacyMessage:
 
     :raises RejectedError: ``invalid_message`` naming the field.
     """
-    if len(body) > max_bytes:
-        raise RejectedError(f"message of {len(body)} bytes is over the {max_bytes}-byte limit")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RejectedError(f"message is not UTF-8 ({e.reason} at byte {e.start})") from None
-    parts = text.split("|")
+    parts = schema.decode_body(body, max_bytes).split("|")
     if len(parts) != len(FIELDS):
         raise RejectedError(f"expected {len(FIELDS)} '|'-separated fields, got {len(parts)}")
     f = dict(zip(FIELDS, parts, strict=True))

@@ -304,15 +304,21 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def parse_json(body: bytes, max_bytes: int) -> Any:
-    """Decode a message body cheaply and strictly: size, UTF-8, JSON, no duplicate keys,
-    bounded nesting.  Nothing here walks an attacker-sized structure more than once."""
+def decode_body(body: bytes, max_bytes: int) -> str:
+    """A message body as text, refused when over ``max_bytes`` or not UTF-8 (every wire
+    format of the node, JSON or the legacy protocol's, starts here)."""
     if len(body) > max_bytes:
         raise RejectedError(f"message of {len(body)} bytes is over the {max_bytes}-byte limit")
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RejectedError(f"message is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def parse_json(body: bytes, max_bytes: int) -> Any:
+    """Decode a message body cheaply and strictly: size, UTF-8, JSON, no duplicate keys,
+    bounded nesting.  Nothing here walks an attacker-sized structure more than once."""
+    text = decode_body(body, max_bytes)
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates)
     except RecursionError:
