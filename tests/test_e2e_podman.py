@@ -29,8 +29,8 @@ def podman_site(site):
 def podman_starts(name: str, since: str) -> list[str]:
     """Ids of the containers of that name podman started since ``since`` (epoch seconds)."""
     return subprocess.run(
-        ["podman", "events", "--since", since, "--until", str(int(time.time()) + 1),
-         "--filter", f"container={name}", "--filter", "event=start", "--format", "{{.ID}}"],
+        ["podman", "events", "--stream=false", "--since", since, "--filter", f"container={name}",
+         "--filter", "event=start", "--format", "{{.ID}}"],
         capture_output=True, text=True, check=True, timeout=30).stdout.split()
 
 
@@ -40,7 +40,7 @@ def podman_running(name: str) -> bool:
         capture_output=True, text=True, check=True).stdout.split()
 
 
-def test_task_runs_on_podman(podman_site):
+def test_tasks_run_on_podman(podman_site):
     site, env, orch = podman_site, podman_site.env, podman_site.orchestrator
     since = str(int(time.time()) - 1)
     site.listener(site.podman_config)
@@ -52,6 +52,9 @@ def test_task_runs_on_podman(podman_site):
                            scratch=[{"name": "work", "mount": "/fem/scratch"}]))
     orch.publish(site.task("podman-exit-3", executor="podman",
                            command=["sh", "-c", "echo to-stderr >&2; exit 3"]))
+    orch.publish(site.task("podman-timeout", executor="podman", command=[
+        "sh", "-c", "trap 'exit 143' TERM; echo waiting; sleep 300 & wait"],
+                           resources={"memory": "128Mi", "timeout_s": 3}))
 
     final = orch.wait_terminal(tid)
     events = orch.events(tid)
@@ -75,6 +78,13 @@ def test_task_runs_on_podman(podman_site):
     assert [e["state"] for e in orch.events("podman-exit-3")][-2:] == ["STAGING_OUT", "FAILED"]
     logs = tar_members(uploaded_file(env, failed["logs"]["url"]))
     assert b"to-stderr" in logs["stderr.log"] and b"to-stderr" not in logs["stdout.log"]
+
+    # At the timeout podman_task stops the container itself.
+    timed_out = orch.wait_terminal("podman-timeout")
+    assert timed_out["state"] == "TIMED_OUT", orch.events("podman-timeout")
+    assert timed_out["exit_code"] is None and timed_out["error"]["code"] == "timeout"
+    logs = tar_members(uploaded_file(env, timed_out["logs"]["url"]))
+    assert b"waiting" in logs["stdout.log"] and logs["exit_code"] == b"null\n"
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
