@@ -220,6 +220,8 @@ class _Execution(RunHooks):
         self._stage: str | None = None
         self._failed = False
         self._stopper: threading.Thread | None = None
+        # The state of the last event, which a progress event repeats.
+        self._state_now = rec.state
         self._unreachable = False
 
     # Events ------------------------------------------------------------------------------
@@ -228,6 +230,7 @@ class _Execution(RunHooks):
         event = task_event(self.config.node_id, self.task, state, message,
                            attempt=self.rec.attempt, **{**self.known, **fields})
         stored = self.journal.append_event(self.tid, event)
+        self._state_now = state
         log.info("%s %s: %s", self.tid, state, message, extra={"task_id": self.tid})
         self.node.observer.on_event(stored)
         self.node.notify()
@@ -271,6 +274,10 @@ class _Execution(RunHooks):
             if key in data:
                 self.result[key.removeprefix("fem_")] = data[key]
         self.journal.update(self.tid, result=self.result)
+        if data.get("fem_progress"):
+            # News within the current state (DESIGN.md §4), e.g. a queued Slurm job's id and
+            # why it waits: a progress event, same state, next seq (docs/roles.md).
+            self.emit(self._state_now, str(data["fem_progress"])[:500])
 
     # The attempt -------------------------------------------------------------------------
 
