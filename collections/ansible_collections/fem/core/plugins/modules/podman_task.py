@@ -37,104 +37,16 @@ description:
     removes the container (killing it if it runs, with its anonymous volumes) and the named
     O(volumes); objects already gone are fine.
 options:
-  name:
-    description: Container name.
-    type: str
-    required: true
-  state:
-    description:
-      - V(present) runs the container to completion and collects it.
-      - V(stopped) stops it if it runs.
-      - V(absent) removes the container and O(volumes).
-    type: str
-    choices: [present, stopped, absent]
-    default: present
-  volumes:
-    description: Named volumes removed with O(state=absent).
-    type: list
-    elements: str
-    default: []
   image:
     description: Image reference, already present; required with O(state=present).
     type: str
-  command:
-    description: Argument vector; the image's default command when omitted or null.
-    type: list
-    elements: str
-  workdir:
-    description: Working directory in the container; the image's when omitted or null.
-    type: str
-  env:
-    description: Container environment.
-    type: dict
-    default: {}
-  labels:
-    description: Container labels.
-    type: dict
-    default: {}
-  mounts:
-    description: Bind mounts and named volumes.
-    type: list
-    elements: dict
-    default: []
-    suboptions:
-      type:
-        description: C(bind) for a host path, C(volume) for a named volume.
-        type: str
-        choices: [bind, volume]
-        default: bind
-      source:
-        description: Host path or volume name.
-        type: str
-        required: true
-      target:
-        description: Path in the container.
-        type: str
-        required: true
-      read_only:
-        description: Mount read-only.
-        type: bool
-        default: true
   fallback_user:
     description: C(uid:gid) used when the image's user is empty, C(root) or C(0).
     type: str
-  read_only:
-    description: Read-only root filesystem.
-    type: bool
-    default: true
-  cap_drop:
-    description: Capabilities to drop.
-    type: list
-    elements: str
-    default: [ALL]
-  no_new_privileges:
-    description: Set the C(no-new-privileges) security option.
-    type: bool
-    default: true
-  tmpfs:
-    description: Map of container path to tmpfs mount options.
-    type: dict
-    default: {}
-  pids_limit:
-    description: Maximum number of processes; unlimited when 0.
-    type: int
-    default: 0
-  memory:
-    description: Memory limit in bytes (swap included); unlimited when 0.
-    type: int
-    default: 0
-  cpus:
-    description: CPU limit in CPUs; unlimited when 0.
-    type: float
-    default: 0
   gpus:
     description: GPUs; when above 0 all of the host's CDI C(nvidia.com/gpu) devices.
     type: int
     default: 0
-  network_mode:
-    description: Network mode (C(none), C(host) or a network name).
-    type: str
-    default: none
   timeout:
     description: Seconds the container may run, counted from its start.
     type: float
@@ -162,6 +74,8 @@ attributes:
   check_mode:
     support: full
     details: In check mode the module does nothing and reports no change.
+extends_documentation_fragment:
+  - fem.core.container_task
 author:
   - fem-ansible developers
 """
