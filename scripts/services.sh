@@ -103,7 +103,9 @@ wait_for() {
   shift 2
   deadline=$((SECONDS + secs))
   until "$@"; do
-    if [[ -s $RUN/$name.pid ]] && ! our_pid "$name" >/dev/null; then
+    # alive, not our_pid: just after spawn the process may not have exec'd its command yet,
+    # so its command line is still this script's
+    if [[ -s $RUN/$name.pid ]] && ! alive "$(<"$RUN/$name.pid")"; then
       show_log "$LOGS/$name.log"
       die "$name exited during start-up"
     fi
