@@ -48,7 +48,10 @@ def test_tasks_run_on_podman(podman_site):
     sh, dash_c, script = site.task(tid)["command"]
     command = [sh, dash_c, script + " && echo scratch > /fem/scratch/s.txt"
                " && cp /fem/scratch/s.txt /fem/output/ && id -u > /fem/output/uid.txt"]
+    # Pulled anew: podman's own store may hold the tag from a registry seeded earlier (the
+    # seeded image's digest changes when the registry storage is made anew).
     orch.publish(site.task(tid, executor="podman", command=command,
+                           image={"ref": env["FEM_TEST_IMAGE"], "pull_policy": "always"},
                            scratch=[{"name": "work", "mount": "/fem/scratch"}]))
     orch.publish(site.task("podman-exit-3", executor="podman",
                            command=["sh", "-c", "echo to-stderr >&2; exit 3"]))
