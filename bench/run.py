@@ -149,7 +149,8 @@ class Bench:
         size_mib = 32 if self.quick else 1024
         node = f"bench{uuid.uuid4().hex[:6]}"
         lst, orch = self.listener(node)
-        command = f"head -c {size_mib}M /dev/urandom > /fem/output/big.bin"
+        # busybox's head takes no size suffix; dd counts blocks
+        command = f"dd if=/dev/urandom of=/fem/output/big.bin bs=1048576 count={size_mib}"
         try:
             self.fem_once(lst, orch, node, "warm")
             pid = lst.proc.pid
