@@ -38,8 +38,10 @@ print_summary() {
   if [[ -s $PYTEST_OUT ]]; then
     grep -E '^=* ?[0-9]+ (passed|failed|error)|no tests ran' "$PYTEST_OUT" || true
     local passed failed_n
-    passed=$(grep -Eo '[0-9]+ passed' "$PYTEST_OUT" | awk '{s+=$1} END {print s+0}')
-    failed_n=$(grep -Eo '[0-9]+ (failed|errors?)' "$PYTEST_OUT" | awk '{s+=$1} END {print s+0}')
+    # (grep finds nothing when nothing failed: not an error under pipefail)
+    passed=$({ grep -Eo '[0-9]+ passed' "$PYTEST_OUT" || true; } | awk '{s+=$1} END {print s+0}')
+    failed_n=$({ grep -Eo '[0-9]+ (failed|errors?)' "$PYTEST_OUT" || true; } |
+      awk '{s+=$1} END {print s+0}')
     echo "tests: $passed passed, $failed_n failed"
   fi
 }
