@@ -233,8 +233,27 @@ class _Handler(BaseHTTPRequestHandler):
 
         Stops after ``limit`` bytes when given (the rest of the body is then unread).
         """
-        te = (self.headers.get("Transfer-Encoding") or "").lower()
         remaining_limit = limit
+        for size in self._body_spans():
+            left = size
+            while left:
+                want = min(CHUNK, left)
+                if remaining_limit is not None:
+                    if remaining_limit <= 0:
+                        return
+                    want = min(want, remaining_limit)
+                data = self.rfile.read(want)
+                if not data:
+                    raise _Drop()
+                left -= len(data)
+                if remaining_limit is not None:
+                    remaining_limit -= len(data)
+                yield data
+
+    def _body_spans(self):
+        """Yield the sizes of the body's spans, each once the previous one was read: the
+        chunks of a chunked body (their framing consumed here), or the Content-Length."""
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
         if "chunked" in te:
             while True:
                 line = self.rfile.readline(65537)
@@ -252,22 +271,8 @@ class _Handler(BaseHTTPRequestHandler):
                         if trailer in (b"\r\n", b"\n", b""):
                             break
                     return
-                left = size
-                while left:
-                    want = min(CHUNK, left)
-                    if remaining_limit is not None:
-                        if remaining_limit <= 0:
-                            return
-                        want = min(want, remaining_limit)
-                    data = self.rfile.read(want)
-                    if not data:
-                        raise _Drop()
-                    left -= len(data)
-                    if remaining_limit is not None:
-                        remaining_limit -= len(data)
-                    yield data
+                yield size
                 self.rfile.readline(3)  # CRLF after the chunk data
-            return
         length_text = self.headers.get("Content-Length")
         if length_text is None:
             return  # RFC 9112: a request with neither header has no body
@@ -277,19 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(400, "bad Content-Length") from exc
         if left < 0:
             raise _BadRequest(400, "bad Content-Length")
-        while left:
-            want = min(CHUNK, left)
-            if remaining_limit is not None:
-                if remaining_limit <= 0:
-                    return
-                want = min(want, remaining_limit)
-            data = self.rfile.read(want)
-            if not data:
-                raise _Drop()
-            left -= len(data)
-            if remaining_limit is not None:
-                remaining_limit -= len(data)
-            yield data
+        yield left
 
     # -- methods --------------------------------------------------------------------------
 
