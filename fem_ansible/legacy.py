@@ -270,9 +270,7 @@ def _source(source_code: Any) -> dict[str, str] | None:
 
 
 def _arg_value(value: Any, where: str) -> str:
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int | float | str):
+    if isinstance(value, int | float | str):  # bool is an int: "True"/"False"
         return str(value)
     raise RejectedError(f"{where}: expected a string or number, got {type(value).__name__}")
 
