@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.support import ssh  # noqa: E402
 from tests.support.harness import Listener, Orchestrator, site_config  # noqa: E402
 from tests.support.services import ensure_services  # noqa: E402
 
@@ -73,10 +74,12 @@ class Bench:
             "resources": {"memory": "128Mi", "timeout_s": 600},
         }
 
-    def listener(self, node: str, **execution) -> tuple[Listener, Orchestrator]:
+    def listener(self, node: str, policy: dict | None = None, **execution
+                 ) -> tuple[Listener, Orchestrator]:
+        """A listener for ``node``; ``policy`` keys replace those of the test policy."""
         cfg = site_config(self.tmp / node, self.env, node,
                           execution={"work_dir": str(self.tmp / node / "work"),
-                                     "keep_runs": 2, **execution})
+                                     "keep_runs": 2, **execution}, policy=policy or {})
         lst = Listener(cfg, self.tmp / node / "listener.log").start()
         return lst, Orchestrator(node)
 
@@ -105,21 +108,30 @@ class Bench:
     # -- the five measures -----------------------------------------------------------------
 
     def overhead(self) -> None:
+        """The default (execution.strategy mitogen) and stock Ansible (linear), each against
+        the shell script, interleaved so that all three see the same machine."""
         runs = 2 if self.quick else 7
-        node = f"bench{uuid.uuid4().hex[:6]}"
-        lst, orch = self.listener(node)
+        lanes = {}
+        for strategy in ("mitogen", "linear"):
+            node = f"bench{uuid.uuid4().hex[:6]}"
+            lanes[strategy] = (node, *self.listener(node, strategy=strategy))
+        fem: dict[str, list[float]] = {strategy: [] for strategy in lanes}
+        base = []
         try:
-            self.fem_once(lst, orch, node, "warm")
+            for node, lst, orch in lanes.values():
+                self.fem_once(lst, orch, node, "warm")
             self.baseline("warm")
-            fem, base = [], []
-            for i in range(runs):  # interleaved, so both see the same machine
-                fem.append(self.fem_once(lst, orch, node, f"o{i}"))
+            for i in range(runs):
+                for strategy, (node, lst, orch) in lanes.items():
+                    fem[strategy].append(self.fem_once(lst, orch, node, f"o{i}"))
                 base.append(self.baseline(f"o{i}"))
         finally:
-            lst.stop()
-            orch.close()
-        self.row("overhead: trivial task (s)", f"{median(fem):.2f}", f"{median(base):.2f}",
-                 median(fem) / median(base), "≤ 2.0")
+            for _node, lst, orch in lanes.values():
+                lst.stop()
+                orch.close()
+        for strategy, label in (("mitogen", ""), ("linear", ", strategy linear")):
+            self.row(f"overhead: trivial task{label} (s)", f"{median(fem[strategy]):.2f}",
+                     f"{median(base):.2f}", median(fem[strategy]) / median(base), "≤ 2.0")
 
     def throughput(self) -> None:
         count = 2 if self.quick else 50
@@ -234,8 +246,39 @@ class Bench:
         lo, hi = counts
         self.row(f"scale: {hi} vs {lo} listeners, overhead (s)", f"{results[hi]:.2f}",
                  f"{results[lo]:.2f}", results[hi] / results[lo], "grows little")
-        self.row("scale: 1/4/16 inventory hosts (SSH)", "-", "-", None,
-                 "not measured yet: needs the SSH hosts of issue 6")
+
+    def hosts(self) -> None:
+        """Overhead of a task on an inventory of 1, 4 or 16 loopback SSH hosts (one sshd
+        each, tests/support/ssh.py); tasks go to the group, so they spread over the hosts."""
+        counts = (1, 4) if self.quick else (1, 4, 16)
+        results = {}
+        ssh.ensure_user()
+        for n in counts:
+            node = f"bench{uuid.uuid4().hex[:6]}"
+            base = ssh.new_dir(node)
+            keys = ssh.SshKeys(base / "client")
+            made = {f"h{i}": ssh.SshHost(f"127.0.1.{i + 1}", base / f"h{i}", keys).start()
+                    for i in range(n)}
+            inv = ssh.inventory(base / "inventory.yml", made)
+            lst, orch = self.listener(node, inventory=str(inv), target="compute",
+                                      ssh={"private_key_file": str(keys.private_key),
+                                           "known_hosts_file": str(keys.known_hosts)},
+                                      policy={"targets": {"allow": ["compute"]}})
+            try:
+                runs = max(n, 1 if self.quick else 5)  # every host warm, then its tasks
+                for i in range(n):
+                    self.fem_once(lst, orch, node, f"warm{i}")
+                results[n] = median([self.fem_once(lst, orch, node, f"h{i}")
+                                     for i in range(runs)])
+            finally:
+                lst.stop()
+                orch.close()
+                for host in made.values():
+                    host.stop()
+                shutil.rmtree(base, ignore_errors=True)
+        for n in counts[1:]:
+            self.row(f"scale: {n} vs 1 SSH hosts, overhead (s)", f"{results[n]:.2f}",
+                     f"{results[1]:.2f}", results[n] / results[1], "grows little")
 
     # -- output ----------------------------------------------------------------------------
 
@@ -278,6 +321,7 @@ def main() -> None:
     measures: dict[str, Callable[[], None]] = {
         "overhead": bench.overhead, "throughput": bench.throughput,
         "stage_out": bench.stage_out, "footprint": bench.footprint, "scale": bench.scale,
+        "hosts": bench.hosts,
     }
     print(f"{'measure':<34} {'fem-ansible':>16} {'baseline':>16} {'ratio':>7}  target")
     try:

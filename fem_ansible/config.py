@@ -129,6 +129,13 @@ class ExecutionConfig:
     playbook: str | None = _doc(
         "Site playbook instead of the built-in `playbooks/task.yml`.", default=None
     )
+    strategy: Literal["mitogen", "linear"] = _doc(
+        "How Ansible runs a task's modules: `mitogen` (Mitogen's `mitogen_linear`: one "
+        "persistent interpreter per host and run, a module call costs a fraction of a "
+        "fresh one; docs/decisions.md) or `linear` (stock Ansible, one interpreter per "
+        "module call).",
+        default="mitogen",
+    )
     default_executor: str = _doc(
         "Executor for tasks that name none (role `fem_executor_<name>`).", default="docker"
     )

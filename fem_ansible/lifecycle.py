@@ -409,6 +409,7 @@ class _Execution(RunHooks):
             skip_tags=skip_tags or [],
             timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
             env=ssh_env(config, ssh_dir),
+            strategy=config.execution.strategy,
             ssh_control_dir=ssh_dir,
         )
 

@@ -90,6 +90,7 @@ class RunSpec:
         tags / skip_tags: which stages to run (recovery, cleanup-only runs).
         timeout_s: hard limit for the whole playbook; a safety net above the executor's own.
         env: more environment for Ansible (the SSH settings, fem_ansible.targets.ssh_env).
+        strategy: ``execution.strategy``: ``mitogen`` or ``linear``.
         ssh_control_dir: the run's own SSH ControlPath dir, removed after the run: SSH
             masters live as long as the run that started them (docs/hosts.md).
     """
@@ -106,6 +107,7 @@ class RunSpec:
     skip_tags: list[str] = field(default_factory=list)
     timeout_s: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    strategy: str = "linear"
     ssh_control_dir: Path | None = None
 
 
@@ -133,9 +135,11 @@ class RunHooks:
         """A task failed (the first failure of the run)."""
 
 
-def ansible_env(ident: str) -> dict[str, str]:
+def ansible_env(ident: str, strategy: str = "linear") -> dict[str, str]:
+    """The environment of every Ansible process the listener starts; ``strategy``
+    ``mitogen`` loads Mitogen's strategy plugin from the installed ``ansible_mitogen``."""
     venv_bin = str(Path(sys.executable).parent)
-    return {
+    env = {
         "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "FEM_JOB_ID": ident,
         "ANSIBLE_COLLECTIONS_PATH": str(data_dir() / "collections"),
@@ -148,6 +152,12 @@ def ansible_env(ident: str) -> dict[str, str]:
         "ANSIBLE_GATHERING": "explicit",
         "ANSIBLE_FORCE_VALID_GROUP_NAMES": "ignore",
     }
+    if strategy == "mitogen":
+        import ansible_mitogen
+
+        plugins = Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"
+        env.update(ANSIBLE_STRATEGY_PLUGINS=str(plugins), ANSIBLE_STRATEGY="mitogen_linear")
+    return env
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -227,7 +237,7 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         inventory=str(spec.inventory),
         limit=spec.limit,
         roles_path=spec.roles_path,
-        envvars={**ansible_env(spec.ident), **spec.env},
+        envvars={**ansible_env(spec.ident, spec.strategy), **spec.env},
         cmdline=f"--vault-id {vault.VAULT_ID}@prompt -e @{secrets_file}",
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,

@@ -22,13 +22,15 @@ def put_input(env, task_id: str, content: bytes) -> tuple[str, str]:
     return url + "?X-Sig=input-secret", hashlib.sha256(content).hexdigest()
 
 
-def test_task_runs_end_to_end(site):
+# mitogen is the default execution.strategy; linear (stock Ansible) is the sites' way out.
+@pytest.mark.parametrize("strategy", ["mitogen", "linear"])
+def test_task_runs_end_to_end(site, strategy):
     env, orch = site.env, site.orchestrator
     tid = "e2e-ok"
     params = b'{"rounds": 3}\n'
     url, digest = put_input(env, tid, params)
     task = site.task(tid, inputs=[{"url": url, "path": "params.json", "sha256": digest}])
-    site.listener()
+    site.listener(site.config(execution={"strategy": strategy}))
     orch.publish(task)
     final = orch.wait_terminal(tid)
     events = orch.events(tid)
