@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support import ssh  # noqa: E402
 from tests.support.harness import Listener, Orchestrator, site_config  # noqa: E402
-from tests.support.services import ensure_services  # noqa: E402
+from tests.support.services import ensure_services, upload_requests  # noqa: E402
 
 BASELINE = textwrap.dedent("""\
     set -euo pipefail
@@ -191,18 +191,23 @@ class Bench:
             sampler.shutdown()
             archive = next(p for p in (self.tmp / node / "work" / "runs" / "big").rglob(
                 "outputs.tar.gz"))
-            t = time.monotonic()
-            subprocess.run(["curl", "-sf", "-T", str(archive),
-                            f"{self.env['FEM_TEST_UPLOAD_URL']}/bench/curl/big.tar.gz"],
-                           check=True)
-            curl_s = time.monotonic() - t
+            curl_url = f"{self.env['FEM_TEST_UPLOAD_URL']}/bench/curl/{node}.tar.gz"
+            subprocess.run(["curl", "-sf", "-T", str(archive), curl_url], check=True)
             mib = archive.stat().st_size / 2**20
         finally:
             lst.stop()
             orch.close()
-        # fem's figure covers all of stage-out (archive, fetch, hash, upload): conservative.
-        self.row(f"stage-out: {size_mib} MiB (MiB/s)", f"{mib / fem_s:.0f}",
-                 f"{mib / curl_s:.0f}", (mib / fem_s) / (mib / curl_s), "≥ 0.8 (fem/curl)")
+        # The upload itself, timed by the endpoint for both clients (headers read to answer).
+        records = {r["path"]: r for r in upload_requests(self.env)}
+        fem_up = records[f"/bench/{node}/big/outputs.tar.gz"]
+        curl_up = records[f"/bench/curl/{node}.tar.gz"]
+        fem_mibs = mib / (fem_up["ts"] - fem_up["started"])
+        curl_mibs = mib / (curl_up["ts"] - curl_up["started"])
+        self.row(f"stage-out: upload of {mib:.0f} MiB archive (MiB/s)", f"{fem_mibs:.0f}",
+                 f"{curl_mibs:.0f}", fem_mibs / curl_mibs, "≥ 0.8 (fem/curl)")
+        # All of stage-out (size check, tar+gzip, hash, upload) against curl's upload alone.
+        self.row(f"stage-out: all of it, {size_mib} MiB output (s)", f"{fem_s:.1f}",
+                 f"{curl_up['ts'] - curl_up['started']:.1f}", None, "informative")
         growth = (max(peak) - base_rss) / 1024
         self.row("stage-out: listener RSS growth (MiB)", f"{growth:.1f}", "-", None, "≤ 64")
 
@@ -250,7 +255,7 @@ class Bench:
     def hosts(self) -> None:
         """Overhead of a task on an inventory of 1, 4 or 16 loopback SSH hosts (one sshd
         each, tests/support/ssh.py); tasks go to the group, so they spread over the hosts."""
-        counts = (1, 4) if self.quick else (1, 4, 16)
+        counts = (1, 2) if self.quick else (1, 4, 16)
         results = {}
         ssh.ensure_user()
         for n in counts:

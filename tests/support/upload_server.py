@@ -8,8 +8,11 @@ The answer is 201 when the file is new, 200 when it replaced one, with a JSON bo
 Every request (uploads, downloads, failures; not the control endpoint) is recorded as one JSON
 line in ``<dir>/requests.jsonl``::
 
-    {"ts", "method", "path", "query", "headers", "authorization_sha256", "size", "sha256",
-     "status", "stored", "injected"}
+    {"ts", "started", "method", "path", "query", "headers", "authorization_sha256", "size",
+     "sha256", "status", "stored", "injected"}
+
+``started`` is when the request's headers were read, ``ts`` when it was answered: an
+upload's transfer time, the same for every client (bench/run.py's stage-out measure).
 
 ``headers`` never holds ``Authorization`` or ``Proxy-Authorization``: ``authorization_sha256``
 is the sha256 of the Authorization value (or null), so a test can check which credential
@@ -213,6 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.state.record(
             {
                 "ts": time.time(),
+                "started": self._started,
                 "method": self.command,
                 "path": path,
                 "query": query,
@@ -285,6 +289,10 @@ class _Handler(BaseHTTPRequestHandler):
         yield left
 
     # -- methods --------------------------------------------------------------------------
+
+    def parse_request(self) -> bool:
+        self._started = time.time()
+        return super().parse_request()
 
     def do_PUT(self) -> None:
         self._upload()

@@ -1,0 +1,84 @@
+"""Where one trivial task's time goes: the listener's events and the playbook's tasks.
+
+    .venv/bin/python bench/profile.py                      # execution.strategy mitogen
+    .venv/bin/python bench/profile.py --strategy linear    # stock Ansible
+
+Runs a warm-up task and one measured task through a real listener (the benchmark's
+services and task), then prints, in seconds from the task's publication, when each event
+was published, when ansible-playbook wrote its first and last event and when ansible-runner
+finished, and each playbook task's own duration from the run's job events; then the CPU
+the task cost on the controller (the listener's reaped children: ansible-playbook, its
+workers, module interpreters) against the shell script's.  The table "Where the time goes"
+in bench/RESULTS.md is read off this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from run import Bench
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _children_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid``'s reaped descendants (cutime + cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strategy", choices=["mitogen", "linear"], default="mitogen")
+    args = parser.parse_args()
+    bench = Bench(quick=True)
+    node = f"profile{uuid.uuid4().hex[:6]}"
+    lst, orch = bench.listener(node, strategy=args.strategy)
+    try:
+        bench.fem_once(lst, orch, node, "warm")
+        cpu0 = _children_cpu_s(lst.proc.pid)
+        t0 = time.time()
+        total = bench.fem_once(lst, orch, node, "p0")
+        fem_cpu = _children_cpu_s(lst.proc.pid) - cpu0
+        events = orch.events("p0")
+        job_events = next(p for p in (bench.tmp / node / "work").rglob("job_events")
+                          if "/p0/" in str(p))
+        ansible = sorted((json.loads(p.read_text()) for p in job_events.iterdir()),
+                         key=lambda e: e["counter"])
+        artifacts: Path = job_events.parent
+    finally:
+        lst.stop()
+        orch.close()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    bench.baseline("profile")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    shell_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(f"strategy {args.strategy}: published to COMPLETED received in {total:.2f} s\n")
+    marks = [(_epoch(e["ts"]) - t0, f"event {e['state']}") for e in events]
+    marks += [(_epoch(ansible[0]["created"]) - t0, "ansible-playbook: first event"),
+              (_epoch(ansible[-1]["created"]) - t0, "ansible-playbook: last event"),
+              ((artifacts / "rc").stat().st_mtime - t0, "ansible-runner: run over")]
+    for at, what in sorted(marks):
+        print(f"{at:7.2f}  {what}")
+    print("\nplaybook tasks (own duration, s):")
+    for e in ansible:
+        data = e.get("event_data", {})
+        if e["event"] in ("runner_on_ok", "runner_on_skipped", "runner_on_failed"):
+            kind = "skipped" if e["event"] == "runner_on_skipped" else ""
+            print(f"{data.get('duration') or 0:7.2f}  {data.get('role', '')}: "
+                  f"{data.get('task', '')[:70]} {kind}")
+    print(f"\ncontroller CPU: {fem_cpu:.2f} s for the task, {shell_cpu:.2f} s for the shell "
+          "script (the containers' own CPU is the engine's, in neither)")
+
+
+if __name__ == "__main__":
+    main()
