@@ -130,10 +130,10 @@ class ExecutionConfig:
         "Site playbook instead of the built-in `playbooks/task.yml`.", default=None
     )
     strategy: Literal["mitogen", "linear"] = _doc(
-        "How Ansible runs a task's modules: `mitogen` (Mitogen's `mitogen_linear`: one "
-        "persistent interpreter per host and run, a module call costs a fraction of a "
+        "How Ansible runs a task playbook's modules: `mitogen` (Mitogen's `mitogen_linear`: "
+        "one persistent interpreter per host and run, a module call costs a fraction of a "
         "fresh one; docs/decisions.md) or `linear` (stock Ansible, one interpreter per "
-        "module call).",
+        "module call). The short stop and cleanup runs always use `linear`.",
         default="mitogen",
     )
     default_executor: str = _doc(

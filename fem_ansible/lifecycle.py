@@ -409,7 +409,10 @@ class _Execution(RunHooks):
             skip_tags=skip_tags or [],
             timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
             env=ssh_env(config, ssh_dir),
-            strategy=config.execution.strategy,
+            # Mitogen's start (multiplexer, then the host's interpreter: ~1.8 s here) pays
+            # for itself over the task playbook's module calls, not in the one-call stop
+            # and cleanup runs, where it would only delay a cancel (docs/decisions.md).
+            strategy=config.execution.strategy if not (playbook or tags) else "linear",
             ssh_control_dir=ssh_dir,
         )
 
