@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from .config import Config
 from .journal import TaskRecord
 from .lifecycle import NodeObserver
-from .schema import TERMINAL_STATES
+from .schema import TERMINAL_STATES, event_time
 from .sizes import format_bytes
 
 # The stage a task is in while in each state (DESIGN.md §4); RECEIVED is the wait for a slot.
@@ -45,17 +45,13 @@ def duration(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
-def _ts(event: dict[str, Any]) -> float:
-    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
-
-
 def stage_timings(events: list[dict[str, Any]]) -> dict[str, float]:
     """Seconds spent in each stage, summed over attempts, from the events' ``ts``: a stage
     lasts from the event that enters it to the next state change."""
     spent: dict[str, float] = {}
     current: tuple[str, float] | None = None
     for event in events:
-        state, at = event["state"], _ts(event)
+        state, at = event["state"], event_time(event)
         if current and current[0] == state:
             continue  # a progress event within the state
         if current and current[0] in STATE_STAGE:

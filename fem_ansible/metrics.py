@@ -12,7 +12,6 @@ operator needs is in docs/operating.md.
 from __future__ import annotations
 
 import threading
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from . import __version__
 from .config import Config
 from .lifecycle import NodeObserver
-from .schema import TERMINAL_STATES
+from .schema import TERMINAL_STATES, event_time
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -29,10 +28,6 @@ if TYPE_CHECKING:
 STATE_STAGE = {"STAGING_IN": "stage_in", "RUNNING": "run", "STAGING_OUT": "stage_out"}
 # Buckets from seconds (a cached image) to a day (a long training run).
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
-
-
-def _ts(event: dict[str, Any]) -> float:
-    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
 
 
 class Metrics(NodeObserver):
@@ -83,7 +78,7 @@ class Metrics(NodeObserver):
 
     def on_event(self, event: dict[str, Any]) -> None:
         tid, state = event["task_id"], event["state"]
-        at = _ts(event)
+        at = event_time(event)
         with self._lock:
             prev = self._open.get(tid) if tid else None  # (stage, since, received)
             stage = STATE_STAGE.get(state)

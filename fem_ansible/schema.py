@@ -502,3 +502,8 @@ def public_task(task: dict[str, Any]) -> dict[str, Any]:
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_time(message: dict[str, Any]) -> float:
+    """A message's ``ts`` (as :func:`now_rfc3339` writes it) in seconds since the epoch."""
+    return datetime.fromisoformat(message["ts"].replace("Z", "+00:00")).timestamp()
