@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 
-from run import Bench
+from run import Bench, cpu_s
+
+from fem_ansible.schema import event_time
 
 
-def _epoch(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-def _children_cpu_s(pid: int) -> float:
-    """CPU seconds of ``pid``'s reaped descendants (cutime + cstime)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+def _created(job_event: dict) -> float:
+    """An ansible-runner job event's ``created`` (ISO 8601 with offset), in epoch seconds."""
+    return datetime.fromisoformat(job_event["created"]).timestamp()
 
 
 def main() -> None:
@@ -45,10 +41,10 @@ def main() -> None:
     lst, orch = bench.listener(node, strategy=args.strategy)
     try:
         bench.fem_once(lst, orch, node, "warm")
-        cpu0 = _children_cpu_s(lst.proc.pid)
+        cpu0 = cpu_s(lst.proc.pid, children=True)
         t0 = time.time()
         total = bench.fem_once(lst, orch, node, "p0")
-        fem_cpu = _children_cpu_s(lst.proc.pid) - cpu0
+        fem_cpu = cpu_s(lst.proc.pid, children=True) - cpu0
         events = orch.events("p0")
         job_events = next(p for p in (bench.tmp / node / "work").rglob("job_events")
                           if "/p0/" in str(p))
@@ -63,9 +59,9 @@ def main() -> None:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shell_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     print(f"strategy {args.strategy}: published to COMPLETED received in {total:.2f} s\n")
-    marks = [(_epoch(e["ts"]) - t0, f"event {e['state']}") for e in events]
-    marks += [(_epoch(ansible[0]["created"]) - t0, "ansible-playbook: first event"),
-              (_epoch(ansible[-1]["created"]) - t0, "ansible-playbook: last event"),
+    marks = [(event_time(e) - t0, f"event {e['state']}") for e in events]
+    marks += [(_created(ansible[0]) - t0, "ansible-playbook: first event"),
+              (_created(ansible[-1]) - t0, "ansible-playbook: last event"),
               ((artifacts / "rc").stat().st_mtime - t0, "ansible-runner: run over")]
     for at, what in sorted(marks):
         print(f"{at:7.2f}  {what}")

@@ -218,9 +218,9 @@ class Bench:
         try:
             time.sleep(2)
             pid = lst.proc.pid
-            cpu0, t0 = _cpu_s(pid), time.monotonic()
+            cpu0, t0 = cpu_s(pid), time.monotonic()
             time.sleep(seconds)
-            cpu = (_cpu_s(pid) - cpu0) / (time.monotonic() - t0) * 100
+            cpu = (cpu_s(pid) - cpu0) / (time.monotonic() - t0) * 100
             rss = _rss_kib(pid) / 1024
         finally:
             lst.stop()
@@ -311,9 +311,12 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_s(pid: int, children: bool = False) -> float:
+    """CPU seconds of ``pid`` itself (utime + stime) or, with ``children``, of its reaped
+    descendants (cutime + cstime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    first = 13 if children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
