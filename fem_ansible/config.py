@@ -29,6 +29,7 @@ ENV_PREFIX = "FEM_"
 # FEM_* variables that are not config overrides: the CLI's own.
 NOT_OVERRIDES = frozenset({"FEM_CONFIG"})
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+COLLECTION_PATTERN = r"^[a-z0-9][a-z0-9_]*\.[a-z0-9][a-z0-9_]*$"
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -135,6 +136,13 @@ class ExecutionConfig:
         "fresh one; docs/decisions.md) or `linear` (stock Ansible, one interpreter per "
         "module call). The short stop and cleanup runs always use `linear`.",
         default="mitogen",
+    )
+    collections: list[str] = _doc(
+        "Ansible collections (`namespace.name`, installed as Python packages, e.g. by the "
+        "`ansible` package) site roles may use besides ansible.builtin, fem.core, "
+        "community.docker and containers.podman. Runs see only these: listing every "
+        "installed collection costs about a second per task (docs/decisions.md).",
+        default_factory=list,
     )
     default_executor: str = _doc(
         "Executor for tasks that name none (role `fem_executor_<name>`).", default="docker"
@@ -481,6 +489,10 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{section}.{name}: must be at least 1")
     if ex.keep_runs < 0:
         raise ConfigError("execution.keep_runs: must not be negative")
+    for name in ex.collections:
+        if not re.match(COLLECTION_PATTERN, name):
+            raise ConfigError(f"execution.collections: {name!r} is not a collection name "
+                              "(namespace.name)")
     if not config.broker.url.startswith(("amqp://", "amqps://")):
         raise ConfigError("broker.url: must start with amqp:// or amqps://")
     sig = config.security.signature

@@ -141,9 +141,7 @@ def check_paths(config: Config) -> Iterator[Check]:
 
 
 def check_ansible(config: Config) -> Iterator[Check]:
-    import importlib.util
-
-    from .runner import data_dir
+    from .runner import collections_view, data_dir
 
     data = data_dir()
     missing = [p for p in ("playbooks/task.yml", "roles/fem_execute", "inventory/localhost.yml",
@@ -153,17 +151,21 @@ def check_ansible(config: Config) -> Iterator[Check]:
                    "reinstall fem-ansible (pip install --force-reinstall fem-ansible)")
         return
     bin_dir = Path(sys.executable).parent
-    playbook = shutil.which("ansible-playbook", path=str(bin_dir))
-    collections = [c for c in ("community.docker", "containers.podman")
-                   if importlib.util.find_spec(f"ansible_collections.{c}") is None]
-    if not playbook or collections:
-        what = "ansible-playbook" if not playbook else ", ".join(collections)
-        yield fail("ansible", f"{what} not installed beside {sys.executable}",
+    if not shutil.which("ansible-playbook", path=str(bin_dir)):
+        yield fail("ansible", f"ansible-playbook not installed beside {sys.executable}",
                    "reinstall fem-ansible with its dependencies (pip install fem-ansible)")
+        return
+    try:
+        view = collections_view(config.work_dir, tuple(config.execution.collections))
+    except (ConfigError, OSError) as e:
+        yield fail("ansible", f"collections: {e}", "install the collection (pip install "
+                   "fem-ansible brings community.docker and containers.podman) or remove it "
+                   "from execution.collections")
         return
     from ansible.release import __version__ as ansible_core
 
-    yield ok("ansible", f"ansible-core {ansible_core}, built-in roles in {data}")
+    yield ok("ansible", f"ansible-core {ansible_core}, built-in roles in {data}, "
+             f"collections in {view}")
 
 
 def check_signatures(config: Config) -> Iterator[Check]:

@@ -24,7 +24,15 @@ from .errors import RejectedError, TaskFailed
 from .events import task_event
 from .journal import Journal, TaskRecord
 from .refs import parse_image, redact_url, split_url
-from .runner import RunHooks, RunResult, RunSpec, data_dir, kill_processes, run_playbook
+from .runner import (
+    RunHooks,
+    RunResult,
+    RunSpec,
+    collections_view,
+    data_dir,
+    kill_processes,
+    run_playbook,
+)
 from .signatures import HEADER, Verifier
 from .site_roles import check_executor, roles_path
 from .targets import Targets, control_dir, inventory_path, ssh_env
@@ -101,6 +109,9 @@ class Node:
         self.targets = Targets(config)
         self.runs_dir = config.work_dir / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The only collections runs see, laid out once: a missing one is a config error now,
+        # not a failed task later.
+        self.collections = collections_view(config.work_dir, tuple(config.execution.collections))
         # Set when the listener shuts down: running playbooks are stopped and their tasks
         # left, unreported, to the next listener's recovery.
         self.abandon = threading.Event()
@@ -391,6 +402,7 @@ class _Execution(RunHooks):
             inventory=inventory,
             limit=host,
             roles_path=roles_path(config),
+            collections=self.node.collections,
             extravars={
                 "fem_task": schema.public_task(task),
                 "fem_node_id": config.node_id,

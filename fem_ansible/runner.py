@@ -13,11 +13,15 @@ swept by that marker when a run is stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib.util
 import logging
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ from typing import Any
 import ansible_runner
 
 from . import unsafe, vault
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,56 @@ def data_dir() -> Path:
     return packaged if (packaged / "playbooks").is_dir() else Path(__file__).resolve().parent.parent
 
 
+# Collections the built-in roles call, besides ansible.builtin and fem.core (in collections/).
+ROLE_COLLECTIONS = ("community.docker", "containers.podman")
+
+
+def collection_dir(name: str) -> Path:
+    """Where collection ``name`` (``namespace.name``) is installed: fem.core in this package's
+    data, every other one among the Python packages (the ``ansible`` package ships ~90)."""
+    if name == "fem.core":
+        return data_dir() / "collections" / "ansible_collections" / "fem" / "core"
+    try:
+        spec = importlib.util.find_spec(f"ansible_collections.{name}")
+    except ModuleNotFoundError:  # its namespace is not installed either
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"execution.collections: collection {name} is not installed "
+                          f"beside {sys.executable}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@functools.lru_cache(maxsize=8)
+def collections_view(work_dir: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A directory under ``work_dir`` whose ``ansible_collections`` holds only the collections
+    runs may use (fem.core, :data:`ROLE_COLLECTIONS` and ``execution.collections``), as
+    symlinks; runs get it as their only collection path.
+
+    Why: with every installed collection on the path, Ansible and Mitogen list all of them
+    (~90 from the ``ansible`` package) again in every worker, which cost ~0.15 s per
+    collection module call, a second per task (bench/RESULTS.md).  Built once per process;
+    the name is a hash of what it links to, so an upgrade or a config change makes a new one
+    and a directory another process is using is never changed.
+    """
+    links = {name: collection_dir(name) for name in sorted({"fem.core", *ROLE_COLLECTIONS,
+                                                             *extra})}
+    digest = hashlib.sha256(repr(sorted(links.items())).encode()).hexdigest()[:12]
+    view = work_dir / f"collections-{digest}"
+    if view.is_dir():
+        return view
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = Path(tempfile.mkdtemp(prefix=".collections-", dir=work_dir))
+    for name, target in links.items():
+        namespace, collection = name.split(".")
+        (tmp / "ansible_collections" / namespace).mkdir(parents=True, exist_ok=True)
+        (tmp / "ansible_collections" / namespace / collection).symlink_to(target)
+    try:
+        tmp.rename(view)
+    except OSError:  # another process made the same view first
+        shutil.rmtree(tmp)
+    return view
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything one ansible-runner invocation needs, decided before it starts.
@@ -91,6 +146,7 @@ class RunSpec:
         timeout_s: hard limit for the whole playbook; a safety net above the executor's own.
         env: more environment for Ansible (the SSH settings, fem_ansible.targets.ssh_env).
         strategy: ``execution.strategy``: ``mitogen`` or ``linear``.
+        collections: the run's only collection path (:func:`collections_view`).
         ssh_control_dir: the run's own SSH ControlPath dir, removed after the run: SSH
             masters live as long as the run that started them (docs/hosts.md).
     """
@@ -101,6 +157,7 @@ class RunSpec:
     inventory: Path
     limit: str
     roles_path: list[str]
+    collections: Path
     extravars: dict[str, Any]
     secrets: dict[str, Any]
     tags: list[str] = field(default_factory=list)
@@ -135,14 +192,16 @@ class RunHooks:
         """A task failed (the first failure of the run)."""
 
 
-def ansible_env(ident: str, strategy: str = "linear") -> dict[str, str]:
+def ansible_env(ident: str, strategy: str, collections: Path) -> dict[str, str]:
     """The environment of every Ansible process the listener starts; ``strategy``
-    ``mitogen`` loads Mitogen's strategy plugin from the installed ``ansible_mitogen``."""
+    ``mitogen`` loads Mitogen's strategy plugin from the installed ``ansible_mitogen``;
+    ``collections`` (a :func:`collections_view`) is the only collection path."""
     venv_bin = str(Path(sys.executable).parent)
     env = {
         "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "FEM_JOB_ID": ident,
-        "ANSIBLE_COLLECTIONS_PATH": str(data_dir() / "collections"),
+        "ANSIBLE_COLLECTIONS_PATH": str(collections),
+        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False",
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_LOCALHOST_WARNING": "False",
         "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
@@ -237,7 +296,7 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         inventory=str(spec.inventory),
         limit=spec.limit,
         roles_path=spec.roles_path,
-        envvars={**ansible_env(spec.ident, spec.strategy), **spec.env},
+        envvars={**ansible_env(spec.ident, spec.strategy, spec.collections), **spec.env},
         cmdline=f"--vault-id {vault.VAULT_ID}@prompt -e @{secrets_file}",
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,

@@ -1,19 +1,84 @@
-"""The environment the listener gives Ansible: the strategy setting reaches it."""
+"""The environment the listener gives Ansible: the strategy setting reaches it, and runs see
+only the collections they may use."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
-from fem_ansible.runner import ansible_env
+import pytest
+
+from fem_ansible.config import load_config
+from fem_ansible.errors import ConfigError
+from fem_ansible.runner import ansible_env, collections_view
 
 
-def test_mitogen_strategy_names_the_installed_plugin():
-    env = ansible_env("fem-n-t.a1", "mitogen")
+@pytest.fixture
+def view(tmp_path: Path) -> Path:
+    return collections_view(tmp_path / "work")
+
+
+def test_mitogen_strategy_names_the_installed_plugin(view: Path):
+    env = ansible_env("fem-n-t.a1", "mitogen", view)
     assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
     assert (Path(env["ANSIBLE_STRATEGY_PLUGINS"]) / "mitogen_linear.py").is_file()
     assert env["FEM_JOB_ID"] == "fem-n-t.a1"
 
 
-def test_linear_strategy_is_stock_ansible():
-    env = ansible_env("fem-n-t.a1", "linear")
+def test_linear_strategy_is_stock_ansible(view: Path):
+    env = ansible_env("fem-n-t.a1", "linear", view)
     assert "ANSIBLE_STRATEGY" not in env and "ANSIBLE_STRATEGY_PLUGINS" not in env
+
+
+def _listing(view: Path) -> set[str]:
+    root = view / "ansible_collections"
+    return {f"{ns.name}.{c.name}" for ns in root.iterdir() for c in ns.iterdir()}
+
+
+def test_the_view_holds_the_roles_collections_and_the_sites_and_is_made_once(tmp_path: Path):
+    work = tmp_path / "work"
+    view = collections_view(work, ("community.general",))
+    assert _listing(view) == {"fem.core", "community.docker", "containers.podman",
+                              "community.general"}
+    assert (view / "ansible_collections/community/docker/plugins/modules/"
+            "docker_image_pull.py").is_file()
+    assert (view / "ansible_collections/fem/core/plugins/modules/docker_task.py").is_file()
+    # Another process (no cache) finds the same directory; nothing else is left in work/.
+    collections_view.cache_clear()
+    assert collections_view(work, ("community.general",)) == view
+    assert [p.name for p in work.iterdir()] == [view.name]
+
+
+def test_a_collection_not_installed_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"execution\.collections: collection nosuch\.thing "
+                                          r"is not installed"):
+        collections_view(tmp_path / "work", ("nosuch.thing",))
+
+
+def test_a_malformed_collection_name_is_refused(tmp_path: Path):
+    cfg = tmp_path / "config.yml"
+    cfg.write_text("node_id: n1\nexecution:\n  collections: ['../../etc']\n")
+    with pytest.raises(ConfigError, match=r"execution\.collections: '\.\./\.\./etc' is not "
+                                          r"a collection name"):
+        load_config(cfg, environ={})
+
+
+def _ini_file(view: Path, target: Path) -> subprocess.CompletedProcess[str]:
+    """``community.general.ini_file`` through ad-hoc Ansible with the run's environment."""
+    env = {**os.environ, **ansible_env("fem-test", "linear", view)}
+    return subprocess.run(
+        ["ansible", "localhost", "-c", "local", "-m", "community.general.ini_file", "-a",
+         f"path={target} section=s option=o value=v"],
+        env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_ansible_resolves_only_the_collections_in_the_view(tmp_path: Path):
+    target = tmp_path / "x.ini"
+    refused = _ini_file(collections_view(tmp_path / "a"), target)
+    assert refused.returncode != 0
+    assert "Cannot resolve 'community.general.ini_file'" in refused.stdout
+    assert not target.exists()
+    done = _ini_file(collections_view(tmp_path / "b", ("community.general",)), target)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "o = v" in target.read_text()

@@ -11,8 +11,10 @@ line in ``<dir>/requests.jsonl``::
     {"ts", "started", "method", "path", "query", "headers", "authorization_sha256", "size",
      "sha256", "status", "stored", "injected"}
 
-``started`` is when the request's headers were read, ``ts`` when it was answered: an
-upload's transfer time, the same for every client (bench/run.py's stage-out measure).
+``started`` is when the request's headers were read, ``ts`` when it was recorded: for an
+upload, once its body is stored, so ``ts - started`` is its transfer time, the same for every
+client (bench/run.py's stage-out measure); for a download, before its body is sent. A record
+is written before the answer is, so a client that has its answer finds the record.
 
 ``headers`` never holds ``Authorization`` or ``Proxy-Authorization``: ``authorization_sha256``
 is the sha256 of the Authorization value (or null), so a test can check which credential
@@ -136,6 +138,14 @@ class _State:
         with self.lock, open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(CHUNK):
+            digest.update(data)
+    return digest.hexdigest()
 
 
 def read_requests(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -415,31 +425,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._record(path, query, 404, None, None, False, False)
             self._send_json(404, {"error": "not found"})
             return
+        # Recorded before the body goes out: a client that has read the whole answer must
+        # find the record (it was written after the last byte, a race the tests lost).
         size = target.stat().st_size
-        digest = hashlib.sha256()
+        sha = _file_sha256(target) if self.command == "GET" else None
+        self._record(path, query, 200, size, sha, False, False)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(size))
         self.end_headers()
-        sent = 0
         if self.command == "GET":
             with open(target, "rb") as fh:
-                while True:
-                    data = fh.read(CHUNK)
-                    if not data:
-                        break
-                    digest.update(data)
-                    sent += len(data)
-                    self.wfile.write(data)
-        self._record(
-            path,
-            query,
-            200,
-            sent if self.command == "GET" else size,
-            digest.hexdigest() if self.command == "GET" else None,
-            False,
-            False,
-        )
+                shutil.copyfileobj(fh, self.wfile, CHUNK)
 
     def _control(self, path: str) -> None:
         _, query = self._split()
