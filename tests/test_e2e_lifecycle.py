@@ -70,6 +70,11 @@ def test_failures_are_reported_with_their_codes(site):
                              image={"ref": f"{env['FEM_TEST_REGISTRY']}/fem/missing:1"}))
     orch.publish(site.task("no-version",
                              source={"repo": env["FEM_TEST_GIT_URL"], "version": "no-such-ref"}))
+    # Pull policy never: the image on the host serves, a missing one fails the task.
+    orch.publish(site.task("never-present",
+                           image={"ref": env["FEM_TEST_IMAGE"], "pull_policy": "never"}))
+    orch.publish(site.task("never-missing", image={
+        "ref": f"{env['FEM_TEST_REGISTRY']}/fem/missing:1", "pull_policy": "never"}))
 
     failed = orch.wait_terminal("exit-3")
     assert failed["state"] == "FAILED" and failed["exit_code"] == 3
@@ -78,11 +83,16 @@ def test_failures_are_reported_with_their_codes(site):
     logs = tar_members(uploaded_file(env, failed["logs"]["url"]))
     assert b"to-stderr" in logs["stderr.log"]
 
-    for tid, code in (("no-image", "image_pull_failed"), ("no-version", "source_checkout_failed")):
+    for tid, code in (("no-image", "image_pull_failed"), ("no-version", "source_checkout_failed"),
+                      ("never-missing", "image_pull_failed")):
         final = orch.wait_terminal(tid)
         assert final["state"] == "FAILED", final
         assert final["error"]["code"] == code and final["error"]["stage"] == "stage_in"
         assert [e["state"] for e in orch.events(tid)] == ["RECEIVED", "STAGING_IN", "FAILED"]
+    assert "is not present" in orch.wait_terminal("never-missing")["error"]["message"]
+    present = orch.wait_terminal("never-present")
+    assert present["state"] == "COMPLETED", present
+    assert present["image_digest"] == env["FEM_TEST_IMAGE_DIGEST"]
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
