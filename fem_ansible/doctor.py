@@ -141,7 +141,7 @@ def check_paths(config: Config) -> Iterator[Check]:
 
 
 def check_ansible(config: Config) -> Iterator[Check]:
-    from .runner import collections_view, data_dir
+    from .runner import collection_dirs, data_dir
 
     data = data_dir()
     missing = [p for p in ("playbooks/task.yml", "roles/fem_execute", "inventory/localhost.yml",
@@ -156,8 +156,8 @@ def check_ansible(config: Config) -> Iterator[Check]:
                    "reinstall fem-ansible with its dependencies (pip install fem-ansible)")
         return
     try:
-        view = collections_view(config.work_dir, tuple(config.execution.collections))
-    except (ConfigError, OSError) as e:
+        collections = collection_dirs(tuple(config.execution.collections))
+    except ConfigError as e:
         yield fail("ansible", f"collections: {e}", "install the collection (pip install "
                    "fem-ansible brings community.docker and containers.podman) or remove it "
                    "from execution.collections")
@@ -165,7 +165,7 @@ def check_ansible(config: Config) -> Iterator[Check]:
     from ansible.release import __version__ as ansible_core
 
     yield ok("ansible", f"ansible-core {ansible_core}, built-in roles in {data}, "
-             f"collections in {view}")
+             f"collections {', '.join(collections)}")
 
 
 def check_signatures(config: Config) -> Iterator[Check]:

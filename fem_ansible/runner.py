@@ -83,19 +83,21 @@ def data_dir() -> Path:
 ROLE_COLLECTIONS = ("community.docker", "containers.podman")
 
 
-def collection_dir(name: str) -> Path:
-    """Where collection ``name`` (``namespace.name``) is installed: fem.core in this package's
-    data, every other one among the Python packages (the ``ansible`` package ships ~90)."""
-    if name == "fem.core":
-        return data_dir() / "collections" / "ansible_collections" / "fem" / "core"
-    try:
-        spec = importlib.util.find_spec(f"ansible_collections.{name}")
-    except ModuleNotFoundError:  # its namespace is not installed either
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"execution.collections: collection {name} is not installed "
-                          f"beside {sys.executable}")
-    return Path(next(iter(spec.submodule_search_locations)))
+def collection_dirs(extra: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Where each collection runs may use is installed, by ``namespace.name``: fem.core in
+    this package's data, the others among the Python packages (the ``ansible`` package
+    ships ~90); one that is not installed is a :class:`ConfigError`."""
+    dirs = {"fem.core": data_dir() / "collections" / "ansible_collections" / "fem" / "core"}
+    for name in sorted({*ROLE_COLLECTIONS, *extra} - set(dirs)):
+        try:
+            spec = importlib.util.find_spec(f"ansible_collections.{name}")
+        except ModuleNotFoundError:  # its namespace is not installed either
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"execution.collections: collection {name} is not installed "
+                              f"beside {sys.executable}")
+        dirs[name] = Path(next(iter(spec.submodule_search_locations)))
+    return dirs
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,8 +112,7 @@ def collections_view(work_dir: Path, extra: tuple[str, ...] = ()) -> Path:
     the name is a hash of what it links to, so an upgrade or a config change makes a new one
     and a directory another process is using is never changed.
     """
-    links = {name: collection_dir(name) for name in sorted({"fem.core", *ROLE_COLLECTIONS,
-                                                             *extra})}
+    links = collection_dirs(extra)
     digest = hashlib.sha256(repr(sorted(links.items())).encode()).hexdigest()[:12]
     view = work_dir / f"collections-{digest}"
     if view.is_dir():

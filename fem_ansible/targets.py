@@ -313,7 +313,7 @@ def check_host(config: Config, host: str, timeout_s: int = 60) -> dict[str, Any]
     """
     import base64
 
-    from .runner import ansible_env, collections_view
+    from .runner import ansible_env, data_dir
 
     inventory = Inventory.load(inventory_path(config))
     work_dir = inventory.work_dir(host, config.execution.work_dir)
@@ -322,9 +322,10 @@ def check_host(config: Config, host: str, timeout_s: int = 60) -> dict[str, Any]
                               "engines": None, "work_dir": work_dir, "free_bytes": None,
                               "message": ""}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
-    collections = collections_view(config.work_dir, tuple(config.execution.collections))
-    env.update({**ansible_env("fem-doctor", config.execution.strategy, collections),
-                **ssh_env(config)})
+    # fem.core's directory alone: a raw call needs no collection, and doctor creates nothing
+    # (the listener's collections view is made in execution.work_dir).
+    env.update({**ansible_env("fem-doctor", config.execution.strategy,
+                              data_dir() / "collections"), **ssh_env(config)})
     command = ("{{ ansible_python_interpreter | default('/usr/bin/python3') }} -c "
                f"'import base64; exec(base64.b64decode(\"{probe}\"))'")
     try:

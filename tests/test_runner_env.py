@@ -82,3 +82,21 @@ def test_ansible_resolves_only_the_collections_in_the_view(tmp_path: Path):
     done = _ini_file(collections_view(tmp_path / "b", ("community.general",)), target)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "o = v" in target.read_text()
+
+
+def test_doctor_checks_the_collections_without_creating_anything(tmp_path: Path):
+    from fem_ansible.doctor import check_ansible
+
+    work = tmp_path / "work"
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"node_id: n1\nexecution:\n  work_dir: {work}\n"
+                   "  collections: [community.general, nosuch.thing]\n")
+    [check] = list(check_ansible(load_config(cfg, environ={})))
+    assert (check.status, check.name) == ("fail", "ansible")
+    assert "collection nosuch.thing is not installed" in check.detail
+    cfg.write_text(f"node_id: n1\nexecution:\n  work_dir: {work}\n"
+                   "  collections: [community.general]\n")
+    [check] = list(check_ansible(load_config(cfg, environ={})))
+    assert check.status == "ok" and check.detail.endswith(
+        "collections fem.core, community.docker, community.general, containers.podman")
+    assert not work.exists()
