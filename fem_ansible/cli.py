@@ -6,8 +6,10 @@ config error, 3 REJECTED or invalid.  This module is the only place that decides
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,20 @@ log_format_option = click.option(
 )
 
 
-def _config(path: str, *, scrub: bool = False) -> Config:
+@contextlib.contextmanager
+def _config_errors() -> Iterator[None]:
+    """A config problem, in the file or found when the service starts (the inventory, the
+    collections), is a message and exit code 2, not a traceback."""
     try:
-        return load_config(path, scrub_environ=scrub)
+        yield
     except ConfigError as e:
         click.echo(f"fem-ansible: config error: {e}", err=True)
         sys.exit(EXIT_USAGE)
+
+
+def _config(path: str, *, scrub: bool = False) -> Config:
+    with _config_errors():
+        return load_config(path, scrub_environ=scrub)
 
 
 def _read_file(path: str) -> bytes:
@@ -74,21 +84,22 @@ def listen(config_path: str, log_format: str, metrics_port: int | None,
     config = _config(config_path, scrub=True)
     from .listener import Listener
 
-    if metrics_port is None:
-        Listener(config).run()
-        return
-    from .metrics import Metrics
+    with _config_errors():
+        if metrics_port is None:
+            Listener(config).run()
+            return
+        from .metrics import Metrics
 
-    metrics = Metrics(config)
-    listener = Listener(config, observer=metrics)
-    metrics.watch(listener)
-    try:
-        metrics.serve(metrics_port, metrics_address)
-    except OSError as e:
-        click.echo(f"fem-ansible: cannot serve metrics on {metrics_address}:{metrics_port}: "
-                   f"{e.strerror}", err=True)
-        sys.exit(EXIT_USAGE)
-    listener.run()
+        metrics = Metrics(config)
+        listener = Listener(config, observer=metrics)
+        metrics.watch(listener)
+        try:
+            metrics.serve(metrics_port, metrics_address)
+        except OSError as e:
+            click.echo(f"fem-ansible: cannot serve metrics on {metrics_address}:{metrics_port}: "
+                       f"{e.strerror}", err=True)
+            sys.exit(EXIT_USAGE)
+        listener.run()
 
 
 @main.command()
@@ -114,7 +125,8 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
             echo(format_event(event))
             journal.mark_published(event_id)
 
-    node = Node(config, journal, notify=show, observer=progress)
+    with _config_errors():
+        node = Node(config, journal, notify=show, observer=progress)
     try:
         task = node.read(body, None, signed=False)
     except RejectedError as e:

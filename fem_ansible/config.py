@@ -139,9 +139,10 @@ class ExecutionConfig:
     )
     collections: list[str] = _doc(
         "Ansible collections (`namespace.name`, installed as Python packages, e.g. by the "
-        "`ansible` package) site roles may use besides ansible.builtin, fem.core, "
-        "community.docker and containers.podman. Runs see only these: listing every "
-        "installed collection costs about a second per task (docs/decisions.md).",
+        "`ansible` package) that site roles, inventory or connection plugins use besides "
+        "ansible.builtin, fem.core, community.docker and containers.podman. Runs see only "
+        "these: listing every installed collection costs about a second per task "
+        "(docs/decisions.md).",
         default_factory=list,
     )
     default_executor: str = _doc(

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import pika
@@ -349,27 +349,34 @@ def check_git(config: Config) -> Iterator[Check]:
 
 
 def check_hosts(config: Config) -> Iterator[Check]:
+    import tempfile
+
+    from .runner import collections_view
     from .targets import Inventory, check_host, inventory_path
 
     path = inventory_path(config)
-    try:
-        inventory = Inventory.load(path)
-    except ConfigError as e:
-        yield fail("inventory", str(e), f"correct the inventory {path}")
-        return
-    names = [config.execution.target, *config.policy.targets.allow]
-    hosts = sorted({h for n in names for h in inventory.hosts_of(n)})
-    unknown = [n for n in dict.fromkeys(names) if not inventory.hosts_of(n)]
-    for name in unknown:
-        yield fail(f"target {name}", f"not a host or group of {path}",
-                   "add it to the inventory or remove it from policy.targets.allow / "
-                   "execution.target")
-    for host in hosts:
-        yield _host_line(config, host, check_host)
+    # The collections runs see (inventory and connection plugins among them), in a view of
+    # doctor's own that goes with it: doctor creates nothing in the work dir.
+    with tempfile.TemporaryDirectory(prefix="fem-doctor-") as tmp:
+        try:
+            collections = collections_view(Path(tmp), tuple(config.execution.collections))
+            inventory = Inventory.load(path, collections)
+        except ConfigError as e:
+            yield fail("inventory", str(e), f"correct the inventory {path}, or name the "
+                       "collections of its plugins in execution.collections")
+            return
+        names = [config.execution.target, *config.policy.targets.allow]
+        hosts = sorted({h for n in names for h in inventory.hosts_of(n)})
+        unknown = [n for n in dict.fromkeys(names) if not inventory.hosts_of(n)]
+        for name in unknown:
+            yield fail(f"target {name}", f"not a host or group of {path}",
+                       "add it to the inventory or remove it from policy.targets.allow / "
+                       "execution.target")
+        for host in hosts:
+            yield _host_line(host, check_host(config, host, collections, timeout_s=30))
 
 
-def _host_line(config: Config, host: str, check: Callable[..., dict]) -> Check:
-    result = check(config, host, timeout_s=30)
+def _host_line(host: str, result: dict[str, Any]) -> Check:
     if not result["reachable"]:
         reason = " ".join(str(result.get("message") or "unreachable").split())[:300]
         return fail(f"host {host}", f"unreachable: {reason}",

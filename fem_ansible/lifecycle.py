@@ -105,13 +105,13 @@ class Node:
         self.observer = observer or NodeObserver()
         self.verifier = Verifier.from_config(config.security.signature)
         self.audit = AuditLog(config.audit_file, config.node_id)
-        # Where tasks run: the inventory's hosts, and this listener's count per host.
-        self.targets = Targets(config)
         self.runs_dir = config.work_dir / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # The only collections runs see, laid out once: a missing one is a config error now,
         # not a failed task later.
         self.collections = collections_view(config.work_dir, tuple(config.execution.collections))
+        # Where tasks run: the inventory's hosts, and this listener's count per host.
+        self.targets = Targets(config, self.collections)
         # Set when the listener shuts down: running playbooks are stopped and their tasks
         # left, unreported, to the next listener's recovery.
         self.abandon = threading.Event()

@@ -114,19 +114,25 @@ def collections_view(work_dir: Path, extra: tuple[str, ...] = ()) -> Path:
     """
     links = collection_dirs(extra)
     digest = hashlib.sha256(repr(sorted(links.items())).encode()).hexdigest()[:12]
+    work_dir = work_dir.resolve()  # runs start in the playbook's dir: never a relative path
     view = work_dir / f"collections-{digest}"
-    if view.is_dir():
-        return view
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = Path(tempfile.mkdtemp(prefix=".collections-", dir=work_dir))
-    for name, target in links.items():
-        namespace, collection = name.split(".")
-        (tmp / "ansible_collections" / namespace).mkdir(parents=True, exist_ok=True)
-        (tmp / "ansible_collections" / namespace / collection).symlink_to(target)
-    try:
-        tmp.rename(view)
-    except OSError:  # another process made the same view first
-        shutil.rmtree(tmp)
+    if not view.is_dir():
+        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = Path(tempfile.mkdtemp(prefix=".collections-", dir=work_dir))
+        try:
+            for name, target in links.items():
+                namespace, collection = name.split(".")
+                (tmp / "ansible_collections" / namespace).mkdir(parents=True, exist_ok=True)
+                (tmp / "ansible_collections" / namespace / collection).symlink_to(target)
+            tmp.chmod(0o755)  # links to installed code only, readable whoever made it
+            tmp.rename(view)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not view.is_dir():  # not "another process made it first"
+                raise
+    if not os.access(view / "ansible_collections", os.R_OK | os.X_OK):
+        raise ConfigError(f"execution.work_dir: {view} is not readable by this user; "
+                          "remove it, the listener makes it again")
     return view
 
 

@@ -66,13 +66,17 @@ class Inventory:
     hostvars: dict[str, dict[str, Any]]
 
     @classmethod
-    def load(cls, path: Path) -> Inventory:
-        """Read the inventory at ``path``.
+    def load(cls, path: Path, collections: Path) -> Inventory:
+        """Read the inventory at ``path`` with the collections runs see (``collections``, a
+        :func:`fem_ansible.runner.collections_view`): an inventory plugin of another
+        collection fails here, at start, not in every run.
 
         :raises ConfigError: when ansible-inventory cannot read it.
         """
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
-        env.update({"ANSIBLE_INVENTORY_UNPARSED_FAILED": "True", "ANSIBLE_NOCOLOR": "True"})
+        env.update({"ANSIBLE_INVENTORY_UNPARSED_FAILED": "True", "ANSIBLE_NOCOLOR": "True",
+                    "ANSIBLE_COLLECTIONS_PATH": str(collections),
+                    "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False"})
         try:
             done = subprocess.run(
                 [ansible_bin("ansible-inventory"), "-i", str(path), "--list"],
@@ -138,9 +142,11 @@ class Targets:
     """This listener's view of where tasks run; thread-safe (tasks run in a pool).
 
     :param config: the site config (inventory path, work dir).
+    :param collections: the collections runs see (inventory plugins among them).
     """
 
     config: Config
+    collections: Path
     _inventory: Inventory | None = None
     _hosts: dict[str, _HostState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -151,7 +157,7 @@ class Targets:
         """The inventory, read on first use (intake of the first task, or doctor)."""
         with self._load_lock:
             if self._inventory is None:
-                self._inventory = Inventory.load(inventory_path(self.config))
+                self._inventory = Inventory.load(inventory_path(self.config), self.collections)
             return self._inventory
 
     def check(self, task: dict[str, Any]) -> None:
@@ -299,12 +305,14 @@ print("FEM-HOST " + json.dumps({{
 """
 
 
-def check_host(config: Config, host: str, timeout_s: int = 60) -> dict[str, Any]:
+def check_host(config: Config, host: str, collections: Path,
+               timeout_s: int = 60) -> dict[str, Any]:
     """Check one inventory host the way tasks reach it, for ``fem-ansible doctor``.
 
     One ad-hoc ``raw`` call over the host's own connection settings (the listener's SSH
-    settings and the host's ``ansible_*`` variables), running the host's
-    ``ansible_python_interpreter`` (default ``/usr/bin/python3``).
+    settings and the host's ``ansible_*`` variables, a connection plugin from
+    ``collections`` too), running the host's ``ansible_python_interpreter`` (default
+    ``/usr/bin/python3``).
 
     :returns: ``{host, reachable, python, engines{docker, podman}, work_dir, free_bytes,
         message}``: ``reachable`` False (and the rest None) when Ansible could not connect;
@@ -313,19 +321,17 @@ def check_host(config: Config, host: str, timeout_s: int = 60) -> dict[str, Any]
     """
     import base64
 
-    from .runner import ansible_env, data_dir
+    from .runner import ansible_env
 
-    inventory = Inventory.load(inventory_path(config))
+    inventory = Inventory.load(inventory_path(config), collections)
     work_dir = inventory.work_dir(host, config.execution.work_dir)
     probe = base64.b64encode(_HOST_PROBE.format(work_dir=work_dir).encode()).decode()
     result: dict[str, Any] = {"host": host, "reachable": False, "python": None,
                               "engines": None, "work_dir": work_dir, "free_bytes": None,
                               "message": ""}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
-    # fem.core's directory alone: a raw call needs no collection, and doctor creates nothing
-    # (the listener's collections view is made in execution.work_dir).
-    env.update({**ansible_env("fem-doctor", config.execution.strategy,
-                              data_dir() / "collections"), **ssh_env(config)})
+    env.update({**ansible_env("fem-doctor", config.execution.strategy, collections),
+                **ssh_env(config)})
     command = ("{{ ansible_python_interpreter | default('/usr/bin/python3') }} -c "
                f"'import base64; exec(base64.b64decode(\"{probe}\"))'")
     try:

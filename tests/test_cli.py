@@ -37,3 +37,16 @@ def test_validate_exit_codes(make_config, tmp_path):
     assert refused.exit_code == 3 and "policy.images" in refused.output
     missing = runner.invoke(main, ["validate", "--config", str(tmp_path / "no.yml"), str(good)])
     assert missing.exit_code == 2 and "config error" in missing.output
+
+
+def test_a_missing_collection_stops_listen_and_run_as_a_config_error(make_config, tmp_path):
+    make_config(execution={"work_dir": str(tmp_path / "work"), "collections": ["nosuch.thing"]})
+    cfg_path = tmp_path / "config.yml"
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"schema": "fem.task/v1", "task_id": "t",
+                                "image": {"ref": "127.0.0.1:5000/fem/busybox:1"}}))
+    runner = CliRunner()
+    for args in (["listen"], ["run", str(task)]):
+        result = runner.invoke(main, [*args, "--config", str(cfg_path)])
+        assert result.exit_code == 2, (args, result.output)
+        assert "config error: execution.collections: collection nosuch.thing" in result.output

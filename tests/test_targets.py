@@ -17,8 +17,8 @@ LISTING = {
 
 
 @pytest.fixture
-def targets(make_config):
-    t = Targets(make_config())
+def targets(make_config, tmp_path):
+    t = Targets(make_config(), tmp_path)
     t._inventory = Inventory.from_list(LISTING)
     return t
 
