@@ -327,6 +327,12 @@ seed_image() {
     rm -rf "$tmp"
     digest=$(registry_digest)
     [[ -n $digest ]] || die "pushed $IMAGE but the registry has no manifest for it"
+  elif docker image inspect "$IMAGE" >/dev/null 2>&1 &&
+    ! docker image inspect --format '{{join .RepoDigests " "}}' "$IMAGE" | grep -qF "@$digest"; then
+    # The engine's tag is another registry's image (another checkout's services seeded their
+    # own on this engine): pull this one, or tests see the wrong digest.
+    docker pull "$IMAGE" >"$LOGS/seed-image.log" 2>&1 ||
+      { show_log "$LOGS/seed-image.log"; die "docker pull $IMAGE failed"; }
   fi
   IMAGE_DIGEST=$digest
 }
