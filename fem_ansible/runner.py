@@ -199,6 +199,14 @@ class RunHooks:
         """A task failed (the first failure of the run)."""
 
 
+def collections_env(collections: Path) -> dict[str, str]:
+    """Ansible's environment for seeing only the collections of ``collections`` (a
+    :func:`collections_view`): every Ansible process the listener starts, runs and the
+    inventory read alike."""
+    return {"ANSIBLE_COLLECTIONS_PATH": str(collections),
+            "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False"}
+
+
 def ansible_env(ident: str, strategy: str, collections: Path) -> dict[str, str]:
     """The environment of every Ansible process the listener starts; ``strategy``
     ``mitogen`` loads Mitogen's strategy plugin from the installed ``ansible_mitogen``;
@@ -207,8 +215,7 @@ def ansible_env(ident: str, strategy: str, collections: Path) -> dict[str, str]:
     env = {
         "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "FEM_JOB_ID": ident,
-        "ANSIBLE_COLLECTIONS_PATH": str(collections),
-        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False",
+        **collections_env(collections),
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_LOCALHOST_WARNING": "False",
         "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",

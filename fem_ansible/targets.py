@@ -73,10 +73,11 @@ class Inventory:
 
         :raises ConfigError: when ansible-inventory cannot read it.
         """
+        from .runner import collections_env
+
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
         env.update({"ANSIBLE_INVENTORY_UNPARSED_FAILED": "True", "ANSIBLE_NOCOLOR": "True",
-                    "ANSIBLE_COLLECTIONS_PATH": str(collections),
-                    "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False"})
+                    **collections_env(collections)})
         try:
             done = subprocess.run(
                 [ansible_bin("ansible-inventory"), "-i", str(path), "--list"],

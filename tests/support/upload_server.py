@@ -140,14 +140,6 @@ class _State:
             fh.flush()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(CHUNK):
-            digest.update(data)
-    return digest.hexdigest()
-
-
 def read_requests(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The requests recorded in ``<directory>/requests.jsonl`` (empty list when none)."""
     path = Path(directory) / LOG_NAME
@@ -428,7 +420,10 @@ class _Handler(BaseHTTPRequestHandler):
         # Recorded before the body goes out: a client that has read the whole answer must
         # find the record (it was written after the last byte, a race the tests lost).
         size = target.stat().st_size
-        sha = _file_sha256(target) if self.command == "GET" else None
+        sha = None
+        if self.command == "GET":
+            with open(target, "rb") as fh:
+                sha = hashlib.file_digest(fh, "sha256").hexdigest()
         self._record(path, query, 200, size, sha, False, False)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
