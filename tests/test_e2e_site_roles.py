@@ -4,7 +4,9 @@
 - its ``fem_stage_out`` replaces the built-in one: the outputs archive carries the manifest
   only the site's role writes;
 - its ``fem_executor_audited`` is a site executor: a task naming it runs through it (its
-  note is in the task's logs) once ``policy.executors.allow`` lists it.
+  note is in the task's logs) once ``policy.executors.allow`` lists it; it writes that note
+  with ``community.general.ini_file``, which runs see only through
+  ``execution.collections``, as the example's config.yml says.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ SITE_ROLES = REPO / "examples" / "site" / "roles"
 
 def test_site_roles_replace_and_add(site):
     env, orch = site.env, site.orchestrator
+    example = yaml.safe_load((SITE_ROLES.parent / "config.yml").read_text())["execution"]
     config = site.config(execution={"work_dir": str(site.work_dir), "max_parallel": 2,
-                                    "roles_path": [str(SITE_ROLES)]})
+                                    "roles_path": [str(SITE_ROLES)],
+                                    "collections": example["collections"]})
     data = yaml.safe_load(config.read_text())
     data["policy"]["executors"] = {"allow": ["docker", "audited"]}
     config.write_text(yaml.safe_dump(data))
