@@ -131,9 +131,11 @@ class ExecutionConfig:
         "Site playbook instead of the built-in `playbooks/task.yml`.", default=None
     )
     strategy: Literal["mitogen", "linear"] = _doc(
-        "How Ansible runs a task playbook's modules: `mitogen` (Mitogen's `mitogen_linear`: "
-        "one persistent interpreter per host and run, a module call costs a fraction of a "
-        "fresh one; docs/decisions.md) or `linear` (stock Ansible, one interpreter per "
+        "How Ansible runs a task playbook's modules: `mitogen` (fem.core's "
+        "`mitogen_linear`, Mitogen's with its import scans kept in "
+        "`<work_dir>/import-scan-cache`: one persistent interpreter per host and run, a "
+        "module call costs a fraction of a fresh one; docs/decisions.md) or `linear` "
+        "(stock Ansible, one interpreter per "
         "module call). The short stop and cleanup runs always use `linear`.",
         default="mitogen",
     )

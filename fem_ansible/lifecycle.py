@@ -32,6 +32,7 @@ from .runner import (
     data_dir,
     kill_processes,
     run_playbook,
+    scan_cache_dir,
 )
 from .signatures import HEADER, Verifier
 from .site_roles import check_executor, roles_path
@@ -110,6 +111,7 @@ class Node:
         # The only collections runs see, laid out once: a missing one is a config error now,
         # not a failed task later.
         self.collections = collections_view(config.work_dir, tuple(config.execution.collections))
+        self.scan_cache = scan_cache_dir(config.work_dir)
         # Where tasks run: the inventory's hosts, and this listener's count per host.
         self.targets = Targets(config, self.collections)
         # Set when the listener shuts down: running playbooks are stopped and their tasks
@@ -403,6 +405,7 @@ class _Execution(RunHooks):
             limit=host,
             roles_path=roles_path(config),
             collections=self.node.collections,
+            scan_cache=self.node.scan_cache,
             extravars={
                 "fem_task": schema.public_task(task),
                 "fem_node_id": config.node_id,

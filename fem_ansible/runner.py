@@ -154,6 +154,8 @@ class RunSpec:
         env: more environment for Ansible (the SSH settings, fem_ansible.targets.ssh_env).
         strategy: ``execution.strategy``: ``mitogen`` or ``linear``.
         collections: the run's only collection path (:func:`collections_view`).
+        scan_cache: where Mitogen's import scans are kept between runs
+            (:func:`scan_cache_dir`).
         ssh_control_dir: the run's own SSH ControlPath dir, removed after the run: SSH
             masters live as long as the run that started them (docs/hosts.md).
     """
@@ -165,6 +167,7 @@ class RunSpec:
     limit: str
     roles_path: list[str]
     collections: Path
+    scan_cache: Path
     extravars: dict[str, Any]
     secrets: dict[str, Any]
     tags: list[str] = field(default_factory=list)
@@ -207,9 +210,20 @@ def collections_env(collections: Path) -> dict[str, str]:
             "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False"}
 
 
-def ansible_env(ident: str, strategy: str, collections: Path) -> dict[str, str]:
+def scan_cache_dir(work_dir: Path) -> Path:
+    """``<work_dir>/import-scan-cache`` (mode 0700), made if missing: where runs under the
+    ``mitogen`` strategy keep the import scans of Mitogen's module server between runs
+    (fem.core's ``mitogen_linear`` strategy plugin says why)."""
+    path = work_dir.resolve() / "import-scan-cache"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def ansible_env(ident: str, strategy: str, collections: Path,
+                scan_cache: Path | None = None) -> dict[str, str]:
     """The environment of every Ansible process the listener starts; ``strategy``
-    ``mitogen`` loads Mitogen's strategy plugin from the installed ``ansible_mitogen``;
+    ``mitogen`` is fem.core's ``mitogen_linear`` over the installed Mitogen, keeping its
+    import scans in ``scan_cache`` (a :func:`scan_cache_dir`; None: for the run only);
     ``collections`` (a :func:`collections_view`) is the only collection path."""
     venv_bin = str(Path(sys.executable).parent)
     env = {
@@ -226,10 +240,9 @@ def ansible_env(ident: str, strategy: str, collections: Path) -> dict[str, str]:
         "ANSIBLE_FORCE_VALID_GROUP_NAMES": "ignore",
     }
     if strategy == "mitogen":
-        import ansible_mitogen
-
-        plugins = Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"
-        env.update(ANSIBLE_STRATEGY_PLUGINS=str(plugins), ANSIBLE_STRATEGY="mitogen_linear")
+        env["ANSIBLE_STRATEGY"] = "fem.core.mitogen_linear"
+        if scan_cache is not None:
+            env["FEM_IMPORT_SCAN_CACHE"] = str(scan_cache)
     return env
 
 
@@ -310,7 +323,8 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         inventory=str(spec.inventory),
         limit=spec.limit,
         roles_path=spec.roles_path,
-        envvars={**ansible_env(spec.ident, spec.strategy, spec.collections), **spec.env},
+        envvars={**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
+                 **spec.env},
         cmdline=f"--vault-id {vault.VAULT_ID}@prompt -e @{secrets_file}",
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,

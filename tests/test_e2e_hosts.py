@@ -9,6 +9,8 @@ python3, and the archives come back to the listener by ``fetch``.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from fem_ansible.config import load_config
@@ -27,32 +29,31 @@ def ssh_site(site):
     not started), an inventory of them in group ``compute``, and a config running tasks
     there with the test's key and known-hosts file."""
     ssh.ensure_user()
-    base = ssh.new_dir(site.node)
-    keys = ssh.SshKeys(base / "client")
-    hosts: list[ssh.SshHost] = []
+    with ssh.addresses_held():
+        base = ssh.new_dir(site.node)
+        keys = ssh.SshKeys(base / "client")
+        hosts: list[ssh.SshHost] = []
 
-    def make(up: dict[str, str], down: dict[str, str] | None = None, target: str = "compute",
-             **execution):
-        made = {}
-        for name, address in {**up, **(down or {})}.items():
-            host = ssh.SshHost(address, base / name, keys)
-            hosts.append(host)
-            made[name] = host.start() if name in up else host
-        inv = ssh.inventory(base / "inventory.yml", made)
-        config = site.config(
-            execution={"work_dir": str(site.work_dir), "shutdown_grace_s": 30,
-                       "inventory": str(inv), "target": target,
-                       "ssh": {"private_key_file": str(keys.private_key),
-                               "known_hosts_file": str(keys.known_hosts)}, **execution},
-            policy={**_policy(site), "targets": {"allow": ["compute", *made]}})
-        return made, config
+        def make(up: dict[str, str], down: dict[str, str] | None = None,
+                 target: str = "compute", **execution):
+            made = {}
+            for name, address in {**up, **(down or {})}.items():
+                host = ssh.SshHost(address, base / name, keys)
+                hosts.append(host)
+                made[name] = host.start() if name in up else host
+            inv = ssh.inventory(base / "inventory.yml", made)
+            config = site.config(
+                execution={"work_dir": str(site.work_dir), "shutdown_grace_s": 30,
+                           "inventory": str(inv), "target": target,
+                           "ssh": {"private_key_file": str(keys.private_key),
+                                   "known_hosts_file": str(keys.known_hosts)}, **execution},
+                policy={**_policy(site), "targets": {"allow": ["compute", *made]}})
+            return made, config
 
-    yield make
-    for host in hosts:
-        host.stop()
-    import shutil
-
-    shutil.rmtree(base, ignore_errors=True)
+        yield make
+        for host in hosts:
+            host.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _policy(site) -> dict:
@@ -99,7 +100,8 @@ def test_group_with_a_host_down_completes_every_task(site, ssh_site):
         orch.publish(site.task(tid, command=["sh", "-c", "echo done > /fem/output/r.txt"]))
     finals = {tid: orch.wait_terminal(tid, timeout=300) for tid in ids}
 
-    assert {tid: e["state"] for tid, e in finals.items()} == dict.fromkeys(ids, "COMPLETED")
+    assert {tid: e["state"] for tid, e in finals.items()} == dict.fromkeys(ids, "COMPLETED"), \
+        finals
     assert {e["host"] for e in finals.values()} == {"ssh-a"}
     # The second task was given ssh-b (least busy), found it down and moved on.
     moved = [e for tid in ids for e in orch.events(tid)

@@ -60,6 +60,9 @@ def test_task_runs_end_to_end(site, strategy):
                if r["path"].startswith(base)}
     assert methods == {f"{base}/outputs.tar.gz": "PUT", f"{base}/logs.tar.gz": "POST"}
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+    # Under mitogen the import scans of Mitogen's module server are kept for the next run.
+    scans = list((site.work_dir / "import-scan-cache").iterdir())
+    assert bool(scans) == (strategy == "mitogen")
 
 
 def test_failures_are_reported_with_their_codes(site):

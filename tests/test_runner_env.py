@@ -19,16 +19,18 @@ def view(tmp_path: Path) -> Path:
     return collections_view(tmp_path / "work")
 
 
-def test_mitogen_strategy_names_the_installed_plugin(view: Path):
-    env = ansible_env("fem-n-t.a1", "mitogen", view)
-    assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
-    assert (Path(env["ANSIBLE_STRATEGY_PLUGINS"]) / "mitogen_linear.py").is_file()
+def test_mitogen_strategy_is_fem_cores_plugin_with_its_scan_cache(view: Path, tmp_path: Path):
+    env = ansible_env("fem-n-t.a1", "mitogen", view, tmp_path / "scans")
+    assert env["ANSIBLE_STRATEGY"] == "fem.core.mitogen_linear"
+    assert (view / "ansible_collections/fem/core/plugins/strategy/mitogen_linear.py").is_file()
+    assert env["FEM_IMPORT_SCAN_CACHE"] == str(tmp_path / "scans")
     assert env["FEM_JOB_ID"] == "fem-n-t.a1"
+    assert "FEM_IMPORT_SCAN_CACHE" not in ansible_env("fem-doctor", "mitogen", view)
 
 
 def test_linear_strategy_is_stock_ansible(view: Path):
     env = ansible_env("fem-n-t.a1", "linear", view)
-    assert "ANSIBLE_STRATEGY" not in env and "ANSIBLE_STRATEGY_PLUGINS" not in env
+    assert "ANSIBLE_STRATEGY" not in env and "FEM_IMPORT_SCAN_CACHE" not in env
 
 
 def _listing(view: Path) -> set[str]:

@@ -10,11 +10,13 @@ would), with a key the test makes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 USER = "femssh"
@@ -121,6 +123,18 @@ def inventory(path: Path, hosts: dict[str, SshHost], group: str = "compute") -> 
     }}}}
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@contextlib.contextmanager
+def addresses_held() -> Iterator[None]:
+    """Hold this machine's test sshd addresses for one test.  pytest-xdist may run two host
+    tests at once: the second one's sshd cannot bind the address the first one's holds, and
+    its start check, which only connects, would take the first one's for its own, whose host
+    key is not in its known hosts."""
+    BASE.mkdir(mode=0o755, exist_ok=True)
+    with open(BASE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def new_dir(name: str) -> Path:
