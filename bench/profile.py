@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import time
 import uuid
 from datetime import datetime
@@ -37,8 +38,15 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["mitogen", "linear"], default="mitogen")
     args = parser.parse_args()
     bench = Bench(quick=True)
+    try:
+        _profile(bench, args.strategy)
+    finally:  # the listener's work dir and the run dirs, as bench/run.py leaves nothing
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+
+
+def _profile(bench: Bench, strategy: str) -> None:
     node = f"profile{uuid.uuid4().hex[:6]}"
-    lst, orch = bench.listener(node, strategy=args.strategy)
+    lst, orch = bench.listener(node, strategy=strategy)
     try:
         bench.fem_once(lst, orch, node, "warm")
         cpu0 = cpu_s(lst.proc.pid, children=True)
@@ -58,7 +66,7 @@ def main() -> None:
     bench.baseline("profile")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     shell_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    print(f"strategy {args.strategy}: published to COMPLETED received in {total:.2f} s\n")
+    print(f"strategy {strategy}: published to COMPLETED received in {total:.2f} s\n")
     marks = [(event_time(e) - t0, f"event {e['state']}") for e in events]
     marks += [(_created(ansible[0]) - t0, "ansible-playbook: first event"),
               (_created(ansible[-1]) - t0, "ansible-playbook: last event"),

@@ -373,7 +373,7 @@ def check_hosts(config: Config) -> Iterator[Check]:
                        "add it to the inventory or remove it from policy.targets.allow / "
                        "execution.target")
         for host in hosts:
-            yield _host_line(host, check_host(config, host, collections, timeout_s=30))
+            yield _host_line(host, check_host(config, host, inventory, collections, timeout_s=30))
 
 
 def _host_line(host: str, result: dict[str, Any]) -> Check:

@@ -306,14 +306,15 @@ print("FEM-HOST " + json.dumps({{
 """
 
 
-def check_host(config: Config, host: str, collections: Path,
+def check_host(config: Config, host: str, inventory: Inventory, collections: Path,
                timeout_s: int = 60) -> dict[str, Any]:
     """Check one inventory host the way tasks reach it, for ``fem-ansible doctor``.
 
     One ad-hoc ``raw`` call over the host's own connection settings (the listener's SSH
     settings and the host's ``ansible_*`` variables, a connection plugin from
     ``collections`` too), running the host's ``ansible_python_interpreter`` (default
-    ``/usr/bin/python3``).
+    ``/usr/bin/python3``).  ``inventory`` is the one read with ``collections`` (read once
+    for all hosts: each read is a second of ``ansible-inventory``).
 
     :returns: ``{host, reachable, python, engines{docker, podman}, work_dir, free_bytes,
         message}``: ``reachable`` False (and the rest None) when Ansible could not connect;
@@ -324,7 +325,6 @@ def check_host(config: Config, host: str, collections: Path,
 
     from .runner import ansible_env
 
-    inventory = Inventory.load(inventory_path(config), collections)
     work_dir = inventory.work_dir(host, config.execution.work_dir)
     probe = base64.b64encode(_HOST_PROBE.format(work_dir=work_dir).encode()).decode()
     result: dict[str, Any] = {"host": host, "reachable": False, "python": None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,12 +39,12 @@ class Archive:
 
     @classmethod
     def of(cls, path: str | Path) -> Archive:
-        digest = hashlib.sha256()
+        """The size and hash of one reading, so they describe the same bytes."""
         path = Path(path)
         with path.open("rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-        return cls(path, path.stat().st_size, digest.hexdigest())
+            digest = hashlib.file_digest(f, "sha256")
+            size = os.fstat(f.fileno()).st_size
+        return cls(path, size, digest.hexdigest())
 
     def report(self, url: str | None) -> dict[str, Any]:
         return {"url": redact_url(url) if url else None, "size": self.size,

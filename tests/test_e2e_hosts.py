@@ -15,7 +15,7 @@ import pytest
 
 from fem_ansible.config import load_config
 from fem_ansible.runner import collections_view
-from fem_ansible.targets import check_host
+from fem_ansible.targets import Inventory, check_host, inventory_path
 from tests.support import ssh
 from tests.support.archives import tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
@@ -84,7 +84,8 @@ def test_task_runs_on_an_ssh_host(site, ssh_site):
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
     # doctor's host check, over the same connection settings.
     cfg = load_config(config, environ={})
-    checked = check_host(cfg, "ssh-a", collections_view(cfg.work_dir))
+    view = collections_view(cfg.work_dir)
+    checked = check_host(cfg, "ssh-a", Inventory.load(inventory_path(cfg), view), view)
     assert checked["reachable"] and checked["python"].startswith("3."), checked
     assert checked["engines"]["docker"] and checked["free_bytes"] > 0
     assert checked["work_dir"] == str(hosts["ssh-a"].work_dir)
@@ -110,7 +111,9 @@ def test_group_with_a_host_down_completes_every_task(site, ssh_site):
     assert [p for p in hosts["ssh-a"].leftovers() if p != "tasks"] == []
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
     cfg = load_config(config, environ={})
-    assert not check_host(cfg, "ssh-b", collections_view(cfg.work_dir))["reachable"]
+    view = collections_view(cfg.work_dir)
+    assert not check_host(cfg, "ssh-b", Inventory.load(inventory_path(cfg), view),
+                          view)["reachable"]
 
 
 def test_unknown_target_and_missing_executor_role_are_rejected(site, ssh_site):
