@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -211,11 +212,25 @@ def collections_env(collections: Path) -> dict[str, str]:
 
 
 def scan_cache_dir(work_dir: Path) -> Path:
-    """``<work_dir>/import-scan-cache`` (mode 0700), made if missing: where runs under the
-    ``mitogen`` strategy keep the import scans of Mitogen's module server between runs
-    (fem.core's ``mitogen_linear`` strategy plugin says why)."""
+    """``<work_dir>/import-scan-cache``, made (or set back to) mode 0700: where runs under
+    the ``mitogen`` strategy keep the import scans of Mitogen's module server between runs
+    (fem.core's ``mitogen_linear`` strategy plugin says why, and uses the directory only if
+    it is private).  Temp files of runs killed while writing one are removed."""
     path = work_dir.resolve() / "import-scan-cache"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        # A symbolic link, or another user's: never changed, and runs do not use it.
+        log.warning("%s is not a directory of this user's: runs will not keep Mitogen's "
+                    "import scans (slower, not different); remove it and the listener "
+                    "makes it again", path)
+        return path
+    path.chmod(0o700)  # ours, whatever its mode was
+    stale = time.time() - 600  # writing one takes milliseconds
+    for tmp in path.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.lstat().st_mtime < stale:
+                tmp.unlink()
     return path
 
 

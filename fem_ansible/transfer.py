@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ class Archive:
         path = Path(path)
         with path.open("rb") as f:
             digest = hashlib.file_digest(f, "sha256")
-            size = os.fstat(f.fileno()).st_size
+            size = f.tell()
         return cls(path, size, digest.hexdigest())
 
     def report(self, url: str | None) -> dict[str, Any]:

@@ -60,9 +60,14 @@ def test_task_runs_end_to_end(site, strategy):
                if r["path"].startswith(base)}
     assert methods == {f"{base}/outputs.tar.gz": "PUT", f"{base}/logs.tar.gz": "POST"}
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
-    # Under mitogen the import scans of Mitogen's module server are kept for the next run.
-    scans = list((site.work_dir / "import-scan-cache").iterdir())
+    # Under mitogen the import scans of Mitogen's module server are kept for the next run,
+    # private, written whole.
+    cache = site.work_dir / "import-scan-cache"
+    scans = list(cache.iterdir())
     assert bool(scans) == (strategy == "mitogen")
+    assert cache.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in scans} <= {0o600}
+    assert not [p for p in scans if p.name.endswith(".tmp")]
 
 
 def test_failures_are_reported_with_their_codes(site):

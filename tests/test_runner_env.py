@@ -11,7 +11,7 @@ import pytest
 
 from fem_ansible.config import load_config
 from fem_ansible.errors import ConfigError
-from fem_ansible.runner import ansible_env, collections_view
+from fem_ansible.runner import ansible_env, collections_view, scan_cache_dir
 
 
 @pytest.fixture
@@ -26,6 +26,29 @@ def test_mitogen_strategy_is_fem_cores_plugin_with_its_scan_cache(view: Path, tm
     assert env["FEM_IMPORT_SCAN_CACHE"] == str(tmp_path / "scans")
     assert env["FEM_JOB_ID"] == "fem-n-t.a1"
     assert "FEM_IMPORT_SCAN_CACHE" not in ansible_env("fem-doctor", "mitogen", view)
+
+
+def test_the_scan_cache_dir_is_private_and_loses_stale_temp_files(tmp_path: Path):
+    cache = tmp_path / "work" / "import-scan-cache"
+    cache.mkdir(parents=True, mode=0o755)
+    (cache / ".abc.1.2.tmp").write_bytes(b"x")
+    os.utime(cache / ".abc.1.2.tmp", (1, 1))  # a run killed long ago, mid-write
+    (cache / ".def.3.4.tmp").write_bytes(b"x")  # a run writing now
+    (cache / "abc").write_bytes(b"entry")
+    assert scan_cache_dir(tmp_path / "work") == cache
+    assert cache.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in cache.iterdir()) == [".def.3.4.tmp", "abc"]
+
+
+def test_a_scan_cache_dir_that_is_not_ours_is_told(tmp_path: Path, caplog):
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "import-scan-cache").symlink_to(tmp_path / "elsewhere")
+    scan_cache_dir(tmp_path / "work")
+    assert "is not a directory of this user's" in caplog.text
+    caplog.clear()
+    scan_cache_dir(tmp_path / "work2")
+    assert "import-scan-cache" not in caplog.text
 
 
 def test_linear_strategy_is_stock_ansible(view: Path):
