@@ -111,12 +111,14 @@ def collections_view(work_dir: Path, extra: tuple[str, ...] = ()) -> Path:
     (~90 from the ``ansible`` package) again in every worker, which cost ~0.15 s per
     collection module call, a second per task (bench/RESULTS.md).  Built once per process;
     the name is a hash of what it links to, so an upgrade or a config change makes a new one
-    and a directory another process is using is never changed.
+    and a directory another process is using is never changed.  The temp dir of a process
+    killed while making one is removed.
     """
     links = collection_dirs(extra)
     digest = hashlib.sha256(repr(sorted(links.items())).encode()).hexdigest()[:12]
     work_dir = work_dir.resolve()  # runs start in the playbook's dir: never a relative path
     view = work_dir / f"collections-{digest}"
+    remove_stale(work_dir, ".collections-*")
     if not view.is_dir():
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = Path(tempfile.mkdtemp(prefix=".collections-", dir=work_dir))
@@ -226,12 +228,24 @@ def scan_cache_dir(work_dir: Path) -> Path:
                     "makes it again", path)
         return path
     path.chmod(0o700)  # ours, whatever its mode was
-    stale = time.time() - 600  # writing one takes milliseconds
-    for tmp in path.glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            if tmp.lstat().st_mtime < stale:
-                tmp.unlink()
+    remove_stale(path, ".*.tmp")
     return path
+
+
+def remove_stale(directory: Path, pattern: str) -> None:
+    """Remove the temp files or dirs matching ``pattern`` in ``directory`` that a process
+    killed while making one left: those older than ten minutes (making one takes
+    milliseconds, so a process still at it is never disturbed)."""
+    stale = time.time() - 600
+    for tmp in directory.glob(pattern):
+        with contextlib.suppress(OSError):
+            st = tmp.lstat()
+            if st.st_mtime >= stale:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
 
 
 def ansible_env(ident: str, strategy: str, collections: Path,

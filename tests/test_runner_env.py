@@ -75,6 +75,20 @@ def test_the_view_holds_the_roles_collections_and_the_sites_and_is_made_once(tmp
     assert [p.name for p in work.iterdir()] == [view.name]
 
 
+def test_a_view_half_made_by_a_killed_process_is_removed(tmp_path: Path):
+    work, kept = tmp_path / "work", tmp_path / "kept"
+    kept.mkdir()
+    (kept / "file").write_text("x")
+    for name in (".collections-killed", ".collections-now"):
+        (work / name / "ansible_collections").mkdir(parents=True)
+        (work / name / "ansible_collections" / "fem").symlink_to(kept)
+    os.utime(work / ".collections-killed", (1, 1))
+    collections_view.cache_clear()
+    view = collections_view(work)
+    assert sorted(p.name for p in work.iterdir()) == [".collections-now", view.name]
+    assert (kept / "file").read_text() == "x"  # links removed, never followed
+
+
 def test_a_collection_not_installed_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"execution\.collections: collection nosuch\.thing "
                                           r"is not installed"):
