@@ -132,7 +132,7 @@ class ExecutionConfig:
     )
     strategy: Literal["mitogen", "linear"] = _doc(
         "How Ansible runs a task playbook's modules: `mitogen` (fem.core's "
-        "`mitogen_linear`, Mitogen's with its import scans kept in "
+        "`mitogen_linear`, Mitogen's with its import scans kept between runs in "
         "`<work_dir>/import-scan-cache`: one persistent interpreter per host and run, a "
         "module call costs a fraction of a fresh one; docs/decisions.md) or `linear` "
         "(stock Ansible, one interpreter per "

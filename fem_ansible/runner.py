@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -31,7 +32,7 @@ from typing import Any
 
 import ansible_runner
 
-from . import unsafe, vault
+from . import derived_cache, unsafe, vault
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,8 @@ class RunSpec:
         env: more environment for Ansible (the SSH settings, fem_ansible.targets.ssh_env).
         strategy: ``execution.strategy``: ``mitogen`` or ``linear``.
         collections: the run's only collection path (:func:`collections_view`).
-        scan_cache: where Mitogen's import scans are kept between runs
-            (:func:`scan_cache_dir`).
+        scan_cache: where what Ansible and Mitogen derive from installed files is kept
+            between runs (:func:`scan_cache_dir`).
         ssh_control_dir: the run's own SSH ControlPath dir, removed after the run: SSH
             masters live as long as the run that started them (docs/hosts.md).
     """
@@ -214,18 +215,19 @@ def collections_env(collections: Path) -> dict[str, str]:
 
 
 def scan_cache_dir(work_dir: Path) -> Path:
-    """``<work_dir>/import-scan-cache``, made (or set back to) mode 0700: where runs under
-    the ``mitogen`` strategy keep the import scans of Mitogen's module server between runs
-    (fem.core's ``mitogen_linear`` strategy plugin says why, and uses the directory only if
-    it is private).  Temp files of runs killed while writing one are removed."""
+    """``<work_dir>/import-scan-cache``, made (or set back to) mode 0700: where runs keep
+    what Ansible and Mitogen derive from installed files to find imports and plugins (the
+    collections' routing metadata; Mitogen's import scans), between runs
+    (:mod:`fem_ansible.derived_cache` says why, and uses the directory only if it is
+    private).  Temp files of runs killed while writing one are removed."""
     path = work_dir.resolve() / "import-scan-cache"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = path.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         # A symbolic link, or another user's: never changed, and runs do not use it.
-        log.warning("%s is not a directory of this user's: runs will not keep Mitogen's "
-                    "import scans (slower, not different); remove it and the listener "
-                    "makes it again", path)
+        log.warning("%s is not a directory of this user's: runs will not keep Ansible's "
+                    "routing metadata and Mitogen's import scans (slower, not different); "
+                    "remove it and the listener makes it again", path)
         return path
     path.chmod(0o700)  # ours, whatever its mode was
     remove_stale(path, ".*.tmp")
@@ -251,9 +253,10 @@ def remove_stale(directory: Path, pattern: str) -> None:
 def ansible_env(ident: str, strategy: str, collections: Path,
                 scan_cache: Path | None = None) -> dict[str, str]:
     """The environment of every Ansible process the listener starts; ``strategy``
-    ``mitogen`` is fem.core's ``mitogen_linear`` over the installed Mitogen, keeping its
-    import scans in ``scan_cache`` (a :func:`scan_cache_dir`; None: for the run only);
-    ``collections`` (a :func:`collections_view`) is the only collection path."""
+    ``mitogen`` is fem.core's ``mitogen_linear`` over the installed Mitogen; runs keep what
+    they derive from installed files in ``scan_cache`` (a :func:`scan_cache_dir`; None: for
+    the run only); ``collections`` (a :func:`collections_view`) is the only collection
+    path."""
     venv_bin = str(Path(sys.executable).parent)
     env = {
         "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
@@ -270,8 +273,8 @@ def ansible_env(ident: str, strategy: str, collections: Path,
     }
     if strategy == "mitogen":
         env["ANSIBLE_STRATEGY"] = "fem.core.mitogen_linear"
-        if scan_cache is not None:
-            env["FEM_IMPORT_SCAN_CACHE"] = str(scan_cache)
+    if scan_cache is not None:
+        env[derived_cache.CACHE_ENV] = str(scan_cache)
     return env
 
 
@@ -348,13 +351,17 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         private_data_dir=str(pdd),
         ident=spec.ident,
         project_dir=str(spec.playbook.parent),
-        playbook=spec.playbook.name,
+        # fem-ansible's ansible-playbook (playbook_cli says why); the playbook is then an
+        # argument like the others.
+        binary=sys.executable,
         inventory=str(spec.inventory),
         limit=spec.limit,
         roles_path=spec.roles_path,
         envvars={**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
                  **spec.env},
-        cmdline=f"--vault-id {vault.VAULT_ID}@prompt -e @{secrets_file}",
+        cmdline=shlex.join(["-P", "-m", "fem_ansible.playbook_cli", "--vault-id",
+                            f"{vault.VAULT_ID}@prompt", "-e", f"@{secrets_file}",
+                            spec.playbook.name]),
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,
         skip_tags=",".join(spec.skip_tags) or None,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
+from fem_ansible import derived_cache
 from fem_ansible.config import load_config
 from tests.support.harness import Listener, Orchestrator, new_node_id, sample_task, site_config
 from tests.support.services import ensure_services
@@ -75,3 +78,14 @@ def site(tmp_path, fem_env):
     for lst in created:
         lst.stop()
     orch.close()
+
+
+@pytest.fixture
+def derived_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Path:
+    """A private directory for fem_ansible.derived_cache, opened afresh by its next use (as
+    by a new run)."""
+    path = tmp_path / "derived-cache"
+    path.mkdir(mode=0o700)
+    monkeypatch.setenv(derived_cache.CACHE_ENV, str(path))
+    monkeypatch.setattr(derived_cache, "_dir_fd", derived_cache._UNOPENED)
+    return path

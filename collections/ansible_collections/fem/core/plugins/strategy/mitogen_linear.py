@@ -9,17 +9,19 @@ host it compiles that module's source to find what it imports (``find_related_im
 no cache, so each run paid ~1 CPU-s for it, on the critical path of the first module call
 (bench/RESULTS.md).
 
-- Import scans: the code objects compiled only to read their imports are kept on disk in
-  ``FEM_IMPORT_SCAN_CACHE`` (the listener's ``<work_dir>/import-scan-cache``, mode 0700),
-  named by a hash of the interpreter's bytecode magic and optimisation level, the file name
-  and the source.  They are never executed: what a host runs is still the source Mitogen
-  sends, so an entry cannot change what runs, only which related modules Mitogen offers
-  ahead of time.  The directory (never through a symbolic link) and each entry are used
-  only if they are this user's and nobody else may read, write or enter them; otherwise
-  scans are cached for the run only.
+- Import scans: the code objects compiled only to read their imports are kept between runs
+  by :mod:`fem_ansible.derived_cache` (in ``FEM_IMPORT_SCAN_CACHE``, the listener's
+  ``<work_dir>/import-scan-cache``, used only if private), named by a hash of the
+  interpreter's bytecode magic and optimisation level, the file name and the source.  They
+  are never executed: what a host runs is still the source Mitogen sends, so an entry cannot
+  change what runs, only which related modules Mitogen offers ahead of time.
 - Minifying: off.  Mitogen then sends its own modules as they are installed, comments and
   all (about 65 kB more per run and host, compressed: 120 kB instead of 55); caching
   minified source instead would keep code that hosts execute in a cache.
+- Collections: Mitogen lists the installed collections (for the hosts' import path) with
+  ``ansible.collections.list``, which imports ansible-galaxy's CLI and builds its artifact
+  manager; they are listed from the collections path instead, and that module is only
+  executed if something else uses it.
 
 If a Mitogen release stops calling what is replaced here, the replacements are never called
 and runs are as with Mitogen's own ``mitogen_linear``: slower, not different.
@@ -28,101 +30,67 @@ and runs are as with Mitogen's own ``mitogen_linear``: slower, not different.
 from __future__ import annotations
 
 import builtins
-import contextlib
-import hashlib
 import importlib.util
-import marshal
 import os
-import stat
 import sys
-import threading
+import types
 from types import CodeType
 
-import ansible_mitogen.loaders
-import ansible_mitogen.module_finder
-import ansible_mitogen.strategy
-import mitogen.master
-import mitogen.minify
+
+class _OnFirstUse(types.ModuleType):
+    """A module that is imported only when one of its attributes is first used (by then
+    in place of this stand-in in ``sys.modules`` and in its package).
+
+    Why: ``ansible_mitogen.planner`` imports ``ansible.collections.list`` at import, which
+    imports all of ansible-galaxy's CLI (about a tenth of a run's controller CPU), for one
+    function replaced below.  ``importlib.util.LazyLoader`` does not serve: an ``import``
+    statement reads ``__spec__``, which loads it."""
+
+    def __getattr__(self, attr: str):
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def _lazy(name: str) -> None:
+    spec = None if name in sys.modules else importlib.util.find_spec(name)
+    if spec is not None:
+        module = _OnFirstUse(name)
+        # What an import sets, so that what looks at every module's file (inspect.stack(),
+        # which each Ansible deprecation warning calls) does not import it.
+        module.__spec__, module.__loader__, module.__package__ = spec, spec.loader, spec.parent
+        module.__file__, module.__cached__ = spec.origin, spec.cached
+        sys.modules[name] = module
+        package, _, child = name.rpartition(".")
+        setattr(sys.modules[package], child, module)
+
+
+_lazy("ansible.collections.list")
+
+# The imports below must come after _lazy(): ansible_mitogen.strategy imports the planner.
+import ansible_mitogen.loaders  # noqa: E402
+import ansible_mitogen.module_finder  # noqa: E402
+import ansible_mitogen.planner  # noqa: E402
+import ansible_mitogen.strategy  # noqa: E402
+import mitogen.master  # noqa: E402
+import mitogen.minify  # noqa: E402
+from ansible.utils.collection_loader import AnsibleCollectionConfig  # noqa: E402
+
+from fem_ansible import derived_cache  # noqa: E402
 
 DOCUMENTATION = r"""
 name: mitogen_linear
 short_description: Mitogen's linear strategy, with its import scans cached between runs
 description:
   - C(mitogen_linear) of the installed Mitogen; the code objects its module server compiles
-    to find a module's imports are kept in E(FEM_IMPORT_SCAN_CACHE) between runs, and
-    Mitogen's own modules are sent unminified.
+    to find a module's imports are kept in E(FEM_IMPORT_SCAN_CACHE) between runs,
+    Mitogen's own modules are sent unminified, and installed collections are listed without
+    ansible-galaxy.
 author: fem-ansible developers
 """
 
-CACHE_ENV = "FEM_IMPORT_SCAN_CACHE"
-
 _compile = builtins.compile
 _scans: dict[str, CodeType] = {}
-_dir_lock = threading.Lock()
-_UNOPENED = -2
-_dir_fd = _UNOPENED  # the cache directory, opened once per process; -1: none
-
-
-def _private(st: os.stat_result) -> bool:
-    """Whether a file is this user's and nobody else may read, write or enter it: entries
-    are unmarshalled, so they must be as trusted as the listener's own files."""
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o077
-
-
-def _open_dir(path: str) -> int:
-    """``path`` opened as a directory (never through a symbolic link) if it is private,
-    else -1: the scans are then kept for the run only."""
-    if not path:
-        return -1
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return -1
-    if _private(os.fstat(fd)):
-        return fd
-    os.close(fd)
-    return -1
-
-
-def _cache_dir() -> int:
-    global _dir_fd
-    with _dir_lock:
-        if _dir_fd == _UNOPENED:
-            _dir_fd = _open_dir(os.environ.get(CACHE_ENV, ""))
-        return _dir_fd
-
-
-def _load(dir_fd: int, name: str) -> CodeType | None:
-    """The entry ``name``, if it is a private regular file holding a code object."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not (stat.S_ISREG(st.st_mode) and _private(st)):
-            return None
-        try:
-            code = marshal.loads(f.read())
-        except (OSError, EOFError, ValueError, TypeError):
-            return None
-    return code if isinstance(code, CodeType) else None
-
-
-def _store(dir_fd: int, name: str, code: CodeType) -> None:
-    """Write the entry ``name`` (mode 0600) whole or not at all: the multiplexer's threads
-    and other runs may read it at any moment.  A temp file a killed run leaves is removed
-    by the next listener start (fem_ansible.runner.scan_cache_dir)."""
-    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                     dir_fd=dir_fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(marshal.dumps(code))
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError:  # full disk, read-only: the scan is still right, just not kept
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
 
 
 def cached_compile(source, filename, mode, *args, **kwargs):
@@ -131,21 +99,38 @@ def cached_compile(source, filename, mode, *args, **kwargs):
     if args or kwargs or mode != "exec" or not isinstance(source, (bytes, str)):
         return _compile(source, filename, mode, *args, **kwargs)
     data = source.encode("utf-8") if isinstance(source, str) else source
-    key = hashlib.sha256(b"".join((
-        importlib.util.MAGIC_NUMBER, b"%d" % sys.flags.optimize,
-        b"s" if isinstance(source, str) else b"b", os.fsencode(str(filename)), b"\0", data,
-    ))).hexdigest()
+    key = derived_cache.entry_name(b"import-scan", b"s" if isinstance(source, str) else b"b",
+                                   os.fsencode(str(filename)), data)
     code = _scans.get(key)
     if code is None:
-        dir_fd = _cache_dir()
-        code = _load(dir_fd, key) if dir_fd >= 0 else None
-        if code is None:
-            # dont_inherit: as the callers' own compile(), not under this file's __future__
-            code = _compile(source, filename, mode, 0, True)
-            if dir_fd >= 0:
-                _store(dir_fd, key, code)
+        # dont_inherit: as the callers' own compile(), not under this file's __future__
+        code = derived_cache.cached(key, lambda: _compile(source, filename, mode, 0, True),
+                                    lambda value: isinstance(value, CodeType))
         code = _scans.setdefault(key, code)
     return code
+
+
+def _load_collections(invocation) -> None:
+    """``ansible_mitogen.planner._load_collections``: the directory of every installed
+    collection (``<path>/ansible_collections/<namespace>/<name>``, the first of a name on
+    the collections path), as ``ansible.collections.list.list_collection_dirs`` gives them,
+    from the collections path alone, without ansible-galaxy's artifact manager."""
+    seen = set()
+    for path in AnsibleCollectionConfig.collection_paths:
+        root = path if os.path.basename(path) == "ansible_collections" else os.path.join(
+            path, "ansible_collections")
+        for namespace in sorted(_subdirs(root)):
+            for name in sorted(_subdirs(os.path.join(root, namespace))):
+                if (namespace, name) not in seen:
+                    seen.add((namespace, name))
+                    invocation._extra_sys_paths.add(os.path.join(root, namespace, name))
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    except OSError:
+        return []
 
 
 def _unminified(source):
@@ -157,6 +142,7 @@ def _unminified(source):
 mitogen.master.compile = cached_compile
 ansible_mitogen.module_finder.compile = cached_compile
 mitogen.minify.minimize_source = _unminified
+ansible_mitogen.planner._load_collections = _load_collections
 
 _Base = ansible_mitogen.loaders.strategy_loader.get("linear", class_only=True)
 

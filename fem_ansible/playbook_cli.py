@@ -1,0 +1,54 @@
+"""The ``ansible-playbook`` the listener runs: Ansible's own command, started with
+``python -P -m fem_ansible.playbook_cli <ansible-playbook arguments>``.
+
+Why not the installed ``ansible-playbook`` itself: on every start Ansible parses the routing
+metadata of ansible.builtin (``ansible/config/ansible_builtin_runtime.yml``, 9000 lines of
+YAML) and of each collection it imports, a tenth of a trivial task's controller CPU
+(bench/RESULTS.md).  ``_meta_yml_to_dict`` is the hook Ansible's collection loader offers for
+this (its docstring: "may be monkeypatched ... to allow other implementations to cache the
+output"); here it keeps each result in :mod:`fem_ansible.derived_cache`, named by a hash of
+the YAML text, so a changed file is parsed again.  Everything else is Ansible's own
+``ansible-playbook``: same arguments, same exit code, and ``argv[0]`` is the installed
+``ansible-playbook``, beside which Ansible's ssh connection finds its ``ansible`` (for
+passwords through ``SSH_ASKPASS``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ansible.utils.collection_loader import _collection_finder
+
+from fem_ansible import derived_cache
+
+
+def cached_routing(parse: Callable[[bytes | str, Any], Mapping]) -> Callable[..., Mapping]:
+    """Ansible's ``_meta_yml_to_dict`` (``parse``) with its results kept between runs."""
+
+    def meta_yml_to_dict(yaml_string_data: bytes | str, content_id: Any) -> Mapping:
+        data = (yaml_string_data.encode("utf-8") if isinstance(yaml_string_data, str)
+                else bytes(yaml_string_data))
+        name = derived_cache.entry_name(b"routing", yaml.__version__.encode(), data)
+        return derived_cache.cached(name, lambda: parse(yaml_string_data, content_id),
+                                    lambda value: isinstance(value, dict))
+
+    return meta_yml_to_dict
+
+
+def main() -> None:
+    """Run ``ansible-playbook`` with this process's arguments."""
+    finder: Any = _collection_finder
+    if finder._meta_yml_to_dict is not None:
+        finder._meta_yml_to_dict = cached_routing(finder._meta_yml_to_dict)
+    from ansible.cli.playbook import main as ansible_playbook
+
+    sys.argv[0] = str(Path(sys.executable).parent / "ansible-playbook")
+    sys.exit(ansible_playbook())
+
+
+if __name__ == "__main__":
+    main()
