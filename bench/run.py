@@ -55,8 +55,9 @@ def median(xs: list[float]) -> float:
 
 
 class Bench:
-    def __init__(self, quick: bool):
+    def __init__(self, quick: bool, tasks: int | None = None):
         self.quick = quick
+        self.tasks = tasks
         self.env = ensure_services()
         self.tmp = Path(tempfile.mkdtemp(prefix="fem-bench-"))
         self.rows: list[tuple[str, str, str, str, str]] = []
@@ -134,7 +135,7 @@ class Bench:
                      f"{median(base):.2f}", median(fem[strategy]) / median(base), "≤ 2.0")
 
     def throughput(self) -> None:
-        count = 2 if self.quick else 50
+        count = self.tasks or (2 if self.quick else 50)
         for parallel in (1, 4) if self.quick else (1, 2, 4):
             node = f"bench{uuid.uuid4().hex[:6]}"
             lst, orch = self.listener(node, max_parallel=parallel)
@@ -324,8 +325,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer runs, small sizes (CI)")
     parser.add_argument("--only", nargs="*", help="run only these measures")
     parser.add_argument("--write", action="store_true", help="record in bench/RESULTS.md")
+    parser.add_argument("--tasks", type=int, help="tasks per throughput point (default 50, "
+                        "quick 2): fewer for a before/after on a slow machine")
     args = parser.parse_args()
-    bench = Bench(args.quick)
+    bench = Bench(args.quick, args.tasks)
     measures: dict[str, Callable[[], None]] = {
         "overhead": bench.overhead, "throughput": bench.throughput,
         "stage_out": bench.stage_out, "footprint": bench.footprint, "scale": bench.scale,

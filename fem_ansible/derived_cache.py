@@ -69,6 +69,8 @@ def _open_dir(path: str) -> int:
 
 def _cache_dir() -> int:
     global _dir_fd
+    if _dir_fd != _UNOPENED:  # no lock once open: a worker forked while it is held
+        return _dir_fd
     with _lock:
         if _dir_fd == _UNOPENED:
             _dir_fd = _open_dir(os.environ.get(CACHE_ENV, ""))
@@ -78,7 +80,7 @@ def _cache_dir() -> int:
 def _load(dir_fd: int, name: str) -> Any:
     """The value of entry ``name``, if it is a private regular file; else None."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError:
         return None
     st = os.fstat(fd)

@@ -21,18 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ansible.release import __version__ as ansible_version
 from ansible.utils.collection_loader import _collection_finder
 
 from fem_ansible import derived_cache
 
+_PARSER = f"ansible {ansible_version} PyYAML {yaml.__version__} {yaml.__with_libyaml__}".encode()
+
 
 def cached_routing(parse: Callable[[bytes | str, Any], Mapping]) -> Callable[..., Mapping]:
-    """Ansible's ``_meta_yml_to_dict`` (``parse``) with its results kept between runs."""
+    """Ansible's ``_meta_yml_to_dict`` (``parse``) with its results kept between runs: the
+    entry's name holds the YAML text and what parses it (Ansible's and PyYAML's versions,
+    libyaml or not), so another parser is another entry."""
 
     def meta_yml_to_dict(yaml_string_data: bytes | str, content_id: Any) -> Mapping:
         data = (yaml_string_data.encode("utf-8") if isinstance(yaml_string_data, str)
                 else bytes(yaml_string_data))
-        name = derived_cache.entry_name(b"routing", yaml.__version__.encode(), data)
+        name = derived_cache.entry_name(b"routing", _PARSER, data)
         return derived_cache.cached(name, lambda: parse(yaml_string_data, content_id),
                                     lambda value: isinstance(value, dict))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,12 +82,24 @@ def site(tmp_path, fem_env):
     orch.close()
 
 
+def _forget_derived_cache_dir() -> None:
+    if derived_cache._dir_fd >= 0:
+        os.close(derived_cache._dir_fd)
+    derived_cache._dir_fd = derived_cache._UNOPENED
+
+
 @pytest.fixture
-def derived_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Path:
-    """A private directory for fem_ansible.derived_cache, opened afresh by its next use (as
-    by a new run)."""
+def derived_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[Path]:
+    """A private directory for fem_ansible.derived_cache, opened afresh by its next use."""
     path = tmp_path / "derived-cache"
     path.mkdir(mode=0o700)
     monkeypatch.setenv(derived_cache.CACHE_ENV, str(path))
     monkeypatch.setattr(derived_cache, "_dir_fd", derived_cache._UNOPENED)
-    return path
+    yield path
+    _forget_derived_cache_dir()
+
+
+@pytest.fixture
+def new_run() -> Callable[[], None]:
+    """Makes fem_ansible.derived_cache open its directory again, as a new run would."""
+    return _forget_derived_cache_dir

@@ -20,7 +20,6 @@ import mitogen.master
 import mitogen.minify
 import pytest
 
-from fem_ansible import derived_cache
 from fem_ansible.runner import collections_env, collections_view, data_dir
 
 PLUGIN = (data_dir() / "collections/ansible_collections/fem/core/plugins/strategy/"
@@ -53,18 +52,18 @@ def plugin(monkeypatch: pytest.MonkeyPatch, derived_cache_dir: Path) -> types.Mo
     return module
 
 
-def _reload(plugin: types.ModuleType) -> None:
+def _reload(plugin: types.ModuleType, new_run) -> None:
     """As a new run: nothing in memory, the directory opened again."""
     plugin._scans.clear()
-    derived_cache._dir_fd = derived_cache._UNOPENED
+    new_run()
 
 
 def _entries(cache: Path) -> list[Path]:
     return sorted(cache.iterdir())
 
 
-def test_the_code_is_what_compile_gives_and_is_read_back_by_the_next_run(plugin,
-                                                                          derived_cache_dir):
+def test_the_code_is_what_compile_gives_and_is_read_back_by_the_next_run(
+        plugin, derived_cache_dir, new_run):
     cache = derived_cache_dir
     for source in (SOURCE, WALRUS, WALRUS.encode()):
         assert plugin.cached_compile(source, "m.py", "exec") == _compile(source, "m.py")
@@ -74,17 +73,18 @@ def test_the_code_is_what_compile_gives_and_is_read_back_by_the_next_run(plugin,
                  if marshal.loads(p.read_bytes()) == _compile(SOURCE, "m.py"))
     assert entry.stat().st_mode & 0o777 == 0o600
     # The next run reads the entry instead of compiling.
-    _reload(plugin)
+    _reload(plugin, new_run)
     entry.write_bytes(marshal.dumps(_compile("import marker_only_in_the_cache\n", "m.py")))
     assert "marker_only_in_the_cache" in plugin.cached_compile(SOURCE, "m.py", "exec").co_names
     assert not [p for p in _entries(cache) if p.name.endswith(".tmp")]
 
 
-def test_an_entry_that_is_not_code_is_compiled_again_and_replaced(plugin, derived_cache_dir):
+def test_an_entry_that_is_not_code_is_compiled_again_and_replaced(plugin, derived_cache_dir,
+                                                                  new_run):
     plugin.cached_compile(SOURCE, "m.py", "exec")
     [entry] = _entries(derived_cache_dir)
     entry.write_bytes(marshal.dumps({"not": "code"}))
-    _reload(plugin)
+    _reload(plugin, new_run)
     assert plugin.cached_compile(SOURCE, "m.py", "exec") == _compile(SOURCE, "m.py")
     assert marshal.loads(entry.read_bytes()) == _compile(SOURCE, "m.py")
 
@@ -102,11 +102,26 @@ def test_mitogen_uses_the_cached_scans_and_sends_modules_unminified(plugin):
     assert ansible_mitogen.planner._load_collections is plugin._load_collections
 
 
+def _collection(root: Path, namespace: str, name: str) -> Path:
+    path = root / namespace / name
+    path.mkdir(parents=True)
+    (path / "galaxy.yml").write_text(f"namespace: {namespace}\nname: {name}\nversion: 1.0.0\n"
+                                     "authors: [fem]\nreadme: README.md\n")
+    return path
+
+
 def test_collections_are_listed_as_ansible_lists_them_without_galaxy(tmp_path: Path):
     """In a fresh ``ansible-playbook``-like process: the plugin's import leaves
-    ``ansible.collections.list`` (and with it ansible-galaxy's CLI) unexecuted, and its
-    listing of the collections view is Ansible's own."""
+    ``ansible.collections.list`` (and with it ansible-galaxy's CLI) unexecuted, its listing
+    is Ansible's own (a second path, given as its ``ansible_collections`` dir, with a
+    collection the view has too, which the view's shadows, one of its own, a hidden dir and
+    a stray file), and the module works as Ansible's once something uses it."""
     view = collections_view(tmp_path / "work")
+    extra = tmp_path / "extra" / "ansible_collections"
+    shadowed = _collection(extra, "community", "docker")
+    _collection(extra, "acme", "tools")
+    (extra / ".cache" / "junk").mkdir(parents=True)
+    (extra / "acme" / "README").write_text("not a collection")
     script = f"""
 import importlib.util, json, sys
 from ansible.plugins.loader import init_plugin_loader
@@ -123,12 +138,21 @@ plugin._load_collections(Invocation)
 galaxy_after_listing = "ansible.cli.galaxy" in sys.modules
 import ansible.collections.list
 ansible_listing = sorted(p.decode() for p in ansible.collections.list.list_collection_dirs())
+from ansible.collections.list import list_collections
+real = sys.modules["ansible.collections.list"]
 print(json.dumps([galaxy_after_import, galaxy_after_listing, sorted(Invocation._extra_sys_paths),
-                  ansible_listing]))
+                  ansible_listing, type(real).__name__, ansible.collections.list is real,
+                  list_collections is real.list_collections]))
 """
-    out = subprocess.run([sys.executable, "-c", script], env={**collections_env(view)},
-                         capture_output=True, text=True, check=True).stdout
-    galaxy_after_import, galaxy_after_listing, ours, ansibles = json.loads(out.splitlines()[-1])
+    env = {"ANSIBLE_COLLECTIONS_PATH": f"{view}:{extra}",
+           **{k: v for k, v in collections_env(view).items() if k != "ANSIBLE_COLLECTIONS_PATH"}}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    galaxy_after_import, galaxy_after_listing, ours, ansibles, *real = json.loads(
+        proc.stdout.splitlines()[-1])
     assert not galaxy_after_import and not galaxy_after_listing
     assert ours == ansibles
     assert str(view / "ansible_collections/community/docker") in ours
+    assert str(extra / "acme/tools") in ours and str(shadowed) not in ours
+    assert real == ["module", True, True]

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import ansible
-import yaml
 from ansible.utils.collection_loader import _collection_meta
 
 from fem_ansible import derived_cache, playbook_cli
@@ -19,7 +18,11 @@ BUILTIN_RUNTIME = Path(ansible.__file__).parent / "config/ansible_builtin_runtim
 
 
 def _entry(data: bytes) -> str:
-    return derived_cache.entry_name(b"routing", yaml.__version__.encode(), data)
+    return derived_cache.entry_name(b"routing", playbook_cli._PARSER, data)
+
+
+def test_the_entry_is_named_by_the_text_and_what_parses_it():
+    assert playbook_cli._PARSER.startswith(f"ansible {ansible.__version__} PyYAML ".encode())
 
 
 def test_routing_is_what_ansible_parses_and_is_read_back(derived_cache_dir: Path):

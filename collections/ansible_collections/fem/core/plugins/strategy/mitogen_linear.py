@@ -33,6 +33,7 @@ import builtins
 import importlib.util
 import os
 import sys
+import threading
 import types
 from types import CodeType
 
@@ -44,12 +45,19 @@ class _OnFirstUse(types.ModuleType):
     Why: ``ansible_mitogen.planner`` imports ``ansible.collections.list`` at import, which
     imports all of ansible-galaxy's CLI (about a tenth of a run's controller CPU), for one
     function replaced below.  ``importlib.util.LazyLoader`` does not serve: an ``import``
-    statement reads ``__spec__``, which loads it."""
+    statement reads ``__spec__``, which loads it.  Who bound the stand-in itself (``import
+    ansible.collections.list as m`` before first use) keeps reading through it; setting an
+    attribute on it does not reach the real module."""
 
     def __getattr__(self, attr: str):
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        return getattr(importlib.import_module(self.__name__), attr)
+        with _first_use:
+            if sys.modules.get(self.__name__) is self:
+                sys.modules.pop(self.__name__, None)
+            module = importlib.import_module(self.__name__)
+        return getattr(module, attr)
+
+
+_first_use = threading.Lock()
 
 
 def _lazy(name: str) -> None:
