@@ -31,19 +31,24 @@ def test_soak_with_kills_and_a_broker_restart(site):
     for tid in ids:
         orch.publish(site.task(tid, command=["sh", "-c", "echo ok > /fem/output/r.txt"],
                                source=None, datasets=[]))
-    started = time.monotonic()
+    started = progress_at = time.monotonic()
     kills = broker_restarts = 0
-    deadline = started + 120 + size * 20
+    done_at_kill = 0
 
     def finished() -> set[str]:
         orch.drain(0.5)
         return {e["task_id"] for e in orch.received if e["state"] in TERMINAL}
 
     # A kill -9 first, then the broker restart, both a few seconds apart so that they land
-    # while tasks are in flight however fast tasks are; then kills at random until done.
-    while finished() < set(ids):
-        assert time.monotonic() < deadline, f"{len(finished())}/{size} finished"
+    # while tasks are in flight however fast tasks are; then kills at random, each once a
+    # task has finished since the last one: however slow the machine, tasks get done.  A
+    # run fails when no task finishes for 5 minutes (a hang), not on its total time.
+    done = 0
+    while done < size:
         time.sleep(rng.uniform(2, 6) if kills + broker_restarts < 2 else rng.uniform(8, 20))
+        if (now_done := len(finished())) > done:
+            done, progress_at = now_done, time.monotonic()
+        assert time.monotonic() - progress_at < 300, f"stuck at {done}/{size} finished"
         if kills and not broker_restarts:
             orch.conn.close()
             stop_rabbitmq()
@@ -51,9 +56,10 @@ def test_soak_with_kills_and_a_broker_restart(site):
             start_rabbitmq()
             orch.reconnect()
             broker_restarts += 1
-        elif len(finished()) < size:
+        elif done < size and (not kills or done > done_at_kill):
             listener.kill9()
             kills += 1
+            done_at_kill = done
             listener.start()
     elapsed = time.monotonic() - started
     orch.drain(2.0)
