@@ -92,12 +92,21 @@ def ensure(module, path, mode, result):
         parent = os.path.dirname(path)
         if parent and parent != path and not os.path.isdir(parent):
             ensure(module, parent, mode, result)
-        result["created"].append(path)
-        result["changed"] = True
         if module.check_mode:
+            result["created"].append(path)
+            result["changed"] = True
             return
-        os.mkdir(path, 0o700)
-    elif stat.S_IMODE(os.lstat(path).st_mode) == mode:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            # Another run made it since the check (two tasks starting at once on a new work
+            # dir both make <work_dir>/tasks): theirs, as if it had been there.
+            if os.path.islink(path) or not os.path.isdir(path):
+                raise
+        else:
+            result["created"].append(path)
+            result["changed"] = True
+    if stat.S_IMODE(os.lstat(path).st_mode) == mode:
         return
     result["changed"] = True
     if not module.check_mode:
