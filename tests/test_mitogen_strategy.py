@@ -1,7 +1,8 @@
 """fem.core's ``mitogen_linear`` strategy plugin: Mitogen's import scans kept between runs
 (tests/test_derived_cache.py: only where nobody else can reach them), the same code objects
 ``compile`` gives; installed collections listed as Ansible lists them, without
-ansible-galaxy."""
+ansible-galaxy; the listener's own host importing Ansible from its installed files, and
+only that host."""
 
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ import builtins
 import importlib.util
 import json
 import marshal
+import os
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
+import ansible_mitogen._modifiers
 import ansible_mitogen.module_finder
 import ansible_mitogen.planner
+import ansible_mitogen.process
+import ansible_mitogen.services
 import mitogen.master
 import mitogen.minify
+import mitogen.parent
+import mitogen.ssh
 import pytest
 
 from fem_ansible.runner import collections_env, collections_view, data_dir
@@ -45,6 +53,11 @@ def plugin(monkeypatch: pytest.MonkeyPatch, derived_cache_dir: Path) -> types.Mo
     monkeypatch.setattr(mitogen.minify, "minimize_source", mitogen.minify.minimize_source)
     monkeypatch.setattr(ansible_mitogen.planner, "_load_collections",
                         ansible_mitogen.planner._load_collections)
+    monkeypatch.setattr(mitogen.parent.Connection, "get_econtext_config",
+                        mitogen.parent.Connection.get_econtext_config)
+    monkeypatch.setattr(ansible_mitogen.services.ContextService, "_send_module_forwards",
+                        ansible_mitogen.services.ContextService._send_module_forwards)
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # as fem-ansible.service sets it
     spec = importlib.util.spec_from_file_location("fem_test_mitogen_linear", PLUGIN)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -156,3 +169,63 @@ print(json.dumps([galaxy_after_import, galaxy_after_listing, sorted(Invocation._
     assert str(view / "ansible_collections/community/docker") in ours
     assert str(extra / "acme/tools") in ours and str(shadowed) not in ours
     assert real == ["module", True, True]
+
+
+@pytest.fixture
+def router(plugin) -> Iterator[mitogen.master.Router]:
+    """A Mitogen master configured as ansible_mitogen's multiplexer: Ansible's packages are
+    served to hosts in place of their own."""
+    broker = mitogen.master.Broker()
+    router = mitogen.master.Router(broker)
+    ansible_mitogen.process._setup_responder(router.responder)
+    yield router
+    broker.shutdown()
+    broker.join()
+
+
+_FILE_OF = "__import__('importlib').import_module({!r}).__file__"
+# A module of Ansible's that imports no __main__ (a bare Mitogen context has none).
+CONVERTERS = "ansible.module_utils.common.text.converters"
+
+
+def test_the_listeners_own_host_imports_ansible_from_its_installed_files(plugin, router):
+    own = router.local(python_path=[sys.executable])
+    for name in (CONVERTERS, "ansible_mitogen.target"):
+        assert own.call(eval, _FILE_OF.format(name)) == importlib.util.find_spec(name).origin
+    # Mitogen's own modules still come from the multiplexer; so does what the host lacks.
+    assert own.call(eval, _FILE_OF.format("mitogen.fork")).startswith("master:")
+    # Mitogen's processes read their bootstrap buffered.
+    assert own.call(os.getenv, "PYTHONUNBUFFERED") is None
+    assert "PYTHONUNBUFFERED" not in os.environ
+
+
+def test_any_other_interpreter_or_connection_is_sent_ansible(plugin, router):
+    other = router.local(python_path=[sys.executable, "-X", "utf8"])
+    assert other.call(eval, _FILE_OF.format(CONVERTERS)).startswith("master:")
+    ssh = mitogen.parent.Connection.__new__(mitogen.ssh.Connection)
+    ssh.options = types.SimpleNamespace(python_path=[sys.executable])
+    assert not plugin.runs_controller_files(ssh)
+
+
+def test_a_source_modifier_for_what_the_host_would_import_keeps_it_on_mitogens_path(
+        plugin, monkeypatch):
+    local = mitogen.parent.Connection.__new__(mitogen.parent.Connection)
+    local.options = types.SimpleNamespace(python_path=[sys.executable])
+    assert plugin.runs_controller_files(local)
+    monkeypatch.setitem(ansible_mitogen._modifiers._PYTHON_MODULE_MODIFIERS,
+                        "ansible.module_utils._embed.dnf", [])
+    assert not plugin.runs_controller_files(local)
+
+
+def test_the_listeners_own_host_is_sent_only_mitogens_modules_ahead_of_time(
+        plugin, router, monkeypatch):
+    own = router.local(python_path=[sys.executable])
+    other = router.local(python_path=[sys.executable, "-X", "utf8"])
+    sent = {}
+    monkeypatch.setattr(router.responder, "forward_modules",
+                        lambda context, names: sent.setdefault(context, list(names)))
+    service = ansible_mitogen.services.ContextService(router)
+    for context in (own, other):
+        service._send_module_forwards(context)
+    assert sent[own] == ["mitogen.fork", "mitogen.service"]
+    assert sent[other] == list(service.ALWAYS_PRELOAD)

@@ -22,6 +22,18 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   ``ansible.collections.list``, which imports ansible-galaxy's CLI and builds its artifact
   manager; they are listed from the collections path instead, and that module is only
   executed if something else uses it.
+- The listener's own host: a host the local method reaches with the controller's own
+  interpreter (fem-ansible's default inventory: ``localhost``, ``ansible_connection: local``,
+  ``ansible_playbook_python``) runs the very files the multiplexer would send, with the
+  same environment (it inherits the multiplexer's).  It imports Ansible and
+  ``ansible_mitogen`` from them, with their bytecode, instead of receiving ~60 modules'
+  source and compiling it on every run's first module call, and is not sent them ahead of
+  time.  Mitogen's own modules, collections and modules' code still come from the
+  multiplexer.  Any other host, interpreter or connection (SSH, become) is as with Mitogen.
+- ``PYTHONUNBUFFERED`` is dropped from the environment of the multiplexer and hosts'
+  interpreters: Mitogen starts an interpreter by piping ``mitogen.core`` (158 kB) to it as
+  its program, which CPython, unbuffered, reads one byte per ``read(2)`` (~65 ms a run).
+  fem-ansible.service sets it for the listener's own output, which this does not change.
 
 If a Mitogen release stops calling what is replaced here, the replacements are never called
 and runs are as with Mitogen's own ``mitogen_linear``: slower, not different.
@@ -76,12 +88,15 @@ def _lazy(name: str) -> None:
 _lazy("ansible.collections.list")
 
 # The imports below must come after _lazy(): ansible_mitogen.strategy imports the planner.
+import ansible_mitogen._modifiers  # noqa: E402
 import ansible_mitogen.loaders  # noqa: E402
 import ansible_mitogen.module_finder  # noqa: E402
 import ansible_mitogen.planner  # noqa: E402
+import ansible_mitogen.services  # noqa: E402
 import ansible_mitogen.strategy  # noqa: E402
 import mitogen.master  # noqa: E402
 import mitogen.minify  # noqa: E402
+import mitogen.parent  # noqa: E402
 from ansible.utils.collection_loader import AnsibleCollectionConfig  # noqa: E402
 
 from fem_ansible import derived_cache  # noqa: E402
@@ -92,8 +107,10 @@ short_description: Mitogen's linear strategy, with its import scans cached betwe
 description:
   - C(mitogen_linear) of the installed Mitogen; the code objects its module server compiles
     to find a module's imports are kept in E(FEM_IMPORT_SCAN_CACHE) between runs,
-    Mitogen's own modules are sent unminified, and installed collections are listed without
-    ansible-galaxy.
+    Mitogen's own modules are sent unminified, installed collections are listed without
+    ansible-galaxy, a host reached by the local method with the controller's own
+    interpreter imports Ansible from its installed files, and Mitogen's processes run
+    without E(PYTHONUNBUFFERED).
 author: fem-ansible developers
 """
 
@@ -146,11 +163,63 @@ def _unminified(source):
     return source.decode("utf-8") if isinstance(source, bytes) else source
 
 
+#: What a host running the controller's own interpreter imports from its installed files.
+FROM_DISK = ("ansible", "ansible_mitogen")
+#: Source modifiers Mitogen's module server applies under FROM_DISK that such a host may do
+#: without: setup's is for Python 3.5, dnf's adds ``import dnf.cli`` to quiet a plugin's
+#: warning.  Any other one (a new Mitogen's) keeps those hosts on Mitogen's import path.
+HARMLESS_MODIFIERS = frozenset({"ansible.modules.setup", "ansible.modules.dnf"})
+_from_disk_contexts: set[int] = set()
+_econtext_config = mitogen.parent.Connection.get_econtext_config
+_send_module_forwards = ansible_mitogen.services.ContextService._send_module_forwards
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def runs_controller_files(connection: mitogen.parent.Connection) -> bool:
+    """True for a connection of the local method (not a subclass: SSH, sudo...) starting
+    the controller's own interpreter, while no source modifier matters under FROM_DISK."""
+    modified = getattr(ansible_mitogen._modifiers, "_PYTHON_MODULE_MODIFIERS", None)
+    return (type(connection) is mitogen.parent.Connection
+            and connection.options.python_path in (sys.executable, [sys.executable])
+            and modified is not None
+            and all(name in HARMLESS_MODIFIERS for name in modified if _under(name, FROM_DISK)))
+
+
+def get_econtext_config(self: mitogen.parent.Connection) -> dict:
+    """``Connection.get_econtext_config``: the new context's import policy, without
+    FROM_DISK among the prefixes always fetched from the multiplexer where
+    :func:`runs_controller_files`."""
+    config = _econtext_config(self)
+    if runs_controller_files(self):
+        config["import_overrides"] = [p for p in config["import_overrides"]
+                                      if p not in FROM_DISK]
+        _from_disk_contexts.add(self.context.context_id)
+    return config
+
+
+def send_module_forwards(self, context) -> None:
+    """``ContextService._send_module_forwards``: what a new context is sent ahead of
+    time, less what it imports from disk."""
+    if context.context_id in _from_disk_contexts:
+        self.router.responder.forward_modules(
+            context, [n for n in self.ALWAYS_PRELOAD if not _under(n, FROM_DISK)])
+    else:
+        _send_module_forwards(self, context)
+
+
 # Module attributes shadow the built-in ``compile`` for these two modules only.
 mitogen.master.compile = cached_compile
 ansible_mitogen.module_finder.compile = cached_compile
 mitogen.minify.minimize_source = _unminified
 ansible_mitogen.planner._load_collections = _load_collections
+mitogen.parent.Connection.get_econtext_config = get_econtext_config
+ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
+# Read at interpreter start: this process's output is unchanged; Mitogen's processes,
+# started after this, read their bootstrap in blocks.
+os.environ.pop("PYTHONUNBUFFERED", None)
 
 _Base = ansible_mitogen.loaders.strategy_loader.get("linear", class_only=True)
 
