@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ansible_mitogen._modifiers
@@ -22,6 +22,7 @@ import ansible_mitogen.module_finder
 import ansible_mitogen.planner
 import ansible_mitogen.process
 import ansible_mitogen.services
+import mitogen.core
 import mitogen.master
 import mitogen.minify
 import mitogen.parent
@@ -183,49 +184,84 @@ def router(plugin) -> Iterator[mitogen.master.Router]:
     broker.join()
 
 
+@pytest.fixture
+def connect(router) -> Callable[..., mitogen.core.Context]:
+    """A new context, as ansible_mitogen's ContextService makes one: connected, then sent
+    its modules ahead of time, before anything runs there."""
+    service = ansible_mitogen.services.ContextService(router)
+
+    def connect(**kwargs) -> mitogen.core.Context:
+        context = router.local(**kwargs)
+        service._send_module_forwards(context)
+        return context
+
+    return connect
+
+
 _FILE_OF = "__import__('importlib').import_module({!r}).__file__"
 # A module of Ansible's that imports no __main__ (a bare Mitogen context has none).
 CONVERTERS = "ansible.module_utils.common.text.converters"
+OTHER_INTERPRETER = [sys.executable, "-X", "utf8"]
 
 
-def test_the_listeners_own_host_imports_ansible_from_its_installed_files(plugin, router):
-    own = router.local(python_path=[sys.executable])
+def _file_of(context: mitogen.core.Context, name: str) -> str:
+    return context.call(eval, _FILE_OF.format(name))
+
+
+def test_the_listeners_own_host_imports_ansible_from_its_installed_files(plugin, connect):
+    own = connect(python_path=[sys.executable])
     for name in (CONVERTERS, "ansible_mitogen.target"):
-        assert own.call(eval, _FILE_OF.format(name)) == importlib.util.find_spec(name).origin
-    # Mitogen's own modules still come from the multiplexer; so does what the host lacks.
-    assert own.call(eval, _FILE_OF.format("mitogen.fork")).startswith("master:")
+        assert _file_of(own, name) == importlib.util.find_spec(name).origin
+    # Mitogen's own modules still come from the multiplexer.
+    assert _file_of(own, "mitogen.fork").startswith("master:")
     # Mitogen's processes read their bootstrap buffered.
     assert own.call(os.getenv, "PYTHONUNBUFFERED") is None
     assert "PYTHONUNBUFFERED" not in os.environ
 
 
-def test_any_other_interpreter_or_connection_is_sent_ansible(plugin, router):
-    other = router.local(python_path=[sys.executable, "-X", "utf8"])
-    assert other.call(eval, _FILE_OF.format(CONVERTERS)).startswith("master:")
+def test_any_other_interpreter_or_connection_is_sent_ansible(plugin, connect):
+    assert _file_of(connect(python_path=OTHER_INTERPRETER), CONVERTERS).startswith("master:")
     ssh = mitogen.parent.Connection.__new__(mitogen.ssh.Connection)
     ssh.options = types.SimpleNamespace(python_path=[sys.executable])
     assert not plugin.runs_controller_files(ssh)
 
 
+def test_a_context_started_by_the_listeners_own_host_is_sent_ansible(plugin, connect):
+    """As for ``become`` on localhost or a host with ``mitogen_via: localhost``: another
+    user, environment or interpreter, so Mitogen's policy."""
+    own = connect(python_path=[sys.executable])
+    through = connect(via=own, python_path=[sys.executable])
+    assert _file_of(through, CONVERTERS).startswith("master:")
+    assert _file_of(own, CONVERTERS) == importlib.util.find_spec(CONVERTERS).origin
+
+
+def test_ansible_shadowed_on_the_hosts_import_path_is_sent_from_the_multiplexer(
+        plugin, connect, tmp_path, monkeypatch):
+    """A host's import path starts with its working directory (the playbook's): an
+    ``ansible`` package there is not the controller's."""
+    (tmp_path / "ansible").mkdir()
+    (tmp_path / "ansible" / "__init__.py").write_text("raise ImportError('shadow')\n")
+    monkeypatch.chdir(tmp_path)
+    assert _file_of(connect(python_path=[sys.executable]), CONVERTERS).startswith("master:")
+
+
 def test_a_source_modifier_for_what_the_host_would_import_keeps_it_on_mitogens_path(
-        plugin, monkeypatch):
+        plugin, router):
     local = mitogen.parent.Connection.__new__(mitogen.parent.Connection)
     local.options = types.SimpleNamespace(python_path=[sys.executable])
+    local._router = router
     assert plugin.runs_controller_files(local)
-    monkeypatch.setitem(ansible_mitogen._modifiers._PYTHON_MODULE_MODIFIERS,
-                        "ansible.module_utils._embed.dnf", [])
+    router.responder.add_source_modifier("ansible.module_utils._embed.dnf",
+                                         lambda *module: module)
     assert not plugin.runs_controller_files(local)
 
 
 def test_the_listeners_own_host_is_sent_only_mitogens_modules_ahead_of_time(
-        plugin, router, monkeypatch):
-    own = router.local(python_path=[sys.executable])
-    other = router.local(python_path=[sys.executable, "-X", "utf8"])
+        plugin, router, connect, monkeypatch):
     sent = {}
     monkeypatch.setattr(router.responder, "forward_modules",
                         lambda context, names: sent.setdefault(context, list(names)))
-    service = ansible_mitogen.services.ContextService(router)
-    for context in (own, other):
-        service._send_module_forwards(context)
+    own = connect(python_path=[sys.executable])
+    other = connect(python_path=OTHER_INTERPRETER)
     assert sent[own] == ["mitogen.fork", "mitogen.service"]
-    assert sent[other] == list(service.ALWAYS_PRELOAD)
+    assert sent[other] == list(ansible_mitogen.services.ContextService.ALWAYS_PRELOAD)

@@ -24,12 +24,14 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   executed if something else uses it.
 - The listener's own host: a host the local method reaches with the controller's own
   interpreter (fem-ansible's default inventory: ``localhost``, ``ansible_connection: local``,
-  ``ansible_playbook_python``) runs the very files the multiplexer would send, with the
-  same environment (it inherits the multiplexer's).  It imports Ansible and
-  ``ansible_mitogen`` from them, with their bytecode, instead of receiving ~60 modules'
+  ``ansible_playbook_python``) inherits the multiplexer's environment.  Once it has checked
+  that Ansible and ``ansible_mitogen`` resolve there to the controller's files
+  (:mod:`fem_ansible.mitogen_host`; its import path starts with its working directory),
+  it imports them from those files, with their bytecode, instead of receiving ~60 modules'
   source and compiling it on every run's first module call, and is not sent them ahead of
   time.  Mitogen's own modules, collections and modules' code still come from the
-  multiplexer.  Any other host, interpreter or connection (SSH, become) is as with Mitogen.
+  multiplexer.  Any other host, interpreter or connection (SSH), and any context such a
+  host starts itself (``become``, ``mitogen_via``), is as with Mitogen.
 - ``PYTHONUNBUFFERED`` is dropped from the environment of the multiplexer and hosts'
   interpreters: Mitogen starts an interpreter by piping ``mitogen.core`` (158 kB) to it as
   its program, which CPython, unbuffered, reads one byte per ``read(2)`` (~65 ms a run).
@@ -99,7 +101,7 @@ import mitogen.minify  # noqa: E402
 import mitogen.parent  # noqa: E402
 from ansible.utils.collection_loader import AnsibleCollectionConfig  # noqa: E402
 
-from fem_ansible import derived_cache  # noqa: E402
+from fem_ansible import derived_cache, mitogen_host  # noqa: E402
 
 DOCUMENTATION = r"""
 name: mitogen_linear
@@ -179,19 +181,22 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def runs_controller_files(connection: mitogen.parent.Connection) -> bool:
-    """True for a connection of the local method (not a subclass: SSH, sudo...) starting
-    the controller's own interpreter, while no source modifier matters under FROM_DISK."""
-    modified = getattr(ansible_mitogen._modifiers, "_PYTHON_MODULE_MODIFIERS", None)
-    return (type(connection) is mitogen.parent.Connection
-            and connection.options.python_path in (sys.executable, [sys.executable])
-            and modified is not None
-            and all(name in HARMLESS_MODIFIERS for name in modified if _under(name, FROM_DISK)))
+    """True for a connection of the local method (not a subclass: SSH, sudo...) made by
+    this process and starting the controller's own interpreter, while no source modifier
+    of its module server matters under FROM_DISK."""
+    if (type(connection) is not mitogen.parent.Connection
+            or connection.options.python_path not in (sys.executable, [sys.executable])):
+        return False
+    finder = getattr(getattr(connection._router, "responder", None), "_finder", None)
+    modified = getattr(finder, "_modifier_callables", None)
+    return modified is not None and all(
+        name in HARMLESS_MODIFIERS for name in modified if _under(name, FROM_DISK))
 
 
 def get_econtext_config(self: mitogen.parent.Connection) -> dict:
     """``Connection.get_econtext_config``: the new context's import policy, without
     FROM_DISK among the prefixes always fetched from the multiplexer where
-    :func:`runs_controller_files`."""
+    :func:`runs_controller_files`; :func:`send_module_forwards` has the host confirm it."""
     config = _econtext_config(self)
     if runs_controller_files(self):
         config["import_overrides"] = [p for p in config["import_overrides"]
@@ -201,13 +206,19 @@ def get_econtext_config(self: mitogen.parent.Connection) -> dict:
 
 
 def send_module_forwards(self, context) -> None:
-    """``ContextService._send_module_forwards``: what a new context is sent ahead of
-    time, less what it imports from disk."""
+    """``ContextService._send_module_forwards``, called for each new context before
+    anything runs there: a context given the narrower policy first checks, with
+    :func:`fem_ansible.mitogen_host.import_from_disk`, that FROM_DISK resolves there to
+    this process's files (else it goes back to Mitogen's policy) and sets Mitogen's for the
+    contexts it will start; it is then sent ahead of time only what it does not import
+    from disk."""
     if context.context_id in _from_disk_contexts:
-        self.router.responder.forward_modules(
-            context, [n for n in self.ALWAYS_PRELOAD if not _under(n, FROM_DISK)])
-    else:
-        _send_module_forwards(self, context)
+        origins = {name: importlib.util.find_spec(name).origin for name in FROM_DISK}
+        if context.call(mitogen_host.import_from_disk, origins):
+            self.router.responder.forward_modules(
+                context, [n for n in self.ALWAYS_PRELOAD if not _under(n, FROM_DISK)])
+            return
+    _send_module_forwards(self, context)
 
 
 # Module attributes shadow the built-in ``compile`` for these two modules only.
