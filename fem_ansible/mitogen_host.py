@@ -3,9 +3,10 @@ own, before anything else, so that it imports Ansible from the installed files o
 those are the controller's (docs/decisions.md, "the listener's own host imports Ansible
 from its installed files").
 
-It runs in the host, imported from disk like Ansible then will be: the multiplexer cannot
-see the host's import path (its first entry is the host's working directory), and only the
-host can set what the contexts it starts itself (``become``, ``mitogen_via``) are told.
+It runs in the host, which starts with Mitogen's import policy (everything of Ansible's from
+the multiplexer) and keeps it unless the check passes: the multiplexer cannot see the
+host's import path (its first entry is the host's working directory), and only the host can
+set what the contexts it connects to itself (``become``, ``mitogen_via``) are told.
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ import mitogen.parent
 
 
 def import_from_disk(origins: dict[str, str]) -> bool:
-    """Let this context import the packages of ``origins`` (name: the controller's
-    ``__init__.py``) from disk if each resolves here to the controller's file; otherwise
-    fetch them from the multiplexer again, as Mitogen does.  Contexts this one starts are
-    always sent them: they may run another interpreter, user or environment.  True if
-    they are imported from disk."""
+    """Import the packages of ``origins`` (name: the controller's ``__init__.py``) from
+    disk if each resolves here to the controller's file, instead of fetching them from the
+    multiplexer; contexts this one starts are still sent them (they may run another
+    interpreter, user or environment).  True if they are now imported from disk."""
     here = {name: importlib.machinery.PathFinder.find_spec(name) for name in origins}
-    same = all(spec is not None and spec.origin == origins[name]
-               for name, spec in here.items())
-    if not same:
-        _importer().policy.overrides.update(origins)
+    if not all(spec is not None and spec.origin == origins[name]
+               for name, spec in here.items()):
+        return False
     _send_to_children(tuple(origins))
-    return same
+    _importer().policy.overrides.difference_update(origins)
+    return True
 
 
 def _importer() -> mitogen.core.Importer:

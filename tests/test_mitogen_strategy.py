@@ -235,14 +235,18 @@ def test_a_context_started_by_the_listeners_own_host_is_sent_ansible(plugin, con
     assert _file_of(own, CONVERTERS) == importlib.util.find_spec(CONVERTERS).origin
 
 
-def test_ansible_shadowed_on_the_hosts_import_path_is_sent_from_the_multiplexer(
-        plugin, connect, tmp_path, monkeypatch):
-    """A host's import path starts with its working directory (the playbook's): an
-    ``ansible`` package there is not the controller's."""
-    (tmp_path / "ansible").mkdir()
-    (tmp_path / "ansible" / "__init__.py").write_text("raise ImportError('shadow')\n")
+@pytest.mark.parametrize("package", ["ansible", "ansible_mitogen", "fem_ansible"])
+def test_a_package_shadowed_on_the_hosts_import_path_leaves_it_on_mitogens_policy(
+        plugin, connect, tmp_path, monkeypatch, package):
+    """A host's import path starts with its working directory (the playbook's): a package
+    of that name there is not the controller's, and one that keeps the host from running
+    its check (fem_ansible) leaves it as Mitogen has it, not broken."""
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("raise ImportError('shadow')\n")
     monkeypatch.chdir(tmp_path)
-    assert _file_of(connect(python_path=[sys.executable]), CONVERTERS).startswith("master:")
+    host = connect(python_path=[sys.executable])
+    for name in (CONVERTERS, "ansible_mitogen.target"):
+        assert _file_of(host, name).startswith("master:")
 
 
 def test_a_source_modifier_for_what_the_host_would_import_keeps_it_on_mitogens_path(

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import logging
 import os
 import sys
 import threading
@@ -96,6 +97,7 @@ import ansible_mitogen.module_finder  # noqa: E402
 import ansible_mitogen.planner  # noqa: E402
 import ansible_mitogen.services  # noqa: E402
 import ansible_mitogen.strategy  # noqa: E402
+import mitogen.core  # noqa: E402
 import mitogen.master  # noqa: E402
 import mitogen.minify  # noqa: E402
 import mitogen.parent  # noqa: E402
@@ -171,7 +173,8 @@ FROM_DISK = ("ansible", "ansible_mitogen")
 #: without: setup's is for Python 3.5, dnf's adds ``import dnf.cli`` to quiet a plugin's
 #: warning.  Any other one (a new Mitogen's) keeps those hosts on Mitogen's import path.
 HARMLESS_MODIFIERS = frozenset({"ansible.modules.setup", "ansible.modules.dnf"})
-_from_disk_contexts: set[int] = set()
+_candidates: set[int] = set()
+LOG = logging.getLogger(__name__)
 _econtext_config = mitogen.parent.Connection.get_econtext_config
 _send_module_forwards = ansible_mitogen.services.ContextService._send_module_forwards
 
@@ -194,27 +197,28 @@ def runs_controller_files(connection: mitogen.parent.Connection) -> bool:
 
 
 def get_econtext_config(self: mitogen.parent.Connection) -> dict:
-    """``Connection.get_econtext_config``: the new context's import policy, without
-    FROM_DISK among the prefixes always fetched from the multiplexer where
-    :func:`runs_controller_files`; :func:`send_module_forwards` has the host confirm it."""
-    config = _econtext_config(self)
+    """``Connection.get_econtext_config``, unchanged; notes the contexts that
+    :func:`runs_controller_files` for :func:`send_module_forwards`."""
     if runs_controller_files(self):
-        config["import_overrides"] = [p for p in config["import_overrides"]
-                                      if p not in FROM_DISK]
-        _from_disk_contexts.add(self.context.context_id)
-    return config
+        _candidates.add(self.context.context_id)
+    return _econtext_config(self)
 
 
 def send_module_forwards(self, context) -> None:
     """``ContextService._send_module_forwards``, called for each new context before
-    anything runs there: a context given the narrower policy first checks, with
-    :func:`fem_ansible.mitogen_host.import_from_disk`, that FROM_DISK resolves there to
-    this process's files (else it goes back to Mitogen's policy) and sets Mitogen's for the
-    contexts it will start; it is then sent ahead of time only what it does not import
-    from disk."""
-    if context.context_id in _from_disk_contexts:
+    anything runs there.  A candidate runs
+    :func:`fem_ansible.mitogen_host.import_from_disk` first: only if FROM_DISK resolves
+    there to this process's files does it import them from disk, and it is then sent ahead
+    of time only what it does not.  Whatever else happens there, it keeps Mitogen's policy
+    (a host that cannot run the check is logged and served as any other)."""
+    if context.context_id in _candidates:
         origins = {name: importlib.util.find_spec(name).origin for name in FROM_DISK}
-        if context.call(mitogen_host.import_from_disk, origins):
+        try:
+            from_disk = context.call(mitogen_host.import_from_disk, origins)
+        except mitogen.core.CallError as exc:
+            LOG.warning("%r imports Ansible through Mitogen: %s", context, exc)
+            from_disk = False
+        if from_disk:
             self.router.responder.forward_modules(
                 context, [n for n in self.ALWAYS_PRELOAD if not _under(n, FROM_DISK)])
             return
