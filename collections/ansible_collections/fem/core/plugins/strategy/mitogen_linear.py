@@ -173,14 +173,12 @@ FROM_DISK = ("ansible", "ansible_mitogen")
 #: without: setup's is for Python 3.5, dnf's adds ``import dnf.cli`` to quiet a plugin's
 #: warning.  Any other one (a new Mitogen's) keeps those hosts on Mitogen's import path.
 HARMLESS_MODIFIERS = frozenset({"ansible.modules.setup", "ansible.modules.dnf"})
+#: Whether a module is under FROM_DISK, by the rule a host's import policy applies.
+_FROM_DISK = mitogen.core.ImportPolicy(FROM_DISK)
 _candidates: set[int] = set()
 LOG = logging.getLogger(__name__)
 _econtext_config = mitogen.parent.Connection.get_econtext_config
 _send_module_forwards = ansible_mitogen.services.ContextService._send_module_forwards
-
-
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def runs_controller_files(connection: mitogen.parent.Connection) -> bool:
@@ -193,7 +191,7 @@ def runs_controller_files(connection: mitogen.parent.Connection) -> bool:
     finder = getattr(getattr(connection._router, "responder", None), "_finder", None)
     modified = getattr(finder, "_modifier_callables", None)
     return modified is not None and all(
-        name in HARMLESS_MODIFIERS for name in modified if _under(name, FROM_DISK))
+        name in HARMLESS_MODIFIERS for name in modified if _FROM_DISK.overriden(name))
 
 
 def get_econtext_config(self: mitogen.parent.Connection) -> dict:
@@ -220,7 +218,7 @@ def send_module_forwards(self, context) -> None:
             from_disk = False
         if from_disk:
             self.router.responder.forward_modules(
-                context, [n for n in self.ALWAYS_PRELOAD if not _under(n, FROM_DISK)])
+                context, [n for n in self.ALWAYS_PRELOAD if not _FROM_DISK.overriden(n)])
             return
     _send_module_forwards(self, context)
 
