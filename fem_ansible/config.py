@@ -128,7 +128,9 @@ class ExecutionConfig:
         "Site role directories, searched before the built-in roles.", default_factory=list
     )
     playbook: str | None = _doc(
-        "Site playbook instead of the built-in `playbooks/task.yml`.", default=None
+        "Site playbook instead of the built-in `playbooks/task.yml`. Ansible runs in the "
+        "run's own empty `project/` dir, not the playbook's: an `ansible.cfg` beside it is "
+        "not read (settings belong in the environment or the inventory).", default=None
     )
     strategy: Literal["mitogen", "linear"] = _doc(
         "How Ansible runs a task playbook's modules: `mitogen` (fem.core's "

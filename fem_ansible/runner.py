@@ -297,6 +297,12 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     for stale in env_dir.iterdir():
         stale.unlink()
     _write_private(env_dir / "extravars", unsafe.dump(spec.extravars))
+    # Ansible starts in an empty dir of the run's, not in the playbook's: Mitogen's
+    # interpreter on the listener's host imports from its working dir first (before the
+    # stdlib), so a site playbook's dir holding e.g. profile.py would stop every task
+    # (docs/decisions.md, "Ansible's working directory").
+    workdir = pdd / "project"
+    workdir.mkdir(exist_ok=True, mode=0o700)
     password = vault.new_password()
     secrets_file = env_dir / "secrets.yml"
     vault.write_vars_file(secrets_file, {"fem_secrets": spec.secrets}, password)
@@ -350,18 +356,18 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     runner = ansible_runner.run(
         private_data_dir=str(pdd),
         ident=spec.ident,
-        project_dir=str(spec.playbook.parent),
+        project_dir=str(workdir),
         # fem-ansible's ansible-playbook (playbook_cli says why); the playbook is then an
         # argument like the others.
         binary=sys.executable,
-        inventory=str(spec.inventory),
+        inventory=str(spec.inventory.absolute()),
         limit=spec.limit,
         roles_path=spec.roles_path,
         envvars={**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
                  **spec.env},
         cmdline=shlex.join(["-P", "-m", "fem_ansible.playbook_cli", "--vault-id",
                             f"{vault.VAULT_ID}@prompt", "-e", f"@{secrets_file}",
-                            spec.playbook.name]),
+                            str(spec.playbook.absolute())]),
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,
         skip_tags=",".join(spec.skip_tags) or None,

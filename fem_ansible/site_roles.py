@@ -18,8 +18,10 @@ from .runner import data_dir
 
 
 def roles_path(config: Config) -> list[str]:
-    """The roles path of every run: site role dirs first, then the built-in roles."""
-    return [*config.execution.roles_path, str(data_dir() / "roles")]
+    """The roles path of every run: site role dirs first, then the built-in roles; a
+    relative dir is the listener's (Ansible runs elsewhere, runner.run_playbook)."""
+    return [*(str(Path(p).absolute()) for p in config.execution.roles_path),
+            str(data_dir() / "roles")]
 
 
 def find_role(name: str, config: Config) -> Path | None:

@@ -51,3 +51,25 @@ def test_site_roles_replace_and_add(site):
     assert b"run by the site executor fem_executor_audited" in logs["site-executor.txt"]
     assert b"task-done" in logs["stdout.log"]
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_a_site_playbook_dir_is_not_on_the_import_path(site, tmp_path):
+    """A site playbook (``execution.playbook``) whose dir holds a ``profile.py``: no
+    interpreter of the run imports it.  Ansible once started in the playbook's dir, and
+    Mitogen's interpreter on the listener's host imports from its working dir first: this
+    file shadowed the stdlib's ``profile``, which Mitogen imports as it starts, and every
+    task of the site failed."""
+    plays = tmp_path / "site-playbooks"
+    plays.mkdir()
+    (plays / "task.yml").write_text((REPO / "playbooks" / "task.yml").read_text())
+    imported = tmp_path / "imported"
+    (plays / "profile.py").write_text(
+        f"open({str(imported)!r}, 'w').close()\n"
+        "raise SystemExit('the playbook dir was imported')\n")
+    site.listener(site.config(execution={"work_dir": str(site.work_dir),
+                                         "playbook": str(plays / "task.yml")}))
+    site.orchestrator.publish(site.task("site-playbook"))
+    done = site.orchestrator.wait_terminal("site-playbook")
+    assert done["state"] == "COMPLETED", done
+    assert not imported.exists()
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
