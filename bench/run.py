@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fem_ansible import runner  # noqa: E402
 from tests.support import ssh  # noqa: E402
 from tests.support.harness import Listener, Orchestrator, site_config  # noqa: E402
 from tests.support.services import ensure_services, upload_requests  # noqa: E402
@@ -84,13 +85,44 @@ class Bench:
         lst = Listener(cfg, self.tmp / node / "listener.log").start()
         return lst, Orchestrator(node)
 
+    def steps_env(self, name: str, command: str, uploads: str) -> dict[str, str]:
+        """What the shell script and the plain playbook take: the same image, repository,
+        command and upload place (``uploads``, under the upload endpoint's bench/)."""
+        return {"IMAGE": self.env["FEM_TEST_IMAGE"], "REPO_URL": self.env["FEM_TEST_GIT_URL"],
+                "CMD": command, "NAME": name,
+                "UPLOAD": f"{self.env['FEM_TEST_UPLOAD_URL']}/bench/{uploads}"}
+
     def baseline(self, name: str, command: str = TRIVIAL) -> float:
-        env = {**os.environ, "IMAGE": self.env["FEM_TEST_IMAGE"],
-               "REPO_URL": self.env["FEM_TEST_GIT_URL"], "CMD": command,
-               "UPLOAD": self.env["FEM_TEST_UPLOAD_URL"] + "/bench/shell", "NAME": name}
+        env = {**os.environ, **self.steps_env(name, command, "shell")}
         t = time.monotonic()
         subprocess.run(["bash", "-c", BASELINE], env=env, check=True)
         return time.monotonic() - t
+
+    def plain(self, name: str, settings: str) -> float:
+        """The shell script's steps as a plain playbook (bench/plain.yml) run by
+        ``ansible-playbook`` on localhost: ``settings`` ``stock`` is Ansible as installed,
+        ``fem`` is the command, strategy and environment fem-ansible runs its playbooks
+        with (fem_ansible.runner), without listener, roles, validation or reports."""
+        work = Path(tempfile.mkdtemp(prefix="plain-", dir=self.tmp))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "FEM_"))}
+        env.update(self.steps_env(f"{settings}-{name}", TRIVIAL, "plain"), PLAIN_DIR=str(work))
+        args = ["-i", "localhost,", "-c", "local", "-e",
+                f"ansible_python_interpreter={sys.executable}", str(REPO / "bench/plain.yml")]
+        if settings == "stock":
+            cmd = [str(Path(sys.executable).parent / "ansible-playbook"), *args]
+        else:
+            cache = self.tmp / "plain-cache"
+            env.update(runner.ansible_env(f"plain-{name}", "mitogen",
+                                          runner.collections_view(cache),
+                                          runner.scan_cache_dir(cache)))
+            cmd = [sys.executable, "-P", "-m", "fem_ansible.playbook_cli", *args]
+        t = time.monotonic()
+        done = subprocess.run(cmd, env=env, cwd=self.tmp, capture_output=True, text=True)
+        elapsed = time.monotonic() - t
+        if done.returncode != 0 or work.exists():
+            raise RuntimeError(f"plain playbook ({settings}) rc={done.returncode}:\n"
+                               f"{done.stdout[-3000:]}{done.stderr[-2000:]}")
+        return elapsed
 
     def fem_once(self, lst: Listener, orch: Orchestrator, node: str, tid: str,
                  command: str = TRIVIAL) -> float:
@@ -110,21 +142,28 @@ class Bench:
 
     def overhead(self) -> None:
         """The default (execution.strategy mitogen) and stock Ansible (linear), each against
-        the shell script, interleaved so that all three see the same machine."""
+        the shell script; and two controls: the script's steps as a plain playbook, under
+        stock Ansible and under fem-ansible's settings, which is what any playbook run per
+        task costs.  Interleaved so that all of them see the same machine."""
         runs = 1 if self.quick else 7
         lanes = {}
         for strategy in ("mitogen", "linear"):
             node = f"bench{uuid.uuid4().hex[:6]}"
             lanes[strategy] = (node, *self.listener(node, strategy=strategy))
         fem: dict[str, list[float]] = {strategy: [] for strategy in lanes}
+        plain: dict[str, list[float]] = {"stock": [], "fem": []}
         base = []
         try:
             for node, lst, orch in lanes.values():
                 self.fem_once(lst, orch, node, "warm")
+            for settings in plain:
+                self.plain("warm", settings)
             self.baseline("warm")
             for i in range(runs):
                 for strategy, (node, lst, orch) in lanes.items():
                     fem[strategy].append(self.fem_once(lst, orch, node, f"o{i}"))
+                for settings, times in plain.items():
+                    times.append(self.plain(f"o{i}", settings))
                 base.append(self.baseline(f"o{i}"))
         finally:
             for _node, lst, orch in lanes.values():
@@ -133,6 +172,10 @@ class Bench:
         for strategy, label in (("mitogen", ""), ("linear", ", strategy linear")):
             self.row(f"overhead: trivial task{label} (s)", f"{median(fem[strategy]):.2f}",
                      f"{median(base):.2f}", median(fem[strategy]) / median(base), "≤ 2.0")
+        for settings, label in (("stock", "stock Ansible"), ("fem", "fem's settings")):
+            self.row(f"control: plain playbook, {label} (s)",
+                     f"{median(plain[settings]):.2f}", f"{median(base):.2f}",
+                     median(plain[settings]) / median(base), "(what a playbook per task costs)")
 
     def throughput(self) -> None:
         count = self.tasks or (2 if self.quick else 50)
