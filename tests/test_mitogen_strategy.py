@@ -269,3 +269,48 @@ def test_the_listeners_own_host_is_sent_only_mitogens_modules_ahead_of_time(
     other = connect(python_path=OTHER_INTERPRETER)
     assert sent[own] == ["mitogen.fork", "mitogen.service"]
     assert sent[other] == list(ansible_mitogen.services.ContextService.ALWAYS_PRELOAD)
+
+
+def _cpus(status_line: str) -> set[int]:
+    """The CPUs of a ``Cpus_allowed_list:`` line of /proc/<pid>/status."""
+    cpus: set[int] = set()
+    for part in status_line.split(":", 1)[1].strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def test_a_runs_processes_may_use_every_cpu(tmp_path: Path):
+    """A real ``ansible-playbook`` under the plugin: a worker and the host's interpreter's
+    children are allowed the CPUs this test is allowed.  Mitogen pins them (on 2 CPUs all
+    on CPU 1, the multiplexer on CPU 0), and every run of the listener pinned the same
+    way, so runs side by side shared one CPU (bench/RESULTS.md)."""
+    from fem_ansible.runner import ansible_env, scan_cache_dir
+
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(f"""
+- hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: A child of the host's interpreter
+      ansible.builtin.shell: grep Cpus_allowed_list /proc/self/status > {tmp_path}/host
+      changed_when: true
+    - name: The worker (the parent of the lookup's shell)
+      ansible.builtin.copy:
+        content: "{{{{ lookup('ansible.builtin.pipe', parents_cpus) }}}}"
+        dest: {tmp_path}/worker
+        mode: "0600"
+      vars:
+        parents_cpus: grep Cpus_allowed_list /proc/$PPID/status
+""")
+    work = tmp_path / "work"
+    env = {**os.environ, **ansible_env("fem-test", "mitogen", collections_view(work),
+                                       scan_cache_dir(work))}
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "fem_ansible.playbook_cli", "-i", "localhost,", "-c",
+         "local", "-e", f"ansible_python_interpreter={sys.executable}", str(playbook)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    allowed = os.sched_getaffinity(0)
+    for name in ("host", "worker"):
+        assert _cpus((tmp_path / name).read_text()) == allowed, name

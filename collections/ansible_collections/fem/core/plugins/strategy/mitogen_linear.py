@@ -36,6 +36,12 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   interpreters: Mitogen starts an interpreter by piping ``mitogen.core`` (158 kB) to it as
   its program, which CPython, unbuffered, reads one byte per ``read(2)`` (~65 ms a run).
   fem-ansible.service sets it for the listener's own output, which this does not change.
+- CPU placement: none.  Mitogen pins its processes as if its ``ansible-playbook`` had the
+  machine to itself: the multiplexer to CPU 0, the top-level process to CPU 1 (on fewer than
+  4 CPUs also the workers and every process Mitogen starts, the host's interpreter and its
+  children included; on more, those avoid CPUs 0 and 1).  Every run of the listener does
+  the same, so runs side by side (``max_parallel``) shared one CPU while another held only
+  multiplexers; the kernel now places them (docs/decisions.md).
 
 If a Mitogen release stops calling what is replaced here, the replacements are never called
 and runs are as with Mitogen's own ``mitogen_linear``: slower, not different.
@@ -92,6 +98,7 @@ _lazy("ansible.collections.list")
 
 # The imports below must come after _lazy(): ansible_mitogen.strategy imports the planner.
 import ansible_mitogen._modifiers  # noqa: E402
+import ansible_mitogen.affinity  # noqa: E402
 import ansible_mitogen.loaders  # noqa: E402
 import ansible_mitogen.module_finder  # noqa: E402
 import ansible_mitogen.planner  # noqa: E402
@@ -114,7 +121,7 @@ description:
     Mitogen's own modules are sent unminified, installed collections are listed without
     ansible-galaxy, a host reached by the local method with the controller's own
     interpreter imports Ansible from its installed files, and Mitogen's processes run
-    without E(PYTHONUNBUFFERED).
+    without E(PYTHONUNBUFFERED) and without being pinned to CPUs.
 author: fem-ansible developers
 """
 
@@ -230,6 +237,9 @@ mitogen.minify.minimize_source = _unminified
 ansible_mitogen.planner._load_collections = _load_collections
 mitogen.parent.Connection.get_econtext_config = get_econtext_config
 ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
+# Mitogen's CPU placement assumes one ansible-playbook per machine; the listener runs
+# several, and on 2 CPUs it put every run's processes but the multiplexer on CPU 1.
+ansible_mitogen.affinity.policy = ansible_mitogen.affinity.Policy()
 # Read at interpreter start: this process's output is unchanged; Mitogen's processes,
 # started after this, read their bootstrap in blocks.
 os.environ.pop("PYTHONUNBUFFERED", None)
