@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fem_ansible import runner  # noqa: E402
+from fem_ansible import runner, targets  # noqa: E402
 from tests.support import ssh  # noqa: E402
 from tests.support.harness import Listener, Orchestrator, site_config  # noqa: E402
 from tests.support.services import ensure_services, upload_requests  # noqa: E402
@@ -109,7 +109,7 @@ class Bench:
         args = ["-i", "localhost,", "-c", "local", "-e",
                 f"ansible_python_interpreter={sys.executable}", str(REPO / "bench/plain.yml")]
         if settings == "stock":
-            cmd = [str(Path(sys.executable).parent / "ansible-playbook"), *args]
+            cmd = [targets.ansible_bin("ansible-playbook"), *args]
         else:
             cache = self.tmp / "plain-cache"
             env.update(runner.ansible_env(f"plain-{name}", "mitogen",
