@@ -386,7 +386,7 @@ class _Execution(RunHooks):
         if playbook:
             path = builtin / "playbooks" / playbook
         elif config.execution.playbook:
-            path = Path(config.execution.playbook)
+            path = Path(config.execution.playbook).absolute()
         else:
             path = builtin / "playbooks" / "task.yml"
         suffix = "-".join(tags or []) or (playbook or "").removesuffix(".yml")

@@ -148,7 +148,7 @@ class RunSpec:
         private_data_dir: this task's run dir on the listener's host (mode 0700).
         ident: the run's name inside ``artifacts/``; also the process marker.
         playbook: absolute path of the playbook.
-        inventory: inventory file or directory.
+        inventory: absolute path of the inventory file or directory.
         limit: the one inventory host the run may touch.
         roles_path: site roles first, then the built-in ones.
         extravars: the contract's variables (docs/roles.md), written ``!unsafe``.
@@ -360,14 +360,14 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         # fem-ansible's ansible-playbook (playbook_cli says why); the playbook is then an
         # argument like the others.
         binary=sys.executable,
-        inventory=str(spec.inventory.absolute()),
+        inventory=str(spec.inventory),
         limit=spec.limit,
         roles_path=spec.roles_path,
         envvars={**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
                  **spec.env},
         cmdline=shlex.join(["-P", "-m", "fem_ansible.playbook_cli", "--vault-id",
                             f"{vault.VAULT_ID}@prompt", "-e", f"@{secrets_file}",
-                            str(spec.playbook.absolute())]),
+                            str(spec.playbook)]),
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,
         skip_tags=",".join(spec.skip_tags) or None,

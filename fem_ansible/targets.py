@@ -40,11 +40,12 @@ INVENTORY_TIMEOUT_S = 120
 
 
 def inventory_path(config: Config) -> Path:
-    """``execution.inventory``, else the built-in ``inventory/localhost.yml``."""
+    """``execution.inventory`` (a relative path is the listener's: Ansible runs elsewhere,
+    runner.run_playbook), else the built-in ``inventory/localhost.yml``."""
     from .runner import data_dir
 
     if config.execution.inventory:
-        return Path(config.execution.inventory)
+        return Path(config.execution.inventory).absolute()
     return data_dir() / "inventory" / "localhost.yml"
 
 
