@@ -238,9 +238,10 @@ def test_a_context_started_by_the_listeners_own_host_is_sent_ansible(plugin, con
 @pytest.mark.parametrize("package", ["ansible", "ansible_mitogen", "fem_ansible"])
 def test_a_package_shadowed_on_the_hosts_import_path_leaves_it_on_mitogens_policy(
         plugin, connect, tmp_path, monkeypatch, package):
-    """A host's import path starts with its working directory (the playbook's): a package
-    of that name there is not the controller's, and one that keeps the host from running
-    its check (fem_ansible) leaves it as Mitogen has it, not broken."""
+    """A host's import path starts with its working directory (a run's ``project/``, or
+    wherever else ``ansible-playbook`` was started): a package of that name there is not the
+    controller's, and one that keeps the host from running its check (fem_ansible) leaves
+    it as Mitogen has it, not broken."""
     (tmp_path / package).mkdir()
     (tmp_path / package / "__init__.py").write_text("raise ImportError('shadow')\n")
     monkeypatch.chdir(tmp_path)
