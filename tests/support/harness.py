@@ -203,6 +203,19 @@ class Orchestrator:
     def events(self, task_id: str | None) -> list[dict[str, Any]]:
         return [e for e in self.received if e["task_id"] == task_id]
 
+    def distinct_events(self, task_id: str | None) -> list[dict[str, Any]]:
+        """The task's events as the orchestrator keeps them: one per ``seq``.
+
+        Delivery is at least once: an event published just before a kill -9 or a broker
+        loss, but not yet marked published in the journal, goes out again.  DESIGN.md §4
+        lets that happen only with the same ``seq`` *and content*, which is asserted here.
+        """
+        kept: dict[int, dict[str, Any]] = {}
+        for event in self.events(task_id):
+            first = kept.setdefault(event["seq"], event)
+            assert first == event, f"seq {event['seq']} sent with two contents: {first} {event}"
+        return [kept[seq] for seq in sorted(kept)]
+
     def wait_state(self, task_id: str | None, states: set[str] | str, timeout: float = 180
                    ) -> dict[str, Any]:
         states = {states} if isinstance(states, str) else states
