@@ -15,6 +15,7 @@ passwords through ``SSH_ASKPASS``).
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -52,7 +53,16 @@ def main() -> None:
     from ansible.cli.playbook import main as ansible_playbook
 
     sys.argv[0] = str(Path(sys.executable).parent / "ansible-playbook")
-    sys.exit(ansible_playbook())
+    try:
+        sys.exit(ansible_playbook())
+    finally:
+        # At exit CPython's finalization collects garbage over every object still alive
+        # (Ansible's whole heap) only to free memory that the exit returns anyway, while
+        # ansible-runner, and so the task, waits for the process to end.  Frozen objects
+        # are skipped by collections; atexit handlers (Mitogen's shutdown, Ansible's
+        # temporary files) and freeing by reference count run as before, and cycles left
+        # at exit, the only thing not freed, are not promised their __del__ at exit.
+        gc.freeze()
 
 
 if __name__ == "__main__":
