@@ -115,7 +115,7 @@ class Bench:
             env.update(runner.ansible_env(f"plain-{name}", "mitogen",
                                           runner.collections_view(cache),
                                           runner.scan_cache_dir(cache)))
-            cmd = [sys.executable, "-P", "-m", "fem_ansible.playbook_cli", *args]
+            cmd = runner.playbook_command(*args)
         t = time.monotonic()
         done = subprocess.run(cmd, env=env, cwd=self.tmp, capture_output=True, text=True)
         elapsed = time.monotonic() - t

@@ -250,6 +250,13 @@ def remove_stale(directory: Path, pattern: str) -> None:
                 tmp.unlink()
 
 
+def playbook_command(*args: str) -> list[str]:
+    """The command line of fem-ansible's ``ansible-playbook`` with ``args``
+    (fem_ansible.playbook_cli says why not the installed one); ``-P`` keeps its working
+    directory off its import path."""
+    return [sys.executable, "-P", "-m", "fem_ansible.playbook_cli", *args]
+
+
 def ansible_env(ident: str, strategy: str, collections: Path,
                 scan_cache: Path | None = None) -> dict[str, str]:
     """The environment of every Ansible process the listener starts; ``strategy``
@@ -352,22 +359,21 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     settings: dict[str, Any] = {"pexpect_timeout": 1, "suppress_ansible_output": True}
     if spec.timeout_s:
         settings["job_timeout"] = spec.timeout_s
+    command = playbook_command("--vault-id", f"{vault.VAULT_ID}@prompt",
+                               "-e", f"@{secrets_file}", str(spec.playbook))
     started = time.monotonic()
     runner = ansible_runner.run(
         private_data_dir=str(pdd),
         ident=spec.ident,
         project_dir=str(workdir),
-        # fem-ansible's ansible-playbook (playbook_cli says why); the playbook is then an
-        # argument like the others.
-        binary=sys.executable,
+        # fem-ansible's ansible-playbook; the playbook is then an argument like the others.
+        binary=command[0],
         inventory=str(spec.inventory),
         limit=spec.limit,
         roles_path=spec.roles_path,
         envvars={**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
                  **spec.env},
-        cmdline=shlex.join(["-P", "-m", "fem_ansible.playbook_cli", "--vault-id",
-                            f"{vault.VAULT_ID}@prompt", "-e", f"@{secrets_file}",
-                            str(spec.playbook)]),
+        cmdline=shlex.join(command[1:]),
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,
         skip_tags=",".join(spec.skip_tags) or None,

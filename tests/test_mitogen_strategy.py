@@ -286,7 +286,7 @@ def test_a_runs_processes_may_use_every_cpu(tmp_path: Path):
     children are allowed the CPUs this test is allowed.  Mitogen pins them (on 2 CPUs all
     on CPU 1, the multiplexer on CPU 0), and every run of the listener pinned the same
     way, so runs side by side shared one CPU (bench/RESULTS.md)."""
-    from fem_ansible.runner import ansible_env, scan_cache_dir
+    from fem_ansible.runner import ansible_env, playbook_command, scan_cache_dir
 
     playbook = tmp_path / "play.yml"
     playbook.write_text(f"""
@@ -308,8 +308,8 @@ def test_a_runs_processes_may_use_every_cpu(tmp_path: Path):
     env = {**os.environ, **ansible_env("fem-test", "mitogen", collections_view(work),
                                        scan_cache_dir(work))}
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "fem_ansible.playbook_cli", "-i", "localhost,", "-c",
-         "local", "-e", f"ansible_python_interpreter={sys.executable}", str(playbook)],
+        playbook_command("-i", "localhost,", "-c", "local",
+                         "-e", f"ansible_python_interpreter={sys.executable}", str(playbook)),
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     allowed = os.sched_getaffinity(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import ansible
 from ansible.utils.collection_loader import _collection_meta
 
-from fem_ansible import derived_cache, playbook_cli
+from fem_ansible import derived_cache, playbook_cli, runner
 
 BUILTIN_RUNTIME = Path(ansible.__file__).parent / "config/ansible_builtin_runtime.yml"
 
@@ -40,7 +40,7 @@ def test_routing_is_what_ansible_parses_and_is_read_back(derived_cache_dir: Path
 
 
 def _ansible_playbook(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-P", "-m", "fem_ansible.playbook_cli", *args],
+    return subprocess.run(runner.playbook_command(*args),
                           env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
