@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -245,3 +246,16 @@ def test_public_task_and_audit_never_hold_a_source_query(config):
     """Refused at intake: the repo roles and the audit log see has no query to redact."""
     task = read_message(config, json.dumps(sample_task(ENV, "ok")).encode())
     assert "?" not in schema.public_task(task)["source"]["repo"]
+
+
+def test_security_md_counts_the_corpus():
+    """SECURITY.md's table of issue 18's parsing items says how many corpus cases each has
+    and which unit tests cover it: both stay true."""
+    text = (Path(__file__).resolve().parent.parent / "SECURITY.md").read_text()
+    rows = re.findall(r"^  \| ([a-z-]+) \| .+ \| (\d+|e2e) \| (.+) \|$", text, re.MULTILINE)
+    counts = Counter(c.item for c in PARSING_CORPUS)
+    counts["signature"] = len(HOSTILE_SIGNATURE_HEADERS)
+    assert {item: int(n) for item, n, _ in rows if n != "e2e"} == counts
+    for _, _, tests in rows:
+        for name in re.findall(r"`(test_[a-z0-9_]+)`", tests):
+            assert callable(globals().get(name)), name
