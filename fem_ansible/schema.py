@@ -541,6 +541,11 @@ def _normalise(msg: dict[str, Any], default_executor: str, default_target: str,
         raise ValueError(f"resources/memory: {res['memory']} bytes is under the "
                          f"{RESOURCE_FLOORS['memory']}-byte floor")
     res["cpus"] = float(res["cpus"])
+    # A NaN passes every JSON Schema bound; parse_json refuses one, but a task built in
+    # Python (the legacy protocol's task_info) did not come through it.
+    if not (math.isfinite(res["cpus"]) and res["cpus"] >= RESOURCE_FLOORS["cpus"]):
+        raise ValueError(f"resources/cpus: {res['cpus']} is not a number of at least "
+                         f"{RESOURCE_FLOORS['cpus']}")
     workdir = msg.get("workdir")
     if workdir is not None:
         workdir = posixpath.normpath(workdir)

@@ -217,6 +217,16 @@ def test_non_finite_numbers_are_refused_at_parsing(literal):
     assert schema.parse_json(b'{"a": 1e300}', 1024) == {"a": 1e300}
 
 
+def test_a_task_built_in_python_with_nan_cpus_is_refused(config):
+    """The legacy protocol builds its task from task_info without parse_json: a NaN passes
+    every JSON Schema bound, so read_task checks the number itself."""
+    for cpus in (float("nan"), float("-nan")):
+        with pytest.raises(RejectedError, match="resources/cpus"):
+            schema.read_task(sample_task(ENV, "t", resources={"cpus": cpus}),
+                             default_executor="docker", default_target="localhost",
+                             resource_defaults=config.resource_defaults())
+
+
 # -- URL paths -----------------------------------------------------------------------------
 
 
