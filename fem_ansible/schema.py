@@ -58,7 +58,9 @@ _HEADERS = {
                    "Trailer, Keep-Alive and Proxy-* are refused (any case).",
     "maxProperties": 32,
     "propertyNames": {"pattern": r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$"},
-    "additionalProperties": {"type": "string", "maxLength": 8192, "pattern": r"^[^\r\n\x00]*$"},
+    # A field value (RFC 9110 §5.5): no control character but HTAB.
+    "additionalProperties": {"type": "string", "maxLength": 8192,
+                             "pattern": r"^[^\x00-\x08\x0A-\x1F\x7F]*$"},
 }
 _UPLOAD = {
     "type": "object",

@@ -220,6 +220,8 @@ PARSING_CORPUS: list[HostileCase] = [
           ("Proxy-Authorization", "Basic eDp5", "inputs"),
           ("proxy-connection", "keep-alive", "logs"),
       ]],
+    HostileCase("header-value-control", "headers",
+                _upload("logs", headers={"X-A": "a\x0bb"}), INVALID, "logs/upload/headers"),
     # -- source.repo: nothing secret can ride in the URL --------------------------------------
     HostileCase("source-query", "source-query", _repo(f"/sample.git?token={REPO_SECRET}"),
                 INVALID, "query or fragment"),
