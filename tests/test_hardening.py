@@ -4,6 +4,7 @@ The same corpus goes through a real listener in tests/test_e2e_hardening.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import Counter
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fem_ansible import schema
 from fem_ansible.config import SignatureConfig, load_config
@@ -127,6 +130,17 @@ def test_image_names_over_the_engines_limit_are_refused_and_the_rest_reparse():
     longest = "127.0.0.1:5000/fem/" + "a" * (255 - len("127.0.0.1:5000/fem/"))
     ref = str(parse_image(longest + ":" + "t" * 128))
     assert str(parse_image(ref)) == ref  # what policy.decide parses again
+
+
+@pytest.mark.parametrize("ref", [
+    "127.0.0.1:5000\n/fem/busybox:1", "127.0.0.1:5000/fem\n/busybox:1",
+    "127.0.0.1:5000/fem/busybox\n:1", "127.0.0.1:5000/fem/busybox:1\n",
+    "127.0.0.1:5000/fem/busybox@sha256:" + "a" * 64 + "\n",
+    "127.0.0.1:5000/fem/busybox:1\n@sha256:" + "a" * 64,
+])
+def test_image_reference_parts_refuse_a_newline(ref):
+    with pytest.raises(ValueError):
+        parse_image(ref)
 
 
 # -- patterns: $ is the end of the string ------------------------------------------------
@@ -269,3 +283,29 @@ def test_security_md_counts_the_corpus():
     for _, _, tests in rows:
         for name in re.findall(r"`(test_[a-z0-9_]+)`", tests):
             assert callable(globals().get(name)), name
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet="%2eEfF5cC./\\;:@?#[]0123456789abc")))
+def test_parsers_raise_only_value_error(text):
+    """Whatever the string, the parsing functions behind these items answer or raise
+    ValueError, which intake turns into a rejection (never another exception)."""
+    for parse in (parse_bytes, parse_image, check_url_path, split_url,
+                  lambda t: split_url("https://data.example.org/" + t),
+                  lambda t: parse_image("127.0.0.1:5000/fem/" + t)):
+        with contextlib.suppress(ValueError):
+            parse(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(), st.binary(), st.integers(), st.none(), st.booleans(),
+                 st.lists(st.text(max_size=3), max_size=2),
+                 st.builds(lambda v: "hmac-sha256=" + v, st.text()),
+                 st.builds(lambda v: "ed25519=" + v, st.text())))
+def test_any_signature_header_is_a_key_or_signature_invalid(header):
+    key = Path(__file__)  # any readable file: its bytes are the key
+    for verifier in (Verifier("hmac", hmac_key=key.read_bytes(), hmac_key_id=key.name),
+                     Verifier("ed25519", public_keys=(("k", Ed25519PrivateKey.generate()
+                                                       .public_key()),))):
+        with pytest.raises(RejectedError):
+            verifier.verify(b"{}", header)
