@@ -295,16 +295,20 @@ def cancel(config_path: str, task_id: str) -> None:
 def tasks(config_path: str, task_id: str | None, limit: int) -> None:
     """The journal: recent tasks, or one task's events, stage times and logs."""
     config = _config(config_path)
-    from .display import task_detail, task_table
+    from .display import rejection_detail, task_detail, task_table
     from .journal import Journal
 
     journal = Journal(config.work_dir / "journal.sqlite")
     if task_id:
         rec = journal.get(task_id, with_events=True)
-        if rec is None:
+        rejected = journal.rejections(task_id)
+        if rec is None and not rejected:
             click.echo(f"no task {task_id} in the journal", err=True)
             sys.exit(EXIT_FAILED)
-        lines = task_detail(rec, config)
+        if rec is None:
+            lines = [f"task {task_id}: REJECTED", *rejection_detail(rejected)]
+        else:
+            lines = task_detail(rec, config) + rejection_detail(rejected)
     else:
         lines = task_table(journal.recent(limit))
     for line in lines:
