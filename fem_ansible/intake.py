@@ -91,12 +91,17 @@ class Intake:
         :param on_signed: told the signing key's id once the signature passed (the audit).
         :raises RejectedError: the contract's code, every reason of the refusing step.
         """
+        self._check_size(body)
+        key_id = self.verifier.verify(body, _header(headers)) if signed else None
+        on_signed(key_id)
+        value = schema.parse_json(body, self.config.security.max_message_bytes)
+        return self.read_value(value, key_id=key_id)
+
+    def _check_size(self, body: bytes) -> None:
+        """The first check, before the signature's hash is computed over the body."""
         limit = self.config.security.max_message_bytes
         if len(body) > limit:
             raise RejectedError(f"message of {len(body)} bytes is over the {limit}-byte limit")
-        key_id = self.verifier.verify(body, _header(headers)) if signed else None
-        on_signed(key_id)
-        return self.read_value(schema.parse_json(body, limit), key_id=key_id)
 
     def read_value(self, value: Any, *, key_id: str | None = None,
                    run_datasets: Mapping[str, str] | None = None) -> Task:
@@ -141,11 +146,9 @@ class Intake:
 
         :raises RejectedError: as :meth:`read`.
         """
-        limit = self.config.security.max_message_bytes
-        if len(body) > limit:
-            raise RejectedError(f"message of {len(body)} bytes is over the {limit}-byte limit")
+        self._check_size(body)
         self.verifier.verify(body, _header(headers))
-        msg = schema.parse_json(body, limit)
+        msg = schema.parse_json(body, self.config.security.max_message_bytes)
         tid = schema.task_id_of(msg)
         errors = schema.schema_errors(schema.CONTROL_SCHEMA_ID, msg)
         if errors:
