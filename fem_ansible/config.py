@@ -218,14 +218,17 @@ class PolicyConfig:
     downloads: AllowList = _doc("URLs inputs may be downloaded from.", default_factory=AllowList)
     uploads: AllowList = _doc("URLs outputs and logs may go to.", default_factory=AllowList)
     targets: AllowList = _doc(
-        "Inventory hosts or groups tasks may name.",
+        "Inventory hosts or groups tasks may name (globs: `gpu-*`); a task names one, "
+        "never a pattern.",
         default_factory=lambda: AllowList(allow=["localhost"]),
     )
     executors: AllowList = _doc(
-        "Executors tasks may use.", default_factory=lambda: AllowList(allow=["docker"])
+        "Executors tasks may use (globs; each needs its role).",
+        default_factory=lambda: AllowList(allow=["docker"]),
     )
     networks: AllowList = _doc(
-        "Container networks besides `none` (e.g. `host`).", default_factory=AllowList
+        "Container networks besides `none` (globs: `*` allows `host` too).",
+        default_factory=AllowList,
     )
     datasets: dict[str, DatasetConfig] = _doc(
         "Datasets by name; tasks name them, never a host path.", default_factory=dict

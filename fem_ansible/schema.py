@@ -465,13 +465,13 @@ def read_task(value: Any, *, default_executor: str, default_target: str,
     The normal form has every optional field present (defaults filled in, sizes in bytes,
     the image reference normalised), so roles never have to guess a default.
 
-    :raises RejectedError: ``invalid_message`` naming the first problem.
+    :raises RejectedError: ``invalid_message`` listing every schema error, or the first
+        problem of the checks after the schema.
     """
     tid = task_id_of(value)
     errors = schema_errors(TASK_SCHEMA_ID, value)
     if errors:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise RejectedError(f"{errors[0]}{more}", task_id=tid)
+        raise RejectedError.of(errors, task_id=tid)
     try:
         return _normalise(value, default_executor, default_target, resource_defaults)
     except ValueError as e:

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from fem_ansible import schema
 from fem_ansible.config import SignatureConfig, load_config
 from fem_ansible.errors import ConfigError, RejectedError
-from fem_ansible.lifecycle import read_message
 from fem_ansible.refs import check_url_path, parse_image, split_url
 from fem_ansible.signatures import Verifier, sign_hmac
 from fem_ansible.sizes import MAX_BYTES, parse_bytes
+from tests.conftest import intake_of
 from tests.support.harness import sample_task, site_config
 from tests.support.hostile_parsing import (
     HOSTILE_SIGNATURE_HEADERS,
@@ -47,8 +47,15 @@ def config(tmp_path_factory):
                        environ={})
 
 
-def test_the_sample_task_is_accepted(config):
-    task = read_message(config, json.dumps(sample_task(ENV, "fine")).encode())
+@pytest.fixture(scope="module")
+def read_message(config, tmp_path_factory):
+    """The one intake, as ``run`` and ``validate`` read a file (no signature)."""
+    intake = intake_of(config, tmp_path_factory.mktemp("intake"))
+    return lambda body: intake.read(body, None, signed=False).to_dict()
+
+
+def test_the_sample_task_is_accepted(read_message):
+    task = read_message(json.dumps(sample_task(ENV, "fine")).encode())
     assert task["task_id"] == "fine"
 
 
@@ -61,10 +68,10 @@ def test_corpus_covers_every_item_once_named():
 
 
 @pytest.mark.parametrize("case", PARSING_CORPUS, ids=lambda c: c.name)
-def test_every_hostile_case_is_rejected_by_intake(config, case):
+def test_every_hostile_case_is_rejected_by_intake(read_message, case):
     body = case_message(case, sample_task(ENV, case.name), ENV)
     with pytest.raises(RejectedError) as err:
-        read_message(config, body)
+        read_message(body)
     assert err.value.code == case.code
     assert case.reason in err.value.message, err.value.message
     assert err.value.task_id == (None if anonymous(case) else case.name)
@@ -266,9 +273,9 @@ def test_ordinary_url_paths_pass(path):
 # -- where a source repo shows ---------------------------------------------------------------
 
 
-def test_public_task_and_audit_never_hold_a_source_query(config):
+def test_public_task_and_audit_never_hold_a_source_query(read_message):
     """Refused at intake: the repo roles and the audit log see has no query to redact."""
-    task = read_message(config, json.dumps(sample_task(ENV, "ok")).encode())
+    task = read_message(json.dumps(sample_task(ENV, "ok")).encode())
     assert "?" not in schema.public_task(task)["source"]["repo"]
 
 
