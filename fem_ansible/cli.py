@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError, RejectedError
 from .logs import setup_logging, task_context
 
@@ -26,7 +26,8 @@ STATE_EXIT = {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED, "TIMED_OUT": EXIT_FAI
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=DEFAULT_CONFIG_PATH,
-    show_default=True, envvar="FEM_CONFIG", help="The site config file.",
+    show_default=True, envvar=CONFIG_ENV, show_envvar=True,
+    help=f"The site config file (or ${CONFIG_ENV}).",
 )
 log_format_option = click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -67,7 +68,11 @@ def _print_event(event: dict[str, Any]) -> None:
 @click.group()
 @click.version_option(__version__, prog_name="fem-ansible")
 def main() -> None:
-    """fem-ansible: runs Federated Execution Manager tasks next to this site's data."""
+    """fem-ansible: runs Federated Execution Manager tasks next to this site's data.
+
+    The config file is --config, or $FEM_ANSIBLE_CONFIG; any config key can be overridden by
+    FEM_ANSIBLE_ + its path in upper case joined by __ (FEM_ANSIBLE_BROKER__URL).
+    """
 
 
 @main.command()
