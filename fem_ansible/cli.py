@@ -65,7 +65,32 @@ def _print_event(event: dict[str, Any]) -> None:
     click.echo(format_event(event))
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every command: a file the user may not read or write, or that is not there, is one
+    line saying which and what to do, never a traceback (issue 20)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.filename is None or e.strerror is None:
+                raise
+            click.echo(f"fem-ansible: {e.filename}: {e.strerror} — {_os_error_fix(e)}",
+                       err=True)
+            sys.exit(EXIT_USAGE)
+
+
+def _os_error_fix(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return ("run it as the service's user (sudo -u fem fem-ansible …), or give that "
+                "user the path: `fem-ansible install-service` makes the work, config and "
+                "log dirs with the owners the service needs")
+    if isinstance(e, FileNotFoundError):
+        return "create it, or correct the path (in the config, or on the command line)"
+    return "correct the path or its file system, then try again"
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="fem-ansible")
 def main() -> None:
     """fem-ansible: runs Federated Execution Manager tasks next to this site's data.
@@ -82,10 +107,16 @@ def main() -> None:
               help="Serve Prometheus metrics on this port (/metrics).")
 @click.option("--metrics-address", default="127.0.0.1", show_default=True,
               help="Address the metrics port listens on (0.0.0.0: every interface).")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Append the log to this file instead of stderr (reopened on SIGHUP).")
 def listen(config_path: str, log_format: str, metrics_port: int | None,
-           metrics_address: str) -> None:
-    """Run the service: consume this node's tasks from the broker."""
-    setup_logging(log_format)
+           metrics_address: str, log_file: str | None) -> None:
+    """Run the service: consume this node's tasks from the broker.
+
+    SIGTERM: stop taking tasks and let running ones finish.  SIGHUP: reopen the log and
+    audit files, read the inventory again.
+    """
+    setup_logging(log_format, path=log_file)
     config = _config(config_path, scrub=True)
     from .listener import Listener
 
@@ -279,3 +310,50 @@ def tasks(config_path: str, task_id: str | None, limit: int) -> None:
         lines = task_table(journal.recent(limit))
     for line in lines:
         click.echo(line)
+
+
+@main.command("install-service")
+@click.option("--user", default="fem", show_default=True, help="The service's system user.")
+@click.option("--group", default=None, help="Its group (default: named as the user).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default="/var/lib/fem-ansible",
+              show_default=True, help="execution.work_dir, the user's home.")
+@click.option("--config-dir", type=click.Path(file_okay=False), default="/etc/fem-ansible",
+              show_default=True, help="Where `init` writes config.yml.")
+@click.option("--log-dir", type=click.Path(file_okay=False), default="/var/log/fem-ansible",
+              show_default=True, help="The listener's log file's dir.")
+@click.option("--unit-dir", type=click.Path(file_okay=False), default="/etc/systemd/system",
+              show_default=True, help="Where the systemd unit goes.")
+@click.option("--logrotate-dir", type=click.Path(file_okay=False),
+              default="/etc/logrotate.d", show_default=True,
+              help="Where the logrotate snippet goes.")
+@click.option("--exec", "exec_path", type=click.Path(dir_okay=False), default=None,
+              help="The fem-ansible command the unit starts (default: this one's venv).")
+@click.option("--dry-run", is_flag=True, help="Only print what would be done.")
+def install_service(user: str, group: str | None, work_dir: str, config_dir: str,
+                    log_dir: str, unit_dir: str, logrotate_dir: str, exec_path: str | None,
+                    dry_run: bool) -> None:
+    """Make the service's user, dirs, systemd unit and logrotate snippet (as root).
+
+    Idempotent: changes only what differs, and says what it changed.  It does not start the
+    service: `systemctl daemon-reload && systemctl enable --now fem-ansible` does.
+    """
+    import subprocess
+
+    from .service import ServiceLayout, install_service
+
+    paths = {"work_dir": work_dir, "config_dir": config_dir, "log_dir": log_dir,
+             "unit_dir": unit_dir, "logrotate_dir": logrotate_dir}
+    layout = ServiceLayout(user=user, group=group or user,
+                           **{k: Path(v).absolute() for k, v in paths.items()},
+                           **({"exec_path": Path(exec_path).absolute()} if exec_path else {}))
+    try:
+        changed = install_service(layout, dry_run=dry_run, echo=click.echo)
+    except subprocess.CalledProcessError as e:
+        click.echo(f"fem-ansible: {e.cmd[0]} failed: {e.stderr.decode(errors='replace').strip()}"
+                   " — run install-service as root", err=True)
+        sys.exit(EXIT_FAILED)
+    if not changed:
+        click.echo("nothing to do: user, dirs, unit and logrotate snippet are as they should be")
+    elif not dry_run:
+        click.echo("next: fem-ansible init --dir " + str(layout.config_dir) + " …, then "
+                   "systemctl daemon-reload && systemctl enable --now fem-ansible")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,11 +65,22 @@ class TextFormatter(logging.Formatter):
         return f"{line} [task_id={task_id}]" if task_id else line
 
 
-def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(fmt: str = "text", level: str = "INFO", path: str | None = None) -> None:
+    """Log to stderr, or append to the file ``path`` (``listen --log-file``): a
+    :class:`~logging.handlers.WatchedFileHandler`, so that after logrotate moved the file
+    the next line goes to a new one (:func:`reopen_log_files` does it at once, on SIGHUP)."""
+    handler: logging.Handler = (logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+                                if path else logging.StreamHandler(sys.stderr))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TaskIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def reopen_log_files() -> None:
+    """Reopen every log file that was moved or removed since it was opened (SIGHUP)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.WatchedFileHandler):
+            handler.reopenIfNeeded()

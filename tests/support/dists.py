@@ -4,6 +4,7 @@ state scripts/demo.sh leaves it in (issue 20 item 1)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,3 +40,26 @@ def build(source: Path, out: Path) -> tuple[Path, Path]:
     (sdist,) = out.glob("fem_ansible-*.tar.gz")
     (wheel,) = out.glob("fem_ansible-*.whl")
     return sdist, wheel
+
+
+def venv_for_another_user(dest: Path) -> Path:
+    """A venv at ``dest`` that a system user can run: this test venv's interpreter may live
+    where only root can reach (pyenv under /root), so ``dest`` gets Debian's python3.11 with
+    this venv's site-packages added and its console scripts re-pointed at the new
+    interpreter.  Returns ``dest/bin``.  Cheap (no install); a test that must prove the
+    wheel installs uses a fresh venv instead."""
+    subprocess.run(["/usr/bin/python3.11", "-m", "venv", "--without-pip", str(dest)],
+                   check=True)
+    bin_dir, here = dest / "bin", Path(sys.executable).parent
+    (site_packages,) = (here.parent / "lib").glob("python3.*/site-packages")
+    (target,) = (dest / "lib").glob("python3.*/site-packages")
+    (target / "fem-test-venv.pth").write_text(
+        f"import site; site.addsitedir({str(site_packages)!r})\n")
+    shebang = re.compile(rf"#!{re.escape(str(here))}/python[0-9.]*\n")
+    for script in here.iterdir():
+        if script.is_file() and not script.is_symlink() and \
+                shebang.match(script.read_bytes()[:200].decode(errors="replace")):
+            text = shebang.sub(f"#!{bin_dir / 'python'}\n", script.read_text(), count=1)
+            (bin_dir / script.name).write_text(text)
+            (bin_dir / script.name).chmod(0o755)
+    return bin_dir
