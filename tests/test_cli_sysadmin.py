@@ -3,6 +3,13 @@ errors that say what to do."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from fem_ansible.cli import main
@@ -24,3 +31,24 @@ def test_config_variable_chooses_the_config_and_other_fem_variables_do_not_matte
     assert done.exit_code == 0, done.output
     bad = CliRunner().invoke(main, ["tasks"], env={**env, "FEM_ANSIBLE_HOME": "/x"})
     assert bad.exit_code == 2 and "FEM_ANSIBLE_HOME: unknown config key 'home'" in bad.output
+
+
+def test_a_permission_error_is_one_line_with_the_fix():
+    """Issue 20: `run` as a user who may not write the work dir ended in a traceback."""
+    base = Path(tempfile.mkdtemp(prefix="fem-perm-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        (base / "work").mkdir(mode=0o700)  # root's, as before install-service
+        config = base / "config.yml"
+        config.write_text(f"node_id: a\nexecution:\n  work_dir: {base / 'work'}\n")
+        config.chmod(0o644)
+        done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               sys.executable, "-m", "fem_ansible", "tasks", "--config",
+                               str(config)], capture_output=True, text=True, cwd="/",
+                              env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+    finally:
+        shutil.rmtree(base)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "Permission denied" in line and str(base / "work") in line
+    assert "install-service" in line and "sudo -u fem" in line
