@@ -229,7 +229,6 @@ def init(node_id: str, directory: str, broker_url: str | None, work_dir: str | N
 
     try:
         written = init_site(Path(directory), node_id, broker_url, work_dir)
-        load_config(written[0], environ={})
     except ConfigError as e:
         click.echo(f"fem-ansible: {e}", err=True)
         sys.exit(EXIT_USAGE)

@@ -476,8 +476,9 @@ def load_config(
     :param path: the YAML file; default ``/etc/fem-ansible/config.yml``.
     :param environ: where ``FEM_ANSIBLE_*`` overrides come from; default ``os.environ``.
     :param scrub_environ: remove the overrides used from ``os.environ`` afterwards.  An
-        override may hold a credential (``FEM_ANSIBLE_BROKER__URL``), and ansible-runner writes the
-        whole environment into each run's artifacts, so the service drops them once read.
+        override may hold a credential (``FEM_ANSIBLE_BROKER__URL``), and ansible-runner
+        writes the whole environment into each run's artifacts, so the service drops them
+        once read.
     :returns: the validated :class:`Config`.
     :raises ConfigError: naming the bad key.
     """
@@ -486,6 +487,14 @@ def load_config(
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return parse_config(text, path, environ, scrub_environ=scrub_environ)
+
+
+def parse_config(text: str, path: str | os.PathLike[str],
+                 environ: Mapping[str, str] | None = None, *,
+                 scrub_environ: bool = False) -> Config:
+    """:func:`load_config` of a config's ``text`` (``path`` names it in errors): ``init``
+    checks what it is about to write before writing it."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -52,3 +52,21 @@ def test_a_permission_error_is_one_line_with_the_fix():
     (line,) = done.stderr.splitlines()
     assert "Permission denied" in line and str(base / "work") in line
     assert "install-service" in line and "sudo -u fem" in line
+
+
+def test_init_writes_nothing_when_the_config_would_be_invalid(tmp_path):
+    """Issue 20 item 6: a bad broker URL once left a config behind that blocked the next
+    init."""
+    target = tmp_path / "etc"
+    runner = CliRunner()
+    bad = runner.invoke(main, ["init", "--node-id", "hospital-a", "--dir", str(target),
+                               "--broker-url", "http://broker:5672/"])
+    assert bad.exit_code == 2 and "broker.url" in bad.output
+    assert not (target / "config.yml").exists() and not (target / "inventory.yml").exists()
+    bad_id = runner.invoke(main, ["init", "--node-id", "bad id!", "--dir", str(target)])
+    assert bad_id.exit_code == 2 and "node_id" in bad_id.output
+    assert not (target / "config.yml").exists()
+    good = runner.invoke(main, ["init", "--node-id", "hospital-a", "--dir", str(target),
+                                "--broker-url", "amqp://u:p@127.0.0.1:5672/%2F"])
+    assert good.exit_code == 0, good.output
+    assert "node_id: hospital-a" in (target / "config.yml").read_text()
