@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from .config import Config
 from .journal import TaskRecord
 from .lifecycle import NodeObserver
+from .logs import one_line
 from .schema import TERMINAL_STATES, event_time
 from .sizes import format_bytes
 
@@ -37,7 +38,7 @@ def format_event(event: dict[str, Any]) -> str:
     if event.get("error"):
         extra.append(f"error={event['error']['code']}")
     tail = f" [{', '.join(extra)}]" if extra else ""
-    return f"{event['seq']:>3} {event['state']:<11} {event['message']}{tail}"
+    return f"{event['seq']:>3} {event['state']:<11} {one_line(str(event['message']))}{tail}"
 
 
 def duration(seconds: float) -> str:

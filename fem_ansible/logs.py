@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,13 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 _TASK_ID: ContextVar[str | None] = ContextVar("fem_task_id", default=None)
+_LINE_BREAKS = re.compile(r"\s*(?:\r\n|[\r\n\v\f\x1c-\x1e\x85\u2028\u2029])\s*")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: each line break (a multi-line git or engine error, say) becomes
+    `` | ``, so that one event or log record stays one line for grep and log pipelines."""
+    return _LINE_BREAKS.sub(" | ", text.strip())
 
 
 @contextmanager
@@ -58,6 +66,10 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # the message on one line; a traceback (exc_info) still follows on its own lines
+        return one_line(super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
