@@ -265,8 +265,13 @@ def submit(config_path: str, task_file: str, wait: bool, timeout: float,
         task_id = json.loads(body).get("task_id")
     except (ValueError, AttributeError):
         task_id = None
-    final = submit_task(config, body, task_id, wait=wait, timeout=timeout, sign_key=sign_key,
-                        on_event=_print_event)
+    final = submit_task(
+        config, body, task_id, wait=wait, timeout=timeout, sign_key=sign_key,
+        on_event=_print_event,
+        on_no_consumer=lambda queue: click.echo(
+            f"fem-ansible: no listener consumes {queue} now (none runs for node "
+            f"{config.node_id}, or every slot is busy); the task waits there, and so does "
+            f"this command (--timeout {timeout:g}s)", err=True))
     if not wait:
         click.echo(f"published task {task_id}")
         return
@@ -280,11 +285,28 @@ def submit(config_path: str, task_file: str, wait: bool, timeout: float,
 @config_option
 @click.argument("task_id")
 def cancel(config_path: str, task_id: str) -> None:
-    """Ask every listener of this node to cancel a task."""
+    """Ask every listener of this node to cancel a task.
+
+    Exits 1 when this node's journal has no such task (a typo?) or it has ended already.
+    """
     config = _config(config_path)
+    from .journal import Journal
     from .orchestrator import send_cancel
 
+    journal_path = config.work_dir / "journal.sqlite"
+    rec = Journal(journal_path).get(task_id) if journal_path.is_file() else None
+    if rec is not None and rec.terminal:
+        click.echo(f"fem-ansible: task {task_id} has ended already ({rec.state}); nothing to "
+                   "cancel", err=True)
+        sys.exit(EXIT_FAILED)
     send_cancel(config, task_id)
+    if rec is None:
+        # Still sent: another listener of this node may have it, or it may arrive later
+        # (a recorded cancel stops it from starting).
+        click.echo(f"fem-ansible: no task {task_id} in this node's journal ({journal_path}): "
+                   "check the id with `fem-ansible tasks`; the cancel was sent all the same, "
+                   "for a listener elsewhere or a task yet to arrive", err=True)
+        sys.exit(EXIT_FAILED)
     click.echo(f"cancel sent for {task_id}")
 
 
@@ -292,10 +314,12 @@ def cancel(config_path: str, task_id: str) -> None:
 @config_option
 @click.argument("task_id", required=False)
 @click.option("--limit", type=int, default=30, show_default=True, help="How many tasks.")
-def tasks(config_path: str, task_id: str | None, limit: int) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON for scripts: a list of tasks, or one task with its events.")
+def tasks(config_path: str, task_id: str | None, limit: int, as_json: bool) -> None:
     """The journal: recent tasks, or one task's events, stage times and logs."""
     config = _config(config_path)
-    from .display import task_detail, task_table
+    from .display import task_detail, task_summary, task_table
     from .journal import Journal
 
     journal = Journal(config.work_dir / "journal.sqlite")
@@ -304,7 +328,13 @@ def tasks(config_path: str, task_id: str | None, limit: int) -> None:
         if rec is None:
             click.echo(f"no task {task_id} in the journal", err=True)
             sys.exit(EXIT_FAILED)
+        if as_json:
+            click.echo(json.dumps(task_summary(rec, with_events=True), indent=2))
+            return
         lines = task_detail(rec, config)
+    elif as_json:
+        click.echo(json.dumps([task_summary(r) for r in journal.recent(limit)], indent=2))
+        return
     else:
         lines = task_table(journal.recent(limit))
     for line in lines:

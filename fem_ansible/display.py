@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .config import Config
@@ -74,6 +74,24 @@ def task_table(records: list[TaskRecord], now: float | None = None) -> list[str]
                      f"{(rec.host or '-'):<12} {started:<19} "
                      f"{duration(end - rec.received_at):>9} {'' if code is None else code:>4}")
     return lines
+
+
+def task_summary(rec: TaskRecord, with_events: bool = False) -> dict[str, Any]:
+    """``tasks --json``: what the table shows, as data.  Not the journal's copy of the task:
+    that keeps the upload URLs with their credentials, for recovery."""
+    def at(ts: float | None) -> str | None:
+        return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(
+            timespec="seconds").replace("+00:00", "Z")
+
+    summary = {"task_id": rec.task_id, "state": rec.state, "attempt": rec.attempt,
+               "host": rec.host, "received_at": at(rec.received_at),
+               "finished_at": at(rec.finished_at),
+               "duration_s": round((rec.finished_at or time.time()) - rec.received_at, 3),
+               "exit_code": rec.result.get("exit_code")}
+    if with_events:
+        summary["stage_seconds"] = {k: round(v, 3) for k, v in stage_timings(rec.events).items()}
+        summary["events"] = rec.events
+    return summary
 
 
 def task_detail(rec: TaskRecord, config: Config) -> list[str]:
