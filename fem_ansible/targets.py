@@ -343,8 +343,10 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
                               "engines": None, "work_dir": work_dir, "free_bytes": None,
                               "message": ""}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
-    env.update({**ansible_env("fem-doctor", config.execution.strategy, collections),
-                **ssh_env(config)})
+    # The probe is one `raw` call: Ansible's own strategy. Under fem.core.mitogen_linear an
+    # ad-hoc `raw` to a host with `ansible_connection: local` went over SSH instead (as the
+    # service user, whose shell is nologin, doctor then failed on a healthy host: issue 20).
+    env.update({**ansible_env("fem-doctor", "linear", collections), **ssh_env(config)})
     command = ("{{ ansible_python_interpreter | default('/usr/bin/python3') }} -c "
                f"'import base64; exec(base64.b64decode(\"{probe}\"))'")
     try:
