@@ -119,7 +119,9 @@ def task_detail(rec: TaskRecord, config: Config) -> list[str]:
                      f"{config.execution.keep_runs} runs, execution.keep_runs)")
     lines.append(f"  audit log         {config.audit_file} (lines with \"task_id\": "
                  f"\"{rec.task_id}\")")
-    lines.append(f"  listener log      journalctl -u fem-ansible | grep {rec.task_id}")
+    # the unit install-service writes logs there (listen --log-file); without it, stderr
+    lines.append(f"  listener log      grep {rec.task_id} /var/log/fem-ansible/listener.log "
+                 "(or journalctl -u fem-ansible)")
     return lines
 
 
