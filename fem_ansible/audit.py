@@ -26,7 +26,18 @@ class AuditLog:
         self.node_id = node_id
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def reopen(self) -> None:
+        """Write to a file at :attr:`path` from now on (SIGHUP, after logrotate moved the
+        old one away); no line is lost or split between the two files."""
+        fd = self._open()
+        with self._lock:
+            fd, self._fd = self._fd, fd
+        os.close(fd)
 
     def record(self, decision: str, task_id: str | None, **fields: Any) -> None:
         """Append ``{ts, node_id, decision, task_id, …fields}`` and fsync it."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError, RejectedError
 from .logs import setup_logging, task_context
 
@@ -29,7 +29,8 @@ STATE_EXIT = {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED, "TIMED_OUT": EXIT_FAI
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=DEFAULT_CONFIG_PATH,
-    show_default=True, envvar="FEM_CONFIG", help="The site config file.",
+    show_default=True, envvar=CONFIG_ENV, show_envvar=True,
+    help=f"The site config file (or ${CONFIG_ENV}).",
 )
 log_format_option = click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -67,10 +68,39 @@ def _print_event(event: dict[str, Any]) -> None:
     click.echo(format_event(event))
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every command: a file the user may not read or write, or that is not there, is one
+    line saying which and what to do, never a traceback (issue 20)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.filename is None or e.strerror is None:
+                raise
+            click.echo(f"fem-ansible: {e.filename}: {e.strerror} — {_os_error_fix(e)}",
+                       err=True)
+            sys.exit(EXIT_USAGE)
+
+
+def _os_error_fix(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return ("run it as the service's user (sudo -u fem fem-ansible …), or give that "
+                "user the path: `fem-ansible install-service` makes the work, config and "
+                "log dirs with the owners the service needs")
+    if isinstance(e, FileNotFoundError):
+        return "create it, or correct the path (in the config, or on the command line)"
+    return "correct the path or its file system, then try again"
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="fem-ansible")
 def main() -> None:
-    """fem-ansible: runs Federated Execution Manager tasks next to this site's data."""
+    """fem-ansible: runs Federated Execution Manager tasks next to this site's data.
+
+    The config file is --config, or $FEM_ANSIBLE_CONFIG; any config key can be overridden by
+    FEM_ANSIBLE_ + its path in upper case joined by __ (FEM_ANSIBLE_BROKER__URL).
+    """
 
 
 @main.command()
@@ -80,10 +110,16 @@ def main() -> None:
               help="Serve Prometheus metrics on this port (/metrics).")
 @click.option("--metrics-address", default="127.0.0.1", show_default=True,
               help="Address the metrics port listens on (0.0.0.0: every interface).")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Append the log to this file instead of stderr (reopened on SIGHUP).")
 def listen(config_path: str, log_format: str, metrics_port: int | None,
-           metrics_address: str) -> None:
-    """Run the service: consume this node's tasks from the broker."""
-    setup_logging(log_format)
+           metrics_address: str, log_file: str | None) -> None:
+    """Run the service: consume this node's tasks from the broker.
+
+    SIGTERM: stop taking tasks and let running ones finish.  SIGHUP: reopen the log and
+    audit files, read the inventory again.
+    """
+    setup_logging(log_format, path=log_file)
     config = _config(config_path, scrub=True)
     from .listener import Listener
 
@@ -221,7 +257,6 @@ def init(node_id: str, directory: str, broker_url: str | None, work_dir: str | N
 
     try:
         written = init_site(Path(directory), node_id, broker_url, work_dir)
-        load_config(written[0], environ={})
     except ConfigError as e:
         click.echo(f"fem-ansible: {e}", err=True)
         sys.exit(EXIT_USAGE)
@@ -265,8 +300,13 @@ def submit(config_path: str, task_file: str, wait: bool, timeout: float,
             task_id = task_id_of(parse_json(body, len(body)))
         except RejectedError:
             task_id = None
-    final = submit_task(config, body, task_id, wait=wait, timeout=timeout, sign_key=sign_key,
-                        on_event=_print_event)
+    final = submit_task(
+        config, body, task_id, wait=wait, timeout=timeout, sign_key=sign_key,
+        on_event=_print_event,
+        on_no_consumer=lambda queue: click.echo(
+            f"fem-ansible: no listener consumes {queue} now (none runs for node "
+            f"{config.node_id}, or every slot is busy); the task waits there, and so does "
+            f"this command (--timeout {timeout:g}s)", err=True))
     if not wait:
         click.echo(f"published task {task_id}")
         return
@@ -280,11 +320,28 @@ def submit(config_path: str, task_file: str, wait: bool, timeout: float,
 @config_option
 @click.argument("task_id")
 def cancel(config_path: str, task_id: str) -> None:
-    """Ask every listener of this node to cancel a task."""
+    """Ask every listener of this node to cancel a task.
+
+    Exits 1 when this node's journal has no such task (a typo?) or it has ended already.
+    """
     config = _config(config_path)
+    from .journal import Journal
     from .orchestrator import send_cancel
 
+    journal_path = config.work_dir / "journal.sqlite"
+    rec = Journal(journal_path).get(task_id) if journal_path.is_file() else None
+    if rec is not None and rec.terminal:
+        click.echo(f"fem-ansible: task {task_id} has ended already ({rec.state}); nothing to "
+                   "cancel", err=True)
+        sys.exit(EXIT_FAILED)
     send_cancel(config, task_id)
+    if rec is None:
+        # Still sent: another listener of this node may have it, or it may arrive later
+        # (a recorded cancel stops it from starting).
+        click.echo(f"fem-ansible: no task {task_id} in this node's journal ({journal_path}): "
+                   "check the id with `fem-ansible tasks`; the cancel was sent all the same, "
+                   "for a listener elsewhere or a task yet to arrive", err=True)
+        sys.exit(EXIT_FAILED)
     click.echo(f"cancel sent for {task_id}")
 
 
@@ -292,10 +349,12 @@ def cancel(config_path: str, task_id: str) -> None:
 @config_option
 @click.argument("task_id", required=False)
 @click.option("--limit", type=int, default=30, show_default=True, help="How many tasks.")
-def tasks(config_path: str, task_id: str | None, limit: int) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON for scripts: a list of tasks, or one task with its events.")
+def tasks(config_path: str, task_id: str | None, limit: int, as_json: bool) -> None:
     """The journal: recent tasks, or one task's events, stage times and logs."""
     config = _config(config_path)
-    from .display import rejection_detail, task_detail, task_table
+    from .display import rejection_detail, task_detail, task_summary, task_table
     from .journal import Journal
 
     journal = Journal(config.work_dir / "journal.sqlite")
@@ -305,11 +364,69 @@ def tasks(config_path: str, task_id: str | None, limit: int) -> None:
         if rec is None and not rejected:
             click.echo(f"no task {task_id} in the journal", err=True)
             sys.exit(EXIT_FAILED)
+        if as_json:
+            # The task when one was accepted, else its newest rejection; every rejection of
+            # the id under "rejections".
+            summary = task_summary(rec or rejected[-1], with_events=rec is not None)
+            if rejected:
+                summary["rejections"] = [task_summary(r) for r in rejected]
+            click.echo(json.dumps(summary, indent=2))
+            return
         if rec is None:
             lines = [f"task {task_id}: REJECTED", *rejection_detail(rejected)]
         else:
             lines = task_detail(rec, config) + rejection_detail(rejected)
+    elif as_json:
+        click.echo(json.dumps([task_summary(r) for r in journal.recent(limit)], indent=2))
+        return
     else:
         lines = task_table(journal.recent(limit))
     for line in lines:
         click.echo(line)
+
+
+@main.command("install-service")
+@click.option("--user", default="fem", show_default=True, help="The service's system user.")
+@click.option("--group", default=None, help="Its group (default: named as the user).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default="/var/lib/fem-ansible",
+              show_default=True, help="execution.work_dir, the user's home.")
+@click.option("--config-dir", type=click.Path(file_okay=False), default="/etc/fem-ansible",
+              show_default=True, help="Where `init` writes config.yml.")
+@click.option("--log-dir", type=click.Path(file_okay=False), default="/var/log/fem-ansible",
+              show_default=True, help="The listener's log file's dir.")
+@click.option("--unit-dir", type=click.Path(file_okay=False), default="/etc/systemd/system",
+              show_default=True, help="Where the systemd unit goes.")
+@click.option("--logrotate-dir", type=click.Path(file_okay=False),
+              default="/etc/logrotate.d", show_default=True,
+              help="Where the logrotate snippet goes.")
+@click.option("--exec", "exec_path", type=click.Path(dir_okay=False), default=None,
+              help="The fem-ansible command the unit starts (default: this one's venv).")
+@click.option("--dry-run", is_flag=True, help="Only print what would be done.")
+def install_service(user: str, group: str | None, work_dir: str, config_dir: str,
+                    log_dir: str, unit_dir: str, logrotate_dir: str, exec_path: str | None,
+                    dry_run: bool) -> None:
+    """Make the service's user, dirs, systemd unit and logrotate snippet (as root).
+
+    Idempotent: changes only what differs, and says what it changed.  It does not start the
+    service: `systemctl daemon-reload && systemctl enable --now fem-ansible` does.
+    """
+    import subprocess
+
+    from .service import ServiceLayout, install_service
+
+    paths = {"work_dir": work_dir, "config_dir": config_dir, "log_dir": log_dir,
+             "unit_dir": unit_dir, "logrotate_dir": logrotate_dir}
+    layout = ServiceLayout(user=user, group=group or user,
+                           **{k: Path(v).absolute() for k, v in paths.items()},
+                           **({"exec_path": Path(exec_path).absolute()} if exec_path else {}))
+    try:
+        changed = install_service(layout, dry_run=dry_run, echo=click.echo)
+    except subprocess.CalledProcessError as e:
+        click.echo(f"fem-ansible: {e.cmd[0]} failed: {e.stderr.decode(errors='replace').strip()}"
+                   " — run install-service as root", err=True)
+        sys.exit(EXIT_FAILED)
+    if not changed:
+        click.echo("nothing to do: user, dirs, unit and logrotate snippet are as they should be")
+    elif not dry_run:
+        click.echo("next: fem-ansible init --dir " + str(layout.config_dir) + " …, then "
+                   "systemctl daemon-reload && systemctl enable --now fem-ansible")

@@ -27,9 +27,12 @@ from .schema import RESOURCE_FLOORS
 from .sizes import parse_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/fem-ansible/config.yml"
-ENV_PREFIX = "FEM_"
-# FEM_* variables that are not config overrides: the CLI's own.
-NOT_OVERRIDES = frozenset({"FEM_CONFIG"})
+# DESIGN.md §7: overrides are ours alone; other FEM_* variables (the original FEM-client's,
+# a site's own such as FEM_HOME) belong to other programs and are ignored.
+ENV_PREFIX = "FEM_ANSIBLE_"
+# FEM_ANSIBLE_* variables that are not config overrides: the CLI's own (--config).
+CONFIG_ENV = "FEM_ANSIBLE_CONFIG"
+NOT_OVERRIDES = frozenset({CONFIG_ENV})
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 COLLECTION_PATTERN = r"^[a-z0-9][a-z0-9_]*\.[a-z0-9][a-z0-9_]*$"
 
@@ -423,15 +426,35 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """Lay ``FEM_A__B=value`` over ``data['a']['b']``; return the variable names used."""
-    used = []
+def _model_path(keys: list[str], variable: str) -> None:
+    """Check that ``keys`` name a key of the config model, so that an override of a key
+    that does not exist is an error naming the variable, not only the key."""
+    hint: Any = Config
+    for i, key in enumerate(keys):
+        while typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if dataclasses.is_dataclass(hint):
+            names = {f.name for f in dataclasses.fields(hint)}
+            if key not in names:
+                raise ConfigError(f"{variable}: unknown config key {'.'.join(keys[:i + 1])!r}")
+            hint = typing.get_type_hints(hint)[key]
+        elif typing.get_origin(hint) is dict:
+            hint = typing.get_args(hint)[1]
+        else:
+            raise ConfigError(f"{variable}: {'.'.join(keys[:i])!r} is not a mapping")
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Lay ``FEM_ANSIBLE_A__B=value`` over ``data['a']['b']``; return the key paths set,
+    each with the variable that set it."""
+    used = {}
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in NOT_OVERRIDES:
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
         if not all(keys):
             raise ConfigError(f"{name}: malformed override name")
+        _model_path(keys, name)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
@@ -443,7 +466,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
                 raise ConfigError(f"{name}: {key!r} is not a mapping")
             node = child
         node[keys[-1]] = value
-        used.append(name)
+        used[".".join(keys)] = name
     return used
 
 
@@ -456,10 +479,11 @@ def load_config(
     """Read, override and validate the config.
 
     :param path: the YAML file; default ``/etc/fem-ansible/config.yml``.
-    :param environ: where ``FEM_*`` overrides come from; default ``os.environ``.
+    :param environ: where ``FEM_ANSIBLE_*`` overrides come from; default ``os.environ``.
     :param scrub_environ: remove the overrides used from ``os.environ`` afterwards.  An
-        override may hold a credential (``FEM_BROKER__URL``), and ansible-runner writes the
-        whole environment into each run's artifacts, so the service drops them once read.
+        override may hold a credential (``FEM_ANSIBLE_BROKER__URL``), and ansible-runner
+        writes the whole environment into each run's artifacts, so the service drops them
+        once read.
     :returns: the validated :class:`Config`.
     :raises ConfigError: naming the bad key.
     """
@@ -468,6 +492,14 @@ def load_config(
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return parse_config(text, path, environ, scrub_environ=scrub_environ)
+
+
+def parse_config(text: str, path: str | os.PathLike[str],
+                 environ: Mapping[str, str] | None = None, *,
+                 scrub_environ: bool = False) -> Config:
+    """:func:`load_config` of a config's ``text`` (``path`` names it in errors): ``init``
+    checks what it is about to write before writing it."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -477,10 +509,17 @@ def load_config(
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level")
     used = _apply_env(data, os.environ if environ is None else environ)
-    config = _build(Config, data, "")
-    _check(config)
+    try:
+        config = _build(Config, data, "")
+        _check(config)
+    except ConfigError as e:
+        # a bad value that came from the environment: say which variable to correct
+        for key, name in used.items():
+            if str(e).startswith((f"{key}:", f"{key}[")):
+                raise ConfigError(f"{name}: {e}") from None
+        raise
     if scrub_environ:
-        for name in used:
+        for name in used.values():
             os.environ.pop(name, None)
     return config
 

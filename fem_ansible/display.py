@@ -10,12 +10,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .config import Config
 from .journal import TaskRecord
 from .lifecycle import NodeObserver
+from .logs import one_line
 from .schema import TERMINAL_STATES, event_time
 from .sizes import format_bytes
 
@@ -37,7 +38,7 @@ def format_event(event: dict[str, Any]) -> str:
     if event.get("error"):
         extra.append(f"error={event['error']['code']}")
     tail = f" [{', '.join(extra)}]" if extra else ""
-    return f"{event['seq']:>3} {event['state']:<11} {event['message']}{tail}"
+    return f"{event['seq']:>3} {event['state']:<11} {one_line(str(event['message']))}{tail}"
 
 
 def duration(seconds: float) -> str:
@@ -92,6 +93,26 @@ def rejection_detail(records: list[TaskRecord]) -> list[str]:
     return lines
 
 
+def task_summary(rec: TaskRecord, with_events: bool = False) -> dict[str, Any]:
+    """``tasks --json``: what the table shows, as data.  Not the journal's copy of the task:
+    that keeps the upload URLs with their credentials, for recovery."""
+    def at(ts: float | None) -> str | None:
+        return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(
+            timespec="seconds").replace("+00:00", "Z")
+
+    summary = {"task_id": rec.task_id, "state": rec.state, "attempt": rec.attempt,
+               "host": rec.host, "received_at": at(rec.received_at),
+               "finished_at": at(rec.finished_at),
+               "duration_s": round((rec.finished_at or time.time()) - rec.received_at, 3),
+               "exit_code": rec.result.get("exit_code")}
+    if rec.rejection:
+        summary["rejection"] = rec.rejection  # {code, reasons}: never run
+    if with_events:
+        summary["stage_seconds"] = {k: round(v, 3) for k, v in stage_timings(rec.events).items()}
+        summary["events"] = rec.events
+    return summary
+
+
 def task_detail(rec: TaskRecord, config: Config) -> list[str]:
     """One task: its state, its events, the time per stage, and where its logs are."""
     lines = [f"task {rec.task_id}: {rec.state}, attempt {rec.attempt}, host {rec.host or '-'}"]
@@ -117,7 +138,9 @@ def task_detail(rec: TaskRecord, config: Config) -> list[str]:
                      f"{config.execution.keep_runs} runs, execution.keep_runs)")
     lines.append(f"  audit log         {config.audit_file} (lines with \"task_id\": "
                  f"\"{rec.task_id}\")")
-    lines.append(f"  listener log      journalctl -u fem-ansible | grep {rec.task_id}")
+    # the unit install-service writes logs there (listen --log-file); without it, stderr
+    lines.append(f"  listener log      grep {rec.task_id} /var/log/fem-ansible/listener.log "
+                 "(or journalctl -u fem-ansible)")
     return lines
 
 

@@ -62,10 +62,12 @@ def config_reference() -> str:
     """docs/configuration.md: every key, its default and its meaning, by section."""
     out = [GENERATED.format(src="fem_ansible/config.py"), "", "# Configuration reference", "",
            "The site config is one YAML file (`--config`, default "
-           "`/etc/fem-ansible/config.yml`; `FEM_CONFIG` names another). Unknown keys are an "
-           "error naming the key. Any key can be overridden by an environment variable "
-           "`FEM_` + the key's path in upper case joined by `__` "
-           "(`FEM_BROKER__URL`, `FEM_EXECUTION__MAX_PARALLEL`), its value read as YAML.",
+           "`/etc/fem-ansible/config.yml`; `FEM_ANSIBLE_CONFIG` names another). Unknown keys are "
+           "an error naming the key. Any key can be overridden by an environment variable "
+           "`FEM_ANSIBLE_` + the key's path in upper case joined by `__` "
+           "(`FEM_ANSIBLE_BROKER__URL`, `FEM_ANSIBLE_EXECUTION__MAX_PARALLEL`), its value read "
+           "as YAML; an unknown key there is an error naming the variable. Other `FEM_*` "
+           "variables (the original FEM-client's, a site's own) are ignored.",
            "", "Sizes take binary suffixes (`512Mi`, `2Gi`; `1g` = 1 GiB). "
            "`<name>` stands for a key of your choice (a dataset name, a registry host).",
            "", "[examples/config.yml](../examples/config.yml) has every key, commented; "

@@ -169,6 +169,31 @@ def check_ansible(config: Config) -> Iterator[Check]:
              f"collections {', '.join(collections)}")
 
 
+# The allow-lists a task's fields are checked against; `init` leaves them all empty.
+_ALLOW_LISTS = {"images": "image", "sources": "source", "downloads": "inputs",
+                "uploads": "outputs or logs upload"}
+
+
+def check_policy(config: Config) -> Iterator[Check]:
+    """A fresh config allows nothing: say so before the first task is REJECTED."""
+    empty = [name for name in _ALLOW_LISTS
+             if not getattr(config.policy, name).allow]
+    if "images" in empty:
+        yield warn("policy", "policy.images.allow is empty: every task will be REJECTED"
+                   + (f" (also empty: {', '.join(f'policy.{n}.allow' for n in empty[1:])})"
+                      if empty[1:] else ""),
+                   "list what tasks may use in the config's policy section "
+                   "(docs/configuration.md)")
+    elif empty:
+        what = ", ".join(f"a task with {_ALLOW_LISTS[n]} (policy.{n}.allow is empty)"
+                         for n in empty)
+        yield warn("policy", f"REJECTED: {what}",
+                   "list what tasks may use there, if they should")
+    else:
+        yield ok("policy", ", ".join(f"{len(getattr(config.policy, n).allow)} {n}"
+                                     for n in _ALLOW_LISTS) + " allowed")
+
+
 def check_signatures(config: Config) -> Iterator[Check]:
     mode = config.security.signature.mode
     if mode == "none":
@@ -454,7 +479,8 @@ def diagnose(config: Config) -> list[Check]:
     clock = _Clock()
     steps: list[Callable[[], Iterator[Check]]] = [
         lambda: check_paths(config), lambda: check_ansible(config),
-        lambda: check_signatures(config), lambda: check_broker(config),
+        lambda: check_policy(config), lambda: check_signatures(config),
+        lambda: check_broker(config),
         lambda: check_engines(config), lambda: check_registries(config, clock),
         lambda: check_git(config), lambda: check_hosts(config),
         lambda: check_disk(config), lambda: check_clock(config, clock)]

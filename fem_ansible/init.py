@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from .config import parse_config
 from .docgen import example_config
 from .errors import ConfigError
 
@@ -39,7 +40,9 @@ def init_site(directory: Path, node_id: str, broker_url: str | None = None,
     """Write ``config.yml`` and ``inventory.yml`` into ``directory``.
 
     :returns: the files written.
-    :raises ConfigError: when either file exists already (nothing is written then).
+    :raises ConfigError: when either file exists already, or when the config would not be
+        valid (a bad node id or broker URL): nothing is written then, so a corrected
+        ``init`` finds no half-made config in its way.
     """
     config_path, inventory_path = directory / "config.yml", directory / "inventory.yml"
     existing = [str(p) for p in (config_path, inventory_path) if p.exists()]
@@ -51,6 +54,7 @@ def init_site(directory: Path, node_id: str, broker_url: str | None = None,
     if work_dir:
         values["execution.work_dir"] = json.dumps(work_dir)
     text = example_config(node_id=node_id, values=values)
+    parse_config(text, config_path, environ={})
     directory.mkdir(parents=True, exist_ok=True)
     # the config may come to hold a broker password: readable by its owner only
     for path, content, mode in ((config_path, text, 0o600), (inventory_path, INVENTORY, 0o644)):

@@ -24,12 +24,12 @@ import pika.exceptions
 
 from . import broker
 from .config import Config
-from .errors import RejectedError
+from .errors import ConfigError, RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal
 from .legacy import LegacyConsumer
 from .lifecycle import Node, NodeObserver
-from .logs import task_context
+from .logs import reopen_log_files, task_context
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class Listener:
         self._stopping = threading.Event()
         self._stop_now = threading.Event()
         self._connected = threading.Event()
+        self._reload_lock = threading.Lock()
         # The original FEM-client protocol (DESIGN.md §9), all of it in fem_ansible/legacy.py.
         self.legacy = LegacyConsumer(self) if config.legacy.enabled else None
 
@@ -309,6 +310,25 @@ class Listener:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        # SIGHUP: the reload runs in a thread of its own, not in the handler, which interrupts
+        # the connection thread anywhere (ansible-inventory may take seconds).
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
+            target=self.reload, name="fem-reload", daemon=True).start())
+
+    def reload(self) -> None:
+        """SIGHUP (docs/operating.md): reopen the log and audit files (logrotate moved them)
+        and read the inventory again (a host added); running tasks are not disturbed.  Site
+        roles need nothing here: intake looks them up on the roles path for every task."""
+        with self._reload_lock:
+            reopen_log_files()
+            self.node.audit.reopen()
+            try:
+                hosts = len(self.node.targets.reload_inventory().hostvars)
+            except ConfigError as e:
+                log.error("SIGHUP: log files reopened; the inventory was not re-read, the one "
+                          "read before stays in use: %s", e)
+                return
+            log.info("SIGHUP: log files reopened, inventory re-read (%d host(s))", hosts)
 
     def _shutdown(self) -> None:
         self.node.abandon.set()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,13 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 _TASK_ID: ContextVar[str | None] = ContextVar("fem_task_id", default=None)
+_LINE_BREAKS = re.compile(r"\s*(?:\r\n|[\r\n\v\f\x1c-\x1e\x85\u2028\u2029])\s*")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: each line break (a multi-line git or engine error, say) becomes
+    `` | ``, so that one event or log record stays one line for grep and log pipelines."""
+    return _LINE_BREAKS.sub(" | ", text.strip())
 
 
 @contextmanager
@@ -58,17 +67,32 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # the message on one line; a traceback (exc_info) still follows on its own lines
+        return one_line(super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         task_id = getattr(record, "task_id", None)
         return f"{line} [task_id={task_id}]" if task_id else line
 
 
-def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(fmt: str = "text", level: str = "INFO", path: str | None = None) -> None:
+    """Log to stderr, or append to the file ``path`` (``listen --log-file``): a
+    :class:`~logging.handlers.WatchedFileHandler`, so that after logrotate moved the file
+    the next line goes to a new one (:func:`reopen_log_files` does it at once, on SIGHUP)."""
+    handler: logging.Handler = (logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+                                if path else logging.StreamHandler(sys.stderr))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TaskIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def reopen_log_files() -> None:
+    """Reopen every log file that was moved or removed since it was opened (SIGHUP)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.WatchedFileHandler):
+            handler.reopenIfNeeded()

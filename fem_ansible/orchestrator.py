@@ -27,14 +27,17 @@ def _headers(config: Config, body: bytes, sign_key: str | None) -> dict[str, str
 
 def submit_task(config: Config, body: bytes, task_id: str | None, *, wait: bool,
                 timeout: float, sign_key: str | None = None,
-                on_event: Callable[[dict[str, Any]], None] = lambda e: None
+                on_event: Callable[[dict[str, Any]], None] = lambda e: None,
+                on_no_consumer: Callable[[str], None] = lambda queue: None
                 ) -> dict[str, Any] | None:
     """Publish ``body`` to ``fem.tasks``; with ``wait``, return the task's terminal event
-    (None when none came within ``timeout``)."""
+    (None when none came within ``timeout``).  ``on_no_consumer(queue)`` is called at once
+    when no listener consumes the node's task queue: the wait may be long, and the sysadmin
+    should know why before it ends."""
     conn = broker.connect(config)
     try:
         ch = conn.channel()
-        broker.declare_topology(ch, config)
+        names = broker.declare_topology(ch, config)
         queue = None
         if wait:
             queue = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
@@ -46,6 +49,8 @@ def submit_task(config: Config, body: bytes, task_id: str | None, *, wait: bool,
                          mandatory=True)
         if queue is None:
             return None
+        if ch.queue_declare(names.tasks, passive=True).method.consumer_count == 0:
+            on_no_consumer(names.tasks)
         deadline = time.monotonic() + timeout
         seen: set[int] = set()
         for _method, _props, raw in ch.consume(queue, auto_ack=True, inactivity_timeout=1):

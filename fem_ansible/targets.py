@@ -2,8 +2,8 @@
 
 A task names a host or a group of ``execution.inventory`` (``target``, default
 ``execution.target``).  The inventory is read once, with ``ansible-inventory --list`` (so
-every inventory source Ansible knows works: YAML, INI, directories, plugins), and kept: a
-site that changes its inventory restarts the listener.
+every inventory source Ansible knows works: YAML, INI, directories, plugins), and kept until
+SIGHUP makes the listener read it again (:meth:`Targets.reload_inventory`).
 
 For a group the listener picks one host per task: the one running the fewest of *this
 listener's* tasks, ties going to the host picked least recently (so a batch spreads over the
@@ -161,6 +161,17 @@ class Targets:
             if self._inventory is None:
                 self._inventory = Inventory.load(inventory_path(self.config), self.collections)
             return self._inventory
+
+    def reload_inventory(self) -> Inventory:
+        """Read the inventory again (SIGHUP: a host added without a restart).  Tasks that
+        already have a host keep it; a broken inventory leaves the one in use in place.
+
+        :raises ConfigError: when ansible-inventory cannot read it.
+        """
+        fresh = Inventory.load(inventory_path(self.config), self.collections)
+        with self._load_lock:
+            self._inventory = fresh
+        return fresh
 
     def check(self, task: dict[str, Any]) -> None:
         """At intake: the task's target must name hosts of the inventory.
@@ -332,8 +343,10 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
                               "engines": None, "work_dir": work_dir, "free_bytes": None,
                               "message": ""}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
-    env.update({**ansible_env("fem-doctor", config.execution.strategy, collections),
-                **ssh_env(config)})
+    # The probe is one `raw` call: Ansible's own strategy. Under fem.core.mitogen_linear an
+    # ad-hoc `raw` to a host with `ansible_connection: local` went over SSH instead (as the
+    # service user, whose shell is nologin, doctor then failed on a healthy host: issue 20).
+    env.update({**ansible_env("fem-doctor", "linear", collections), **ssh_env(config)})
     command = ("{{ ansible_python_interpreter | default('/usr/bin/python3') }} -c "
                f"'import base64; exec(base64.b64decode(\"{probe}\"))'")
     try:

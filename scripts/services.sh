@@ -12,8 +12,7 @@
 #   stop    stops the registry, git daemon and upload endpoint; with --all also the dockerd
 #           that this script started (never a dockerd or RabbitMQ it did not start)
 #   status  one line per service; exit 0 when all answer, 3 otherwise
-# Ports can be moved with FEMDEV_REGISTRY_PORT, FEMDEV_GIT_PORT, FEMDEV_UPLOAD_PORT (not FEM_*:
-# fem-ansible reads every FEM_* variable of its environment as a config override).
+# Ports can be moved with FEMDEV_REGISTRY_PORT, FEMDEV_GIT_PORT, FEMDEV_UPLOAD_PORT.
 # A dockerd started here tries overlay2, then vfs; its log is .fem-dev/logs/dockerd.log.
 set -euo pipefail
 
@@ -375,8 +374,8 @@ write_env() {
   local tmp=$STATE/env.tmp.$$
   {
     echo "# written by scripts/services.sh start; read it with tests/support/services.py load_env()"
-    echo "# or source it in a shell. Not exported on purpose: fem-ansible takes every FEM_*"
-    echo "# variable of its environment as a config override (FEM_A__B sets a.b)."
+    echo "# or source it in a shell. fem-ansible ignores these: its config overrides are named"
+    echo "# FEM_ANSIBLE_* (FEM_ANSIBLE_A__B sets a.b)."
     printf "%s='%s'\n" \
       FEM_TEST_REGISTRY "$REGISTRY" \
       FEM_TEST_IMAGE "$IMAGE" \

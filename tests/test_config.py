@@ -49,26 +49,50 @@ def test_missing_node_id(tmp_path):
 
 def test_env_overrides_parse_yaml_and_are_scrubbed(tmp_path, monkeypatch):
     path = write(tmp_path, "node_id: a\n")
-    monkeypatch.setenv("FEM_EXECUTION__MAX_PARALLEL", "4")
-    monkeypatch.setenv("FEM_BROKER__URL", "amqp://u:secret@127.0.0.1:5672/%2F")
-    monkeypatch.setenv("FEM_POLICY__IMAGES__ALLOW", "['127.0.0.1:5000/**']")
+    monkeypatch.setenv("FEM_ANSIBLE_EXECUTION__MAX_PARALLEL", "4")
+    monkeypatch.setenv("FEM_ANSIBLE_BROKER__URL", "amqp://u:secret@127.0.0.1:5672/%2F")
+    monkeypatch.setenv("FEM_ANSIBLE_POLICY__IMAGES__ALLOW", "['127.0.0.1:5000/**']")
     config = load_config(path, scrub_environ=True)
     assert config.execution.max_parallel == 4
     assert config.policy.images.allow == ["127.0.0.1:5000/**"]
     assert config.broker.url.endswith("@127.0.0.1:5672/%2F")
     import os
 
-    assert "FEM_BROKER__URL" not in os.environ
+    assert "FEM_ANSIBLE_BROKER__URL" not in os.environ
 
 
-def test_fem_config_variable_is_the_cli_option_not_an_override(tmp_path):
-    config = load_config(write(tmp_path, "node_id: a\n"), environ={"FEM_CONFIG": "/x.yml"})
+def test_config_variable_is_the_cli_option_not_an_override(tmp_path):
+    config = load_config(write(tmp_path, "node_id: a\n"),
+                         environ={"FEM_ANSIBLE_CONFIG": "/x.yml"})
     assert config.node_id == "a"
 
 
-def test_env_override_of_unknown_key_fails(tmp_path):
-    with pytest.raises(ConfigError, match=r"execution\.max_paralel"):
-        load_config(write(tmp_path, "node_id: a\n"), environ={"FEM_EXECUTION__MAX_PARALEL": "2"})
+def test_other_programs_fem_variables_are_ignored(tmp_path):
+    """Issue 20 item 4: FEM_HOME (another program's) once failed every command."""
+    config = load_config(write(tmp_path, "node_id: a\n"),
+                         environ={"FEM_HOME": "/opt/fem", "FEM_EXECUTION__MAX_PARALLEL": "9",
+                                  "FEM_CONFIG": "/x.yml"})
+    assert config.node_id == "a" and config.execution.max_parallel != 9
+
+
+def test_env_override_of_unknown_key_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match=r"^FEM_ANSIBLE_EXECUTION__MAX_PARALEL: .*"
+                                          r"execution\.max_paralel"):
+        load_config(write(tmp_path, "node_id: a\n"),
+                    environ={"FEM_ANSIBLE_EXECUTION__MAX_PARALEL": "2"})
+    with pytest.raises(ConfigError, match=r"^FEM_ANSIBLE_HOME: unknown config key 'home'"):
+        load_config(write(tmp_path, "node_id: a\n"), environ={"FEM_ANSIBLE_HOME": "/x"})
+
+
+def test_env_override_of_a_bad_value_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match=r"^FEM_ANSIBLE_EXECUTION__MAX_PARALLEL: "
+                                          r"execution\.max_parallel: expected an integer"):
+        load_config(write(tmp_path, "node_id: a\n"),
+                    environ={"FEM_ANSIBLE_EXECUTION__MAX_PARALLEL": "two"})
+    # a dataset name is the site's choice: a key under a mapping field is not "unknown"
+    config = load_config(write(tmp_path, "node_id: a\n"),
+                         environ={"FEM_ANSIBLE_POLICY__DATASETS__SCANS": "{path: /data/scans}"})
+    assert config.policy.datasets["scans"].path == "/data/scans"
 
 
 def test_sizes_and_cross_field_rules(tmp_path):

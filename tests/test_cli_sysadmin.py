@@ -1,0 +1,72 @@
+"""The command line as a sysadmin meets it on day two (issue 20): help, environment,
+errors that say what to do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from fem_ansible.cli import main
+
+
+def test_help_names_the_config_variable():
+    runner = CliRunner()
+    assert "FEM_ANSIBLE_CONFIG" in runner.invoke(main, ["--help"]).output
+    for command in ("listen", "run", "doctor", "tasks", "submit", "cancel"):
+        shown = runner.invoke(main, [command, "--help"])
+        assert shown.exit_code == 0 and "FEM_ANSIBLE_CONFIG" in shown.output, command
+
+
+def test_config_variable_chooses_the_config_and_other_fem_variables_do_not_matter(
+        make_config, tmp_path):
+    make_config()
+    env = {"FEM_ANSIBLE_CONFIG": str(tmp_path / "config.yml"), "FEM_HOME": "/opt/fem"}
+    done = CliRunner().invoke(main, ["tasks"], env=env)
+    assert done.exit_code == 0, done.output
+    bad = CliRunner().invoke(main, ["tasks"], env={**env, "FEM_ANSIBLE_HOME": "/x"})
+    assert bad.exit_code == 2 and "FEM_ANSIBLE_HOME: unknown config key 'home'" in bad.output
+
+
+def test_a_permission_error_is_one_line_with_the_fix():
+    """Issue 20: `run` as a user who may not write the work dir ended in a traceback."""
+    base = Path(tempfile.mkdtemp(prefix="fem-perm-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        (base / "work").mkdir(mode=0o700)  # root's, as before install-service
+        config = base / "config.yml"
+        config.write_text(f"node_id: a\nexecution:\n  work_dir: {base / 'work'}\n")
+        config.chmod(0o644)
+        done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               sys.executable, "-m", "fem_ansible", "tasks", "--config",
+                               str(config)], capture_output=True, text=True, cwd="/",
+                              env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+    finally:
+        shutil.rmtree(base)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "Permission denied" in line and str(base / "work") in line
+    assert "install-service" in line and "sudo -u fem" in line
+
+
+def test_init_writes_nothing_when_the_config_would_be_invalid(tmp_path):
+    """Issue 20 item 6: a bad broker URL once left a config behind that blocked the next
+    init."""
+    target = tmp_path / "etc"
+    runner = CliRunner()
+    bad = runner.invoke(main, ["init", "--node-id", "hospital-a", "--dir", str(target),
+                               "--broker-url", "http://broker:5672/"])
+    assert bad.exit_code == 2 and "broker.url" in bad.output
+    assert not (target / "config.yml").exists() and not (target / "inventory.yml").exists()
+    bad_id = runner.invoke(main, ["init", "--node-id", "bad id!", "--dir", str(target)])
+    assert bad_id.exit_code == 2 and "node_id" in bad_id.output
+    assert not (target / "config.yml").exists()
+    good = runner.invoke(main, ["init", "--node-id", "hospital-a", "--dir", str(target),
+                                "--broker-url", "amqp://u:p@127.0.0.1:5672/%2F"])
+    assert good.exit_code == 0, good.output
+    assert "node_id: hospital-a" in (target / "config.yml").read_text()
