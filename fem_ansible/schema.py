@@ -386,12 +386,27 @@ def parse_json(body: bytes, max_bytes: int) -> Any:
     return value
 
 
+def _holds_secret(path: tuple[Any, ...]) -> bool:
+    """A place of a task whose value may be a secret: a request header (its value, or the
+    headers themselves) or a download/upload URL (a presigned query string)."""
+    return bool(path) and path[0] in ("inputs", "outputs", "logs") and (
+        "headers" in path or path[-1] == "url")
+
+
 def schema_errors(schema_id: str, value: Any) -> list[str]:
-    """Readable schema errors, ``path: problem``, sorted by path."""
+    """Readable schema errors, ``path: problem``, sorted by path.
+
+    A problem becomes the REJECTED event's message, a log line and an audit record, so at a
+    place that may hold a secret (:func:`_holds_secret`) it names the rule broken, never the
+    value: ``'Bearer <token>\\n' does not match ...`` would publish the token.
+    """
     errors = []
     for err in _VALIDATORS[schema_id].iter_errors(value):
-        where = "/".join(str(p) for p in err.absolute_path) or "(message)"
-        errors.append(f"{where}: {err.message[:300]}")
+        path = tuple(err.absolute_path)
+        where = "/".join(str(p) for p in path) or "(message)"
+        problem = (f"fails {err.validator} {err.validator_value!r} (value not shown: it may "
+                   "hold a secret)" if _holds_secret(path) else err.message)
+        errors.append(f"{where}: {problem[:300]}")
     return sorted(errors)
 
 

@@ -279,6 +279,27 @@ def test_public_task_and_audit_never_hold_a_source_query(read_message):
     assert "?" not in schema.public_task(task)["source"]["repo"]
 
 
+@pytest.mark.parametrize("where", ["inputs", "outputs", "logs"])
+def test_a_refused_header_or_url_is_not_echoed_in_the_rejection(read_message, where):
+    """A token with a stray newline (a copy-paste slip) or an over-long presigned URL is
+    refused, and the rejection (the REJECTED event's message, the log, the audit) names the
+    place and the rule broken, never the value."""
+    task = sample_task(ENV, "leak")
+    token, signature = "Bearer tok-SECRET-1\n", "X-Amz-Signature=SECRET2"
+    target = {"url": f"https://data.example.org/f?{signature}&pad={'x' * 8192}",
+              "headers": {"Authorization": token}}
+    if where == "inputs":
+        task["inputs"] = [{**target, "path": "f"}]
+    else:
+        task[where] = {**task.get(where, {}), "upload": target}
+    with pytest.raises(RejectedError) as e:
+        read_message(json.dumps(task).encode())
+    assert len(e.value.reasons) == 2, e.value.reasons
+    for text in (e.value.message, *e.value.reasons):
+        assert "SECRET" not in text
+        assert "value not shown" in text
+
+
 def test_security_md_counts_the_corpus():
     """SECURITY.md's table of issue 18's parsing items says how many corpus cases each has
     and which unit tests cover it: both stay true."""
