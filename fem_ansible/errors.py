@@ -37,8 +37,8 @@ class RejectedError(FemError):
 
     ``code`` is one of ``invalid_message``, ``signature_invalid``, ``expired``,
     ``wrong_node``, ``policy_violation``; ``task_id`` is the message's id once it could be read.
-    ``reasons`` lists every problem found at the step that refused the message (all the
-    schema errors, every policy rule broken), so a sender fixes them in one go; the message
+    ``reasons`` lists every problem found at the step that refused the message (the schema
+    errors, up to a bound, every policy rule broken), so a sender fixes them in one go; the message
     is ``reasons`` joined.
     """
 

@@ -8,9 +8,10 @@ the site policy is decided once per task, here, and travels with it.
 The order of the checks is the contract's (DESIGN.md §3): size → signature → JSON → schema
 → ``node_id`` and ``not_after`` → policy (with the inventory's targets and the executor's
 role).  The first step that refuses the message ends intake with one :class:`RejectedError`
-carrying that step's code and *every* problem the step found: all schema errors, every
-policy rule broken.  Nothing else is raised for anything a message holds; the listener's
-consumers still reject whatever else escapes (a bug), so a message never stops a listener.
+carrying that step's code and *every* problem the step found: the schema errors (up to
+:data:`~fem_ansible.schema.MAX_SCHEMA_ERRORS`), every policy rule broken.  Nothing else is
+raised for anything a message holds; the listener's consumers still reject whatever else
+escapes (a bug), so a message never stops a listener.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import math
 import posixpath
@@ -41,6 +42,10 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # ``,`` ``=`` ``"`` (its field and quote syntax), no backslash.
 CONTAINER_PATH_PATTERN = r'^/[^\x00-\x1F\x7F-\x9F,="\\]*$'
 MAX_DEPTH = 16
+# Schema errors a rejection lists.  Every error would be unbounded: a 1 MiB body of
+# ``"command": [1, 1, …]`` has 300 000, which took seconds to find on the connection thread
+# and made a REJECTED event, journal row, audit and log line of megabytes.
+MAX_SCHEMA_ERRORS = 20
 # The least of each resource a task gets (issue 18): below these an engine reads the value
 # as "no limit" (0 CPUs, 0 bytes) or the container cannot start; ceilings are the policy's.
 RESOURCE_FLOORS: dict[str, int | float] = {"cpus": 0.01, "memory": 4 * 1024**2, "pids": 16}
@@ -399,15 +404,21 @@ def schema_errors(schema_id: str, value: Any) -> list[str]:
     A problem becomes the REJECTED event's message, a log line and an audit record, so at a
     place that may hold a secret (:func:`_holds_secret`) it names the rule broken, never the
     value: ``'Bearer <token>\\n' does not match ...`` would publish the token.
+
+    At most :data:`MAX_SCHEMA_ERRORS` are listed (the first found, then sorted), and a last
+    line says when there were more: the search stops there.
     """
     errors = []
-    for err in _VALIDATORS[schema_id].iter_errors(value):
+    found = _VALIDATORS[schema_id].iter_errors(value)
+    for err in itertools.islice(found, MAX_SCHEMA_ERRORS):
         path = tuple(err.absolute_path)
         where = "/".join(str(p) for p in path) or "(message)"
         problem = (f"fails {err.validator} {err.validator_value!r} (value not shown: it may "
                    "hold a secret)" if _holds_secret(path) else err.message)
         errors.append(f"{where}: {problem[:300]}")
-    return sorted(errors)
+    more = next(found, None) is not None
+    return sorted(errors) + ([f"(more schema errors: only the first {MAX_SCHEMA_ERRORS} "
+                              "found are listed)"] if more else [])
 
 
 def task_id_of(value: Any) -> str | None:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from fem_ansible import policy
+from fem_ansible import policy, schema
 from fem_ansible.cli import main
 from fem_ansible.errors import RejectedError
 from fem_ansible.journal import Journal
@@ -71,6 +71,20 @@ def test_schema_errors_come_whole(make_config, make_intake):
     assert any(r.startswith("network:") for r in err.reasons)
     assert any(r.startswith("command:") for r in err.reasons)
     assert any("extra" in r for r in err.reasons)
+
+
+def test_a_flood_of_schema_errors_is_one_bounded_rejection(make_config, make_intake):
+    """A body near the size limit can break the schema 300 000 times; the rejection lists a
+    bounded number and says there were more, so the REJECTED event, the journal's row, the
+    audit line and the log line stay small."""
+    config = make_config()
+    raw = body(command=[1] * 300_000)
+    assert len(raw) < config.security.max_message_bytes
+    err = rejection(make_intake(config), raw)
+    assert err.code == "invalid_message" and err.task_id == "t1"
+    assert len(err.reasons) == schema.MAX_SCHEMA_ERRORS + 1, len(err.reasons)
+    assert err.reasons[-1].startswith("(more schema errors")
+    assert len(err.message) < 100 * schema.MAX_SCHEMA_ERRORS
 
 
 def test_target_and_executor_are_checked_with_the_policy(make_config, make_intake):
