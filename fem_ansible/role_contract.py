@@ -295,6 +295,17 @@ def fem_secrets(read: set[str]) -> dict[str, Any]:
     )
 
 
+# What every executor role's main entry point receives: one container run of the task.
+EXECUTOR = {
+    "fem_run": FEM_RUN,
+    "fem_node_id": FEM_NODE_ID,
+    "fem_task": fem_task(
+        {"task_id", "image", "source", "command", "workdir", "env", "scratch", "outputs"}
+    ),
+    "fem_datasets": FEM_DATASETS,
+    "fem_policy": FEM_POLICY,
+}
+
 ROLES = {
     "fem_volumes": (
         "Create the task's run directory, scratch volumes and inputs.",
@@ -357,13 +368,7 @@ ROLES = {
     "fem_executor_docker": (
         "Run the task's container on Docker and report fem_exit_code and fem_timed_out.",
         {
-            "fem_run": FEM_RUN,
-            "fem_node_id": FEM_NODE_ID,
-            "fem_task": fem_task(
-                {"task_id", "image", "source", "command", "workdir", "env", "scratch", "outputs"}
-            ),
-            "fem_datasets": FEM_DATASETS,
-            "fem_policy": FEM_POLICY,
+            **EXECUTOR,
             "fem_executor_docker_api_timeout": o(
                 "int",
                 "Seconds to wait for a Docker API call (the wait for the container excepted).",
@@ -374,13 +379,7 @@ ROLES = {
     "fem_executor_podman": (
         "Run the task's container on podman and report fem_exit_code and fem_timed_out.",
         {
-            "fem_run": FEM_RUN,
-            "fem_node_id": FEM_NODE_ID,
-            "fem_task": fem_task(
-                {"task_id", "image", "source", "command", "workdir", "env", "scratch", "outputs"}
-            ),
-            "fem_datasets": FEM_DATASETS,
-            "fem_policy": FEM_POLICY,
+            **EXECUTOR,
             "fem_executor_podman_api_timeout": o(
                 "int",
                 "Seconds to wait for a podman command (the wait for the container excepted).",
@@ -392,13 +391,7 @@ ROLES = {
         "Run the task's container as a Slurm job and report fem_progress, fem_exit_code and "
         "fem_timed_out.",
         {
-            "fem_run": FEM_RUN,
-            "fem_node_id": FEM_NODE_ID,
-            "fem_task": fem_task(
-                {"task_id", "image", "source", "command", "workdir", "env", "scratch", "outputs"}
-            ),
-            "fem_datasets": FEM_DATASETS,
-            "fem_policy": FEM_POLICY,
+            **EXECUTOR,
             "fem_executor_slurm_poll_interval": o(
                 "float", "Seconds between two looks at the Slurm queue.", default=1
             ),
@@ -426,7 +419,6 @@ ROLES = {
         },
     ),
 }
-
 
 
 STOP = {
@@ -464,7 +456,6 @@ STOP = {
         },
     ),
 }
-
 
 
 class _Dumper(yaml.SafeDumper):
