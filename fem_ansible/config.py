@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
-from .schema import RESOURCE_FLOORS
+from .schema import NODE_ID_PATTERN, RESOURCE_FLOORS
 from .sizes import parse_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/fem-ansible/config.yml"
@@ -33,7 +33,6 @@ ENV_PREFIX = "FEM_ANSIBLE_"
 # FEM_ANSIBLE_* variables that are not config overrides: the CLI's own (--config).
 CONFIG_ENV = "FEM_ANSIBLE_CONFIG"
 NOT_OVERRIDES = frozenset({CONFIG_ENV})
-NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 COLLECTION_PATTERN = r"^[a-z0-9][a-z0-9_]*\.[a-z0-9][a-z0-9_]*$"
 
 
