@@ -67,18 +67,18 @@ def task_table(records: list[TaskRecord], now: float | None = None) -> list[str]
     lines = [f"{'TASK':<36} {'STATE':<11} {'ATT':>3} {'HOST':<12} {'RECEIVED':<19} "
              f"{'DURATION':>9} {'EXIT':>4}"]
     for rec in records:
-        end = rec.finished_at or now
-        code = rec.result.get("exit_code")
         started = datetime.fromtimestamp(rec.received_at).strftime("%Y-%m-%d %H:%M:%S")
-        line = (f"{rec.task_id:<36} {rec.state:<11} {rec.attempt:>3} "
-                f"{(rec.host or '-'):<12} {started:<19} "
-                f"{duration(end - rec.received_at):>9} {'' if code is None else code:>4}")
         if rec.rejection:
             # Never run: why it was refused takes the place of the run's numbers.
             why = f"{rec.rejection['code']}: {'; '.join(rec.rejection['reasons'])}"
-            line = (f"{rec.task_id:<36} {rec.state:<11} {'-':>3} {'-':<12} {started:<19} "
-                    f"{why[:200]}")
-        lines.append(line)
+            attempt, host, tail = "-", "-", why[:200]
+        else:
+            code = rec.result.get("exit_code")
+            attempt, host = str(rec.attempt), rec.host or "-"
+            tail = (f"{duration((rec.finished_at or now) - rec.received_at):>9} "
+                    f"{'' if code is None else code:>4}")
+        lines.append(f"{rec.task_id:<36} {rec.state:<11} {attempt:>3} {host:<12} "
+                     f"{started:<19} {tail}")
     return lines
 
 
