@@ -29,8 +29,9 @@ from typing import Any
 
 from .schema import TERMINAL_STATES
 
-# Rejected messages kept for ``fem-ansible tasks``: the journal stays bounded whatever is
-# thrown at the queue (the audit log keeps every one).
+# Rejected messages kept for ``fem-ansible tasks``, and published REJECTED events of
+# messages refused before a ``task_id`` could be read (unsigned, oversized, not JSON): what
+# anyone who can write to the queue adds stays bounded (the audit log keeps every one).
 KEEP_REJECTIONS = 1000
 
 _SCHEMA = """
@@ -58,6 +59,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_task_seq ON events(task_id, seq)
     WHERE task_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_unpublished ON events(published, id);
+CREATE INDEX IF NOT EXISTS events_anonymous ON events(id) WHERE task_id IS NULL;
 CREATE TABLE IF NOT EXISTS rejections (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id TEXT,
@@ -269,7 +271,9 @@ class Journal:
 
         The event goes in ``task_id``'s sequence (after any earlier rejection's), so the
         events of a later valid message with that id follow with higher ``seq``; the
-        ``tasks`` table is not touched: a rejection is not an accepted task.
+        ``tasks`` table is not touched: a rejection is not an accepted task.  Events without
+        a ``task_id`` serve nothing once published (no sequence continues them, ``tasks``
+        reads ``rejections``): beyond the newest :data:`KEEP_REJECTIONS` they are deleted.
         :returns: the stored event, with its ``seq``.
         """
         now = time.time()
@@ -278,9 +282,12 @@ class Journal:
                        (task_id, now, code, json.dumps(reasons)))
             db.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",
                        (KEEP_REJECTIONS,))
-            if event is None:
-                return None
-            return self._insert_event(db, task_id, event, now, task_state=False)
+            stored = (None if event is None
+                      else self._insert_event(db, task_id, event, now, task_state=False))
+            db.execute("DELETE FROM events WHERE task_id IS NULL AND published=1 AND id < "
+                       "(SELECT id FROM events WHERE task_id IS NULL ORDER BY id DESC "
+                       "LIMIT 1 OFFSET ?)", (KEEP_REJECTIONS - 1,))
+            return stored
 
     def append_event(self, task_id: str | None, event: dict[str, Any]) -> dict[str, Any]:
         """Store an event with the task's next ``seq``; returns it with its ``seq``."""

@@ -100,3 +100,29 @@ def test_rejections_are_kept_bounded(tmp_path, monkeypatch):
     assert [r.task_id for r in j.recent()] == ["r3", "r2"]
     assert j.rejections("r3")[0].rejection == {"code": "invalid_message",
                                                "reasons": ["reason 3"]}
+
+
+def test_published_events_of_anonymous_rejections_are_kept_bounded(tmp_path, monkeypatch):
+    """An unsigned flood (no task_id) cannot grow the events table past the bound once its
+    REJECTED events went out; unpublished ones and those of a task id stay."""
+    from fem_ansible import journal
+
+    monkeypatch.setattr(journal, "KEEP_REJECTIONS", 2)
+    j = Journal(tmp_path / "j.sqlite")
+
+    def anonymous_ids() -> list[int]:
+        return [r[0] for r in j._db.execute(
+            "SELECT id FROM events WHERE task_id IS NULL ORDER BY id")]
+
+    kept = j.add_rejection("named", "invalid_message", ["bad"], ev("REJECTED", "named"))
+    for _ in range(3):
+        j.add_rejection(None, "signature_invalid", ["unsigned"], ev("REJECTED", None))
+    assert len(anonymous_ids()) == 3  # none published yet: all wait to go out
+    for event_id, _event in j.unpublished():
+        j.mark_published(event_id)
+    j.add_rejection(None, "signature_invalid", ["unsigned"], ev("REJECTED", None))
+    assert len(anonymous_ids()) == 2
+    for _ in range(3):
+        j.add_rejection(None, "signature_invalid", ["unsigned"], ev("REJECTED", None))
+    assert len(anonymous_ids()) == 4  # the unpublished ones are never dropped
+    assert j.last_event("named") == kept
