@@ -30,7 +30,7 @@ STATE_EXIT = {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED, "TIMED_OUT": EXIT_FAI
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=DEFAULT_CONFIG_PATH,
     show_default=True, envvar=CONFIG_ENV, show_envvar=True,
-    help=f"The site config file (or ${CONFIG_ENV}).",
+    help="The site config file.",
 )
 log_format_option = click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
