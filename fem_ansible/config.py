@@ -220,16 +220,16 @@ class PolicyConfig:
     downloads: AllowList = _doc("URLs inputs may be downloaded from.", default_factory=AllowList)
     uploads: AllowList = _doc("URLs outputs and logs may go to.", default_factory=AllowList)
     targets: AllowList = _doc(
-        "Inventory hosts or groups tasks may name (globs: `gpu-*`); a task names one, "
-        "never a pattern.",
+        "Inventory hosts or groups tasks may name (`gpu-*`: each so named); a task names "
+        "one, never a pattern.",
         default_factory=lambda: AllowList(allow=["localhost"]),
     )
     executors: AllowList = _doc(
-        "Executors tasks may use (globs; each needs its role).",
+        "Executors tasks may use; each needs its role.",
         default_factory=lambda: AllowList(allow=["docker"]),
     )
     networks: AllowList = _doc(
-        "Container networks besides `none` (globs: `*` allows `host` too).",
+        "Container networks besides `none` (`*` allows `host` too).",
         default_factory=AllowList,
     )
     datasets: dict[str, DatasetConfig] = _doc(
