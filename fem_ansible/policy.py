@@ -36,7 +36,12 @@ class Decision:
 
 
 def check_addressing(task: dict[str, Any], config: Config, now: datetime | None = None) -> None:
-    """``node_id`` and ``not_after`` (DESIGN.md §3), checked after the schema, before policy."""
+    """``node_id`` and ``not_after`` (DESIGN.md §3), checked after the schema, before policy.
+
+    :raises RejectedError: ``wrong_node``, ``expired``, or ``invalid_message`` for a
+        ``not_after`` that is no time (a task's was parsed when it was read; a cancel's was
+        not).
+    """
     tid = task["task_id"]
     if task.get("node_id") is not None and task["node_id"] != config.node_id:
         raise RejectedError(
@@ -46,7 +51,10 @@ def check_addressing(task: dict[str, Any], config: Config, now: datetime | None 
     if config.security.signature.mode != "none" and task.get("node_id") is None:
         raise RejectedError("signed tasks must name their node_id", code="wrong_node", task_id=tid)
     if task.get("not_after"):
-        deadline = parse_time(task["not_after"])
+        try:
+            deadline = parse_time(task["not_after"])
+        except ValueError as e:
+            raise RejectedError(f"not_after: {e}", task_id=tid) from None
         if (now or datetime.now(UTC)) > deadline:
             raise RejectedError(f"task expired at {task['not_after']}", code="expired",
                                 task_id=tid)

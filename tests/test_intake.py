@@ -87,6 +87,24 @@ def test_a_flood_of_schema_errors_is_one_bounded_rejection(make_config, make_int
     assert len(err.message) < 100 * schema.MAX_SCHEMA_ERRORS
 
 
+def test_a_cancel_is_checked_as_a_task_is(make_config, make_intake):
+    """node_id and not_after of a control message: a not_after that is no time is
+    invalid_message (a task's is refused when the task is read), never an exception."""
+    intake = make_intake(make_config())
+
+    def cancel(**fields) -> bytes:
+        return json.dumps({"schema": "fem.control/v1", "action": "cancel", "task_id": "t1",
+                           **fields}).encode()
+
+    assert intake.read_control(cancel(not_after="2999-01-01T00:00:00Z"), None)["task_id"] == "t1"
+    for fields, code in (({"not_after": "soon"}, "invalid_message"),
+                         ({"not_after": "2000-01-01T00:00:00Z"}, "expired"),
+                         ({"node_id": "elsewhere"}, "wrong_node")):
+        with pytest.raises(RejectedError) as err:
+            intake.read_control(cancel(**fields), None)
+        assert (err.value.code, err.value.task_id) == (code, "t1"), fields
+
+
 def test_target_and_executor_are_checked_with_the_policy(make_config, make_intake):
     """What only this node knows (the inventory's hosts, the executor's role) is part of the
     same rejection: validate and listen cannot differ on it."""
