@@ -92,17 +92,18 @@ class Intake:
         :param on_signed: told the signing key's id once the signature passed (the audit).
         :raises RejectedError: the contract's code, every reason of the refusing step.
         """
-        self._check_size(body)
-        key_id = self.verifier.verify(body, _header(headers)) if signed else None
-        on_signed(key_id)
-        value = schema.parse_json(body, self.config.security.max_message_bytes)
+        key_id, value = self._open(body, headers, signed, on_signed)
         return self.read_value(value, key_id=key_id)
 
-    def _check_size(self, body: bytes) -> None:
-        """The first check, before the signature's hash is computed over the body."""
+    def _open(self, body: bytes, headers: Mapping[str, Any] | None, signed: bool,
+              on_signed: Callable[[str | None], None]) -> tuple[str | None, Any]:
+        """The steps every message takes first, tasks and cancels alike: size → signature →
+        JSON.  :returns: the signing key's id and the parsed body."""
         limit = self.config.security.max_message_bytes
-        if len(body) > limit:
-            raise RejectedError(f"message of {len(body)} bytes is over the {limit}-byte limit")
+        schema.check_size(body, limit)
+        key_id = self.verifier.verify(body, _header(headers)) if signed else None
+        on_signed(key_id)
+        return key_id, schema.parse_json(body, limit)
 
     def read_value(self, value: Any, *, key_id: str | None = None,
                    run_datasets: Mapping[str, str] | None = None) -> Task:
@@ -147,9 +148,7 @@ class Intake:
 
         :raises RejectedError: as :meth:`read`.
         """
-        self._check_size(body)
-        self.verifier.verify(body, _header(headers))
-        msg = schema.parse_json(body, self.config.security.max_message_bytes)
+        _key_id, msg = self._open(body, headers, True, lambda key_id: None)
         tid = schema.task_id_of(msg)
         errors = schema.schema_errors(schema.CONTROL_SCHEMA_ID, msg)
         if errors:

@@ -351,11 +351,17 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def check_size(body: bytes, max_bytes: int) -> None:
+    """The first check of every message, before anything (a signature's hash included) is
+    computed over the body."""
+    if len(body) > max_bytes:
+        raise RejectedError(f"message of {len(body)} bytes is over the {max_bytes}-byte limit")
+
+
 def decode_body(body: bytes, max_bytes: int) -> str:
     """A message body as text, refused when over ``max_bytes`` or not UTF-8 (every wire
     format of the node, JSON or the legacy protocol's, starts here)."""
-    if len(body) > max_bytes:
-        raise RejectedError(f"message of {len(body)} bytes is over the {max_bytes}-byte limit")
+    check_size(body, max_bytes)
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as e:
