@@ -74,7 +74,7 @@ class Intake:
     """The node's intake: the config's signature keys, and the inventory for targets.
 
     :param config: the site config.
-    :param targets: the listener's targets (the inventory is read once, on first use).
+    :param targets: the listener's targets (the inventory is read on first use, again on SIGHUP).
     :param verifier: default the config's signature keys.
     """
 
