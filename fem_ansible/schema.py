@@ -397,11 +397,15 @@ def parse_json(body: bytes, max_bytes: int) -> Any:
     return value
 
 
+# jsonschema messages that name keys only, never quote the value they judge.
+_KEYS_ONLY = frozenset({"required", "additionalProperties"})
+
+
 def _holds_secret(path: tuple[Any, ...]) -> bool:
-    """A place of a task whose value may be a secret: a request header (its value, or the
-    headers themselves) or a download/upload URL (a presigned query string)."""
-    return bool(path) and path[0] in ("inputs", "outputs", "logs") and (
-        "headers" in path or path[-1] == "url")
+    """A place of a task whose value may hold a secret: request headers and download/upload
+    URLs (a presigned query string), and the lists and objects that hold them (an
+    over-long ``inputs`` list's message quotes its first items)."""
+    return bool(path) and path[0] in ("inputs", "outputs", "logs")
 
 
 def schema_errors(schema_id: str, value: Any) -> list[str]:
@@ -419,8 +423,10 @@ def schema_errors(schema_id: str, value: Any) -> list[str]:
     for err in itertools.islice(found, MAX_SCHEMA_ERRORS):
         path = tuple(err.absolute_path)
         where = "/".join(str(p) for p in path) or "(message)"
-        problem = (f"fails {err.validator} {err.validator_value!r} (value not shown: it may "
-                   "hold a secret)" if _holds_secret(path) else err.message)
+        problem = err.message
+        if _holds_secret(path) and err.validator not in _KEYS_ONLY:
+            problem = (f"fails {err.validator} {err.validator_value!r} (value not shown: it "
+                       "may hold a secret)")
         errors.append(f"{where}: {problem[:300]}")
     more = next(found, None) is not None
     return sorted(errors) + ([f"(more schema errors: only the first {MAX_SCHEMA_ERRORS} "

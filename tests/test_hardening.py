@@ -300,6 +300,18 @@ def test_a_refused_header_or_url_is_not_echoed_in_the_rejection(read_message, wh
         assert "value not shown" in text
 
 
+def test_an_overlong_input_list_is_not_echoed_in_the_rejection(read_message):
+    """jsonschema's maxItems message quotes the list: its first URLs and headers."""
+    task = sample_task(ENV, "leak")
+    task["inputs"] = [{"url": f"https://data.example.org/f{i}?X-Amz-Signature=SECRET",
+                       "path": f"f{i}", "headers": {"Authorization": "Bearer SECRET"}}
+                      for i in range(257)]
+    with pytest.raises(RejectedError) as e:
+        read_message(json.dumps(task).encode())
+    assert e.value.reasons == ("inputs: fails maxItems 256 (value not shown: it may hold a "
+                               "secret)",), e.value.reasons
+
+
 def test_security_md_counts_the_corpus():
     """SECURITY.md's table of issue 18's parsing items says how many corpus cases each has
     and which unit tests cover it: both stay true."""
