@@ -24,7 +24,7 @@ def params(**overrides):
                      {"type": "bind", "source": "/w/output", "target": "/fem/output",
                       "read_only": False}],
              tmpfs={"/tmp": "rw,size=64m,mode=1777"}, pids_limit=256, memory=128 << 20,
-             cpus=1.5, env={"SECRET_LOOKING": "value"})
+             cpus=1.5, log_bytes=1 << 20, env={"SECRET_LOOKING": "value"})
     p.update(overrides)
     return p
 
@@ -34,7 +34,7 @@ def test_run_argv_has_the_hardening_and_no_env_values():
     joined = " ".join(argv)
     for flag in ("--rm", "--read-only", "--cap-drop ALL", "--security-opt no-new-privileges",
                  "--pids-limit 256", f"--memory {128 << 20}b", f"--memory-swap {128 << 20}b",
-                 "--cpus 1.5", "--network none", "--ipc private", "--user 65534:65534",
+                 "--cpus 1.500000000", "--network none", "--ipc private", "--user 65534:65534",
                  "--tmpfs /tmp:rw,size=64m,mode=1777", "--env-file /w/slurm/env",
                  "--label fem.node_id=n1", "--name fem-n1-t1",
                  "--mount type=bind,source=/w/input,target=/fem/input,readonly",
