@@ -26,7 +26,7 @@ description:
     looks like one is found by that checkout too. O(depth) applies to C(HEAD) and names.
   - Runs git with its arguments as a list, never through a shell; O(repo) and O(version)
     can never be read as options.
-  - Git answers only to this module: HTTP redirects are not followed
+  - Git answers only to this module. HTTP redirects are not followed
     (C(http.followRedirects=false)), the host's git config is not read (no system config,
     C(GIT_CONFIG_NOSYSTEM); as global config only the environment's C(GIT_CONFIG_GLOBAL),
     the run's credentials file, else none; C(HOME) and C(XDG_CONFIG_HOME) an empty dir) and
