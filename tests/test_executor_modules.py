@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -171,3 +172,50 @@ def test_docker_output_over_the_limit_stops_the_container(fem_env, task, tmp_pat
     assert result["output_bytes"] > 1 << 20
     state = json.loads(docker("inspect", "--format", "{{json .State}}", args["name"]).stdout)
     assert not state["Running"]
+
+
+# -- user-namespace remapping, the site's option (examples/site/userns) ---------------------
+
+USERNS = Path(__file__).resolve().parents[1] / "examples" / "site" / "userns"
+
+
+def dockerd_reads(config: Path, scratch: Path) -> str:
+    """What dockerd says of ``config`` when also given ``--userns-remap`` as a flag: it reads
+    the file, then stops at the flag given twice, before it creates or starts anything."""
+    done = subprocess.run(["dockerd", "--config-file", str(config), "--userns-remap=default",
+                           "-H", f"unix://{scratch}/never.sock",
+                           "--data-root", str(scratch / "never-data"),
+                           "--pidfile", str(scratch / "never.pid")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    return done.stderr
+
+
+@pytest.mark.skipif(not shutil.which("dockerd") or not shutil.which("podman"),
+                    reason="needs dockerd and podman")
+def test_the_documented_userns_configs_are_accepted(tmp_path):
+    daemon = json.loads((USERNS / "daemon.json").read_text())
+    assert daemon == {"userns-remap": "default"}
+    said = dockerd_reads(USERNS / "daemon.json", tmp_path)
+    assert "specified both as a flag and in the configuration file: userns-remap" in said
+    wrong = tmp_path / "daemon.json"
+    wrong.write_text(json.dumps({**daemon, "userns-remapping": "default"}))
+    said = dockerd_reads(wrong, tmp_path)
+    assert "don't match any configuration option: userns-remapping" in said
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("never")]
+
+    def podman_reads(conf: Path) -> tuple[int, str]:
+        done = subprocess.run(["podman", "info", "--format", "{{.Host.OCIRuntime.Name}}"],
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, "CONTAINERS_CONF": str(conf)})
+        return done.returncode, done.stderr
+
+    assert podman_reads(USERNS / "containers.conf") == (0, "")
+    wrong = tmp_path / "containers.conf"
+    wrong.write_text("[containers]\nuserns = 5\n")
+    rc, said = podman_reads(wrong)
+    assert rc != 0 and "containers.userns" in said
+    # fem's containers never opt out of the engine's remapping.
+    for runtime in ("docker", "podman"):
+        assert not [a for a in container.run_argv(runtime, params(), "1:1")
+                    if a.startswith("--userns")]
