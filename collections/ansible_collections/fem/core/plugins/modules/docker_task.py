@@ -46,7 +46,8 @@ options:
     type: str
   fallback_user:
     description:
-      - C(uid:gid) used when the image's user is empty, C(root) or C(0).
+      - C(uid:gid) used when the image's user is empty, uid 0 however written, or a name
+        the image maps to uid 0 or does not define.
       - Required with O(state=present).
     type: str
   gpus:

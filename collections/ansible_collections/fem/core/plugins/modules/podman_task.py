@@ -46,7 +46,9 @@ options:
     description: Image reference, already present; required with O(state=present).
     type: str
   fallback_user:
-    description: C(uid:gid) used when the image's user is empty, C(root) or C(0).
+    description:
+      - C(uid:gid) used when the image's user is empty, uid 0 however written, or a name
+        the image maps to uid 0 or does not define.
     type: str
   gpus:
     description: GPUs; when above 0 all of the host's CDI C(nvidia.com/gpu) devices.

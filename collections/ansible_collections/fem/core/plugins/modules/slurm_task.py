@@ -113,7 +113,8 @@ options:
         default: true
   fallback_user:
     description:
-      - C(uid:gid) used when the image's user is empty or root.
+      - C(uid:gid) used when the image's user is empty, uid 0 however written, or a name
+        the image maps to uid 0 or does not define.
       - Required with O(state=submitted).
     type: str
   read_only:
