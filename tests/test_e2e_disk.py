@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import requests
 
+from tests.support import slurm
 from tests.support.harness import NOTHING_LEFT, leftovers
 from tests.support.services import upload_requests
 
@@ -18,13 +19,25 @@ def uploads_under(env, base: str) -> list[str]:
             if r["path"].startswith(base) and r["method"] in ("PUT", "POST")]
 
 
-def test_output_filled_past_the_limit_stops_the_task_and_uploads_nothing(site):
+@pytest.fixture(params=["docker", "podman", "slurm"])
+def executor(request, site):
+    """Each executor watches the output dir its own way (Docker API, podman CLI, Slurm
+    poll)."""
+    if request.param == "slurm":
+        slurm.acquire()
+        request.addfinalizer(slurm.release)
+    return request.param
+
+
+def test_output_filled_past_the_limit_stops_the_task_and_uploads_nothing(site, executor):
     env, orch = site.env, site.orchestrator
-    tid = "fills-output"
-    site.listener(site.config(policy={"limits": {"memory": "512Mi", "timeout_s": 600,
-                                                 "output_bytes": "4Mi"}}))
+    tid = f"fills-output-{executor}"
+    site.listener(site.config(
+        policy={"limits": {"memory": "512Mi", "timeout_s": 600, "output_bytes": "4Mi"},
+                "executors": {"allow": ["docker", "podman", "slurm"]}},
+        execution={"podman": {"insecure_registries": [env["FEM_TEST_REGISTRY"]]}}))
     # Far more than the limit, then it would run for minutes: only the watch ends it early.
-    orch.publish(site.task(tid, source=None, datasets=None, command=[
+    orch.publish(site.task(tid, source=None, datasets=None, executor=executor, command=[
         "sh", "-c", "dd if=/dev/zero of=/fem/output/fill bs=1M count=32 && sleep 600"],
         resources={"memory": "128Mi", "timeout_s": 500}))
     final = orch.wait_terminal(tid, timeout=240)
