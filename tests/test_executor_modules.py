@@ -144,6 +144,30 @@ def test_docker_a_name_mapped_to_uid_0_runs_as_the_fallback(toor_image, task, tm
     assert log_config == {"Type": "json-file", "Config": {"max-size": str(2 << 20)}}
 
 
+@pytest.mark.skipif(not shutil.which("podman"), reason="needs podman")
+def test_podman_a_name_mapped_to_uid_0_runs_as_the_fallback(fem_env, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "passwd").write_text(PASSWD)
+    (ctx / "group").write_text(GROUP)
+    (ctx / "Dockerfile").write_text(
+        f"FROM {fem_env['FEM_TEST_IMAGE']}\nCOPY passwd group /etc/\nUSER toor\n")
+    tag = f"localhost/fem-test/toor:{uuid.uuid4().hex[:8]}"
+    name = f"fem-test-{uuid.uuid4().hex[:10]}"
+    subprocess.run(["podman", "build", "--tls-verify=false", "-q", "-t", tag, str(ctx)],
+                   capture_output=True, check=True, timeout=300)
+    (tmp_path / "logs").mkdir()
+    try:
+        rc, result = run_module("podman_task", tmp_path, name=name, image=tag,
+                                command=["id", "-u"], fallback_user=FALLBACK, timeout=120,
+                                log_dir=str(tmp_path / "logs"), log_bytes=1 << 20, **LIMITS)
+        assert rc == 0 and result["user"] == FALLBACK, result
+        assert (tmp_path / "logs" / "stdout.log").read_text().strip() == "65534"
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, check=False)
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, check=False)
+
+
 def test_cli_account_files_read_the_image_through_the_docker_cli(toor_image):
     def stdout_or_none(argv):
         done = subprocess.run(argv, capture_output=True, check=False)
