@@ -25,7 +25,7 @@ from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
 
 _NUMERIC_ID = re.compile(r"[+-]?[0-9]+\Z")
 # Never started: a container created only to read the image's account files.
-_NEVER_STARTED = "/fem-never-started"
+NEVER_STARTED = "/fem-never-started"
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
 # The error code of a task stopped for writing more than its limit (fem_error_code).
 LIMIT_EXCEEDED = "limit_exceeded"
@@ -182,7 +182,7 @@ def cli_account_files(run, runtime, image):
 
     :raises ValueError: when the engine cannot create the container.
     """
-    created = run([runtime, "create", "--network", "none", "--entrypoint", _NEVER_STARTED,
+    created = run([runtime, "create", "--network", "none", "--entrypoint", NEVER_STARTED,
                    "--", image])
     if created is None:
         raise ValueError(f"cannot read the user accounts of image {image}")

@@ -174,6 +174,7 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
     ACCOUNT_FILES,
     CONTAINER_OPTIONS,
     LIMIT_OPTIONS,
+    NEVER_STARTED,
     OutputWatch,
     account_files,
     check_limits,
@@ -269,7 +270,7 @@ class TaskRunner:
 
     def image_accounts(self):
         """The image's account files, from a container created and never started."""
-        created = self.api.create_container(image=self.p["image"], entrypoint=["/fem-none"],
+        created = self.api.create_container(image=self.p["image"], entrypoint=[NEVER_STARTED],
                                             network_disabled=True)
         files = {}
         try:
