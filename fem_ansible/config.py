@@ -296,7 +296,9 @@ class LegacyConfig:
     site_vars: dict[str, str] = _doc(
         "Values of `$NAME` placeholders in legacy tasks.", default_factory=dict
     )
-    chunk_size: int = _doc("Bytes of result per reply chunk.", default=65536)
+    chunk_size: int = _doc(
+        "Characters of the base64-encoded result per reply chunk.", default=65536
+    )
 
 
 @dataclass(frozen=True)

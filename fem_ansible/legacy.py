@@ -427,13 +427,17 @@ def to_task(msg: LegacyMessage, node_name: str, site_vars: Mapping[str, str]
 # -- the reply ---------------------------------------------------------------------------
 
 def reply_messages(result: Any, chunk_size: int) -> list[dict[str, Any]]:
-    """``chunk_start`` (number of chunks, sha256 of the raw bytes), then the base64 chunks."""
+    """``chunk_start`` (number of chunks, sha256 of the raw bytes), then the chunks.
+
+    The whole result is base64-encoded once and the encoded string is sliced: the
+    orchestrator joins the ``data`` strings in index order and decodes once (DESIGN.md §9),
+    so a slice alone need not decode (one encoded per slice would end in padding)."""
     raw = json.dumps(result).encode()
-    chunks = [raw[i:i + chunk_size] for i in range(0, len(raw), chunk_size)] or [b""]
+    text = base64.b64encode(raw).decode("ascii")
+    chunks = [text[i:i + chunk_size] for i in range(0, len(text), chunk_size)] or [""]
     out: list[dict[str, Any]] = [{"type": "chunk_start", "total": len(chunks),
                                   "checksum": hashlib.sha256(raw).hexdigest()}]
-    out.extend({"type": "chunk", "index": i, "data": base64.b64encode(c).decode()}
-               for i, c in enumerate(chunks))
+    out.extend({"type": "chunk", "index": i, "data": c} for i, c in enumerate(chunks))
     return out
 
 

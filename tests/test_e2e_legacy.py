@@ -117,6 +117,22 @@ def test_submit_run_send_files_and_exit_codes(legacy_site):
     assert "token-secret-1" not in (site.work_dir / "audit.jsonl").read_text()
 
 
+def test_a_5_mib_reply_reassembles_the_orchestrators_way(legacy_site):
+    """A tool printing 5 MiB of JSON: its reply, in chunks of CHUNK base64 characters, is
+    joined, decoded once and checked by the test orchestrator as the real one does."""
+    orch = legacy_site.legacy
+    size = 5 * 1024 * 1024
+    script = (f"head -c {size} /dev/zero > /tmp/z && printf '{{\"pad\": \"'"
+              " && tr '\\000' a < /tmp/z && printf '\"}'")
+    info = task_info(command={"base": "sh -c", "args": [
+        {"id": "script", "type": "string", "default_value": script, "position": 1}]})
+    corr = orch.send(legacy_body("submit_run", task_info=info, execution_id="e-big"))
+    result = orch.result(corr)
+    assert result["status"] == "success", {k: v for k, v in result.items() if k != "result"}
+    assert result["result"] == {"pad": "a" * size}
+    assert orch.chunk_counts[corr] > size // CHUNK
+
+
 def test_hostile_legacy_messages_are_answered_and_nothing_runs(legacy_site, tmp_path):
     site, orch = legacy_site, legacy_site.legacy
     marker1, marker2 = tmp_path / "pwned1", tmp_path / "pwned2"

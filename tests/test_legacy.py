@@ -194,21 +194,39 @@ def test_source_url_forms():
 
 
 def reassemble(parts: list[dict]) -> bytes:
-    start, chunks = parts[0], parts[1:]
-    assert start["type"] == "chunk_start" and start["total"] == len(chunks)
-    data = b"".join(base64.b64decode(c["data"]) for c in sorted(chunks,
-                                                               key=lambda c: c["index"]))
-    assert hashlib.sha256(data).hexdigest() == start["checksum"]
-    return data
+    """The orchestrator's way (facts file §1 Reply): chunks kept by index, the data strings
+    joined in index order, base64-decoded once, sha256 checked."""
+    start = parts[0]
+    assert start["type"] == "chunk_start"
+    chunks = {p["index"]: p["data"] for p in parts[1:] if p["type"] == "chunk"}
+    assert len(chunks) == start["total"]
+    raw = base64.b64decode("".join(chunks[i] for i in sorted(chunks)))
+    if hashlib.sha256(raw).hexdigest() != start["checksum"]:
+        raise RuntimeError("Checksum mismatch")
+    return raw
 
 
-def test_reply_chunks_reassemble():
-    result = {"big": "é" * 5000}
-    parts = legacy.reply_messages(result, 1000)
-    assert parts[0]["total"] > 5 and all(p["type"] == "chunk" for p in parts[1:])
+@pytest.mark.parametrize("chunk_size", [1000, 4096, 65536, 65535, 7])
+def test_reply_chunks_reassemble_the_orchestrators_way(chunk_size):
+    result = {"big": "é" * 50000, "n": list(range(3000))}
+    parts = legacy.reply_messages(result, chunk_size)
+    assert parts[0]["total"] > 1 and all(p["type"] == "chunk" for p in parts[1:])
     assert [p["index"] for p in parts[1:]] == list(range(parts[0]["total"]))
+    assert all(len(p["data"]) <= chunk_size for p in parts[1:])
     assert json.loads(reassemble(parts)) == result
-    assert json.loads(reassemble(legacy.reply_messages({}, 65536))) == {}
+    # Out of order on the wire, still reassembled by index.
+    assert json.loads(reassemble([parts[0], *reversed(parts[1:])])) == result
+    assert json.loads(reassemble(legacy.reply_messages({}, chunk_size))) == {}
+
+
+def test_chunks_encoded_one_by_one_would_fail_the_orchestrator():
+    """The check can fail: per-chunk base64 (each slice padded) is refused by reassemble."""
+    raw = json.dumps({"x": "y" * 100000}).encode()
+    bad = [{"type": "chunk_start", "total": 2, "checksum": hashlib.sha256(raw).hexdigest()},
+           {"type": "chunk", "index": 0, "data": base64.b64encode(raw[:65536]).decode()},
+           {"type": "chunk", "index": 1, "data": base64.b64encode(raw[65536:]).decode()}]
+    with pytest.raises(RuntimeError, match="Checksum mismatch"):
+        reassemble(bad)
 
 
 def test_error_result_shapes():
