@@ -82,16 +82,17 @@ def listen(config_path: str, log_format: str, metrics_port: int | None,
     """Run the service: consume this node's tasks from the broker."""
     setup_logging(log_format)
     config = _config(config_path, scrub=True)
+    from .legacy import adapters
     from .listener import Listener
 
     with _config_errors():
         if metrics_port is None:
-            Listener(config).run()
+            Listener(config, adapters=adapters(config)).run()
             return
         from .metrics import Metrics
 
         metrics = Metrics(config)
-        listener = Listener(config, observer=metrics)
+        listener = Listener(config, observer=metrics, adapters=adapters(config))
         metrics.watch(listener)
         try:
             metrics.serve(metrics_port, metrics_address)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import sqlite3
+import time
 
 import pytest
 
@@ -183,3 +184,47 @@ def test_hostile_legacy_messages_are_answered_and_nothing_runs(legacy_site, tmp_
     assert not (site.sandbox / "alice" / "h5").exists() or \
         not any((site.sandbox / "alice" / "h5").rglob("x"))
     assert site.proc.alive
+
+
+def test_legacy_runs_obey_max_parallel(site, tmp_path):
+    """With one slot, a second submit_run waits in the broker (the legacy queue is not
+    consumed while the slot is taken), not inside the listener; then it runs too."""
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    config = site.config(
+        execution={"work_dir": str(site.work_dir), "max_parallel": 1,
+                   "shutdown_grace_s": 30},
+        legacy={"enabled": True, "sandbox_path": str(sandbox),
+                "data_path": str(tmp_path / "data" / "cohort"),
+                "site_vars": {"SITE_NAME": "s"}, "chunk_size": CHUNK})
+    proc = site.listener(config)
+    orch = LegacyOrchestrator(site.node)
+    try:
+        slow = task_info(command={"base": "sh -c", "args": [
+            {"id": "s", "type": "string", "position": 1,
+             "default_value": "sleep 6 && echo '{\"n\": 1}'"}]})
+        first = orch.send(legacy_body("submit_run", task_info=slow, execution_id="p1"))
+        db = site.work_dir / "journal.sqlite"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if db.exists() and _states(db).get("legacy-p1") == "RUNNING":
+                break
+            time.sleep(0.2)
+        second = orch.send(legacy_body("submit_run", task_info=slow, execution_id="p2"))
+        time.sleep(2)
+        # p2 is still in the broker's queue, not journaled and waiting in the listener.
+        assert orch.ch.queue_declare(site.node, passive=True).method.message_count == 1
+        assert "legacy-p2" not in _states(db)
+        assert orch.result(first)["result"] == {"n": 1}
+        assert orch.result(second)["result"] == {"n": 1}
+        assert proc.alive
+    finally:
+        orch.close()
+
+
+def _states(db) -> dict[str, str]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT task_id, state FROM tasks"))
+    finally:
+        conn.close()

@@ -1,0 +1,131 @@
+"""Files on the listener's host: the per-run sandboxes ``<sandbox_path>/<user>/<execution>/``.
+
+Nothing here follows a link the task or a message could have planted, and no path comes
+from a message unchecked (:func:`safe_relative`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import posixpath
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import RejectedError
+
+log = logging.getLogger(__name__)
+
+
+def safe_relative(path: Any, where: str) -> str:
+    """A normalised relative path with no ``..``, no empty or dot-leading... components."""
+    if not isinstance(path, str) or not path or len(path) > 1024 or "\x00" in path:
+        raise RejectedError(f"{where}: a relative path is required")
+    norm = posixpath.normpath(path)
+    if norm != path.removeprefix("./") or path.startswith("/") or norm in (".", "..") or \
+            norm.startswith("../") or "\\" in path:
+        raise RejectedError(f"{where}: {path[:200]!r} is not a normalised relative path")
+    return norm
+
+
+def extract_outputs(archive: Path, dest: Path) -> list[str]:
+    """Unpack the outputs archive into ``dest`` (replaced): regular files and directories
+    only, names relative without ``..``; links and devices are skipped.  Returns the files."""
+    tmp = Path(tempfile.mkdtemp(prefix=".output-", dir=dest.parent))
+    files = []
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./")
+                if name in ("", "."):
+                    continue
+                try:
+                    rel = safe_relative(name.rstrip("/"), "archive member")
+                except RejectedError:
+                    log.warning("outputs archive: skipped member %r", member.name[:200])
+                    continue
+                target = tmp / rel
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True, mode=0o755)
+                elif member.isreg():
+                    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 0o644)
+                    with os.fdopen(fd, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    files.append(rel)
+                else:
+                    log.warning("outputs archive: skipped %s (not a file or directory)", rel)
+        tmp.chmod(0o755)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(files)
+
+
+def read_member(archive: Path, name: str, limit: int) -> bytes | None:
+    """One file of a (logs) archive, at most ``limit`` bytes; None when absent."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.isreg() and member.name.removeprefix("./") == name:
+                    src = tar.extractfile(member)
+                    return src.read(limit) if src else None
+    except (OSError, tarfile.TarError):
+        return None
+    return None
+
+
+def list_files(root: Path) -> list[str]:
+    """Regular files under ``root`` (never following links), relative, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                out.append(str(path.relative_to(root)))
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+    return sorted(out)
+
+
+def file_entry(root: Path, rel: str, with_data: bool) -> dict[str, Any]:
+    path = root / rel
+    real = Path(os.path.realpath(path))
+    if real != Path(os.path.realpath(root)) / rel or path.is_symlink() or not path.is_file():
+        raise RejectedError(f"files: {rel!r} is not a file of the run")
+    data = path.read_bytes()
+    entry: dict[str, Any] = {"path": rel, "size": len(data),
+                             "sha256": hashlib.sha256(data).hexdigest()}
+    if with_data:
+        entry["data"] = base64.b64encode(data).decode()
+    return entry
+
+
+
+
+def write_under(root: Path, rel: str, data: bytes) -> None:
+    """Write ``root/rel`` without following a link anywhere below ``root``."""
+    target = root
+    for part in Path(rel).parts[:-1]:
+        target = target / part
+        if target.is_symlink():
+            raise RejectedError(f"files: {rel!r} goes through a link")
+        target.mkdir(exist_ok=True, mode=0o755)
+    target = target / Path(rel).name
+    if target.is_symlink() or target.is_dir():
+        raise RejectedError(f"files: {rel!r} is not a plain file path")
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, target)
