@@ -61,6 +61,9 @@ class Adapter(Protocol):
     def run_datasets(self, task: Mapping[str, Any]) -> dict[str, str]:
         """Datasets this adapter resolves for one of its tasks (name -> host path)."""
 
+    def run_secret_env(self, task: Mapping[str, Any]) -> dict[str, str]:
+        """Container env vars passed to one of its tasks as secrets (``fem_secrets.env``)."""
+
     def finished(self, task_id: str, event: dict[str, Any]) -> None:
         """On the worker: a task ended with ``event`` (``{}`` when left to recovery)."""
 

@@ -52,7 +52,7 @@ class Listener:
         self.config = config
         self.journal = Journal(config.work_dir / "journal.sqlite")
         self.node = Node(config, self.journal, notify=self._notify, observer=observer,
-                         run_datasets=self._run_datasets)
+                         run_datasets=self._run_datasets, run_secret_env=self._run_secret_env)
         self.pool = ThreadPoolExecutor(config.execution.max_parallel,
                                        thread_name_prefix="fem-task")
         self.running: dict[str, tuple[Future[Any], threading.Event]] = {}
@@ -292,6 +292,13 @@ class Listener:
         out: dict[str, str] = {}
         for adapter in self.adapters:
             out.update(adapter.run_datasets(task))
+        return out
+
+    def _run_secret_env(self, task: Mapping[str, Any]) -> dict[str, str]:
+        """Node's hook: the secret container env the adapters hold for one of their tasks."""
+        out: dict[str, str] = {}
+        for adapter in self.adapters:
+            out.update(adapter.run_secret_env(task))
         return out
 
     def _notify(self) -> None:

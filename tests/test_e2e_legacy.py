@@ -58,6 +58,8 @@ def legacy_site(site, tmp_path):
         "enabled": True, "sandbox_path": str(sandbox),
         "data_path": str(tmp_path / "data" / "cohort"),
         "site_vars": {"SITE_NAME": "site-one"}, "chunk_size": CHUNK,
+        # The message's own task definition, and fem-ansible's richer reply record.
+        "tools": {"*": {"from_task_info": True}}, "reply": "record",
     })
     listener = site.listener(config)
     orch = LegacyOrchestrator(site.node)
@@ -196,7 +198,8 @@ def test_legacy_runs_obey_max_parallel(site, tmp_path):
                    "shutdown_grace_s": 30},
         legacy={"enabled": True, "sandbox_path": str(sandbox),
                 "data_path": str(tmp_path / "data" / "cohort"),
-                "site_vars": {"SITE_NAME": "s"}, "chunk_size": CHUNK})
+                "site_vars": {"SITE_NAME": "s"}, "chunk_size": CHUNK,
+                "tools": {"*": {"from_task_info": True}}, "reply": "record"})
     proc = site.listener(config)
     orch = LegacyOrchestrator(site.node)
     try:

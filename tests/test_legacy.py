@@ -232,11 +232,16 @@ def test_chunks_encoded_one_by_one_would_fail_the_orchestrator():
 
 def test_error_result_shapes():
     msg = message.parse_message(body(info()), 1 << 20)
-    err = replies.error_result(msg, "n", RejectedError("boom"))
+    err = replies.error_result(msg, "n", RejectedError("boom"), record=True)
     assert err["status"] == "error" and err["return_code"] is None
     assert err["result"]["error"]["message"] == "boom"
     assert set(err) == {"execution_id", "action", "tool_id", "task_id", "user_id", "node",
                         "result", "status", "return_code", "starting_time", "finish_time"}
+    # The default (legacy.reply: stdout): no process-info record, just the error.
+    plain = replies.error_result(msg, "n", RejectedError("boom"))
+    assert plain == {"action": "submit_run", "node": "n", "execution_id": "e1",
+                     "status": "error",
+                     "error": {"code": "invalid_message", "message": "boom"}}
     other = replies.error_result(None, "n", RejectedError("bad"))
     assert other["status"] == "error" and other["action"] is None
 

@@ -20,6 +20,7 @@ import tarfile
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,17 @@ from ..adapters import Host
 from ..config import Config
 from ..errors import ConfigError, PolicyViolation, RejectedError
 from ..schema import now_rfc3339
-from . import intake, sandbox
+from . import catalogue, intake, sandbox
+from .catalogue import Launch
 from .health import health
 from .message import HEALTH, SUBMIT, TASK_PREFIX, LegacyMessage, action_of, parse_message, run_ids
 from .replies import STATUS, error_result, reply_messages
 from .taskinfo import DATA_DATASET, INPUT_DATASET, to_task
 
 log = logging.getLogger(__name__)
+
+# The executors whose role passes fem_secrets.env to the container (docs/roles.md).
+SECRET_ENV_EXECUTORS = ("docker", "podman")
 
 
 class LegacyAdapter:
@@ -72,6 +77,9 @@ class LegacyAdapter:
         self._ch: Any = None
         self._consumer_tag: str | None = None
         self._slot_free = True
+        self._secret_env: dict[str, dict[str, str]] = {}
+        self._record = self.config.legacy.reply == "record"
+        catalogue.check_catalogue(self.config)
 
     # Records: what the reply needs, beside the journal (never the token) ------------------
 
@@ -109,7 +117,14 @@ class LegacyAdapter:
         """A legacy run's datasets, from its record (so recovery after a restart resolves
         them the same way)."""
         rec = self.load(task["task_id"])
-        return self.datasets_for(rec["user_id"], rec["execution_id"]) if rec else {}
+        if rec is None:
+            return {}
+        return rec.get("datasets") or self.datasets_for(rec["user_id"], rec["execution_id"])
+
+    def run_secret_env(self, task: Mapping[str, Any]) -> dict[str, str]:
+        """The token of a run, as its container's secret env; held in memory only, so a
+        run carried on by recovery after a restart has none (docs/legacy.md)."""
+        return dict(self._secret_env.get(task["task_id"], {}))
 
     # The connection ----------------------------------------------------------------------
 
@@ -194,7 +209,8 @@ class LegacyAdapter:
         if action == SUBMIT:
             self.node.reject(err)
             self.host.publish_pending()
-        self._reply(ch, props, error_result(msg, self.config.node_id, err, action))
+        self._reply(ch, props, error_result(msg, self.config.node_id, err, action,
+                                              record=self._record))
         ch.basic_ack(method.delivery_tag)
 
     def _reply(self, ch: Any, props: Any, result: Any) -> None:
@@ -205,16 +221,33 @@ class LegacyAdapter:
 
     # submit_run --------------------------------------------------------------------------
 
-    def read_submit(self, msg: LegacyMessage) -> dict[str, Any]:
-        """The validated, normalised, policy-checked task of a ``submit_run``."""
-        task = to_task(msg, self.queue, self.config.legacy.site_vars)
+    def read_submit(self, msg: LegacyMessage) -> Launch:
+        """The launch of a ``submit_run`` through the site's catalogue, its task
+        validated, normalised and policy-checked by the node's intake."""
         eid, user = run_ids(msg)
         assert user is not None
-        if any(d["name"] == DATA_DATASET for d in task["datasets"]) and \
-                not self.config.legacy.data_path:
-            raise PolicyViolation("legacy.data_path", "$DATA_PATH is not set on this site",
-                                  task_id=task["task_id"])
-        return intake.read_task(self.node, task, self.datasets_for(user, eid))
+        try:
+            tool = catalogue.select(self.config, msg.tool_id)
+        except RejectedError as e:
+            e.task_id = TASK_PREFIX + eid
+            raise
+        if tool.from_task_info:
+            task = to_task(msg, self.queue, self.config.legacy.site_vars)
+            if any(d["name"] == DATA_DATASET for d in task["datasets"]) and \
+                    not self.config.legacy.data_path:
+                raise PolicyViolation("legacy.data_path", "$DATA_PATH is not set on this site",
+                                      task_id=task["task_id"])
+            launch = Launch(task, self.datasets_for(user, eid), "output", {})
+        else:
+            launch = catalogue.to_launch(msg, tool, self.config, self.queue,
+                                         str(self.sandbox(user, eid)))
+            launch = replace(launch, datasets={
+                INPUT_DATASET: str(self.sandbox(user, eid) / "input"), **launch.datasets})
+        task = intake.read_task(self.node, launch.task, launch.datasets)
+        if launch.secret_env and task["executor"] not in SECRET_ENV_EXECUTORS:
+            raise PolicyViolation("legacy.tools", f"executor {task['executor']!r} cannot pass "
+                                  "the token as a secret env var", task_id=task["task_id"])
+        return replace(launch, task=task)
 
     def _submit(self, ch: Any, method: Any, props: Any, msg: LegacyMessage) -> None:
         if not self.host.has_free_slot():
@@ -223,7 +256,8 @@ class LegacyAdapter:
             ch.basic_nack(method.delivery_tag, requeue=True)
             self._update_consumer()
             return
-        task = self.read_submit(msg)
+        launch = self.read_submit(msg)
+        task = launch.task
         tid = task["task_id"]
         eid, user = run_ids(msg)
         self.node.audit.record("accepted", tid, protocol="legacy", tool_id=msg.tool_id,
@@ -239,6 +273,7 @@ class LegacyAdapter:
                 info = msg.task_info or {}
                 rec = {"task_id": tid, "execution_id": eid, "user_id": user,
                        "tool_id": msg.tool_id, "task": info.get("_id"),
+                       "datasets": launch.datasets, "outputs_into": launch.outputs_into,
                        "starting_time": now_rfc3339(), "reply": None, "replied": False}
             rec.update(reply_to=props.reply_to, correlation_id=props.correlation_id)
             if rec["reply"] is not None:
@@ -250,10 +285,13 @@ class LegacyAdapter:
             if existing.terminal:
                 if rec["reply"] is None:
                     err = RejectedError(f"task {tid} already ran here", task_id=tid)
-                    self._reply(ch, props, error_result(msg, self.config.node_id, err))
+                    self._reply(ch, props, error_result(msg, self.config.node_id, err,
+                                                        record=self._record))
                 self.flush()
             ch.basic_ack(method.delivery_tag)
             return
+        if launch.secret_env:
+            self._secret_env[tid] = launch.secret_env
         self.host.launch(tid)
         ch.basic_ack(method.delivery_tag)
 
@@ -264,13 +302,15 @@ class LegacyAdapter:
             rec = self.load(task_id)
         if rec is None or not event:
             return
+        self._secret_env.pop(task_id, None)
         jrec = self.journal.get(task_id)
         result_paths = jrec.result if jrec else {}
         root = self.sandbox(rec["user_id"], rec["execution_id"])
         outputs = (result_paths.get("outputs_archive") or {}).get("path")
-        if outputs and Path(outputs).is_file():
+        into = rec.get("outputs_into", "output")
+        if outputs and Path(outputs).is_file() and into is not None:
             try:
-                sandbox.extract_outputs(Path(outputs), root / "output")
+                sandbox.extract_outputs(Path(outputs), root / into if into else root)
             except (OSError, tarfile.TarError) as e:
                 log.error("%s: unpacking the outputs into the sandbox failed: %s", task_id, e,
                           extra={"task_id": task_id})
@@ -283,9 +323,10 @@ class LegacyAdapter:
             "return_code": event.get("exit_code"),
             "starting_time": rec["starting_time"], "finish_time": event["ts"],
         }
+        reply = info if self._record else info["result"]
         with self._lock:
             rec = self.load(task_id) or rec
-            rec.update(reply=info, replied=False)
+            rec.update(reply=reply, replied=False)
             self._save(rec)
         self.prune()
         self.host.call_on_connection(self.flush)

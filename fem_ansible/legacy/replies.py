@@ -32,13 +32,15 @@ def reply_messages(result: Any, chunk_size: int) -> list[dict[str, Any]]:
 
 
 def error_result(msg: LegacyMessage | None, node: str, err: RejectedError,
-                 action: str | None = None) -> dict[str, Any]:
-    """The answer to a message that was refused: nothing ran.  A ``submit_run`` (even one
-    whose other fields could not be read) gets a process-info record; other actions
-    ``{action, node, execution_id, status: "error", error}``."""
+                 action: str | None = None, *, record: bool = False) -> dict[str, Any]:
+    """The answer to a message that was refused: nothing ran.  With ``record``
+    (``legacy.reply: record``) a ``submit_run`` (even one whose other fields could not be
+    read) gets a process-info record; otherwise, and for other actions,
+    ``{action, node, execution_id, status: "error", error}`` (inferred: the real client's
+    error reply is not public)."""
     error = {"code": err.code, "message": err.message}
     action = msg.action if msg else action
-    if action == SUBMIT:
+    if action == SUBMIT and record:
         now = now_rfc3339()
         info = msg.task_info if msg and isinstance(msg.task_info, dict) else {}
         return {"execution_id": msg.execution_id if msg else None, "action": SUBMIT,

@@ -34,8 +34,11 @@ def safe_relative(path: Any, where: str) -> str:
 
 
 def extract_outputs(archive: Path, dest: Path) -> list[str]:
-    """Unpack the outputs archive into ``dest`` (replaced): regular files and directories
-    only, names relative without ``..``; links and devices are skipped.  Returns the files."""
+    """Unpack the outputs archive into ``dest``: regular files and directories only, names
+    relative without ``..``; links and devices are skipped.  Each top-level entry of the
+    archive replaces the entry of that name in ``dest`` (so a sandbox's received files stay
+    beside the outputs).  Returns the files."""
+    dest.mkdir(parents=True, exist_ok=True, mode=0o755)
     tmp = Path(tempfile.mkdtemp(prefix=".output-", dir=dest.parent))
     files = []
     try:
@@ -63,13 +66,15 @@ def extract_outputs(archive: Path, dest: Path) -> list[str]:
                     files.append(rel)
                 else:
                     log.warning("outputs archive: skipped %s (not a file or directory)", rel)
-        tmp.chmod(0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
+        for entry in sorted(tmp.iterdir()):
+            target = dest / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            entry.rename(target)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(files)
 
 

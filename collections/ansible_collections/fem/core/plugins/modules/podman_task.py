@@ -208,7 +208,7 @@ class PodmanTask:
         fd, env_file = tempfile.mkstemp(prefix=".env-", dir=p["log_dir"])
         os.close(fd)
         try:
-            write_env_file(env_file, p["env"])
+            write_env_file(env_file, {**p["env"], **p["secret_env"]})
             argv = run_argv(p["executable"], p, user, env_file=env_file, create=True)
             # k8s-file keeps stdout and stderr apart (journald needs a running journal).
             argv[2:2] = ["--log-driver", "k8s-file"]

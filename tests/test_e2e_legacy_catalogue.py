@@ -1,0 +1,72 @@
+"""The legacy protocol as the real orchestrator speaks it (issue 19), end to end: a client
+written from the facts file's wire format drives a real ``fem-ansible listen`` whose site
+catalogue (``legacy.tools``) maps tools onto tasks; the tasks run on the real engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.support.legacy_orchestrator import LegacyOrchestrator, legacy_body
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "tok-3f9a1c77e2"  # 14 characters: the tool checks only the length it sees
+# What Kaapana's fem-adapter prints on success (facts file §1, "Reply content").
+KAAPANA_COMMAND = (
+    "sh -c 'test ${#FEM_TOKEN} -eq 14 && echo done > /sandbox/result.txt"
+    " && printf \"{\\\"status\\\": \\\"success\\\", \\\"execution_id\\\": \\\"%s\\\","
+    " \\\"workflow_run_id\\\": \\\"wf-run-1\\\", \\\"external_id\\\": \\\"ext-1\\\","
+    " \\\"task_id\\\": \\\"%s\\\"}\" \"$0\" \"$1\"' %%execution_id%% %%task_id%%"
+)
+
+
+@pytest.fixture
+def catalogue_site(site, tmp_path):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    tools = {
+        # Kaapana's json_launcher entry: the site's image, the message's command as argv.
+        "kaapana-fem-adapter": {
+            "image": site.env["FEM_TEST_IMAGE"],
+            "command": ["%%TASK_COMMAND%%"],
+            "env": {"FEM_TOKEN": "%%token%%"},
+            "mounts": [{"source": "sandbox", "mount": "/sandbox"}],
+        },
+    }
+    config = site.config(
+        execution={"work_dir": str(site.work_dir), "max_parallel": 2, "shutdown_grace_s": 30},
+        legacy={"enabled": True, "sandbox_path": str(sandbox),
+                "data_path": str(tmp_path / "data" / "cohort"), "tools": tools})
+    site.proc = site.listener(config)
+    site.sandbox = sandbox
+    site.legacy = LegacyOrchestrator(site.node)
+    yield site
+    site.legacy.close()
+
+
+def test_kaapana_submit_run_through_the_catalogue(catalogue_site):
+    site, orch = catalogue_site, catalogue_site.legacy
+    # Kaapana's mock orchestrator's exact message: task_info {_id, command}, no image.
+    task_info = {"_id": "kaapana-fem-adapter", "command": KAAPANA_COMMAND}
+    reply = orch.call(legacy_body("submit_run", tool_id="kaapana-fem-adapter",
+                                  task_info=task_info, execution_id="k1", token=TOKEN))
+    # The reply is the command's stdout JSON itself (legacy.reply: stdout, the default).
+    assert reply == {"status": "success", "execution_id": "k1", "workflow_run_id": "wf-run-1",
+                     "external_id": "ext-1", "task_id": "kaapana-fem-adapter"}
+    # The sandbox is the run's <sandbox>/<user>/<execution>/ itself.
+    assert (site.sandbox / "alice" / "k1" / "result.txt").read_text() == "done\n"
+
+    # An unknown tool is refused, nothing runs.
+    refused = orch.call(legacy_body("submit_run", tool_id="not-in-catalogue",
+                                    task_info=task_info, execution_id="k2"))
+    assert refused["status"] == "error"
+    assert refused["error"]["code"] == "policy_violation"
+    assert "legacy.tools" in refused["error"]["message"]
+
+    # The token reached the container (its length checked there) and nowhere else.
+    site.proc.stop()
+    for path in [*site.work_dir.rglob("*"), site.proc.log]:
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT

@@ -1,0 +1,94 @@
+"""``legacy.tools``: the site's catalogue turns a submit_run into a task (DESIGN.md §9)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fem_ansible.errors import ConfigError, PolicyViolation, RejectedError
+from fem_ansible.legacy import catalogue, message
+
+IMAGE = "127.0.0.1:5000/fem/busybox:1"
+
+
+def msg(task_info, tool="kaapana", params="{}", token="tok-123"):
+    body = "|".join(["submit_run", tool, repr(task_info),
+                     '{"execution_id": "e1", "process_info": []}', params, "alice", "None",
+                     "submit_run", token])
+    return message.parse_message(body.encode(), 1 << 20)
+
+
+@pytest.fixture
+def site(make_config, tmp_path):
+    def make(tools, **legacy):
+        return make_config(legacy={"enabled": True, "sandbox_path": str(tmp_path / "sb"),
+                                   "data_path": str(tmp_path / "data"), "tools": tools,
+                                   **legacy})
+    return make
+
+
+def launch(config, m):
+    tool = catalogue.select(config, m.tool_id)
+    return catalogue.to_launch(m, tool, config, "node-a", "/srv/sb/alice/e1")
+
+
+def test_kaapana_submit_run_through_a_catalogue_entry(site):
+    config = site({"kaapana": {
+        "image": IMAGE,
+        "command": ["run", "--exec", "%%execution_id%%", "--user", "%%user_id%%",
+                    "--node=%%node_name%%", "--task", "%%task_id%%", "--",
+                    "%%TASK_COMMAND%%"],
+        "env": {"FEM_TOKEN": "%%token%%", "WORKFLOW": "%%workflow%%"},
+        "mounts": [{"source": "sandbox", "mount": "/sandbox"},
+                   {"source": "data", "mount": "/data"}],
+    }})
+    m = msg({"_id": "wf-1", "command": "python3 -m job --flag 'a b'", "workflow": "seg"})
+    out = launch(config, m)
+    assert out.task["command"] == ["run", "--exec", "e1", "--user", "alice", "--node=node-a",
+                                   "--task", "wf-1", "--", "python3", "-m", "job", "--flag",
+                                   "a b"]
+    assert out.task["image"] == {"ref": IMAGE}
+    assert out.task["env"] == {"WORKFLOW": "seg"}
+    assert out.secret_env == {"FEM_TOKEN": "tok-123"}
+    assert "tok-123" not in repr(out) and "tok-123" not in repr(out.task)
+    assert out.task["outputs"] == {"path": "/sandbox"} and out.outputs_into == ""
+    assert {"name": "legacy-data", "mount": "/data"} in out.task["datasets"]
+    assert out.datasets["legacy-data"] == config.legacy.data_path
+
+
+def test_placeholders_are_data_never_split_or_passed_through(site):
+    config = site({"*": {"image": IMAGE, "command": ["sh", "-c", "echo %%TASK_COMMAND%%"]}})
+    hostile = "x; rm -rf / $(id) `id`"
+    out = launch(config, msg({"_id": "t", "command": hostile}, tool="other"))
+    assert out.task["command"] == ["sh", "-c", f"echo {hostile}"]
+    with pytest.raises(PolicyViolation, match="%%data_path%%"):
+        launch(site({"*": {"image": IMAGE, "command": ["x", "%%data_path%%"]}}),
+               msg({"_id": "t"}))
+    with pytest.raises(PolicyViolation, match="%%nope%%"):
+        launch(site({"*": {"image": IMAGE, "command": ["x", "%%nope%%"]}}), msg({"_id": "t"}))
+
+
+def test_a_tool_not_in_the_catalogue_is_refused(site):
+    with pytest.raises(PolicyViolation, match=r"legacy\.tools"):
+        catalogue.select(site({"known": {"image": IMAGE}}), "unknown")
+
+
+def test_a_missing_token_for_a_secret_env_is_refused(site):
+    config = site({"*": {"image": IMAGE, "env": {"T": "%%token%%"}}})
+    with pytest.raises(RejectedError, match="no token") as e:
+        launch(config, msg({"_id": "t"}, token="None"))
+    assert e.value.task_id == "legacy-e1"
+
+
+@pytest.mark.parametrize("tool,match", [
+    ({"command": ["x"]}, r"image: required"),
+    ({"image": IMAGE, "command": ["x", "--token=%%token%%"]}, "never in argv"),
+    ({"image": IMAGE, "env": {"T": "Bearer %%token%%"}}, "whole value"),
+    ({"image": IMAGE, "env": {"bad-name": "x"}}, "env variable name"),
+    ({"image": IMAGE, "mounts": [{"source": "sandbox", "mount": "/a"},
+                                 {"source": "sandbox/b", "mount": "/b"}]}, "at most one"),
+    ({"image": IMAGE, "mounts": [{"source": "sandbox/../x", "mount": "/a"}]}, "source"),
+    ({"image": IMAGE, "mounts": [{"source": "relative/dir", "mount": "/a"}]}, "source"),
+])
+def test_catalogue_errors_are_config_errors(site, tool, match):
+    with pytest.raises(ConfigError, match=match):
+        catalogue.check_catalogue(site({"t": tool}))
