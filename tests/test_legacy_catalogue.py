@@ -92,3 +92,22 @@ def test_a_missing_token_for_a_secret_env_is_refused(site):
 def test_catalogue_errors_are_config_errors(site, tool, match):
     with pytest.raises(ConfigError, match=match):
         catalogue.check_catalogue(site({"t": tool}))
+
+
+def test_init_legacy_writes_a_catalogue_that_loads_once_uncommented(tmp_path):
+    from fem_ansible.config import load_config
+    from fem_ansible.init import LEGACY_CATALOGUE, init_site
+
+    config_path = init_site(tmp_path / "etc", "site-a", legacy=True)[0]
+    text = config_path.read_text()
+    assert text.endswith(LEGACY_CATALOGUE)
+    plain = load_config(config_path, environ={})
+    assert plain.legacy.enabled and plain.legacy.tools == {}
+    # The sysadmin uncomments the block from `tools:` on (its lines lose their "# ").
+    start = text.rindex("  # tools:")
+    config_path.write_text(text[:start] + "".join(
+        line.replace("  # ", "  ", 1) + "\n" for line in text[start:].splitlines()))
+    config = load_config(config_path, environ={})
+    assert set(config.legacy.tools) == {"kaapana-fem-adapter", "flcore-client"}
+    assert config.legacy.tools["kaapana-fem-adapter"].env["FEM_TOKEN"] == "%%token%%"
+    catalogue.check_catalogue(config)
