@@ -70,3 +70,18 @@ def test_kaapana_submit_run_through_the_catalogue(catalogue_site):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_health_check_as_a_tool_and_as_an_action(catalogue_site):
+    """The orchestrator's Health Check is a submit_run of tool ``health-check`` [NB]; the
+    action form is answered the same; nothing is journaled or run."""
+    site, orch = catalogue_site, catalogue_site.legacy
+    keys = {"installation_check", "gpu_check", "paths_check", "resources_check",
+            "docker_images_installed", "pem_certificates"}
+    tool = orch.call(legacy_body("submit_run", tool_id="health-check",
+                                 task_info={"_id": "health-check"}, execution_id="h1"))
+    assert set(tool) == keys
+    assert tool["installation_check"]["docker_version"].startswith("Docker version ")
+    assert tool["paths_check"]["sandbox_path_exists"] is True
+    assert set(orch.call(legacy_body("health-check", execution_id=None))) == keys
+    assert not (site.work_dir / "runs").exists() or not any((site.work_dir / "runs").iterdir())

@@ -111,3 +111,47 @@ def test_init_legacy_writes_a_catalogue_that_loads_once_uncommented(tmp_path):
     assert set(config.legacy.tools) == {"kaapana-fem-adapter", "flcore-client"}
     assert config.legacy.tools["kaapana-fem-adapter"].env["FEM_TOKEN"] == "%%token%%"
     catalogue.check_catalogue(config)
+
+
+def test_health_has_the_real_records_keys_and_formats(make_config, tmp_path):
+    """Facts file §1 "Health check" ([NB] DT4HDemo2025 cell 30)."""
+    import re
+
+    from fem_ansible.legacy.health import health
+    from tests.support.secure_services import _certificates
+
+    certs = _certificates(tmp_path)
+    (tmp_path / "sb").mkdir()
+    config = make_config(broker={"url": "amqps://127.0.0.1:5671/%2F",
+                                 "tls": {"ca_file": str(certs["ca"]),
+                                         "cert_file": str(tmp_path / "missing.pem")}},
+                         legacy={"enabled": True, "sandbox_path": str(tmp_path / "sb")})
+    h = health(config)
+    assert set(h) == {"installation_check", "gpu_check", "paths_check", "resources_check",
+                      "docker_images_installed", "pem_certificates"}
+    assert h["installation_check"]["docker_version"].startswith("Docker version ")
+    assert set(h["gpu_check"]) == {"gpu_detected", "message"}
+    assert set(h["paths_check"]) == {"sandbox_path_exists", "data_path_exists",
+                                     "sandbox_contents", "data_path_contents"}
+    assert h["paths_check"]["sandbox_path_exists"] is True
+    res = h["resources_check"]
+    assert set(res) == {"CPU Count", "CPU Percent", "Memory Available", "Memory Total",
+                        "GPU Count", "Has Internet"}
+    assert re.fullmatch(r"\d+\.\d\d GB", res["Memory Available"])
+    assert re.fullmatch(r"\d+\.\d\d GB", res["Memory Total"])
+    assert isinstance(res["CPU Percent"], float)
+    images = h["docker_images_installed"]["docker_images"]
+    assert images and set(images[0]) == {"repository", "tag", "image_id", "sha256_digest"}
+    ca = h["pem_certificates"]["ca.pem"]
+    assert ca["status"] == "Valid"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", ca["expiry_date"])
+    assert "error" in h["pem_certificates"]["missing.pem"]
+
+
+def test_times_are_written_as_the_real_records():
+    import re
+
+    from fem_ansible.legacy.replies import event_legacy_time, legacy_time
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", legacy_time())
+    assert event_legacy_time({"ts": "2025-03-23T09:40:56.123Z"}) == "2025-03-23 09:40:56"

@@ -30,12 +30,11 @@ import pika.exceptions
 from ..adapters import Host
 from ..config import Config
 from ..errors import ConfigError, PolicyViolation, RejectedError
-from ..schema import now_rfc3339
 from . import catalogue, intake, sandbox
 from .catalogue import Launch
-from .health import health
+from .health import HEALTH_TOOL, health
 from .message import HEALTH, SUBMIT, TASK_PREFIX, LegacyMessage, action_of, parse_message, run_ids
-from .replies import STATUS, error_result, reply_messages
+from .replies import STATUS, error_result, event_legacy_time, legacy_time, reply_messages
 from .taskinfo import DATA_DATASET, INPUT_DATASET, to_task
 
 log = logging.getLogger(__name__)
@@ -183,7 +182,7 @@ class LegacyAdapter:
         self.node.audit.record("received", None, protocol="legacy", bytes=len(body))
         try:
             msg = parse_message(body, self.config.security.max_message_bytes)
-            if msg.action == SUBMIT:
+            if msg.action == SUBMIT and msg.tool_id != HEALTH_TOOL:
                 self._submit(ch, method, props, msg)
                 return
         except RejectedError as e:
@@ -274,7 +273,7 @@ class LegacyAdapter:
                 rec = {"task_id": tid, "execution_id": eid, "user_id": user,
                        "tool_id": msg.tool_id, "task": info.get("_id"),
                        "datasets": launch.datasets, "outputs_into": launch.outputs_into,
-                       "starting_time": now_rfc3339(), "reply": None, "replied": False}
+                       "starting_time": legacy_time(), "reply": None, "replied": False}
             rec.update(reply_to=props.reply_to, correlation_id=props.correlation_id)
             if rec["reply"] is not None:
                 rec["replied"] = False  # asked again: answered again
@@ -321,7 +320,7 @@ class LegacyAdapter:
             "result": self._result(event, Path(logs) if logs else None),
             "status": STATUS.get(event["state"], "error"),
             "return_code": event.get("exit_code"),
-            "starting_time": rec["starting_time"], "finish_time": event["ts"],
+            "starting_time": rec["starting_time"], "finish_time": event_legacy_time(event),
         }
         reply = info if self._record else info["result"]
         with self._lock:
@@ -378,7 +377,9 @@ class LegacyAdapter:
     def _answer(self, ch: Any, delivery_tag: int, props: Any, msg: LegacyMessage) -> None:
         try:
             if msg.action in HEALTH:
-                result = health(self.config, msg.action, self.host.running_count())
+                result = health(self.config)
+            elif msg.action == SUBMIT:
+                result = self._health_tool(msg)
             elif msg.action == "send_files":
                 result = self.send_files(msg)
             elif msg.action == "receive_files":
@@ -390,11 +391,12 @@ class LegacyAdapter:
         except RejectedError as e:
             self.node.audit.record("rejected", e.task_id or msg.task_id, protocol="legacy",
                                    action=msg.action, code=e.code, reason=e.message)
-            result = error_result(msg, self.config.node_id, e)
+            result = error_result(msg, self.config.node_id, e, record=self._record)
         except Exception as e:  # an answer is owed whatever broke
             log.exception("legacy %s failed", msg.action)
             result = error_result(msg, self.config.node_id,
-                                  RejectedError(f"internal error: {type(e).__name__}"))
+                                  RejectedError(f"internal error: {type(e).__name__}"),
+                                  record=self._record)
 
         def deliver() -> None:
             if ch.is_open:
@@ -402,6 +404,19 @@ class LegacyAdapter:
                 ch.basic_ack(delivery_tag)
 
         self.host.call_on_connection(deliver)
+
+    def _health_tool(self, msg: LegacyMessage) -> dict[str, Any]:
+        """``submit_run`` of the tool ``health-check``: the health result itself, or (with
+        ``legacy.reply: record``) the process-info record around it, as the orchestrator's
+        Health Check records show [NB]."""
+        started = legacy_time()
+        result = health(self.config)
+        if not self._record:
+            return result
+        return {"execution_id": msg.execution_id, "action": SUBMIT, "tool_id": HEALTH_TOOL,
+                "task_id": HEALTH_TOOL, "user_id": msg.user_id, "node": self.config.node_id,
+                "result": result, "status": "success", "return_code": 0,
+                "starting_time": started, "finish_time": legacy_time()}
 
     def _base(self, msg: LegacyMessage, **fields: Any) -> dict[str, Any]:
         return {"action": msg.action, "node": self.config.node_id, "status": "success",

@@ -5,11 +5,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import RejectedError
-from ..schema import now_rfc3339
+from ..schema import event_time
 from .message import SUBMIT, LegacyMessage
+
+
+def legacy_time(when: float | None = None) -> str:
+    """``YYYY-MM-DD HH:MM:SS`` (UTC), as the real process-info records write times [NB]."""
+    moment = datetime.now(UTC) if when is None else datetime.fromtimestamp(when, UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def event_legacy_time(event: dict[str, Any]) -> str:
+    """A fem.task/v1 event's ``ts`` written as :func:`legacy_time`."""
+    return legacy_time(event_time(event))
+
 
 # fem.task/v1 terminal states as the process-info record's status.
 STATUS = {"COMPLETED": "success", "FAILED": "failed", "TIMED_OUT": "timeout",
@@ -41,7 +54,7 @@ def error_result(msg: LegacyMessage | None, node: str, err: RejectedError,
     error = {"code": err.code, "message": err.message}
     action = msg.action if msg else action
     if action == SUBMIT and record:
-        now = now_rfc3339()
+        now = legacy_time()
         info = msg.task_info if msg and isinstance(msg.task_info, dict) else {}
         return {"execution_id": msg.execution_id if msg else None, "action": SUBMIT,
                 "tool_id": msg.tool_id if msg else None, "task_id": info.get("_id"),
