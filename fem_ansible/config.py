@@ -346,6 +346,10 @@ class LegacyConfig:
         "the task a `submit_run` of that tool runs; a tool not listed is refused.",
         default_factory=dict,
     )
+    max_transfer_bytes: int = _doc(
+        "Most bytes of files one `send_files` serves or one `receive_files` writes.",
+        default=1024**3,
+    )
     api_base_url: str | None = _doc("Value of `%%api_base_url%%` in tool templates.",
                                     default=None)
     reply: Literal["stdout", "record"] = _doc(
@@ -398,7 +402,8 @@ class Config:
 
 
 # Byte-sized fields accept `2Gi`-style strings; every other int field takes a plain integer.
-_BYTE_FIELDS = {"memory", "input_bytes", "output_bytes", "log_bytes", "max_message_bytes"}
+_BYTE_FIELDS = {"memory", "input_bytes", "output_bytes", "log_bytes", "max_message_bytes",
+                "max_transfer_bytes"}
 
 
 def _convert(value: Any, hint: Any, path: str) -> Any:

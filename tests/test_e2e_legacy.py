@@ -94,7 +94,7 @@ def test_submit_run_send_files_and_exit_codes(legacy_site):
     assert orch.chunk_counts[ok] > 1
 
     # The outputs are in the run's sandbox on the listener's host.
-    out = site.sandbox / "alice" / "e-ok" / "output"
+    out = site.sandbox / "alice" / "e-ok"  # the sandbox root, as the real client's
     assert (out / "out.txt").read_text() == "site=site-one\nhello-received\n"
     assert (out / "sub" / "copy.csv").read_text().startswith("id,age")
 
@@ -105,7 +105,8 @@ def test_submit_run_send_files_and_exit_codes(legacy_site):
     sent = orch.call(legacy_body("send_files", execution_id="e-ok"))
     assert sent["status"] == "success"
     files = {f["path"]: base64.b64decode(f["data"]) for f in sent["files"]}
-    assert files == {"out.txt": b"site=site-one\nhello-received\n",
+    assert files == {"in.txt": b"hello-received\n",
+                     "out.txt": b"site=site-one\nhello-received\n",
                      "sub/copy.csv": (out / "sub" / "copy.csv").read_bytes()}
     assert all(hashlib.sha256(files[f["path"]]).hexdigest() == f["sha256"]
                for f in sent["files"])

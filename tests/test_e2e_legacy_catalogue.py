@@ -4,6 +4,14 @@ catalogue (``legacy.tools``) maps tools onto tasks; the tasks run on the real en
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
+import time
+import uuid
+
+import pika
 import pytest
 
 from tests.support.harness import NOTHING_LEFT, leftovers
@@ -33,9 +41,18 @@ def catalogue_site(site, tmp_path):
             "env": {"FEM_TOKEN": "%%token%%"},
             "mounts": [{"source": "sandbox", "mount": "/sandbox"}],
         },
+        # A tool that reads a received file from its sandbox and writes one beside it.
+        "copier": {
+            "image": site.env["FEM_TEST_IMAGE"],
+            "command": ["sh", "-c", "cp /fem/received/in.bin /sandbox/out.bin"
+                        " && echo '{\"copied\": true}'"],
+            "mounts": [{"source": "sandbox", "mount": "/sandbox"}],
+        },
+        "sleeper": {"image": site.env["FEM_TEST_IMAGE"], "command": ["sleep", "300"]},
     }
     config = site.config(
         execution={"work_dir": str(site.work_dir), "max_parallel": 2, "shutdown_grace_s": 30},
+        security={"max_message_bytes": "8Mi"},
         legacy={"enabled": True, "sandbox_path": str(sandbox),
                 "data_path": str(tmp_path / "data" / "cohort"), "tools": tools})
     site.proc = site.listener(config)
@@ -85,3 +102,74 @@ def test_health_check_as_a_tool_and_as_an_action(catalogue_site):
     assert tool["paths_check"]["sandbox_path_exists"] is True
     assert set(orch.call(legacy_body("health-check", execution_id=None))) == keys
     assert not (site.work_dir / "runs").exists() or not any((site.work_dir / "runs").iterdir())
+
+
+def test_receive_files_run_send_files_of_3_mib_and_cancel_run(catalogue_site):
+    site, orch = catalogue_site, catalogue_site.legacy
+    data = os.urandom(3 * 1024 * 1024)
+    pushed = orch.call(legacy_body("receive_files", execution_id="f1", params={
+        "files": [{"path": "in.bin", "data": base64.b64encode(data).decode(),
+                   "sha256": hashlib.sha256(data).hexdigest()}]}))
+    assert pushed["status"] == "success"
+    assert pushed["files"] == [{"path": "in.bin", "size": len(data),
+                                "sha256": hashlib.sha256(data).hexdigest()}]
+    root = site.sandbox / "alice" / "f1"  # the sandbox root, as the real client's [K]
+    assert (root / "in.bin").read_bytes() == data
+
+    assert orch.call(legacy_body("submit_run", tool_id="copier",
+                                 task_info={"_id": "copier"}, execution_id="f1")) == {
+        "copied": True}
+    assert (root / "out.bin").read_bytes() == data
+
+    sent = orch.call(legacy_body("send_files", execution_id="f1",
+                                 params={"files": ["out.bin"]}))
+    assert sent["status"] == "success" and [f["path"] for f in sent["files"]] == ["out.bin"]
+    assert base64.b64decode(sent["files"][0]["data"]) == data
+    assert sent["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    everything = orch.call(legacy_body("send_files", execution_id="f1"))
+    assert sorted(f["path"] for f in everything["files"]) == ["in.bin", "out.bin"]
+
+    # cancel_run stops a running legacy run; its submit_run is answered.
+    corr = orch.send(legacy_body("submit_run", tool_id="sleeper",
+                                 task_info={"_id": "sleeper"}, execution_id="c1"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "legacy-c1 RUNNING" not in site.proc.log.read_text():
+        time.sleep(0.2)
+    cancel = orch.call(legacy_body("cancel_run", execution_id="c1"))
+    assert cancel["status"] == "success" and cancel["cancel"] == "stopping"
+    stopped = orch.result(corr)
+    assert stopped["error"]["code"] == "cancelled", stopped
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_with_signatures_on_files_and_cancel_must_be_signed(site, tmp_path):
+    key = tmp_path / "hmac.key"
+    key.write_bytes(b"k" * 32)
+    sandbox = tmp_path / "sandbox"
+    (sandbox / "alice" / "s1").mkdir(parents=True)
+    (sandbox / "alice" / "s1" / "secret.txt").write_text("patient data")
+    config = site.config(
+        security={"signature": {"mode": "hmac", "key_file": str(key)}},
+        legacy={"enabled": True, "sandbox_path": str(sandbox), "tools": {}})
+    proc = site.listener(config)
+    orch = LegacyOrchestrator(site.node)
+    try:
+        for action in ("send_files", "cancel_run", "receive_files"):
+            params = {"files": [{"path": "x", "data": "eA=="}]} \
+                if action == "receive_files" else None
+            refused = orch.call(legacy_body(action, execution_id="s1", params=params))
+            assert refused["status"] == "error", action
+            assert refused["error"]["code"] == "signature_invalid", action
+        assert not (sandbox / "alice" / "s1" / "x").exists()
+        # Signed as a task is (x-fem-signature over the body): served.
+        body = legacy_body("send_files", execution_id="s1").encode()
+        sig = hmac.new(b"k" * 32, body, hashlib.sha256).hexdigest()
+        corr = str(uuid.uuid4())
+        orch.ch.basic_publish("", site.node, body, pika.BasicProperties(
+            reply_to=orch.callback, correlation_id=corr,
+            headers={"x-fem-signature": f"hmac-sha256={sig}"}))
+        served = orch.result(corr)
+        assert [f["path"] for f in served["files"]] == ["secret.txt"]
+        assert proc.alive
+    finally:
+        orch.close()

@@ -315,3 +315,45 @@ def test_enabled_without_sandbox_path_is_a_config_error(make_config):
     with pytest.raises(ConfigError, match=r"legacy\.data_path"):
         listener(make_config(legacy={"enabled": True, "sandbox_path": "/srv/sb",
                                      "data_path": "relative"}))
+
+
+def test_streamed_reply_equals_the_whole_one_whatever_the_pieces():
+    raw = json.dumps({"x": "é" * 7001, "n": list(range(999))}).encode()
+    for cut in (1, 2, 5, 4096, 65537):
+        pieces = [raw[i:i + cut] for i in range(0, len(raw), cut)]
+        parts = list(replies.stream_reply(lambda p=pieces: iter(p), 1000))
+        assert reassemble(parts) == raw
+    assert reassemble(list(replies.stream_reply(lambda: iter(()), 10))) == b""
+
+
+def test_files_json_streams_each_file(tmp_path):
+    root = tmp_path / "run"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.bin").write_bytes(bytes(range(256)) * 1000)
+    (root / "sub" / "b.txt").write_bytes(b"")
+    (root / "link").symlink_to(root / "a.bin")
+    raw = b"".join(sandbox.files_json({"status": "success"}, root, ["a.bin", "sub/b.txt"],
+                                      block=3 * 7))
+    doc = json.loads(raw)
+    assert doc["status"] == "success" and [f["path"] for f in doc["files"]] == [
+        "a.bin", "sub/b.txt"]
+    a = doc["files"][0]
+    assert base64.b64decode(a["data"]) == (root / "a.bin").read_bytes()
+    assert a["size"] == 256000 and a["sha256"] == hashlib.sha256(
+        (root / "a.bin").read_bytes()).hexdigest()
+    with pytest.raises(RejectedError):
+        b"".join(sandbox.files_json({}, root, ["link"]))
+    assert sandbox.list_files(root) == ["a.bin", "sub/b.txt"]
+
+
+def test_write_b64_under_decodes_in_blocks_and_caps(tmp_path):
+    data = bytes(range(256)) * 3000
+    size, digest = sandbox.write_b64_under(tmp_path, "d/x.bin",
+                                           base64.b64encode(data).decode(), 1 << 20)
+    assert (tmp_path / "d" / "x.bin").read_bytes() == data and size == len(data)
+    assert digest == hashlib.sha256(data).hexdigest()
+    with pytest.raises(RejectedError, match="limit"):
+        sandbox.write_b64_under(tmp_path, "y.bin", base64.b64encode(data).decode(), 1000)
+    assert not (tmp_path / "y.bin").exists() and not (tmp_path / ".y.bin.tmp").exists()
+    with pytest.raises(RejectedError, match="base64"):
+        sandbox.write_b64_under(tmp_path, "z.bin", "not base64!", 1000)

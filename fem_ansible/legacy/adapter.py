@@ -8,17 +8,14 @@ ever waits inside the listener.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tarfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -30,15 +27,25 @@ import pika.exceptions
 from ..adapters import Host
 from ..config import Config
 from ..errors import ConfigError, PolicyViolation, RejectedError
+from ..signatures import HEADER
 from . import catalogue, intake, sandbox
 from .catalogue import Launch
 from .health import HEALTH_TOOL, health
 from .message import HEALTH, SUBMIT, TASK_PREFIX, LegacyMessage, action_of, parse_message, run_ids
-from .replies import STATUS, error_result, event_legacy_time, legacy_time, reply_messages
+from .replies import (
+    STATUS,
+    error_result,
+    event_legacy_time,
+    legacy_time,
+    reply_messages,
+    stream_reply,
+)
 from .taskinfo import DATA_DATASET, INPUT_DATASET, to_task
 
 log = logging.getLogger(__name__)
 
+# Actions that read, write or stop a run: signed when signatures are on (docs/legacy.md).
+SIGNED_ACTIONS = ("send_files", "receive_files", "cancel_run")
 # The executors whose role passes fem_secrets.env to the container (docs/roles.md).
 SECRET_ENV_EXECUTORS = ("docker", "podman")
 
@@ -107,7 +114,7 @@ class LegacyAdapter:
         return self.sandbox_root / user_id / execution_id
 
     def datasets_for(self, user_id: str, execution_id: str) -> dict[str, str]:
-        out = {INPUT_DATASET: str(self.sandbox(user_id, execution_id) / "input")}
+        out = {INPUT_DATASET: str(self.sandbox(user_id, execution_id))}
         if self.config.legacy.data_path:
             out[DATA_DATASET] = self.config.legacy.data_path
         return out
@@ -172,16 +179,25 @@ class LegacyAdapter:
         self.helper.shutdown(wait=False, cancel_futures=True)
 
     def _send(self, ch: Any, reply_to: str, correlation_id: str | None, result: Any) -> None:
-        props = pika.BasicProperties(correlation_id=correlation_id,
-                                     content_type="application/json")
-        for part in reply_messages(result, self.config.legacy.chunk_size):
-            ch.basic_publish("", reply_to, json.dumps(part).encode(), props)
+        for packet in reply_messages(result, self.config.legacy.chunk_size):
+            self._publish(ch, reply_to, correlation_id, packet)
+
+    def _publish(self, ch: Any, reply_to: str, correlation_id: str | None,
+                 packet: dict[str, Any]) -> None:
+        if ch.is_open:
+            ch.basic_publish("", reply_to, json.dumps(packet).encode(),
+                             pika.BasicProperties(correlation_id=correlation_id,
+                                                  content_type="application/json"))
 
     def _on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         msg: LegacyMessage | None = None
         self.node.audit.record("received", None, protocol="legacy", bytes=len(body))
         try:
             msg = parse_message(body, self.config.security.max_message_bytes)
+            if msg.action in SIGNED_ACTIONS:
+                # With signatures on, what reads, writes or stops a run is authenticated
+                # as a task is (docs/legacy.md); a run itself only uses the catalogue.
+                self.node.verifier.verify(body, (props.headers or {}).get(HEADER))
             if msg.action == SUBMIT and msg.tool_id != HEALTH_TOOL:
                 self._submit(ch, method, props, msg)
                 return
@@ -236,12 +252,12 @@ class LegacyAdapter:
                     not self.config.legacy.data_path:
                 raise PolicyViolation("legacy.data_path", "$DATA_PATH is not set on this site",
                                       task_id=task["task_id"])
-            launch = Launch(task, self.datasets_for(user, eid), "output", {})
+            launch = Launch(task, self.datasets_for(user, eid), "", {})
         else:
             launch = catalogue.to_launch(msg, tool, self.config, self.queue,
                                          str(self.sandbox(user, eid)))
             launch = replace(launch, datasets={
-                INPUT_DATASET: str(self.sandbox(user, eid) / "input"), **launch.datasets})
+                INPUT_DATASET: str(self.sandbox(user, eid)), **launch.datasets})
         task = intake.read_task(self.node, launch.task, launch.datasets)
         if launch.secret_env and task["executor"] not in SECRET_ENV_EXECUTORS:
             raise PolicyViolation("legacy.tools", f"executor {task['executor']!r} cannot pass "
@@ -267,8 +283,7 @@ class LegacyAdapter:
         with self._lock:
             rec = self.load(tid)
             if rec is None:
-                (self.sandbox(user, eid) / "input").mkdir(parents=True, exist_ok=True,
-                                                         mode=0o755)
+                self.sandbox(user, eid).mkdir(parents=True, exist_ok=True, mode=0o755)
                 info = msg.task_info or {}
                 rec = {"task_id": tid, "execution_id": eid, "user_id": user,
                        "tool_id": msg.tool_id, "task": info.get("_id"),
@@ -306,7 +321,7 @@ class LegacyAdapter:
         result_paths = jrec.result if jrec else {}
         root = self.sandbox(rec["user_id"], rec["execution_id"])
         outputs = (result_paths.get("outputs_archive") or {}).get("path")
-        into = rec.get("outputs_into", "output")
+        into = rec.get("outputs_into", "")
         if outputs and Path(outputs).is_file() and into is not None:
             try:
                 sandbox.extract_outputs(Path(outputs), root / into if into else root)
@@ -375,6 +390,9 @@ class LegacyAdapter:
     # The other actions (helper thread) ----------------------------------------------------
 
     def _answer(self, ch: Any, delivery_tag: int, props: Any, msg: LegacyMessage) -> None:
+        """On the helper thread: the answer of an action other than a run, published
+        packet by packet on the connection thread, then the ack."""
+        result: dict[str, Any] | Callable[[], Iterator[bytes]]
         try:
             if msg.action in HEALTH:
                 result = health(self.config)
@@ -386,8 +404,7 @@ class LegacyAdapter:
                 result = self.receive_files(msg)
             else:
                 result = self.cancel_run(msg)
-            self.node.audit.record(msg.action, msg.task_id, protocol="legacy",
-                                   status=result.get("status"))
+            self.node.audit.record(msg.action, msg.task_id, protocol="legacy")
         except RejectedError as e:
             self.node.audit.record("rejected", e.task_id or msg.task_id, protocol="legacy",
                                    action=msg.action, code=e.code, reason=e.message)
@@ -397,13 +414,35 @@ class LegacyAdapter:
             result = error_result(msg, self.config.node_id,
                                   RejectedError(f"internal error: {type(e).__name__}"),
                                   record=self._record)
+        if isinstance(result, dict):
+            packets: Iterator[dict[str, Any]] = iter(
+                reply_messages(result, self.config.legacy.chunk_size))
+        else:
+            packets = stream_reply(result, self.config.legacy.chunk_size)
+        try:
+            for packet in packets if props.reply_to else ():
+                self._on_connection(lambda p=packet: self._publish(
+                    ch, props.reply_to, props.correlation_id, p))
+        except Exception:  # a file went away mid-answer: the reply stays incomplete
+            log.exception("legacy %s: the answer could not be sent whole", msg.action)
+        if not props.reply_to:
+            log.warning("legacy message without reply_to: answer dropped")
+        self._on_connection(lambda: ch.basic_ack(delivery_tag) if ch.is_open else None)
 
-        def deliver() -> None:
-            if ch.is_open:
-                self._reply(ch, props, result)
-                ch.basic_ack(delivery_tag)
+    def _on_connection(self, fn: Callable[[], None], timeout: float = 60) -> None:
+        """Run ``fn`` on the connection thread and wait for it: one packet in flight, so a
+        streamed answer is never queued whole."""
+        done = threading.Event()
 
-        self.host.call_on_connection(deliver)
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self.host.call_on_connection(run)
+        if not done.wait(timeout):
+            raise ConnectionError("the broker connection did not take the answer")
 
     def _health_tool(self, msg: LegacyMessage) -> dict[str, Any]:
         """``submit_run`` of the tool ``health-check``: the health result itself, or (with
@@ -422,14 +461,16 @@ class LegacyAdapter:
         return {"action": msg.action, "node": self.config.node_id, "status": "success",
                 **fields}
 
-    def send_files(self, msg: LegacyMessage) -> dict[str, Any]:
-        """The run's output files (all, or the relative paths in ``parametric_args.files``),
-        base64 with size and sha256."""
+    def send_files(self, msg: LegacyMessage) -> Callable[[], Iterator[bytes]]:
+        """The run's sandbox files (all, or the relative paths in
+        ``parametric_args.files``) as the pieces of ``{action, node, status, execution_id,
+        user_id, files: [{path, size, data (base64), sha256}]}``: streamed, never whole in
+        memory, at most ``legacy.max_transfer_bytes`` of files."""
         eid, user = run_ids(msg)
         assert user is not None
-        root = self.sandbox(user, eid) / "output"
+        root = self.sandbox(user, eid)
         if not root.is_dir():
-            raise RejectedError(f"no outputs of execution {eid} for user {user} here",
+            raise RejectedError(f"no sandbox of execution {eid} for user {user} here",
                                 task_id=TASK_PREFIX + eid)
         wanted = msg.parametric_args.get("files")
         if wanted is None:
@@ -438,46 +479,56 @@ class LegacyAdapter:
             names = [sandbox.safe_relative(p, "parametric_args/files") for p in wanted]
         else:
             raise RejectedError("parametric_args/files: expected a list of paths")
-        files = [sandbox.file_entry(root, name, with_data=True) for name in names]
-        return self._base(msg, execution_id=eid, user_id=user, files=files)
+        total = 0
+        for name in names:
+            fd, size = sandbox.open_file(root, name)
+            os.close(fd)
+            total += size
+        limit = self.config.legacy.max_transfer_bytes
+        if total > limit:
+            raise RejectedError(f"send_files: {total} bytes of files, the limit is {limit} "
+                                "(legacy.max_transfer_bytes); ask for fewer files",
+                                task_id=TASK_PREFIX + eid)
+        head = self._base(msg, execution_id=eid, user_id=user)
+        return lambda: sandbox.files_json(head, root, names)
 
     def receive_files(self, msg: LegacyMessage) -> dict[str, Any]:
-        """Files pushed into the run's input side (``parametric_args.files``: a list of
+        """Files pushed into the run's sandbox (``parametric_args.files``: a list of
         ``{path, data (base64), sha256?}``), which the task sees read-only at
-        ``/fem/received``."""
+        ``/fem/received``; decoded and written a block at a time."""
         eid, user = run_ids(msg)
         assert user is not None
         files = msg.parametric_args.get("files")
         if not isinstance(files, list) or not files:
             raise RejectedError("parametric_args/files: a non-empty list is required")
-        decoded = []
+        items = []
         for i, item in enumerate(files):
             where = f"parametric_args/files/{i}"
             if not isinstance(item, dict) or not isinstance(item.get("data"), str):
                 raise RejectedError(f"{where}: {{path, data}} is required")
-            rel = sandbox.safe_relative(item.get("path"), f"{where}/path")
-            try:
-                data = base64.b64decode(item["data"], validate=True)
-            except (binascii.Error, ValueError):
-                raise RejectedError(f"{where}/data: not base64") from None
-            digest = hashlib.sha256(data).hexdigest()
-            if item.get("sha256") not in (None, digest):
-                raise RejectedError(f"{where}/sha256: does not match the data")
-            decoded.append((rel, data, digest))
-        root = self.sandbox(user, eid) / "input"
+            items.append((sandbox.safe_relative(item.get("path"), f"{where}/path"), item))
+        root = self.sandbox(user, eid)
         root.mkdir(parents=True, exist_ok=True, mode=0o755)
-        written = []
-        for rel, data, digest in decoded:
-            sandbox.write_under(root, rel, data)
-            written.append({"path": rel, "size": len(data), "sha256": digest})
+        written, left = [], self.config.legacy.max_transfer_bytes
+        for rel, item in items:
+            size, digest = sandbox.write_b64_under(root, rel, item["data"], left)
+            if item.get("sha256") not in (None, digest):
+                (root / rel).unlink(missing_ok=True)
+                raise RejectedError(f"files: {rel!r}: sha256 does not match the data")
+            left -= size
+            written.append({"path": rel, "size": size, "sha256": digest})
         return self._base(msg, execution_id=eid, user_id=user, files=written)
 
     def cancel_run(self, msg: LegacyMessage) -> dict[str, Any]:
         """Cancel ``legacy-<execution_id>``: stopped when running, never started when it
-        comes later (DESIGN.md §5's cancel)."""
+        comes later (DESIGN.md §5's cancel).  Only a run this adapter launched: a
+        ``fem.task/v1`` task of that id is not the legacy protocol's to stop."""
         eid, _user = run_ids(msg, user=False)
         tid = TASK_PREFIX + eid
         rec = self.journal.get(tid)
+        if rec is not None and self.load(tid) is None:
+            raise RejectedError(f"task {tid} was not launched by the legacy protocol",
+                                task_id=tid)
         if rec is not None and rec.terminal:
             return self._base(msg, execution_id=eid, task_id=tid, cancel="already_finished",
                               state=rec.state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,18 +31,41 @@ STATUS = {"COMPLETED": "success", "FAILED": "failed", "TIMED_OUT": "timeout",
 
 
 def reply_messages(result: Any, chunk_size: int) -> list[dict[str, Any]]:
+    """The packets of a reply whose result is in memory (see :func:`stream_reply`)."""
+    raw = json.dumps(result).encode()
+    return list(stream_reply(lambda: iter((raw,)), chunk_size))
+
+
+def stream_reply(pieces: Callable[[], Iterator[bytes]], chunk_size: int
+                 ) -> Iterator[dict[str, Any]]:
     """``chunk_start`` (number of chunks, sha256 of the raw bytes), then the chunks.
 
-    The whole result is base64-encoded once and the encoded string is sliced: the
-    orchestrator joins the ``data`` strings in index order and decodes once (DESIGN.md §9),
-    so a slice alone need not decode (one encoded per slice would end in padding)."""
-    raw = json.dumps(result).encode()
-    text = base64.b64encode(raw).decode("ascii")
-    chunks = [text[i:i + chunk_size] for i in range(0, len(text), chunk_size)] or [""]
-    out: list[dict[str, Any]] = [{"type": "chunk_start", "total": len(chunks),
-                                  "checksum": hashlib.sha256(raw).hexdigest()}]
-    out.extend({"type": "chunk", "index": i, "data": c} for i, c in enumerate(chunks))
-    return out
+    The raw result is base64-encoded as one text and the text is sliced into chunks of
+    ``chunk_size`` characters: the orchestrator joins the ``data`` strings in index order
+    and decodes once (DESIGN.md §9), so a slice alone need not decode (one encoded per
+    slice would end in padding).  ``pieces()`` gives the raw bytes in pieces, and is called
+    twice (the checksum comes first), so a result as big as a run's files is never whole
+    in memory."""
+    digest, size = hashlib.sha256(), 0
+    for piece in pieces():
+        digest.update(piece)
+        size += len(piece)
+    text_size = 4 * ((size + 2) // 3)
+    total = max(1, -(-text_size // chunk_size))
+    yield {"type": "chunk_start", "total": total, "checksum": digest.hexdigest()}
+    index, text, rest = 0, "", b""
+    for piece in pieces():
+        data = rest + piece
+        cut = len(data) - len(data) % 3
+        text += base64.b64encode(data[:cut]).decode("ascii")
+        rest = data[cut:]
+        while len(text) >= chunk_size:
+            yield {"type": "chunk", "index": index, "data": text[:chunk_size]}
+            text, index = text[chunk_size:], index + 1
+    text += base64.b64encode(rest).decode("ascii")
+    while index < total:
+        yield {"type": "chunk", "index": index, "data": text[:chunk_size]}
+        text, index = text[chunk_size:], index + 1
 
 
 def error_result(msg: LegacyMessage | None, node: str, err: RejectedError,

@@ -7,13 +7,17 @@ from a message unchecked (:func:`safe_relative`).
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import json
 import logging
 import os
 import posixpath
 import shutil
+import stat
 import tarfile
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,23 +107,75 @@ def list_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def file_entry(root: Path, rel: str, with_data: bool) -> dict[str, Any]:
+def open_file(root: Path, rel: str) -> tuple[int, int]:
+    """``(fd, size)`` of the regular file ``root/rel``, opened without following a link at
+    its end and checked to be inside ``root`` (no link on the way either)."""
     path = root / rel
-    real = Path(os.path.realpath(path))
-    if real != Path(os.path.realpath(root)) / rel or path.is_symlink() or not path.is_file():
+    if Path(os.path.realpath(path)) != Path(os.path.realpath(root)) / rel:
         raise RejectedError(f"files: {rel!r} is not a file of the run")
-    data = path.read_bytes()
-    entry: dict[str, Any] = {"path": rel, "size": len(data),
-                             "sha256": hashlib.sha256(data).hexdigest()}
-    if with_data:
-        entry["data"] = base64.b64encode(data).decode()
-    return entry
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        raise RejectedError(f"files: {rel!r} is not a file of the run") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RejectedError(f"files: {rel!r} is not a file of the run")
+    return fd, st.st_size
 
 
+def files_json(head: dict[str, Any], root: Path, names: list[str], block: int = 3 << 16
+               ) -> Iterator[bytes]:
+    """The JSON text of ``{**head, files: [{path, size, data (base64), sha256}]}``, in
+    pieces: each file is read, encoded and hashed ``block`` bytes at a time."""
+    yield json.dumps(head)[:-1].encode() + (b", " if head else b"") + b'"files": ['
+    for i, name in enumerate(names):
+        fd, size = open_file(root, name)
+        with os.fdopen(fd, "rb") as src:
+            yield (b", " if i else b"") + json.dumps({"path": name, "size": size}
+                                                    )[:-1].encode() + b', "data": "'
+            digest, left = hashlib.sha256(), size
+            while left > 0:
+                data = src.read(min(block, left))
+                if not data:
+                    raise RejectedError(f"files: {name!r} shrank while it was sent")
+                digest.update(data)
+                left -= len(data)
+                yield base64.b64encode(data).decode("ascii").encode()
+        yield f'", "sha256": "{digest.hexdigest()}"}}'.encode()
+    yield b"]}"
 
 
-def write_under(root: Path, rel: str, data: bytes) -> None:
-    """Write ``root/rel`` without following a link anywhere below ``root``."""
+def write_b64_under(root: Path, rel: str, text: str, max_bytes: int) -> tuple[int, str]:
+    """Decode the base64 ``text`` into ``root/rel`` a block at a time (see
+    :func:`write_under`); returns ``(size, sha256)``."""
+    try:
+        base64.b64decode(text[:8], validate=True)
+    except (binascii.Error, ValueError):
+        raise RejectedError(f"files: {rel!r}: data is not base64") from None
+    digest, size = hashlib.sha256(), 0
+
+    def blocks() -> Iterator[bytes]:
+        nonlocal size
+        step = 4 << 16
+        for i in range(0, len(text), step):
+            try:
+                data = base64.b64decode(text[i:i + step], validate=True)
+            except (binascii.Error, ValueError):
+                raise RejectedError(f"files: {rel!r}: data is not base64") from None
+            size += len(data)
+            if size > max_bytes:
+                raise RejectedError(f"files: {rel!r} is over the {max_bytes}-byte limit")
+            digest.update(data)
+            yield data
+
+    write_under(root, rel, blocks())
+    return size, digest.hexdigest()
+
+
+def write_under(root: Path, rel: str, data: bytes | Iterable[bytes]) -> None:
+    """Write ``root/rel`` (bytes, or an iterable of blocks) without following a link
+    anywhere below ``root``; the file appears whole or not at all."""
     target = root
     for part in Path(rel).parts[:-1]:
         target = target / part
@@ -131,6 +187,11 @@ def write_under(root: Path, rel: str, data: bytes) -> None:
         raise RejectedError(f"files: {rel!r} is not a plain file path")
     tmp = target.with_name(f".{target.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for block in [data] if isinstance(data, bytes) else data:
+                out.write(block)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, target)
