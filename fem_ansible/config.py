@@ -314,6 +314,10 @@ class LegacyToolConfig:
         "`%%token%%` is refused here (env only).", default=None
     )
     workdir: str | None = _doc("Working directory in the container.", default=None)
+    params: list[str] = _doc(
+        "Per-node sections of `parametric_args` this tool also reads, laid under this "
+        "node's own (e.g. `[server]` for a federated server tool).", default_factory=list
+    )
     env: dict[str, str] = _doc(
         "Container environment; values may hold `%%placeholders%%`; a value that is exactly "
         "`%%token%%` is passed as a secret (never in argv, logs or events).",

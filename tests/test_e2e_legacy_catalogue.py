@@ -81,6 +81,12 @@ def test_kaapana_submit_run_through_the_catalogue(catalogue_site):
     assert refused["error"]["code"] == "policy_violation"
     assert "legacy.tools" in refused["error"]["message"]
 
+    # json_action names the launcher entry (inferred): only submit_run is served.
+    other = orch.call(legacy_body("submit_run", tool_id="kaapana-fem-adapter",
+                                  task_info=task_info, execution_id="k3",
+                                  json_action="delete_everything"))
+    assert other["status"] == "error" and "json_action" in other["error"]["message"]
+
     # The token reached the container (its length checked there) and nowhere else.
     site.proc.stop()
     for path in [*site.work_dir.rglob("*"), site.proc.log]:

@@ -155,3 +155,23 @@ def test_times_are_written_as_the_real_records():
 
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", legacy_time())
     assert event_legacy_time({"ts": "2025-03-23T09:40:56.123Z"}) == "2025-03-23 09:40:56"
+
+
+def test_per_node_parameters_server_and_own_node(site):
+    """``{"server": {…}, "BSC": {…}, "UB": {…}}`` [NB]: a tool reads its sections, then
+    this node's own; other nodes' are ignored."""
+    from fem_ansible.legacy.taskinfo import user_params
+
+    params = {"rounds": 1, "server": {"rounds": 5, "port": 8080}, "node-a": {"lr": 0.1},
+              "UB": {"lr": 9}}
+    assert user_params(params, "node-a") == {"rounds": 1, "lr": 0.1}
+    assert user_params(params, "node-a", ["server"]) == {"rounds": 5, "port": 8080, "lr": 0.1}
+    config = site({"srv": {"image": IMAGE, "params": ["server"],
+                           "command": ["serve", "%%TASK_COMMAND%%"]}})
+    command = {"base": "python3 server.py", "args": [
+        {"id": "rounds", "prefix": "--rounds", "default_value": 1},
+        {"id": "port", "prefix": "--port"}]}
+    out = launch(config, msg({"_id": "srv", "command": command}, tool="srv",
+                             params=repr(params)))
+    assert out.task["command"] == ["serve", "python3", "server.py", "--rounds", "5",
+                                   "--port", "8080"]

@@ -198,6 +198,11 @@ class LegacyAdapter:
                 # With signatures on, what reads, writes or stops a run is authenticated
                 # as a task is (docs/legacy.md); a run itself only uses the catalogue.
                 self.node.verifier.verify(body, (props.headers or {}).get(HEADER))
+            if msg.action == SUBMIT and msg.json_action not in ("", "None", SUBMIT):
+                # The real client picks its json_launcher.json entry by json_action
+                # (inferred); this site's catalogue serves submit_run only.
+                raise RejectedError(f"json_action {msg.json_action[:64]!r}: only submit_run "
+                                    "is served", task_id=msg.task_id)
             if msg.action == SUBMIT and msg.tool_id != HEALTH_TOOL:
                 self._submit(ch, method, props, msg)
                 return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,7 +151,8 @@ def to_launch(msg: LegacyMessage, tool: LegacyToolConfig, config: Config, node_n
                 datasets[name] = m.source
                 task["datasets"].append({"name": name, "mount": m.mount})
         if tool.command is not None:
-            task["command"] = fill_argv(tool.command, values, info, msg, node_name)
+            task["command"] = fill_argv(tool.command, values, info, msg, node_name,
+                                        tool.params)
         if tool.workdir:
             task["workdir"] = tool.workdir
         env, secret_env = {}, {}
@@ -190,14 +191,14 @@ def fill_word(word: str, values: Mapping[str, str], info: Mapping[str, Any]) -> 
 
 
 def fill_argv(template: list[str], values: Mapping[str, str], info: Mapping[str, Any],
-              msg: LegacyMessage, node_name: str) -> list[str]:
+              msg: LegacyMessage, node_name: str, params: Sequence[str] = ()) -> list[str]:
     """The argv of a template: each word filled as data; a word that is exactly
     ``%%TASK_COMMAND%%`` becomes the words of ``task_info.command`` (a string is split like
     a POSIX word list, a ``{base, args}`` dict is built as docs/legacy.md says)."""
     argv: list[str] = []
     for word in template:
         if word == f"%%{TASK_COMMAND}%%":
-            argv.extend(task_command(info, msg, values, node_name))
+            argv.extend(task_command(info, msg, values, node_name, params))
         elif f"%%{TASK_COMMAND}%%" in word:
             command = info.get("command")
             if not isinstance(command, str):
@@ -209,7 +210,7 @@ def fill_argv(template: list[str], values: Mapping[str, str], info: Mapping[str,
 
 
 def task_command(info: Mapping[str, Any], msg: LegacyMessage, values: Mapping[str, str],
-                 node_name: str) -> list[str]:
+                 node_name: str, params: Sequence[str] = ()) -> list[str]:
     """``task_info.command`` as argv words, its placeholders filled in each word."""
     command = info.get("command")
     if isinstance(command, str):
@@ -218,7 +219,7 @@ def task_command(info: Mapping[str, Any], msg: LegacyMessage, values: Mapping[st
         except ValueError as e:
             raise RejectedError(f"task_info/command: {e}") from None
         return [fill_word(w, values, info) for w in words]
-    argv = build_argv(command, user_params(msg.parametric_args, node_name), values)
+    argv = build_argv(command, user_params(msg.parametric_args, node_name, params), values)
     if argv is None:
         raise RejectedError("task_info/command: the tool's template needs a command")
     return argv

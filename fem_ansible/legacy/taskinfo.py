@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import schema
@@ -214,13 +214,17 @@ def _resources(info: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def user_params(params: Mapping[str, Any], node_name: str) -> dict[str, Any]:
-    """The user's parameters for this node: the top level, overlaid by the dict under this
-    node's name when the orchestrator keyed them per node."""
+def user_params(params: Mapping[str, Any], node_name: str,
+                sections: Sequence[str] = ()) -> dict[str, Any]:
+    """The user's parameters for this node.  The orchestrator may key them per node,
+    ``{"server": {…}, "BSC": {…}, "UB": {…}}`` [NB]: the top level's plain values, then the
+    dicts under ``sections`` (a tool's ``params``, e.g. ``server`` for the federated
+    server), then the dict under this node's name, each laid over the one before."""
     out = {k: v for k, v in params.items() if not isinstance(v, dict)}
-    own = params.get(node_name)
-    if isinstance(own, dict):
-        out.update(own)
+    for name in (*sections, node_name):
+        own = params.get(name)
+        if isinstance(own, dict):
+            out.update(own)
     return out
 
 
