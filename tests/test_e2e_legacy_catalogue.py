@@ -179,3 +179,69 @@ def test_with_signatures_on_files_and_cancel_must_be_signed(site, tmp_path):
         assert proc.alive
     finally:
         orch.close()
+
+
+FLCORE_SCRIPT = (
+    'test -r "$FLOWER_SSL_CACERT" || exit 7; '
+    'if touch /certs/x 2>/dev/null; then certs=rw; else certs=ro; fi; '
+    'echo "round 1 for $NODE_NAME" > /sandbox/model.txt; '
+    'nets=$(ls /sys/class/net | wc -l); '
+    'printf \'{"certs": "%s", "nets": %s, "data": "%s"}\' "$certs" "$nets" '
+    '"$(head -1 /data/patients.csv)"'
+)
+
+
+def test_the_flcore_tool_shape_runs_when_the_catalogue_allows_it(site, tmp_path):
+    """DataTools4Heart's flagship tool [NB cell 29]: a sandbox sub-directory, the site's
+    certificate directory read-only, its FLOWER_SSL_* variables and (its ports) a network
+    the policy allows."""
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    certs = tmp_path / "rabbitmq-certificates"
+    certs.mkdir()
+    (certs / "rootCA_cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    certs.chmod(0o755)
+    tool = {
+        "image": site.env["FEM_TEST_IMAGE"],
+        "command": ["sh", "-c", FLCORE_SCRIPT],
+        "env": {"FLOWER_SSL_CACERT": "/certs/rootCA_cert.pem", "NODE_NAME": "%%node_name%%"},
+        "mounts": [{"source": "sandbox/flcore", "mount": "/sandbox"},
+                   {"source": str(certs), "mount": "/certs"},
+                   {"source": "data", "mount": "/data"}],
+        "network": "host",
+    }
+    config = site.config(
+        policy={"networks": {"allow": ["host"]}},
+        legacy={"enabled": True, "sandbox_path": str(sandbox),
+                "data_path": str(tmp_path / "data" / "cohort"),
+                "tools": {"flcore-client": tool}})
+    site.listener(config)
+    orch = LegacyOrchestrator(site.node)
+    try:
+        reply = orch.call(legacy_body("submit_run", tool_id="flcore-client",
+                                      task_info={"_id": "flcore-client"}, execution_id="fl1"))
+        assert reply["certs"] == "ro" and reply["data"] == "id,age", reply
+        assert reply["nets"] > 1  # the host's network, not none (lo only)
+        assert (sandbox / "alice" / "fl1" / "flcore" / "model.txt").read_text() == \
+            f"round 1 for {site.node}\n"
+        assert not (certs / "x").exists()
+    finally:
+        orch.close()
+
+
+def test_the_flcore_tool_shape_is_refused_without_the_network(site, tmp_path):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    config = site.config(legacy={"enabled": True, "sandbox_path": str(sandbox), "tools": {
+        "flcore-client": {"image": site.env["FEM_TEST_IMAGE"], "command": ["true"],
+                          "network": "host"}}})
+    site.listener(config)
+    orch = LegacyOrchestrator(site.node)
+    try:
+        refused = orch.call(legacy_body("submit_run", tool_id="flcore-client",
+                                        task_info={"_id": "flcore-client"},
+                                        execution_id="fl2"))
+        assert refused["status"] == "error" and "policy.networks" in \
+            refused["error"]["message"], refused
+    finally:
+        orch.close()
