@@ -27,7 +27,7 @@ import pika.exceptions
 from ..adapters import Host
 from ..config import Config
 from ..errors import ConfigError, PolicyViolation, RejectedError
-from ..signatures import HEADER
+from ..intake import Task
 from . import catalogue, intake, sandbox
 from .catalogue import Launch
 from .health import HEALTH_TOOL, health
@@ -197,7 +197,7 @@ class LegacyAdapter:
             if msg.action in SIGNED_ACTIONS:
                 # With signatures on, what reads, writes or stops a run is authenticated
                 # as a task is (docs/legacy.md); a run itself only uses the catalogue.
-                self.node.verifier.verify(body, (props.headers or {}).get(HEADER))
+                intake.check_signature(self.node, body, props.headers)
             if msg.action == SUBMIT and msg.json_action not in ("", "None", SUBMIT):
                 # The real client picks its json_launcher.json entry by json_action
                 # (inferred); this site's catalogue serves submit_run only.
@@ -241,9 +241,9 @@ class LegacyAdapter:
 
     # submit_run --------------------------------------------------------------------------
 
-    def read_submit(self, msg: LegacyMessage) -> Launch:
-        """The launch of a ``submit_run`` through the site's catalogue, its task
-        validated, normalised and policy-checked by the node's intake."""
+    def read_submit(self, msg: LegacyMessage) -> tuple[Launch, Task]:
+        """The launch of a ``submit_run`` through the site's catalogue, and its task as the
+        node's intake accepted it (validated, normalised, policy-checked)."""
         eid, user = run_ids(msg)
         assert user is not None
         try:
@@ -264,10 +264,10 @@ class LegacyAdapter:
             launch = replace(launch, datasets={
                 INPUT_DATASET: str(self.sandbox(user, eid)), **launch.datasets})
         task = intake.read_task(self.node, launch.task, launch.datasets)
-        if launch.secret_env and task["executor"] not in SECRET_ENV_EXECUTORS:
-            raise PolicyViolation("legacy.tools", f"executor {task['executor']!r} cannot pass "
-                                  "the token as a secret env var", task_id=task["task_id"])
-        return replace(launch, task=task)
+        if launch.secret_env and task.executor not in SECRET_ENV_EXECUTORS:
+            raise PolicyViolation("legacy.tools", f"executor {task.executor!r} cannot pass "
+                                  "the token as a secret env var", task_id=task.task_id)
+        return launch, task
 
     def _submit(self, ch: Any, method: Any, props: Any, msg: LegacyMessage) -> None:
         if not self.host.has_free_slot():
@@ -276,9 +276,8 @@ class LegacyAdapter:
             ch.basic_nack(method.delivery_tag, requeue=True)
             self._update_consumer()
             return
-        launch = self.read_submit(msg)
-        task = launch.task
-        tid = task["task_id"]
+        launch, accepted = self.read_submit(msg)
+        task, tid = accepted.to_dict(), accepted.task_id
         eid, user = run_ids(msg)
         self.node.audit.record("accepted", tid, protocol="legacy", tool_id=msg.tool_id,
                                image=task["image"]["ref"], command=task["command"],
@@ -298,7 +297,7 @@ class LegacyAdapter:
             if rec["reply"] is not None:
                 rec["replied"] = False  # asked again: answered again
             self._save(rec)
-        _event, existing = self.node.accept(task)
+        _event, existing = self.node.accept(accepted)
         if existing is not None:
             self.host.publish_pending()
             if existing.terminal:

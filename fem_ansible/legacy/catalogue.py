@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,14 @@ from ..config import Config, LegacyToolConfig
 from ..errors import ConfigError, PolicyViolation, RejectedError
 from .message import LegacyMessage, run_ids
 from .sandbox import safe_relative
-from .taskinfo import INPUT_DATASET, PLACEHOLDER, RECEIVED_MOUNT, build_argv, user_params
+from .taskinfo import (
+    INPUT_DATASET,
+    PLACEHOLDER,
+    RECEIVED_MOUNT,
+    build_argv,
+    split_words,
+    user_params,
+)
 
 DEFAULT_TOOL = "*"
 TOKEN = "%%token%%"
@@ -214,11 +220,7 @@ def task_command(info: Mapping[str, Any], msg: LegacyMessage, values: Mapping[st
     """``task_info.command`` as argv words, its placeholders filled in each word."""
     command = info.get("command")
     if isinstance(command, str):
-        try:
-            words = shlex.split(command)
-        except ValueError as e:
-            raise RejectedError(f"task_info/command: {e}") from None
-        return [fill_word(w, values, info) for w in words]
+        return [fill_word(w, values, info) for w in split_words(command, "task_info/command")]
     argv = build_argv(command, user_params(msg.parametric_args, node_name, params), values)
     if argv is None:
         raise RejectedError("task_info/command: the tool's template needs a command")

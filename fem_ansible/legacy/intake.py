@@ -1,9 +1,9 @@
 """The one place a legacy task enters the node's intake.
 
-The mapped ``fem.task/v1`` task goes through what any task message goes through after its
-JSON parse: schema, addressing, policy (with the adapter's own datasets), the inventory
-target and the executor role.  Kept to one narrow function so that the node's single intake
-(issue 17 item 2) can replace its body without touching the adapter.
+The ``fem.task/v1`` task a ``submit_run`` was translated into goes through the node's one
+intake (fem_ansible/intake.py) as any task message after its JSON parse: schema,
+addressing, policy (with the adapter's own datasets), the inventory target and the executor
+role, every violation in one rejection.
 """
 
 from __future__ import annotations
@@ -11,24 +11,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .. import policy, schema
+from ..intake import Task
 from ..lifecycle import Node
-from ..site_roles import check_executor
+from ..signatures import HEADER
 
 
-def read_task(node: Node, task: dict[str, Any], run_datasets: Mapping[str, str]
-              ) -> dict[str, Any]:
-    """The normalised, policy-checked task of a legacy ``submit_run``.
+def read_task(node: Node, task: dict[str, Any], run_datasets: Mapping[str, str]) -> Task:
+    """The accepted task of a legacy ``submit_run``.
 
     :raises RejectedError: with the contract's code and the task id.
     """
-    config = node.config
-    ex = config.execution
-    normal = schema.read_task(task, default_executor=ex.default_executor,
-                              default_target=ex.target,
-                              resource_defaults=config.resource_defaults())
-    policy.check_addressing(normal, config)
-    policy.decide(normal, config, run_datasets)
-    node.targets.check(normal)
-    check_executor(normal, config)
-    return normal
+    return node.intake.read_value(task, run_datasets=run_datasets)
+
+
+def check_signature(node: Node, body: bytes, headers: Any) -> None:
+    """The body's ``x-fem-signature``, checked with the node's keys as a task's is
+    (nothing to check when signatures are off).
+
+    :raises RejectedError: ``signature_invalid``.
+    """
+    header = headers.get(HEADER) if isinstance(headers, Mapping) else None
+    node.intake.verifier.verify(body, header)

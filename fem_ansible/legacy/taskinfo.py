@@ -93,16 +93,21 @@ def _volumes(volumes: Any) -> tuple[str | None, str | None]:
     return sandbox, data
 
 
+def split_words(text: str, where: str) -> list[str]:
+    """``text`` split like a POSIX shell word list (quotes honoured, nothing expanded)."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise RejectedError(f"{where}: {e}") from None
+
+
 def _source(source_code: Any) -> dict[str, str] | None:
     url = source_code.get("url") if isinstance(source_code, dict) else source_code
     if url in (None, ""):
         return None
     if not isinstance(url, str):
         raise RejectedError("task_info/source_code/url: expected a string")
-    try:
-        words = shlex.split(url)
-    except ValueError as e:
-        raise RejectedError(f"task_info/source_code/url: {e}") from None
+    words = split_words(url, "task_info/source_code/url")
     if not words:
         return None
     if len(words) == 1:
@@ -136,10 +141,7 @@ def build_argv(command: Any, params: Mapping[str, Any], placeholders: Mapping[st
     base = command.get("base") or ""
     if not isinstance(base, str):
         raise RejectedError("task_info/command/base: expected a string")
-    try:
-        argv = shlex.split(base)
-    except ValueError as e:
-        raise RejectedError(f"task_info/command/base: {e}") from None
+    argv = split_words(base, "task_info/command/base")
 
     def fill(match: re.Match[str]) -> str:
         if match.group(1) not in placeholders:

@@ -1,21 +1,32 @@
-"""Write roles/*/meta/argument_specs.yml of the built-in roles from one description of the
-contract's extra-vars (docs/roles.md), so that every role declares them alike.
+"""The one description of what roles receive (DESIGN.md §6, docs/roles.md): the extra-vars'
+shapes, which of them each built-in role reads, and the roles' own settings.
 
-Run from anywhere: ``python scripts/gen_role_specs.py``; commit the files it changes.
-A role validates exactly the keys listed here (ansible rejects unknown keys of a dict with
-``options``), so a key the listener adds to ``fem_task``, ``fem_run`` or ``fem_policy`` must
-be added here first.
+Everything about those shapes is made from here, so none can drift from another:
+
+- every built-in role's ``meta/argument_specs.yml`` (:func:`argument_specs_text`);
+- the ``fem_task`` field table of docs/roles.md (:func:`fem_task_table`);
+
+and tests/test_role_contract.py holds the rest to it: the task JSON Schema has exactly these
+``fem_task`` fields (less the secrets that go to ``fem_secrets``), the normal form
+(``schema.read_task`` then ``schema.public_task``) has every one of them with its type, and
+``policy.decide``'s ``fem_policy`` has exactly the keys of :data:`FEM_POLICY`.
+``scripts/gen_docs.py`` writes the generated files; tests/test_docs.py fails when one is stale.
+
+A role validates exactly the keys listed here (Ansible rejects unknown keys of a dict with
+``options``), so a key the listener adds to ``fem_task``, ``fem_run`` or ``fem_policy`` is
+added here first.
 """
 
+from __future__ import annotations
+
 import copy
-from pathlib import Path
+from typing import Any
 
 import yaml
 
-ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
 
-
-def o(type_, desc, **kw):
+def o(type_: str, desc: str, **kw: Any) -> dict[str, Any]:
+    """One option of an argument spec."""
     d = {"description": desc, "type": type_}
     d.update(kw)
     return d
@@ -43,6 +54,17 @@ FEM_RUN = o(
     },
 )
 FEM_NODE_ID = o("str", "This node's id.", required=True)
+
+# An upload target as roles see it: the listener does the upload, with the real URL and the
+# headers, which roles never get.
+UPLOAD = {
+    "url": o("str", "Display URL (no query string, no userinfo)."),
+    "method": o("str", "HTTP method.", choices=["PUT", "POST"]),
+}
+
+# Fields of the task message that never reach fem_task: secrets, which go to fem_secrets
+# (inputs' headers) or stay with the listener (upload headers).
+SECRET_FIELDS = frozenset({"inputs[].headers", "outputs.upload.headers", "logs.upload.headers"})
 
 TASK_FULL = {
     "schema": o("str", "C(fem.task/v1)."),
@@ -72,7 +94,8 @@ TASK_FULL = {
         "The source repository, or null.",
         options={
             "repo": o(
-                "str", "Repository URL (https, ssh or git scheme, no userinfo).", required=True
+                "str", "Repository URL (https, ssh or git scheme; no password, query or fragment).",
+                required=True
             ),
             "version": o("str", "Branch, tag or commit; null for the remote HEAD."),
             "mount": o("str", "Container path of the checkout (read-only).", default="/fem/src"),
@@ -114,24 +137,37 @@ TASK_FULL = {
         "Where the task writes its outputs.",
         options={
             "path": o("str", "Container path of the output dir.", default="/fem/output"),
-            "upload": o("dict", "Upload target (display URL), or null."),
+            "upload": o("dict", "Where the listener uploads the outputs archive, or null.",
+                        options=UPLOAD),
         },
     ),
     "logs": o(
         "dict",
-        "Logs upload target, or null.",
+        "Where the logs go.",
         options={
-            "upload": o("dict", "Upload target (display URL), or null."),
+            "upload": o("dict", "Where the listener uploads the logs archive, or null.",
+                        options=UPLOAD),
         },
     ),
-    "resources": o("dict", "What the task asked for (fem_policy holds what it gets)."),
+    "resources": o(
+        "dict",
+        "What the task asked for, the site's defaults filled in (fem_policy holds what it gets).",
+        options={
+            "cpus": o("float", "CPUs (at least 0.01)."),
+            "memory": o("int", "Memory in bytes, at least 4 MiB (the message may say C(512Mi))."),
+            "gpus": o("int", "GPUs."),
+            "timeout_s": o("int", "Run time of the container in seconds."),
+        },
+    ),
     "network": o("str", "Network the task asked for."),
     "target": o("str", "Inventory host or group the task asked for."),
     "labels": o("dict", "Echoed in events."),
 }
 
 
-def fem_task(read):
+def fem_task(read: set[str]) -> dict[str, Any]:
+    """The spec of ``fem_task`` for a role that reads the fields ``read``: the others are
+    declared without their inner options (a role does not validate what it never reads)."""
     opts = {}
     for k, v in TASK_FULL.items():
         v = copy.deepcopy(v)
@@ -247,7 +283,8 @@ SECRETS_FULL = {
 }
 
 
-def fem_secrets(read):
+def fem_secrets(read: set[str]) -> dict[str, Any]:
+    """The spec of ``fem_secrets`` for a role that reads the keys ``read``."""
     opts = {}
     for k, v in SECRETS_FULL.items():
         v = copy.deepcopy(v)
@@ -396,13 +433,6 @@ ROLES = {
 }
 
 
-class D(yaml.SafeDumper):
-    def ignore_aliases(self, data):
-        return True
-
-    def increase_indent(self, flow=False, indentless=False):
-        return super().increase_indent(flow, False)
-
 
 STOP = {
     "fem_execute": (
@@ -440,19 +470,81 @@ STOP = {
     ),
 }
 
-for role, (short, opts) in ROLES.items():
-    for v in opts.values():
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, indented lists, no anchors: the layout ansible-lint and people read."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        return super().increase_indent(flow, False)
+
+
+def argument_specs(role: str) -> dict[str, Any]:
+    """The ``meta/argument_specs.yml`` document of built-in role ``role``."""
+    short, opts = ROLES[role]
+    options = copy.deepcopy(opts)
+    for v in options.values():
         if v.get("no_log") is False:
             v.pop("no_log")
-    doc = {"argument_specs": {"main": {"short_description": short, "options": opts}}}
+    doc: dict[str, Any] = {"main": {"short_description": short, "options": options}}
     if role in STOP:
-        doc["argument_specs"]["stop"] = {
-            "short_description": STOP[role][0],
-            "options": STOP[role][1],
-        }
-    text = (
+        doc["stop"] = {"short_description": STOP[role][0],
+                       "options": copy.deepcopy(STOP[role][1])}
+    return {"argument_specs": doc}
+
+
+def argument_specs_text(role: str) -> str:
+    return (
         "---\n# The contract vars (docs/roles.md) are described alike in every role:\n"
-        "# scripts/gen_role_specs.py writes these files, edit it rather than them.\n"
-        + yaml.dump(doc, Dumper=D, sort_keys=False, width=120, default_flow_style=False)
+        "# fem_ansible/role_contract.py is their source (scripts/gen_docs.py writes this "
+        "file);\n# edit it rather than this file.\n"
+        + yaml.dump(argument_specs(role), Dumper=_Dumper, sort_keys=False, width=120,
+                    default_flow_style=False)
     )
-    (ROLES_DIR / role / "meta" / "argument_specs.yml").write_text(text)
+
+
+def _md(text: str) -> str:
+    """Ansible's C(...) markup as Markdown code, for docs/roles.md."""
+    out, rest = [], text
+    while "C(" in rest:
+        before, _, after = rest.partition("C(")
+        depth, i = 1, 0
+        while i < len(after) and depth:
+            depth += {"(": 1, ")": -1}.get(after[i], 0)
+            i += 1
+        out += [before, f"`{after[:i - 1]}`"]
+        rest = after[i:]
+    return ("".join(out) + rest).replace("|", "\\|")
+
+
+def _fields(options: dict[str, Any], prefix: str) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    for name, spec in options.items():
+        path = prefix + name
+        rows.append((path, spec))
+        inner = f"{path}[]." if spec["type"] == "list" else f"{path}."
+        rows += _fields(spec.get("options", {}), inner)
+    return rows
+
+
+def fem_task_fields() -> list[tuple[str, dict[str, Any]]]:
+    """Every field of ``fem_task`` as ``(path, spec)``, depth first; list items as
+    ``name[].field``."""
+    return _fields(TASK_FULL, "")
+
+
+def fem_task_table() -> str:
+    """The ``fem_task`` table of docs/roles.md."""
+    lines = ["| field | type | meaning |", "|---|---|---|"]
+    for path, spec in fem_task_fields():
+        kind = spec["type"] + (f" of {spec['elements']}" if "elements" in spec else "")
+        extra = ""
+        if "choices" in spec:
+            extra += " One of " + ", ".join(f"`{c}`" for c in spec["choices"]) + "."
+        if "default" in spec:
+            extra += f" Default `{spec['default']}`."
+        lines.append(f"| `{path}` | {kind} | {_md(spec['description'])}{extra} |")
+    return "\n".join(lines) + "\n"
