@@ -276,6 +276,11 @@ SECRETS_FULL = {
             "headers": o("dict", "Request headers.", no_log=True),
         },
     ),
+    "env": o(
+        "dict",
+        "Container env vars passed as secrets (a legacy run's token), laid over fem_task.env.",
+        no_log=True,
+    ),
 }
 
 

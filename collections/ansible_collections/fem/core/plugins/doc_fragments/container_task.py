@@ -36,6 +36,11 @@ options:
     description: Container environment.
     type: dict
     default: {}
+  secret_env:
+    description: Container environment passed as secrets (a legacy run's token), laid over
+      I(env); its values are hidden from the module's logged arguments and results.
+    type: dict
+    default: {}
   labels:
     description: Container labels.
     type: dict

@@ -41,6 +41,8 @@ CONTAINER_OPTIONS = {
     "command": {"type": "list", "elements": "str"},
     "workdir": {"type": "str"},
     "env": {"type": "dict", "default": {}},
+    # Laid over env; hidden from the module's logged arguments and results (a legacy token).
+    "secret_env": {"type": "dict", "default": {}, "no_log": True},
     "labels": {"type": "dict", "default": {}},
     "mounts": {
         "type": "list",

@@ -294,7 +294,7 @@ class TaskRunner:
             name=p["name"],
             command=p["command"],
             working_dir=p["workdir"] or None,
-            environment={k: str(v) for k, v in p["env"].items()},
+            environment={k: str(v) for k, v in {**p["env"], **p["secret_env"]}.items()},
             labels={k: str(v) for k, v in p["labels"].items()},
             user=user,
             host_config=self.api.create_host_config(**host_config_kwargs(p)),

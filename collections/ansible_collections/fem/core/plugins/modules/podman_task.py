@@ -239,7 +239,7 @@ class PodmanTask:
         fd, env_file = tempfile.mkstemp(prefix=".env-", dir=p["log_dir"])
         os.close(fd)
         try:
-            write_env_file(env_file, p["env"])
+            write_env_file(env_file, {**p["env"], **p["secret_env"]})
             argv = run_argv(p["executable"], p, user, env_file=env_file, create=True)
             self.podman(*argv[1:])
         finally:
