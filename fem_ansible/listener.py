@@ -176,6 +176,13 @@ class Listener:
             self._consumer_tag = None
 
     def _on_task(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        if not self.has_free_slot():
+            # An adapter's consumer took the last slot (or the listener began to stop) after
+            # this message was delivered: back to the queue, for this listener once a slot
+            # frees or for another one now (DESIGN.md §5: at most max_parallel held).
+            ch.basic_nack(method.delivery_tag, requeue=True)
+            self._update_consumer()
+            return
         try:
             task = self.node.read(body, props.headers)
         except RejectedError as e:
