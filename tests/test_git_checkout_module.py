@@ -148,7 +148,8 @@ def test_ssh_gets_the_options(tmp_path: Path):
     assert "BatchMode=yes" in args and "StrictHostKeyChecking=accept-new" in args, args
 
 
-@pytest.mark.parametrize("version", ["--upload-pack=touch pwned", "-b", "a b", "$(touch pwned)"])
+@pytest.mark.parametrize("version", ["--upload-pack=touch pwned", "-b", "a b", "$(touch pwned)",
+                                     "main\n", "v1\n--upload-pack=x"])
 def test_a_version_is_never_an_option_or_a_shell_word(repo, tmp_path: Path, version: str):
     rc, out = checkout(tmp_path, repo=repo["url"], dest=str(tmp_path / "src"), version=version)
     assert rc == 1 and "Invalid version" in out["msg"], out

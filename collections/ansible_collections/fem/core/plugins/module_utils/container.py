@@ -78,7 +78,7 @@ _TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\
 def parse_engine_time(value):
     """Epoch seconds of an engine's RFC 3339 (nanosecond) time (Docker's and podman's
     ``State.StartedAt``), None when unset (``0001-01-01…``)."""
-    match = _TS_RE.match(value or "")
+    match = _TS_RE.fullmatch(value or "")
     if not match or match.group(1).startswith("0001-"):
         return None
     base, frac, zone = match.groups()

@@ -153,7 +153,7 @@ def main():
     )
     p = module.params
     repo, dest, version, depth = p["repo"], p["dest"], p["version"], p["depth"]
-    if version != "HEAD" and not NAME.match(version):
+    if version != "HEAD" and not NAME.fullmatch(version):
         module.fail_json(msg=f"Invalid version {version!r}: a branch, tag or commit id")
     if repo.startswith("-"):
         module.fail_json(msg=f"Invalid repository {repo!r}")
@@ -184,7 +184,7 @@ def main():
         empty(module, dest)
     except OSError as exc:
         module.fail_json(msg=f"Cannot empty {dest}: {exc}")
-    commit = version != "HEAD" and COMMIT.match(version)
+    commit = version != "HEAD" and COMMIT.fullmatch(version)
     clone = ["clone", "--origin", "origin"]
     if depth and not commit:
         clone += ["--depth", str(depth)]
