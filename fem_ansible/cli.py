@@ -121,16 +121,17 @@ def listen(config_path: str, log_format: str, metrics_port: int | None,
     """
     setup_logging(log_format, path=log_file)
     config = _config(config_path, scrub=True)
+    from .legacy import adapters
     from .listener import Listener
 
     with _config_errors():
         if metrics_port is None:
-            Listener(config).run()
+            Listener(config, adapters=adapters(config)).run()
             return
         from .metrics import Metrics
 
         metrics = Metrics(config)
-        listener = Listener(config, observer=metrics)
+        listener = Listener(config, observer=metrics, adapters=adapters(config))
         metrics.watch(listener)
         try:
             metrics.serve(metrics_port, metrics_address)
@@ -251,12 +252,16 @@ def doctor(config_path: str) -> None:
               show_default=True, help="Where to write config.yml and inventory.yml.")
 @click.option("--broker-url", default=None, help="The broker's AMQP URL.")
 @click.option("--work-dir", default=None, help="execution.work_dir (default /var/lib/fem-ansible).")
-def init(node_id: str, directory: str, broker_url: str | None, work_dir: str | None) -> None:
+@click.option("--legacy", is_flag=True,
+              help="Also serve the original FEM-client protocol, with a commented tool "
+                   "catalogue to fill in (docs/legacy.md).")
+def init(node_id: str, directory: str, broker_url: str | None, work_dir: str | None,
+         legacy: bool) -> None:
     """Write a starter config (every key, commented) and inventory for this site."""
     from .init import init_site
 
     try:
-        written = init_site(Path(directory), node_id, broker_url, work_dir)
+        written = init_site(Path(directory), node_id, broker_url, work_dir, legacy=legacy)
     except ConfigError as e:
         click.echo(f"fem-ansible: {e}", err=True)
         sys.exit(EXIT_USAGE)

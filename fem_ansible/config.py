@@ -295,6 +295,52 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class LegacyMountConfig:
+    source: str = _doc(
+        "What is mounted: `sandbox` or `sandbox/<dir>` (the run's sandbox: writable, its "
+        "files land in the sandbox after the run), `data` or `data/<dir>` (under "
+        "`legacy.data_path`, read-only), or an absolute host path of the site's (read-only)."
+    )
+    mount: str = _doc("Where the task's container sees it.")
+
+
+@dataclass(frozen=True)
+class LegacyToolConfig:
+    image: str | None = _doc(
+        "Image the site runs for this tool (checked by `policy.images`); none with "
+        "`from_task_info`.", default=None
+    )
+    from_task_info: bool = _doc(
+        "Run the task the message's own `task_info` describes (its image, volumes, "
+        "var_envs, command), as far as the policy allows; the other keys are then unused.",
+        default=False,
+    )
+    command: list[str] | None = _doc(
+        "Argv template (never a shell): `%%placeholders%%` are filled in each word; a word "
+        "that is exactly `%%TASK_COMMAND%%` becomes the words of `task_info.command`; "
+        "`%%token%%` is refused here (env only).", default=None
+    )
+    workdir: str | None = _doc("Working directory in the container.", default=None)
+    params: list[str] = _doc(
+        "Per-node sections of `parametric_args` this tool also reads, laid under this "
+        "node's own (e.g. `[server]` for a federated server tool).", default_factory=list
+    )
+    env: dict[str, str] = _doc(
+        "Container environment; values may hold `%%placeholders%%`; a value that is exactly "
+        "`%%token%%` is passed as a secret (never in argv, logs or events).",
+        default_factory=dict,
+    )
+    mounts: list[LegacyMountConfig] = _doc("What the task's container sees.",
+                                          default_factory=list)
+    network: str = _doc("Container network (`none`, or one `policy.networks` allows).",
+                        default="none")
+    cpus: float | None = _doc("CPUs; default the site's.", default=None)
+    memory: int | None = _doc("Memory (bytes or `2Gi`); default the site's.", default=None)
+    gpus: int | None = _doc("GPUs; default none.", default=None)
+    timeout_s: int | None = _doc("Run time; default the site's.", default=None)
+
+
+@dataclass(frozen=True)
 class LegacyConfig:
     enabled: bool = _doc("Also serve the original FEM-client protocol.", default=False)
     queue: str | None = _doc("Queue of the legacy protocol; default the node id.", default=None)
@@ -303,7 +349,24 @@ class LegacyConfig:
     site_vars: dict[str, str] = _doc(
         "Values of `$NAME` placeholders in legacy tasks.", default_factory=dict
     )
-    chunk_size: int = _doc("Bytes of result per reply chunk.", default=65536)
+    chunk_size: int = _doc(
+        "Characters of the base64-encoded result per reply chunk.", default=65536
+    )
+    tools: dict[str, LegacyToolConfig] = _doc(
+        "The site's tool catalogue (its json_launcher.json): per `tool_id` (`*`: any other) "
+        "the task a `submit_run` of that tool runs; a tool not listed is refused.",
+        default_factory=dict,
+    )
+    max_transfer_bytes: int = _doc(
+        "Most bytes of files one `send_files` serves or one `receive_files` writes.",
+        default=1024**3,
+    )
+    api_base_url: str | None = _doc("Value of `%%api_base_url%%` in tool templates.",
+                                    default=None)
+    reply: Literal["stdout", "record"] = _doc(
+        "`submit_run` reply: the command's stdout JSON (as the real client), or fem-ansible's "
+        "process-info record around it.", default="stdout"
+    )
 
 
 @dataclass(frozen=True)
@@ -350,7 +413,8 @@ class Config:
 
 
 # Byte-sized fields accept `2Gi`-style strings; every other int field takes a plain integer.
-_BYTE_FIELDS = {"memory", "input_bytes", "output_bytes", "log_bytes", "max_message_bytes"}
+_BYTE_FIELDS = {"memory", "input_bytes", "output_bytes", "log_bytes", "max_message_bytes",
+                "max_transfer_bytes"}
 
 
 def _convert(value: Any, hint: Any, path: str) -> Any:

@@ -35,9 +35,43 @@ all:
 """
 
 
+# Written at the end of the config by ``init --legacy``, inside its ``legacy:`` section (the
+# last one): the site's tool catalogue, commented, one entry per json_launcher.json entry.
+LEGACY_CATALOGUE = """\
+  # The site's tool catalogue: one entry per entry of the original client's
+  # json_launcher.json (docs/legacy.md, "Mapping a json_launcher.json"). A submit_run of a
+  # tool not listed here is refused. Uncomment, then name images policy.images allows.
+  # tools:
+  #   # Kaapana's fem-adapter; the message's task_info.command becomes the argv words.
+  #   kaapana-fem-adapter:
+  #     image: registry.example.org/kaapana/fem-adapter:1.0
+  #     command: ["%%TASK_COMMAND%%"]
+  #     # the token only ever as an env value: passed as a secret, never in argv or logs
+  #     env: {FEM_TOKEN: "%%token%%", EXECUTION_ID: "%%execution_id%%"}
+  #     mounts:
+  #       - {source: sandbox, mount: /sandbox}     # <sandbox_path>/<user>/<execution>/
+  #   # DataTools4Heart flcore: a sandbox sub-directory, the site's certificates read-only,
+  #   # its SSL variables; its ports need a network the policy allows (policy.networks).
+  #   flcore-client:
+  #     image: registry.example.org/dt4h/flcore:1.0
+  #     command: ["python", "client.py", "--node", "%%node_name%%",
+  #               "--sandbox", "%%sandbox_fem%%"]
+  #     env: {FLOWER_SSL_CACERT: /certs/rootCA_cert.pem}
+  #     mounts:
+  #       - {source: sandbox/flcore, mount: /sandbox}
+  #       - {source: /etc/fem-ansible/rabbitmq-certificates, mount: /certs}
+  #     network: host
+  #     memory: 2Gi
+  #   # health-check is built in (as a tool and as an action): no entry needed.
+"""
+
+
 def init_site(directory: Path, node_id: str, broker_url: str | None = None,
-              work_dir: str | None = None) -> list[Path]:
+              work_dir: str | None = None, legacy: bool = False) -> list[Path]:
     """Write ``config.yml`` and ``inventory.yml`` into ``directory``.
+
+    :param legacy: also serve the original FEM-client protocol: ``legacy.enabled`` and a
+        sandbox path set, and a commented tool catalogue to fill in.
 
     :returns: the files written.
     :raises ConfigError: when either file exists already, or when the config would not be
@@ -53,7 +87,13 @@ def init_site(directory: Path, node_id: str, broker_url: str | None = None,
         values["broker.url"] = json.dumps(broker_url)
     if work_dir:
         values["execution.work_dir"] = json.dumps(work_dir)
+    if legacy:
+        values["legacy.enabled"] = "true"
+        values["legacy.sandbox_path"] = json.dumps(
+            str(Path(work_dir or "/var/lib/fem-ansible") / "sandbox"))
     text = example_config(node_id=node_id, values=values)
+    if legacy:
+        text = text.rstrip("\n") + "\n" + LEGACY_CATALOGUE
     parse_config(text, config_path, environ={})
     directory.mkdir(parents=True, exist_ok=True)
     # the config may come to hold a broker password: readable by its owner only

@@ -59,6 +59,14 @@ class NodeObserver:
         """``sent`` of ``total`` bytes of a task's ``kind`` archive are uploaded."""
 
 
+# Datasets resolved for one task by whoever brought it (name -> host path), besides the
+# site's: a protocol adapter's (the legacy sandbox and data path); never from a message.
+RunDatasets = Callable[[Mapping[str, Any]], Mapping[str, str]]
+# Container env vars passed to one task as secrets (``fem_secrets.env``): a protocol
+# adapter's (the legacy token); never journaled, never in fem_task.
+RunSecretEnv = Callable[[Mapping[str, Any]], Mapping[str, str]]
+
+
 class Node:
     """This node's task service.
 
@@ -66,11 +74,16 @@ class Node:
     :param journal: the node's journal.
     :param notify: called (from any thread) after an event was journaled.
     :param observer: told of every event and upload progress (metrics, progress display).
+    :param run_datasets: the per-task datasets of protocol adapters (``policy.decide``'s
+        ``run_datasets``), asked again at each attempt so recovery resolves them the same.
+    :param run_secret_env: the per-task secret container env of protocol adapters.
     """
 
     def __init__(self, config: Config, journal: Journal,
                  notify: Callable[[], None] = lambda: None,
-                 observer: NodeObserver | None = None):
+                 observer: NodeObserver | None = None,
+                 run_datasets: RunDatasets = lambda task: {},
+                 run_secret_env: RunSecretEnv = lambda task: {}):
         self.config = config
         self.journal = journal
         self.notify = notify
@@ -89,9 +102,8 @@ class Node:
         # Set when the listener shuts down: running playbooks are stopped and their tasks
         # left, unreported, to the next listener's recovery.
         self.abandon = threading.Event()
-        # Datasets the listener resolves per task (name -> host path), besides the site's:
-        # the legacy protocol sets this (fem_ansible/legacy.py); messages never can.
-        self.run_datasets: Callable[[dict[str, Any]], dict[str, str]] = lambda task: {}
+        self.run_datasets = run_datasets
+        self.run_secret_env = run_secret_env
 
     # -- intake --------------------------------------------------------------------------
 
@@ -441,6 +453,7 @@ class _Execution(RunHooks):
             "registry_auth": registry_auth,
             "git": git,
             "inputs": [{"url": i["url"], "headers": i["headers"]} for i in task["inputs"]],
+            "env": dict(self.node.run_secret_env(task)),
         }
 
     def _should_stop(self) -> bool:

@@ -16,6 +16,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,11 +24,11 @@ import pika
 import pika.exceptions
 
 from . import broker
+from .adapters import Adapter, AdapterFactory
 from .config import Config
 from .errors import ConfigError, RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal
-from .legacy import LegacyConsumer
 from .lifecycle import Node, NodeObserver
 from .logs import reopen_log_files, task_context
 
@@ -38,12 +39,18 @@ RECONNECT_MAX_S = 30.0
 
 
 class Listener:
-    """The service.  ``run()`` blocks until :meth:`stop` (or a signal) ends it."""
+    """The service.  ``run()`` blocks until :meth:`stop` (or a signal) ends it.
 
-    def __init__(self, config: Config, observer: NodeObserver | None = None):
+    :param adapters: protocol adapters served on the same connection and worker slots
+        (fem_ansible/adapters.py), each made from this listener's public surface.
+    """
+
+    def __init__(self, config: Config, observer: NodeObserver | None = None,
+                 adapters: Sequence[AdapterFactory] = ()):
         self.config = config
         self.journal = Journal(config.work_dir / "journal.sqlite")
-        self.node = Node(config, self.journal, notify=self._notify, observer=observer)
+        self.node = Node(config, self.journal, notify=self._notify, observer=observer,
+                         run_datasets=self._run_datasets, run_secret_env=self._run_secret_env)
         self.pool = ThreadPoolExecutor(config.execution.max_parallel,
                                        thread_name_prefix="fem-task")
         self.running: dict[str, tuple[Future[Any], threading.Event]] = {}
@@ -57,8 +64,7 @@ class Listener:
         self._stop_now = threading.Event()
         self._connected = threading.Event()
         self._reload_lock = threading.Lock()
-        # The original FEM-client protocol (DESIGN.md §9), all of it in fem_ansible/legacy.py.
-        self.legacy = LegacyConsumer(self) if config.legacy.enabled else None
+        self.adapters: list[Adapter] = [make(self) for make in adapters]
 
     # -- public --------------------------------------------------------------------------
 
@@ -110,12 +116,12 @@ class Listener:
         control_ch = conn.channel()
         control_ch.basic_consume(self._names.control, self._on_control)
         self._consumer_tag = None
-        if self.legacy:
-            self.legacy.attach(conn)
+        for adapter in self.adapters:
+            adapter.attach(conn)
         self._connected.set()
         log.info("connected to the broker; node %s, listener %s, %d slot(s)",
                  self.config.node_id, self.config.listener_id, self.config.execution.max_parallel)
-        self._publish_pending()
+        self.publish_pending()
         self._update_consumer()
         next_beat = 0.0
         grace_end: float | None = None
@@ -139,19 +145,30 @@ class Listener:
         conn, self._connection = self._connection, None
         self._tasks_ch = self._events_ch = None
         self._consumer_tag = None
-        if self.legacy:
-            self.legacy.detach()
+        for adapter in self.adapters:
+            adapter.detach()
         if conn is not None and conn.is_open:
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                 conn.close()
 
+    def has_free_slot(self) -> bool:
+        """Whether a task launched now would run at once: not stopping, and fewer than
+        ``execution.max_parallel`` tasks held."""
+        return not self._stopping.is_set() and \
+            len(self.running) < self.config.execution.max_parallel
+
+    def running_count(self) -> int:
+        return len(self.running)
+
     def _update_consumer(self) -> None:
-        """Consume tasks only while a slot is free and the listener is not stopping."""
+        """Consume tasks (and adapters' messages) only while a slot is free and the
+        listener is not stopping."""
+        want = self.has_free_slot()
+        for adapter in self.adapters:
+            adapter.slots_changed(want)
         ch = self._tasks_ch
         if ch is None or not ch.is_open or self._names is None:
             return
-        want = not self._stopping.is_set() and len(self.running) < \
-            self.config.execution.max_parallel
         if want and self._consumer_tag is None:
             self._consumer_tag = ch.basic_consume(self._names.tasks, self._on_task)
         elif not want and self._consumer_tag is not None:
@@ -159,6 +176,13 @@ class Listener:
             self._consumer_tag = None
 
     def _on_task(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        if not self.has_free_slot():
+            # An adapter's consumer took the last slot (or the listener began to stop) after
+            # this message was delivered: back to the queue, for this listener once a slot
+            # frees or for another one now (DESIGN.md §5: at most max_parallel held).
+            ch.basic_nack(method.delivery_tag, requeue=True)
+            self._update_consumer()
+            return
         try:
             task = self.node.read(body, props.headers)
         except RejectedError as e:
@@ -175,7 +199,7 @@ class Listener:
         _event, existing = self.node.accept(task)
         tid = task.task_id
         if existing is not None and (existing.terminal or tid in self.running):
-            self._publish_pending()
+            self.publish_pending()
             ch.basic_ack(method.delivery_tag)
             return
         # New, or journaled by an earlier delivery that was never acked: run it.
@@ -186,13 +210,13 @@ class Listener:
                      err: RejectedError) -> None:
         """A refused task message: journaled REJECTED, dead-lettered with its code, acked."""
         self.node.reject(err)
-        self._publish_pending()
+        self.publish_pending()
         self._dead_letter(body, props, err.code)
         ch.basic_ack(method.delivery_tag)
 
     def launch(self, task_id: str) -> None:
         """Run a task just journaled (on the connection thread)."""
-        self._publish_pending()
+        self.publish_pending()
         self._start(task_id)
         self._update_consumer()
 
@@ -209,10 +233,10 @@ class Listener:
             log.exception("reading a control message failed; ignored")
             ch.basic_ack(method.delivery_tag)
             return
-        self.cancel_task(msg["task_id"])
+        self.cancel(msg["task_id"])
         ch.basic_ack(method.delivery_tag)
 
-    def cancel_task(self, tid: str) -> bool:
+    def cancel(self, tid: str) -> bool:
         """Record a cancel (a task that comes later never starts) and stop the task when it
         runs here; returns whether it did."""
         self.journal.record_cancel(tid)
@@ -233,7 +257,7 @@ class Listener:
                                  headers=headers),
         )
 
-    def _publish_pending(self) -> None:
+    def publish_pending(self) -> None:
         """Publish journaled events in order, each marked once the broker confirmed it."""
         ch = self._events_ch
         while ch is not None and ch.is_open:
@@ -266,20 +290,36 @@ class Listener:
         try:
             with task_context(task_id):
                 event = self.node.execute(task_id, cancel)
-            if self.legacy:
-                self.legacy.finished(task_id, event)
+            for adapter in self.adapters:
+                adapter.finished(task_id, event)
         except Exception:
             log.exception("task %s: unexpected error; left to recovery", task_id,
                           extra={"task_id": task_id})
         finally:
             with self._lock:
                 self.running.pop(task_id, None)
-            self._call_on_connection(self._update_consumer)
+            self.call_on_connection(self._update_consumer)
+
+    def _run_datasets(self, task: Mapping[str, Any]) -> dict[str, str]:
+        """Node's hook: the datasets the adapters resolve for one of their tasks."""
+        out: dict[str, str] = {}
+        for adapter in self.adapters:
+            out.update(adapter.run_datasets(task))
+        return out
+
+    def _run_secret_env(self, task: Mapping[str, Any]) -> dict[str, str]:
+        """Node's hook: the secret container env the adapters hold for one of their tasks."""
+        out: dict[str, str] = {}
+        for adapter in self.adapters:
+            out.update(adapter.run_secret_env(task))
+        return out
 
     def _notify(self) -> None:
-        self._call_on_connection(self._publish_pending)
+        self.call_on_connection(self.publish_pending)
 
-    def _call_on_connection(self, fn: Any) -> None:
+    def call_on_connection(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the connection thread soon; while disconnected it is dropped (the
+        next connection's start does what is pending)."""
         conn = self._connection
         if conn is None or not self._connected.is_set():
             return  # events wait in the journal; the next connection publishes them
@@ -332,8 +372,8 @@ class Listener:
 
     def _shutdown(self) -> None:
         self.node.abandon.set()
-        if self.legacy:
-            self.legacy.close()
+        for adapter in self.adapters:
+            adapter.close()
         self.pool.shutdown(wait=not self._stop_now.is_set(), cancel_futures=True)
         self.journal.close()
 

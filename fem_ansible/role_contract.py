@@ -208,8 +208,9 @@ FEM_POLICY = o(
         "no_new_privileges": o("bool", "Set no-new-privileges.", required=True),
         "tmpfs": o("dict", "Container path to tmpfs options.", required=True),
         "log_bytes": o("int", "Maximum size of each of stdout.log and stderr.log.", required=True),
-        "input_bytes": o("int", "Maximum size of each downloaded input.", required=True),
-        "output_bytes": o("int", "Maximum size of the output dir.", required=True),
+        "input_bytes": o("int", "Maximum total size of the downloaded inputs.", required=True),
+        "output_bytes": o("int", "Maximum size of the output dir; while the task runs, of "
+                          "output and scratch together.", required=True),
         "slurm": o(
             "dict",
             "Site settings of the Slurm executor (C(execution.slurm)); never from the message.",
@@ -274,6 +275,11 @@ SECRETS_FULL = {
             "url": o("str", "The real URL, query string included.", required=True, no_log=True),
             "headers": o("dict", "Request headers.", no_log=True),
         },
+    ),
+    "env": o(
+        "dict",
+        "Container env vars passed as secrets (a legacy run's token), laid over fem_task.env.",
+        no_log=True,
     ),
 }
 

@@ -285,6 +285,26 @@ def ansible_env(ident: str, strategy: str, collections: Path,
     return env
 
 
+# What a run takes from the listener's environment besides its own variables (ansible_env):
+# locale and time zone, who and where it is, and how to reach the engines, the agent and
+# Slurm. Anything else there (a service manager's or an operator's secrets) stays out of
+# the run, whose processes would see it and whose artifacts (artifacts/<ident>/command)
+# would keep it.
+PASSED_ENV = frozenset({
+    "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ",
+    "TMPDIR", "DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "DOCKER_CONFIG",
+    "CONTAINER_HOST", "CONTAINER_CONNECTION", "XDG_RUNTIME_DIR", "SSH_AUTH_SOCK",
+    "SLURM_CONF", "KRB5CCNAME",
+})
+
+
+def confine_env(env: dict[str, str], own: dict[str, str]) -> dict[str, str]:
+    """``env`` (ansible-runner's: the listener's whole environment, the run's ``own``
+    variables and ansible-runner's) without the listener's variables not in PASSED_ENV."""
+    return {key: value for key, value in env.items()
+            if key in own or key in PASSED_ENV or os.environ.get(key) != value}
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -362,7 +382,11 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     command = playbook_command("--vault-id", f"{vault.VAULT_ID}@prompt",
                                "-e", f"@{secrets_file}", str(spec.playbook))
     started = time.monotonic()
-    runner = ansible_runner.run(
+    envvars = {**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
+               **spec.env}
+    # ansible_runner.run is init_runner + run(); between them the run's environment, which
+    # ansible-runner starts from the listener's, is confined (PASSED_ENV).
+    runner = ansible_runner.interface.init_runner(
         private_data_dir=str(pdd),
         ident=spec.ident,
         project_dir=str(workdir),
@@ -371,8 +395,7 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         inventory=str(spec.inventory),
         limit=spec.limit,
         roles_path=spec.roles_path,
-        envvars={**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
-                 **spec.env},
+        envvars=envvars,
         cmdline=shlex.join(command[1:]),
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,
@@ -384,6 +407,8 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         event_handler=on_event,
         cancel_callback=on_cancel,
     )
+    runner.config.env = confine_env(runner.config.env, envvars)
+    runner.run()
     # Whatever ended the run, nothing of it may outlive it.
     kill_processes(spec.ident)
     if spec.ssh_control_dir is not None:

@@ -26,7 +26,8 @@ def module_params(decided: dict, mounts: list[dict]) -> dict:
     return {"mounts": mounts, "read_only": decided["read_only"], "cap_drop": decided["cap_drop"],
             "no_new_privileges": decided["no_new_privileges"], "tmpfs": decided["tmpfs"],
             "pids_limit": decided["pids"], "memory": decided["memory"], "cpus": decided["cpus"],
-            "gpus": decided["gpus"], "network_mode": decided["network"]}
+            "gpus": decided["gpus"], "network_mode": decided["network"],
+            "log_bytes": decided["log_bytes"]}
 
 
 def engine_settings(params: dict) -> HostConfig:

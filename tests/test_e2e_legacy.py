@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import sqlite3
+import time
 
 import pytest
 
@@ -57,6 +59,8 @@ def legacy_site(site, tmp_path):
         "enabled": True, "sandbox_path": str(sandbox),
         "data_path": str(tmp_path / "data" / "cohort"),
         "site_vars": {"SITE_NAME": "site-one"}, "chunk_size": CHUNK,
+        # The message's own task definition, and fem-ansible's richer reply record.
+        "tools": {"*": {"from_task_info": True}}, "reply": "record",
     })
     listener = site.listener(config)
     orch = LegacyOrchestrator(site.node)
@@ -84,12 +88,13 @@ def test_submit_run_send_files_and_exit_codes(legacy_site):
         "execution_id": "e-ok", "action": "submit_run", "tool_id": "tool-1",
         "task_id": "sandbox-writer", "user_id": "alice", "node": site.node}
     assert info["starting_time"] <= info["finish_time"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", info["finish_time"])
     # The tool's stdout is the result (the original's contract), here bigger than a chunk.
     assert info["result"] == {"ok": True, "pad": "0" * 9000}
     assert orch.chunk_counts[ok] > 1
 
     # The outputs are in the run's sandbox on the listener's host.
-    out = site.sandbox / "alice" / "e-ok" / "output"
+    out = site.sandbox / "alice" / "e-ok"  # the sandbox root, as the real client's
     assert (out / "out.txt").read_text() == "site=site-one\nhello-received\n"
     assert (out / "sub" / "copy.csv").read_text().startswith("id,age")
 
@@ -100,7 +105,8 @@ def test_submit_run_send_files_and_exit_codes(legacy_site):
     sent = orch.call(legacy_body("send_files", execution_id="e-ok"))
     assert sent["status"] == "success"
     files = {f["path"]: base64.b64decode(f["data"]) for f in sent["files"]}
-    assert files == {"out.txt": b"site=site-one\nhello-received\n",
+    assert files == {"in.txt": b"hello-received\n",
+                     "out.txt": b"site=site-one\nhello-received\n",
                      "sub/copy.csv": (out / "sub" / "copy.csv").read_bytes()}
     assert all(hashlib.sha256(files[f["path"]]).hexdigest() == f["sha256"]
                for f in sent["files"])
@@ -109,12 +115,27 @@ def test_submit_run_send_files_and_exit_codes(legacy_site):
     assert other["status"] == "error"
 
     health = orch.call(legacy_body("health-check", execution_id=None))
-    assert health["status"] == "success"
     assert health["paths_check"]["sandbox_path_exists"] is True
     assert health["paths_check"]["data_path_exists"] is True
     assert health["installation_check"]["docker_version"]
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
     assert "token-secret-1" not in (site.work_dir / "audit.jsonl").read_text()
+
+
+def test_a_5_mib_reply_reassembles_the_orchestrators_way(legacy_site):
+    """A tool printing 5 MiB of JSON: its reply, in chunks of CHUNK base64 characters, is
+    joined, decoded once and checked by the test orchestrator as the real one does."""
+    orch = legacy_site.legacy
+    size = 5 * 1024 * 1024
+    script = (f"head -c {size} /dev/zero > /tmp/z && printf '{{\"pad\": \"'"
+              " && tr '\\000' a < /tmp/z && printf '\"}'")
+    info = task_info(command={"base": "sh -c", "args": [
+        {"id": "script", "type": "string", "default_value": script, "position": 1}]})
+    corr = orch.send(legacy_body("submit_run", task_info=info, execution_id="e-big"))
+    result = orch.result(corr)
+    assert result["status"] == "success", {k: v for k, v in result.items() if k != "result"}
+    assert result["result"] == {"pad": "a" * size}
+    assert orch.chunk_counts[corr] > size // CHUNK
 
 
 def test_hostile_legacy_messages_are_answered_and_nothing_runs(legacy_site, tmp_path):
@@ -155,7 +176,7 @@ def test_hostile_legacy_messages_are_answered_and_nothing_runs(legacy_site, tmp_
     assert cancel["status"] == "success" and cancel["cancel"] == "recorded"
     info = orch.call(legacy_body("submit_run", task_info=task_info(), execution_id="c1"))
     assert info["status"] == "cancelled" and info["return_code"] is None
-    assert orch.call(legacy_body("pre_checks", execution_id=None))["status"] == "success"
+    assert "resources_check" in orch.call(legacy_body("pre_checks", execution_id=None))
 
     # Nothing ran: no marker, no container, no run dir but the cancelled one's.
     assert not marker1.exists() and not marker2.exists()
@@ -167,3 +188,48 @@ def test_hostile_legacy_messages_are_answered_and_nothing_runs(legacy_site, tmp_
     assert not (site.sandbox / "alice" / "h5").exists() or \
         not any((site.sandbox / "alice" / "h5").rglob("x"))
     assert site.proc.alive
+
+
+def test_legacy_runs_obey_max_parallel(site, tmp_path):
+    """With one slot, a second submit_run waits in the broker (the legacy queue is not
+    consumed while the slot is taken), not inside the listener; then it runs too."""
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    config = site.config(
+        execution={"work_dir": str(site.work_dir), "max_parallel": 1,
+                   "shutdown_grace_s": 30},
+        legacy={"enabled": True, "sandbox_path": str(sandbox),
+                "data_path": str(tmp_path / "data" / "cohort"),
+                "site_vars": {"SITE_NAME": "s"}, "chunk_size": CHUNK,
+                "tools": {"*": {"from_task_info": True}}, "reply": "record"})
+    proc = site.listener(config)
+    orch = LegacyOrchestrator(site.node)
+    try:
+        slow = task_info(command={"base": "sh -c", "args": [
+            {"id": "s", "type": "string", "position": 1,
+             "default_value": "sleep 6 && echo '{\"n\": 1}'"}]})
+        first = orch.send(legacy_body("submit_run", task_info=slow, execution_id="p1"))
+        db = site.work_dir / "journal.sqlite"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if db.exists() and _states(db).get("legacy-p1") == "RUNNING":
+                break
+            time.sleep(0.2)
+        second = orch.send(legacy_body("submit_run", task_info=slow, execution_id="p2"))
+        time.sleep(2)
+        # p2 is still in the broker's queue, not journaled and waiting in the listener.
+        assert orch.ch.queue_declare(site.node, passive=True).method.message_count == 1
+        assert "legacy-p2" not in _states(db)
+        assert orch.result(first)["result"] == {"n": 1}
+        assert orch.result(second)["result"] == {"n": 1}
+        assert proc.alive
+    finally:
+        orch.close()
+
+
+def _states(db) -> dict[str, str]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT task_id, state FROM tasks"))
+    finally:
+        conn.close()

@@ -2,7 +2,8 @@
 ``execution.roles_path``, through a real listener and the real services.
 
 - its ``fem_stage_out`` replaces the built-in one: the outputs archive carries the manifest
-  only the site's role writes;
+  only the site's role writes, written outside the container's output dir (a link the task
+  plants there in its name does not make the host write through it, issue 18);
 - its ``fem_executor_audited`` is a site executor: a task naming it runs through it (its
   note is in the task's logs) once ``policy.executors.allow`` lists it; it writes that note
   with ``community.general.ini_file``, which runs see only through
@@ -12,6 +13,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 
 import pytest
 import yaml
@@ -24,8 +27,10 @@ pytestmark = pytest.mark.e2e
 SITE_ROLES = REPO / "examples" / "site" / "roles"
 
 
-def test_site_roles_replace_and_add(site):
+def test_site_roles_replace_and_add(site, tmp_path):
     env, orch = site.env, site.orchestrator
+    victim = tmp_path / "host-file.txt"
+    victim.write_text("the host's\n")
     example = yaml.safe_load((SITE_ROLES.parent / "config.yml").read_text())["execution"]
     config = site.config(execution={"work_dir": str(site.work_dir), "max_parallel": 2,
                                     "roles_path": [str(SITE_ROLES)],
@@ -34,7 +39,9 @@ def test_site_roles_replace_and_add(site):
     data["policy"]["executors"] = {"allow": ["docker", "audited"]}
     config.write_text(yaml.safe_dump(data))
     site.listener(config)
-    orch.publish(site.task("site-stage-out"))
+    task = site.task("site-stage-out")
+    task["command"][-1] += f" && ln -s {victim} /fem/output/MANIFEST.sha256"
+    orch.publish(task)
     orch.publish(site.task("site-executor", executor="audited"))
 
     replaced = orch.wait_terminal("site-stage-out")
@@ -42,6 +49,10 @@ def test_site_roles_replace_and_add(site):
     outputs = tar_members(uploaded_file(env, replaced["outputs"]["url"]))
     digest = hashlib.sha256(outputs["result.txt"]).hexdigest()
     assert outputs["MANIFEST.sha256"].decode() == f"{digest}  ./result.txt\n"
+    assert victim.read_text() == "the host's\n"
+    with tarfile.open(fileobj=io.BytesIO(uploaded_file(env, replaced["outputs"]["url"]))) as tar:
+        manifests = [m for m in tar.getmembers() if m.name.endswith("MANIFEST.sha256")]
+    assert [(m.name, m.isfile()) for m in manifests] == [("MANIFEST.sha256", True)]
     logs = tar_members(uploaded_file(env, replaced["logs"]["url"]))
     assert "site-executor.txt" not in logs and b"task-done" in logs["stdout.log"]
 

@@ -1,7 +1,8 @@
 """fem.core's ``git_checkout`` module, run as Ansible runs a module (its arguments in a JSON
 file), on real repositories with real git: HEAD, branches, tags and commit ids, depth,
-submodules, a directory left by an interrupted attempt, the SSH options it gives git, and
-versions that try to be options."""
+submodules, a directory left by an interrupted attempt, the SSH options it gives git,
+versions that try to be options, and what git must not do for a task: read the host's
+config, run an LFS filter, follow an HTTP redirect (issue 18)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.upload_server import UploadServer
 
 MODULE = (Path(__file__).resolve().parents[1] / "collections" / "ansible_collections" / "fem"
           / "core" / "plugins" / "modules" / "git_checkout.py")
@@ -145,7 +148,8 @@ def test_ssh_gets_the_options(tmp_path: Path):
     assert "BatchMode=yes" in args and "StrictHostKeyChecking=accept-new" in args, args
 
 
-@pytest.mark.parametrize("version", ["--upload-pack=touch pwned", "-b", "a b", "$(touch pwned)"])
+@pytest.mark.parametrize("version", ["--upload-pack=touch pwned", "-b", "a b", "$(touch pwned)",
+                                     "main\n", "v1\n--upload-pack=x"])
 def test_a_version_is_never_an_option_or_a_shell_word(repo, tmp_path: Path, version: str):
     rc, out = checkout(tmp_path, repo=repo["url"], dest=str(tmp_path / "src"), version=version)
     assert rc == 1 and "Invalid version" in out["msg"], out
@@ -156,3 +160,71 @@ def test_a_repo_is_never_an_option(tmp_path: Path):
     rc, out = checkout(tmp_path, repo="--upload-pack=touch pwned", dest=str(tmp_path / "src"))
     assert rc == 1 and "Invalid repository" in out["msg"], out
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_hosts_git_config_is_not_read(repo, tmp_path: Path):
+    """A system and a global config that would send the clone elsewhere (``insteadOf``) are
+    not read: git runs without the system's, with only the run's own global config."""
+    hostile = tmp_path / "hostile.gitconfig"
+    hostile.write_text('[url "file:///nonexistent/"]\n    insteadOf = file://\n')
+    home = tmp_path / "home"
+    (home / ".config" / "git").mkdir(parents=True)
+    (home / ".gitconfig").write_text(hostile.read_text())
+    (home / ".config" / "git" / "config").write_text(hostile.read_text())
+    env = {"GIT_CONFIG_SYSTEM": str(hostile), "HOME": str(home),
+           "XDG_CONFIG_HOME": str(home / ".config")}
+    # The same environment sends plain git to the hostile URL: the test can fail.
+    plain = subprocess.run(["git", "ls-remote", repo["url"]], capture_output=True, text=True,
+                           env={k: v for k, v in {**os.environ, **env}.items()
+                                if k != "GIT_CONFIG_GLOBAL"}, check=False)
+    assert plain.returncode != 0 and "nonexistent" in plain.stderr
+    without_global = {k: v for k, v in os.environ.items() if k != "GIT_CONFIG_GLOBAL"}
+    argfile = tmp_path / "args.json"
+    argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {"repo": repo["url"],
+                                                           "dest": str(tmp_path / "src")}}))
+    done = subprocess.run([sys.executable, str(MODULE), str(argfile)], capture_output=True,
+                          text=True, env={**without_global, **env}, cwd=tmp_path, check=False)
+    out = json.loads(done.stdout)
+    assert done.returncode == 0 and out["after"] == repo["third"], out
+
+
+def test_no_lfs_filter_runs(tmp_path: Path):
+    """A repository whose .gitattributes names the lfs filter, cloned where a config gives
+    that filter a command (here the environment's, the strongest git reads besides ``-c``):
+    the command never runs and the file is checked out as stored."""
+    work = tmp_path / "lfs-work"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    (work / ".gitattributes").write_text("*.bin filter=lfs diff=lfs merge=lfs -text\n")
+    (work / "data.bin").write_text("version https://git-lfs.github.com/spec/v1\n")
+    git(work, "add", ".")
+    git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lfs")
+    marker = tmp_path / "smudged"
+    smudge = f"sh -c 'touch {marker}; cat'"
+    env = {"GIT_CONFIG_COUNT": "3",
+           "GIT_CONFIG_KEY_0": "filter.lfs.smudge", "GIT_CONFIG_VALUE_0": smudge,
+           "GIT_CONFIG_KEY_1": "filter.lfs.process", "GIT_CONFIG_VALUE_1": "sh -c 'exit 1'",
+           "GIT_CONFIG_KEY_2": "filter.lfs.required", "GIT_CONFIG_VALUE_2": "true"}
+    rc, out = checkout(tmp_path, env, repo=f"file://{work}", dest=str(tmp_path / "src"))
+    assert rc == 0, out
+    assert not marker.exists()
+    assert (tmp_path / "src" / "data.bin").read_text().startswith("version https://git-lfs")
+
+
+def test_an_http_redirect_is_not_followed(tmp_path: Path):
+    """A server answering 302 (a real HTTP server on 127.0.0.1): the clone fails and the
+    redirect's target is never asked for, even when the environment's config says follow."""
+    with UploadServer(tmp_path / "srv") as srv:
+        target = "/moved/r.git/info/refs"
+        # Plain git follows the first request's redirect: the test can fail.
+        subprocess.run(["git", "ls-remote", f"{srv.url}/_redirect/moved/r.git"],
+                       capture_output=True, check=False)
+        assert any(r["path"] == target for r in srv.requests())
+        before = len(srv.requests())
+        rc, out = checkout(tmp_path, {"GIT_CONFIG_COUNT": "1",
+                                      "GIT_CONFIG_KEY_0": "http.followRedirects",
+                                      "GIT_CONFIG_VALUE_0": "true"},
+                           repo=f"{srv.url}/_redirect/moved/r.git", dest=str(tmp_path / "src"))
+        asked = [r["path"] for r in srv.requests()[before:]]
+    assert rc == 1 and "clone" in out["msg"], out
+    assert asked and all(p.startswith("/_redirect/") for p in asked), asked

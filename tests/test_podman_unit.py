@@ -45,7 +45,7 @@ def test_tls_is_off_only_for_the_sites_insecure_registries(make_config):
 def test_create_argv_keeps_the_hardening_and_no_rm():
     p = {k: v.get("default") for k, v in container.CONTAINER_OPTIONS.items()}
     p.update(name="fem-n1-t1", image="127.0.0.1:5000/fem/busybox:1", command=["sh", "-c", "x"],
-             env={"K": "v"}, pids_limit=128, memory=1 << 27)
+             env={"K": "v"}, pids_limit=128, memory=1 << 27, cpus=0.5, log_bytes=1 << 20)
     argv = container.run_argv("podman", p, "65534:65534", env_file="/w/logs/.env", create=True)
     assert argv[:2] == ["podman", "create"] and "--rm" not in argv
     for flag in ("--read-only", "--pids-limit", "--memory", "--env-file", "--ulimit"):

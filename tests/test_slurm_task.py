@@ -3,6 +3,8 @@ policy's settings, the env file, and the sbatch command line (issue 9)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "collections"))
 
 from ansible_collections.fem.core.plugins.module_utils import container
+from ansible_collections.fem.core.plugins.module_utils.slurm_job import JOB_SCRIPT
 from ansible_collections.fem.core.plugins.modules import slurm_task
 
 
@@ -24,7 +27,7 @@ def params(**overrides):
                      {"type": "bind", "source": "/w/output", "target": "/fem/output",
                       "read_only": False}],
              tmpfs={"/tmp": "rw,size=64m,mode=1777"}, pids_limit=256, memory=128 << 20,
-             cpus=1.5, env={"SECRET_LOOKING": "value"})
+             cpus=1.5, log_bytes=1 << 20, env={"SECRET_LOOKING": "value"})
     p.update(overrides)
     return p
 
@@ -34,7 +37,7 @@ def test_run_argv_has_the_hardening_and_no_env_values():
     joined = " ".join(argv)
     for flag in ("--rm", "--read-only", "--cap-drop ALL", "--security-opt no-new-privileges",
                  "--pids-limit 256", f"--memory {128 << 20}b", f"--memory-swap {128 << 20}b",
-                 "--cpus 1.5", "--network none", "--ipc private", "--user 65534:65534",
+                 "--cpus 1.500000000", "--network none", "--ipc private", "--user 65534:65534",
                  "--tmpfs /tmp:rw,size=64m,mode=1777", "--env-file /w/slurm/env",
                  "--label fem.node_id=n1", "--name fem-n1-t1",
                  "--mount type=bind,source=/w/input,target=/fem/input,readonly",
@@ -84,3 +87,21 @@ def test_sbatch_maps_resources_and_site_settings():
     site = " ".join(sbatch(gpus=2, partition="fem", account="acc", qos="high"))
     assert "--gres=gpu:2" in site and "--partition fem" in site
     assert "--account acc" in site and "--qos high" in site
+
+
+def test_the_job_keeps_at_most_log_bytes_and_one_of_each_stream(tmp_path):
+    """The job program itself (no cluster needed): a container writing far more than
+    log_bytes leaves log_bytes + 1 bytes on the shared filesystem, the collection marks it."""
+    (tmp_path / "job.py").write_text(JOB_SCRIPT)
+    (tmp_path / "job.json").write_text(json.dumps({
+        "run": ["sh", "-c", "yes | head -c 1000000; echo small >&2; exit 3"],
+        "stop": ["true"], "env": {"PATH": slurm_task.JOB_PATH}, "log_bytes": 1000}))
+    done = subprocess.run([sys.executable, str(tmp_path / "job.py"), str(tmp_path)],
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == 3
+    assert (tmp_path / "stdout").read_bytes() == b"y\n" * 500 + b"y"
+    assert (tmp_path / "stderr").read_bytes() == b"small\n"
+    assert json.loads((tmp_path / "result.json").read_text())["exit_code"] == 3
+    written, truncated = container.write_capped(
+        container.file_chunks(str(tmp_path / "stdout")), str(tmp_path / "stdout.log"), 1000)
+    assert truncated and written == 1000

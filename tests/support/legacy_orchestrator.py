@@ -1,7 +1,17 @@
-"""The existing FEM-orchestrator's side of the legacy protocol, as far as it is known
-(DESIGN.md §9, reference/anchors.md): an RPC over the default exchange to the node's queue,
-an exclusive callback queue as ``reply_to``, a ``correlation_id`` per request, and a reply of
-``chunk_start`` + base64 ``chunk`` messages reassembled and checked against the sha256."""
+"""The existing FEM-orchestrator's side of the legacy protocol, written from
+/work/shared/reference/legacy-protocol-facts.md §1 (not from fem_ansible's encoder).
+
+Request: default exchange, ``routing_key=<node_name>``, ``reply_to`` an exclusive
+server-named queue, ``correlation_id=str(uuid4())``, body the 9 ``|``-separated fields with
+``task_info`` as ``repr(dict)``, ``execution`` as ``json.dumps``, ``parametric_args`` ``"{}"``,
+``public_ip`` the literal ``None``, ``json_action`` ``submit_run`` and a string token.
+
+Reply, reassembled as the orchestrator does it: a ``chunk_start`` gives ``total`` and the
+checksum; ``chunk`` packets are kept by ``index``; once ``len(chunks) == total`` the ``data``
+strings are joined in index order, the joined string is base64-decoded once,
+``sha256(raw)`` must equal the checksum (else ``RuntimeError("Checksum mismatch")``), and
+``json.loads(raw)`` is the result.  Replies with another correlation id are ignored.
+"""
 
 from __future__ import annotations
 
@@ -24,16 +34,24 @@ class LegacyOrchestrator:
         self.ch = self.conn.channel()
         self.ch.confirm_delivery()
         self.callback = self.ch.queue_declare("", exclusive=True).method.queue
-        self.replies: dict[str, list[dict[str, Any]]] = {}
+        # Per correlation id: the chunk_start packet and the chunks by index.
+        self.starts: dict[str, dict[str, Any]] = {}
+        self.chunks: dict[str, dict[int, str]] = {}
         self.chunk_counts: dict[str, int] = {}
         self.ch.basic_consume(self.callback, self._on_reply, auto_ack=True)
 
     def _on_reply(self, _ch: Any, _method: Any, props: Any, body: bytes) -> None:
-        self.replies.setdefault(props.correlation_id, []).append(json.loads(body))
+        packet = json.loads(body)
+        corr = props.correlation_id
+        if packet.get("type") == "chunk_start":
+            self.starts[corr] = packet
+            self.chunks.setdefault(corr, {})
+        elif packet.get("type") == "chunk":
+            self.chunks.setdefault(corr, {})[packet["index"]] = packet["data"]
 
     def send(self, body: str | bytes) -> str:
         """Publish one request as the orchestrator does; returns its correlation id."""
-        corr = uuid.uuid4().hex
+        corr = str(uuid.uuid4())
         raw = body.encode() if isinstance(body, str) else body
         self.ch.basic_publish("", self.queue, raw,
                               pika.BasicProperties(reply_to=self.callback, correlation_id=corr),
@@ -41,23 +59,23 @@ class LegacyOrchestrator:
         return corr
 
     def result(self, corr: str, timeout: float = 240) -> Any:
-        """Wait for the whole reply of ``corr``, reassemble it and check its checksum."""
+        """Wait for the whole reply of ``corr`` and reassemble it the orchestrator's way."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.conn.process_data_events(time_limit=0.2)
-            parts = self.replies.get(corr, [])
-            if parts and parts[0]["type"] == "chunk_start" and \
-                    len(parts) == parts[0]["total"] + 1:
-                start, chunks = parts[0], parts[1:]
-                assert all(c["type"] == "chunk" for c in chunks)
-                assert sorted(c["index"] for c in chunks) == list(range(start["total"]))
-                raw = b"".join(base64.b64decode(c["data"])
-                               for c in sorted(chunks, key=lambda c: c["index"]))
-                assert hashlib.sha256(raw).hexdigest() == start["checksum"]
-                self.chunk_counts[corr] = start["total"]
-                return json.loads(raw)
+            start, chunks = self.starts.get(corr), self.chunks.get(corr, {})
+            if start is not None and len(chunks) == start["total"]:
+                return self._reassemble(corr, start, chunks)
         raise AssertionError(f"no complete reply for {corr} within {timeout}s: "
-                             f"{self.replies.get(corr)}")
+                             f"{self.starts.get(corr)}, {len(self.chunks.get(corr, {}))} chunks")
+
+    def _reassemble(self, corr: str, start: dict[str, Any], chunks: dict[int, str]) -> Any:
+        full_b64 = "".join(chunks[i] for i in sorted(chunks))
+        raw = base64.b64decode(full_b64)
+        if hashlib.sha256(raw).hexdigest() != start["checksum"]:
+            raise RuntimeError("Checksum mismatch")
+        self.chunk_counts[corr] = start["total"]
+        return json.loads(raw)
 
     def call(self, body: str | bytes, timeout: float = 240) -> Any:
         return self.result(self.send(body), timeout)
@@ -70,12 +88,14 @@ class LegacyOrchestrator:
 
 
 def legacy_body(action: str, *, task_info: Any = None, execution_id: str | None = "e1",
-                params: Any = None, user_id: str = "alice", tool_id: str = "tool-1") -> str:
-    """A 9-field body: ``task_info``/``parametric_args`` as Python literals (``repr``), as
-    the orchestrator writes them; a string is sent as it is (for hostile fields)."""
+                params: Any = None, user_id: str = "alice", tool_id: str = "tool-1",
+                json_action: str = "submit_run", token: str = "token-secret-1") -> str:
+    """A 9-field body as the orchestrator writes it: ``task_info``/``parametric_args`` as
+    ``repr`` of a dict, ``execution`` as JSON, ``public_ip`` the literal ``None``; a string
+    ``task_info``/``params`` is sent as it is (for hostile fields)."""
     def literal(value: Any) -> str:
         return value if isinstance(value, str) else repr(value)
 
     execution = json.dumps({"execution_id": execution_id, "process_info": []})
     return "|".join([action, tool_id, literal(task_info or {}), execution,
-                     literal(params or {}), user_id, "None", action, "token-secret-1"])
+                     literal(params or {}), user_id, "None", json_action, token])

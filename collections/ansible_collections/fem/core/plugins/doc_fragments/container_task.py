@@ -36,6 +36,11 @@ options:
     description: Container environment.
     type: dict
     default: {}
+  secret_env:
+    description: Container environment passed as secrets (a legacy run's token), laid over
+      I(env); its values are hidden from the module's logged arguments and results.
+    type: dict
+    default: {}
   labels:
     description: Container labels.
     type: dict
@@ -81,19 +86,34 @@ options:
     type: dict
     default: {}
   pids_limit:
-    description: Maximum number of processes; unlimited when 0.
+    description:
+      - Maximum number of processes. Required to run a container; a value not above 0 is
+        refused (the engine would read it as no limit).
     type: int
-    default: 0
   memory:
-    description: Memory limit in bytes (swap included); unlimited when 0.
+    description:
+      - Memory limit in bytes (swap included). Required to run a container; a value not
+        above 0 is refused.
     type: int
-    default: 0
   cpus:
-    description: CPU limit in CPUs; unlimited when 0.
+    description:
+      - CPU limit in CPUs. Required to run a container; a value whose nano CPUs round to 0
+        is refused (the engine would read it as no limit).
     type: float
-    default: 0
   network_mode:
     description: Network mode (C(none), C(host) or a network name).
     type: str
     default: none
+  watch_dirs:
+    description:
+      - Host dirs the container writes through bind mounts (output, scratch), whose total
+        size is watched while it runs.
+    type: list
+    elements: path
+    default: []
+  watch_bytes:
+    description:
+      - Largest total size of O(watch_dirs); past it the container is stopped and the module
+        fails with C(fem_error_code=limit_exceeded). Not watched when omitted.
+    type: int
 """

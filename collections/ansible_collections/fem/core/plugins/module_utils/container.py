@@ -1,6 +1,7 @@
 # Copyright: fem-ansible developers
 # SPDX-License-Identifier: Apache-2.0
-"""What every fem executor module shares: the container settings, the user rule, the log cap.
+"""What every fem executor module shares: the container settings, the limits, the user rule,
+the log caps and the watch on the writable dirs.
 
 ``docker_task`` applies the settings through the Docker API; ``slurm_task`` turns the same
 settings into a ``docker run``/``podman run`` command line (:func:`run_argv`) for a Slurm job
@@ -13,11 +14,25 @@ added to ``fem_policy`` is added here once and reaches both.
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import re
+import tarfile
 from datetime import datetime, timezone
 
-_ROOT_USERS = ("", "root", "0")
+from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
+
+_NUMERIC_ID = re.compile(r"[+-]?[0-9]+\Z")
+# Never started: a container created only to read the image's account files.
+NEVER_STARTED = "/fem-never-started"
+ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
+# The error code of a task stopped for writing more than its limit (fem_error_code).
+LIMIT_EXCEEDED = "limit_exceeded"
+# The engine keeps a container's log (both streams, framed) up to this many times log_bytes,
+# never under ENGINE_LOG_FLOOR (podman refuses a tiny log size).
+ENGINE_LOG_FACTOR = 2
+ENGINE_LOG_FLOOR = 1 << 20
 _TRUNCATION_MARKER = "\n[fem: log truncated at {limit} bytes]\n"
 
 # Module options describing the container (docs: each module's DOCUMENTATION).
@@ -26,6 +41,8 @@ CONTAINER_OPTIONS = {
     "command": {"type": "list", "elements": "str"},
     "workdir": {"type": "str"},
     "env": {"type": "dict", "default": {}},
+    # Laid over env; hidden from the module's logged arguments and results (a legacy token).
+    "secret_env": {"type": "dict", "default": {}, "no_log": True},
     "labels": {"type": "dict", "default": {}},
     "mounts": {
         "type": "list",
@@ -43,12 +60,16 @@ CONTAINER_OPTIONS = {
     "cap_drop": {"type": "list", "elements": "str", "default": ["ALL"]},
     "no_new_privileges": {"type": "bool", "default": True},
     "tmpfs": {"type": "dict", "default": {}},
-    "pids_limit": {"type": "int", "default": 0},
-    "memory": {"type": "int", "default": 0},
-    "cpus": {"type": "float", "default": 0},
+    "pids_limit": {"type": "int"},
+    "memory": {"type": "int"},
+    "cpus": {"type": "float"},
     "gpus": {"type": "int", "default": 0},
     "network_mode": {"type": "str", "default": "none"},
+    "watch_dirs": {"type": "list", "elements": "path", "default": []},
+    "watch_bytes": {"type": "int"},
 }
+# What a module needs to run a container: a limit left out would be no limit.
+LIMIT_OPTIONS = ("pids_limit", "memory", "cpus")
 
 
 _TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
@@ -57,7 +78,7 @@ _TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\
 def parse_engine_time(value):
     """Epoch seconds of an engine's RFC 3339 (nanosecond) time (Docker's and podman's
     ``State.StartedAt``), None when unset (``0001-01-01…``)."""
-    match = _TS_RE.match(value or "")
+    match = _TS_RE.fullmatch(value or "")
     if not match or match.group(1).startswith("0001-"):
         return None
     base, frac, zone = match.groups()
@@ -67,11 +88,147 @@ def parse_engine_time(value):
     )
 
 
-def effective_user(image_user, fallback):
-    """The image's user unless it is empty or root (by name or uid), else ``fallback``."""
-    if (image_user or "").split(":", 1)[0] in _ROOT_USERS:
+def check_limits(p):
+    """Refuse a limit that the engine would read as none: ``pids_limit``, ``memory`` or
+    ``cpus`` not above 0 (or not finite), or ``cpus`` so small that its nano CPUs round to 0.
+
+    :raises ValueError: naming the limit.
+    """
+    for key in LIMIT_OPTIONS:
+        value = p.get(key)
+        if value is None:
+            raise ValueError(f"{key} is required: a container without it has no limit")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key} {value!r} is not a limit (it must be above 0)")
+    if nano_cpus(p["cpus"]) < 1:
+        raise ValueError(f"cpus {p['cpus']!r} is below one nano CPU, which means no limit")
+
+
+def nano_cpus(cpus):
+    """The engine's ``NanoCpus`` for ``cpus``; 0 would mean unlimited (see check_limits)."""
+    return int(cpus * 1e9)
+
+
+def engine_log_bytes(log_bytes):
+    """Size cap of the engine's own log of a container (both streams, with framing)."""
+    return max(ENGINE_LOG_FACTOR * log_bytes, ENGINE_LOG_FLOOR)
+
+
+def _accounts(text):
+    """``name -> (id, primary gid)`` of an ``/etc/passwd`` or ``/etc/group`` file."""
+    found = {}
+    for line in (text or "").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[2].isdigit() and fields[0] not in found:
+            found[fields[0]] = (int(fields[2]), fields[3])
+    return found
+
+
+def needs_accounts(image_user):
+    """Whether deciding the user of ``image_user`` takes the image's account files: it
+    names a user or group instead of giving numbers."""
+    user, _, group = (image_user or "").partition(":")
+    return bool(user) and not (_NUMERIC_ID.match(user) and (not group
+                                                            or _NUMERIC_ID.match(group)))
+
+
+def effective_user(image_user, fallback, files=None):
+    """The user a task container runs as: the image's own, as numbers, unless it is root or
+    cannot be told, then ``fallback`` (the site's ``container_uid``).
+
+    Root is uid 0 however it is written (``0``, ``00``, ``+0``, ``0:0``) or any name that
+    the image's ``/etc/passwd`` maps to uid 0: ids are compared as numbers and names are
+    resolved in ``files`` (path -> text of the image's :data:`ACCOUNT_FILES`, None when it
+    has none), never passed on for the engine to resolve. A name the image does not define,
+    a negative id, or an empty user gets ``fallback``.
+    """
+    user, sep, group = (image_user or "").partition(":")
+    files = files or {}
+    if _NUMERIC_ID.match(user):
+        uid = int(user)
+    else:
+        entry = _accounts(files.get("/etc/passwd")).get(user)
+        if entry is None:
+            return fallback
+        uid = entry[0]
+    if uid <= 0:
         return fallback
-    return image_user
+    if not sep:
+        return str(uid)
+    if _NUMERIC_ID.match(group):
+        gid = int(group)
+    else:
+        entry = _accounts(files.get("/etc/group")).get(group)
+        if entry is None:
+            return fallback
+        gid = entry[0]
+    return fallback if gid < 0 else f"{uid}:{gid}"
+
+
+def account_files(tar_bytes):
+    """The account files in ``tar_bytes`` (an engine's archive of a container's paths) as
+    :func:`effective_user` takes them; links are not followed."""
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for member in tar.getmembers():
+            name = "/etc/" + os.path.basename(member.name)
+            if name in ACCOUNT_FILES and member.isfile() and member.size <= 1 << 20:
+                files[name] = tar.extractfile(member).read().decode("utf-8", "replace")
+    return files
+
+
+def cli_account_files(run, runtime, image):
+    """The image's account files through an engine's CLI (``docker`` or ``podman``): a
+    container created and never started, copied from, removed.  ``run(argv)`` returns the
+    command's stdout as bytes, None when it failed.
+
+    :raises ValueError: when the engine cannot create the container.
+    """
+    created = run([runtime, "create", "--network", "none", "--entrypoint", NEVER_STARTED,
+                   "--", image])
+    if created is None:
+        raise ValueError(f"cannot read the user accounts of image {image}")
+    container = created.decode().strip()
+    try:
+        files = {}
+        for path in ACCOUNT_FILES:
+            tar = run([runtime, "cp", f"{container}:{path}", "-"])
+            if tar is not None:  # None: the image has no such file
+                files.update(account_files(tar))
+        return files
+    finally:
+        run([runtime, "rm", "--force", container])
+
+
+class OutputWatch:
+    """Whether the task's writable dirs (output, scratch) together hold more than
+    ``watch_bytes``: looked at every ``watch_interval`` seconds while the container runs,
+    because a bind mount has no quota of its own."""
+
+    def __init__(self, p):
+        self.dirs = p.get("watch_dirs") or []
+        self.limit = p.get("watch_bytes")
+        self.interval = p.get("watch_interval") or 2
+        self.size = 0
+
+    def step(self, remaining):
+        """Seconds to wait before the next look (all of ``remaining`` when nothing is
+        watched)."""
+        return remaining if not self.dirs or self.limit is None else min(remaining,
+                                                                         self.interval)
+
+    def exceeded(self):
+        if not self.dirs or self.limit is None:
+            return False
+        self.size = sum(tree_bytes(d) for d in self.dirs if os.path.isdir(d))
+        return self.size > self.limit
+
+    def failure(self, name):
+        """The failed module result of a container stopped for its size."""
+        return {"msg": f"Task {name} wrote {self.size} bytes to its output and scratch dirs, "
+                       f"over the site's limit of {self.limit} bytes "
+                       "(policy.limits.output_bytes); it was stopped and nothing is archived.",
+                "fem_error_code": LIMIT_EXCEEDED, "output_bytes": self.size}
 
 
 def write_capped(chunks, path, limit):
@@ -145,12 +302,14 @@ def run_argv(runtime, p, user, env_file=None, create=False):
         argv += ["--security-opt", "no-new-privileges"]
     for path, options in sorted(p["tmpfs"].items()):
         argv += ["--tmpfs", f"{path}:{options}" if options else path]
-    if p["pids_limit"] > 0:
-        argv += ["--pids-limit", str(p["pids_limit"])]
-    if p["memory"] > 0:
-        argv += ["--memory", f"{p['memory']}b", "--memory-swap", f"{p['memory']}b"]
-    if p["cpus"] > 0:
-        argv += ["--cpus", f"{p['cpus']:g}"]
+    check_limits(p)
+    argv += ["--pids-limit", str(p["pids_limit"]),
+             "--memory", f"{p['memory']}b", "--memory-swap", f"{p['memory']}b",
+             "--cpus", f"{nano_cpus(p['cpus']) / 1e9:.9f}",
+             # A driver that takes max-size (and, for podman, keeps stdout and stderr apart;
+             # journald would need a running journal).
+             "--log-driver", "json-file" if runtime.endswith("docker") else "k8s-file",
+             "--log-opt", f"max-size={engine_log_bytes(p['log_bytes'])}"]
     if p["gpus"] > 0:
         argv += (["--gpus", str(p["gpus"])] if runtime.endswith("docker")
                  else ["--device", "nvidia.com/gpu=all"])

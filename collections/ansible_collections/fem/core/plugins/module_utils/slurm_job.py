@@ -10,8 +10,9 @@ On the compute node it:
 
 - records when it starts the container (``started_at``), from which ``slurm_task`` counts
   the task's timeout;
-- runs ``<runtime> run`` attached, its stdout and stderr into ``stdout``/``stderr`` (capped
-  to ``fem_policy.log_bytes`` on collection);
+- runs ``<runtime> run`` attached, its stdout and stderr into ``stdout``/``stderr``, each
+  file kept at ``log_bytes`` + 1 bytes (the rest read and dropped: the shared filesystem
+  never holds more; the one byte more tells the collection it was truncated);
 - on SIGTERM (``scancel``, Slurm's own time limit) stops the container through its engine
   (``<runtime> stop``): a container belongs to the engine, not to the job, and would outlive
   a job that only killed its client;
@@ -27,12 +28,23 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 run_dir = sys.argv[1]
 with open(os.path.join(run_dir, "job.json"), encoding="utf-8") as f:
     job = json.load(f)
 stopped = []
+keep = job["log_bytes"] + 1
+
+
+def copy_capped(pipe, path):
+    with open(path, "wb") as out:
+        kept = 0
+        for chunk in iter(lambda: pipe.read(65536), b""):
+            if kept < keep:
+                out.write(chunk[:keep - kept])
+                kept += len(chunk[:keep - kept])
 
 
 def on_signal(signum, frame):
@@ -47,11 +59,15 @@ signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
 with open(os.path.join(run_dir, "started_at"), "w", encoding="utf-8") as f:
     f.write("%.3f\\n" % time.time())
-with open(os.path.join(run_dir, "stdout"), "wb") as out, \\
-        open(os.path.join(run_dir, "stderr"), "wb") as err:
-    proc = subprocess.Popen(job["run"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                            env=job["env"])
-    code = proc.wait()
+proc = subprocess.Popen(job["run"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, env=job["env"])
+copies = [threading.Thread(target=copy_capped, args=(pipe, os.path.join(run_dir, name)))
+          for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
+for copy in copies:
+    copy.start()
+code = proc.wait()
+for copy in copies:
+    copy.join()
 result = {"exit_code": None if stopped else code, "stopped": bool(stopped),
           "finished_at": time.time()}
 tmp = os.path.join(run_dir, "result.json.tmp")

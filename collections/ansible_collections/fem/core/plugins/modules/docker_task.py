@@ -22,9 +22,14 @@ description:
     still running is waited for, never started again; one that has exited is only collected.
   - At the timeout the container is stopped (SIGTERM, then SIGKILL after O(stop_grace)) and
     the module reports RV(timed_out=true) and RV(exit_code=null).
-  - The container always runs unprivileged, with a private IPC namespace and the given
-    hardening. Its user is the image's own user unless that is empty or root, in which case
-    it is O(fallback_user).
+  - The container always runs unprivileged, with a private IPC namespace, the given
+    hardening and limits (a limit not above 0 is refused, never taken as none), and an
+    engine log capped in size (C(json-file), C(max-size) twice O(log_bytes)). Its user is the
+    image's own, resolved to numbers in the image's C(/etc/passwd), unless that is uid 0
+    however written, a name the image does not define, or empty; then it is O(fallback_user).
+  - While the container runs, the total size of O(watch_dirs) is looked at every
+    O(watch_interval) seconds; over O(watch_bytes) the container is stopped, its logs are
+    collected and the module fails with RV(fem_error_code=limit_exceeded).
   - A non-zero exit code is a result, not a failure.
   - With O(state=stopped) it stops the container if it runs (SIGTERM, SIGKILL after
     O(stop_grace)), which is how a task is cancelled. The run waiting for it then collects
@@ -41,7 +46,8 @@ options:
     type: str
   fallback_user:
     description:
-      - C(uid:gid) used when the image's user is empty, C(root) or C(0).
+      - C(uid:gid) used when the image's user is empty, uid 0 however written, or a name
+        the image maps to uid 0 or does not define.
       - Required with O(state=present).
     type: str
   gpus:
@@ -53,6 +59,10 @@ options:
       - Seconds the container may run, counted from its start.
       - Required with O(state=present).
     type: float
+  watch_interval:
+    description: Seconds between two measures of O(watch_dirs).
+    type: float
+    default: 2
   stop_grace:
     description: Seconds between SIGTERM and SIGKILL when stopping at the timeout.
     type: int
@@ -139,6 +149,11 @@ logs:
   description: Per stream, C(path), C(bytes) written and whether it was C(truncated).
   returned: success and not check mode
   type: dict
+fem_error_code:
+  description: C(limit_exceeded) when the module failed because O(watch_dirs) grew over
+    O(watch_bytes).
+  returned: failure
+  type: str
 stopped:
   description: Whether the container was running and got stopped (O(state=stopped)).
   returned: when O(state=stopped)
@@ -156,8 +171,17 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.fem.core.plugins.module_utils.container import (
+    ACCOUNT_FILES,
     CONTAINER_OPTIONS,
+    LIMIT_OPTIONS,
+    NEVER_STARTED,
+    OutputWatch,
+    account_files,
+    check_limits,
     effective_user,
+    engine_log_bytes,
+    nano_cpus,
+    needs_accounts,
     write_capped,
 )
 from ansible_collections.fem.core.plugins.module_utils.container import (
@@ -168,7 +192,7 @@ try:
     import docker
     import requests
     from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-    from docker.types import DeviceRequest, Mount
+    from docker.types import DeviceRequest, LogConfig, Mount
 except ImportError:
     DOCKER_IMPORT_ERROR = traceback.format_exc()
 else:
@@ -181,6 +205,7 @@ def host_config_kwargs(params):
     reaches the engine can be checked without one (GPUs, on a machine that has none).
     """
     p = params
+    check_limits(p)
     mounts = [
         Mount(
             target=m["target"],
@@ -199,14 +224,13 @@ def host_config_kwargs(params):
         "network_mode": p["network_mode"],
         "ipc_mode": "private",
         "privileged": False,
+        "pids_limit": p["pids_limit"],
+        "mem_limit": p["memory"],
+        "memswap_limit": p["memory"],
+        "nano_cpus": nano_cpus(p["cpus"]),
+        "log_config": LogConfig(type=LogConfig.types.JSON,
+                                config={"max-size": str(engine_log_bytes(p["log_bytes"]))}),
     }
-    if p["pids_limit"] > 0:
-        host_config["pids_limit"] = p["pids_limit"]
-    if p["memory"] > 0:
-        host_config["mem_limit"] = p["memory"]
-        host_config["memswap_limit"] = p["memory"]
-    if p["cpus"] > 0:
-        host_config["nano_cpus"] = int(p["cpus"] * 1e9)
     if p["gpus"] > 0:
         host_config["device_requests"] = [DeviceRequest(count=p["gpus"], capabilities=[["gpu"]])]
     return host_config
@@ -225,6 +249,8 @@ class TaskRunner:
             self.client = docker.from_env(**kwargs)
         self.api = self.client.api
         self.changed = False
+        self.watch = OutputWatch(self.p)
+        self.over_limit = False
 
     def find(self):
         try:
@@ -242,15 +268,33 @@ class TaskRunner:
             )
         return config.get("User") or ""
 
+    def image_accounts(self):
+        """The image's account files, from a container created and never started."""
+        created = self.api.create_container(image=self.p["image"], entrypoint=[NEVER_STARTED],
+                                            network_disabled=True)
+        files = {}
+        try:
+            for path in ACCOUNT_FILES:
+                try:
+                    stream, _ = self.api.get_archive(created["Id"], path)
+                except NotFound:
+                    continue
+                files.update(account_files(b"".join(stream)))
+        finally:
+            self.api.remove_container(created["Id"], force=True)
+        return files
+
     def create(self):
         p = self.p
-        user = effective_user(self.image_user(), p["fallback_user"])
+        image_user = self.image_user()
+        files = self.image_accounts() if needs_accounts(image_user) else None
+        user = effective_user(image_user, p["fallback_user"], files)
         created = self.api.create_container(
             image=p["image"],
             name=p["name"],
             command=p["command"],
             working_dir=p["workdir"] or None,
-            environment={k: str(v) for k, v in p["env"].items()},
+            environment={k: str(v) for k, v in {**p["env"], **p["secret_env"]}.items()},
             labels={k: str(v) for k, v in p["labels"].items()},
             user=user,
             host_config=self.api.create_host_config(**host_config_kwargs(p)),
@@ -271,22 +315,28 @@ class TaskRunner:
         timeout = self.p["timeout"]
         if state.get("Running") or state.get("Paused") or state.get("Restarting"):
             remaining = started + timeout - time.time()
-            if remaining > 0:
+            while remaining > 0:
+                step = self.watch.step(remaining)
+                step_end = time.time() + step
                 try:
-                    result = self.api.wait(container_id, timeout=remaining)
+                    result = self.api.wait(container_id, timeout=step)
                     return result.get("StatusCode"), False
                 except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                    # The HTTP read timeout is how the timeout fires; anything else that
-                    # breaks the wait early is an engine problem.
+                    # The HTTP read timeout is how a step ends; anything else that breaks
+                    # the wait early is an engine problem.
                     state = self.api.inspect_container(container_id)["State"]
                     if not state.get("Running"):
                         return state.get("ExitCode"), False
-                    if time.time() < started + timeout - 1:
+                    if time.time() < step_end - 1:
                         raise
+                if self.watch.exceeded():
+                    self.over_limit = True
+                    break
+                remaining = started + timeout - time.time()
             self.api.stop(container_id, timeout=self.p["stop_grace"])
             self.api.wait(container_id, timeout=self.p["stop_grace"] + self.p["api_timeout"])
             self.changed = True
-            return None, True
+            return None, not self.over_limit
         # Exited before this run saw it: it timed out if it ran for the whole timeout
         # (an earlier run stopped it and was interrupted before collecting).
         finished = parse_docker_time(state.get("FinishedAt"))
@@ -349,6 +399,9 @@ class TaskRunner:
         logs = self.collect_logs(info["Id"])
         with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
             out.write("null\n" if exit_code is None else f"{exit_code}\n")
+        if self.over_limit:
+            self.module.fail_json(changed=self.changed, timed_out=False, logs=logs,
+                                  **self.watch.failure(self.p["name"]))
         return {
             "changed": self.changed,
             "exit_code": exit_code,
@@ -375,13 +428,15 @@ def main():
             **CONTAINER_OPTIONS,
             "timeout": {"type": "float"},
             "stop_grace": {"type": "int", "default": 10},
+            "watch_interval": {"type": "float", "default": 2},
             "log_dir": {"type": "path"},
             "log_bytes": {"type": "int"},
             "docker_host": {"type": "str"},
             "api_timeout": {"type": "int", "default": 60},
         },
         required_if=[
-            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes")),
+            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes",
+                                  *LIMIT_OPTIONS)),
         ],
         supports_check_mode=True,
     )
@@ -396,7 +451,8 @@ def main():
         if module.params["state"] == "stopped":
             module.exit_json(**runner.stop())
         module.exit_json(**runner.run())
-    except (APIError, DockerException, requests.exceptions.RequestException, OSError) as exc:
+    except (APIError, DockerException, requests.exceptions.RequestException, OSError,
+            ValueError) as exc:
         module.fail_json(
             msg=f"Docker task {module.params['name']} failed: {exc}",
             exception=traceback.format_exc(),

@@ -38,9 +38,17 @@ options:
     description: Expected sha256 (hex) of the content.
     type: str
   max_bytes:
-    description: Largest content accepted.
+    description:
+      - Largest content accepted; with O(total_dir), largest total of the files under
+        O(total_dir) once this one is written.
     type: int
     required: true
+  total_dir:
+    description:
+      - Directory whose files (the inputs already downloaded; symbolic links counted as
+        links) count towards O(max_bytes) with this one; a file at O(dest) that this
+        download replaces does not count.
+    type: path
   timeout:
     description: Seconds without progress before the download fails.
     type: int
@@ -80,6 +88,7 @@ import urllib.error
 import urllib.request
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
 
 CHUNK = 1024 * 1024
 
@@ -99,6 +108,7 @@ def main():
             "max_bytes": {"type": "int", "required": True},
             "timeout": {"type": "int", "default": 60},
             "ca_file": {"type": "path"},
+            "total_dir": {"type": "path"},
         },
         supports_check_mode=False,
     )
@@ -112,6 +122,11 @@ def main():
     )
     request = urllib.request.Request(p["url"], headers=p["headers"])
     name = os.path.basename(p["dest"])
+    limit, what = p["max_bytes"], f"input {name} is"
+    if p["total_dir"]:
+        replaced = os.lstat(p["dest"]).st_size if os.path.lexists(p["dest"]) else 0
+        limit -= tree_bytes(p["total_dir"]) - replaced
+        what = f"the inputs with {name} are"
     digest, size = hashlib.sha256(), 0
     fd, partial = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(p["dest"]))
     try:
@@ -121,8 +136,8 @@ def main():
                 if not chunk:
                     break
                 size += len(chunk)
-                if size > p["max_bytes"]:
-                    module.fail_json(msg=f"input {name} is over the site's limit of "
+                if size > limit:
+                    module.fail_json(msg=f"{what} over the site's limit of "
                                          f"{p['max_bytes']} bytes (policy.limits.input_bytes)")
                 digest.update(chunk)
                 out.write(chunk)

@@ -26,6 +26,11 @@ description:
     looks like one is found by that checkout too. O(depth) applies to C(HEAD) and names.
   - Runs git with its arguments as a list, never through a shell; O(repo) and O(version)
     can never be read as options.
+  - Git answers only to this module. HTTP redirects are not followed
+    (C(http.followRedirects=false)), the host's git config is not read (no system config,
+    C(GIT_CONFIG_NOSYSTEM); as global config only the environment's C(GIT_CONFIG_GLOBAL),
+    the run's credentials file, else none; C(HOME) and C(XDG_CONFIG_HOME) an empty dir) and
+    no Git LFS filter runs (C(GIT_LFS_SKIP_SMUDGE=1) and the C(filter.lfs) driver emptied).
 options:
   repo:
     description: The repository URL.
@@ -64,6 +69,7 @@ attributes:
 notes:
   - The environment (C(GIT_CONFIG_GLOBAL) for credentials, C(GIT_TERMINAL_PROMPT)) is the
     task's, set with the C(environment) keyword.
+  - Submodules are checked out by the same git, with the same settings.
 author:
   - fem-ansible developers
 """
@@ -101,6 +107,20 @@ COMMIT = re.compile(r"^[0-9a-fA-F]{7,40}$")
 # A ref name git accepts that can never be read as an option (git check-ref-format is
 # stricter still, and git clone applies it).
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
+# Given before every git command: a server's redirect is an error, and a repository's
+# .gitattributes cannot start Git LFS (or any lfs filter a config could name).
+HARDENING = ("-c", "http.followRedirects=false", "-c", "filter.lfs.smudge=",
+             "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false")
+
+
+def git_env(ssh_command, home):
+    """The variables git runs with: no system config, as global config only the run's own
+    (``GIT_CONFIG_GLOBAL`` from the task's environment) else none, ``home`` (an empty dir)
+    as ``HOME`` and ``XDG_CONFIG_HOME`` (whose git/attributes and git/ignore git reads even
+    then), and no LFS download."""
+    return {"GIT_SSH_COMMAND": ssh_command, "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.environ.get("GIT_CONFIG_GLOBAL") or os.devnull,
+            "HOME": home, "XDG_CONFIG_HOME": home, "GIT_LFS_SKIP_SMUDGE": "1"}
 
 
 def empty(module, dest):
@@ -133,7 +153,7 @@ def main():
     )
     p = module.params
     repo, dest, version, depth = p["repo"], p["dest"], p["version"], p["depth"]
-    if version != "HEAD" and not NAME.match(version):
+    if version != "HEAD" and not NAME.fullmatch(version):
         module.fail_json(msg=f"Invalid version {version!r}: a branch, tag or commit id")
     if repo.startswith("-"):
         module.fail_json(msg=f"Invalid repository {repo!r}")
@@ -147,11 +167,14 @@ def main():
     ssh = ["ssh", *shlex.split(p["ssh_opts"] or "")]
     if p["accept_newhostkey"]:
         ssh += ["-o", "StrictHostKeyChecking=accept-new"]
-    env = {"GIT_SSH_COMMAND": shlex.join(ssh)}
+    home = os.path.join(module.tmpdir, "home")  # module.tmpdir goes when the module exits
+    os.mkdir(home, 0o700)
+    env = git_env(shlex.join(ssh), home)
     git = module.get_bin_path("git", required=True)
 
     def run(*args, cwd=None):
-        rc, out, err = module.run_command([git, *args], cwd=cwd, environ_update=env)
+        rc, out, err = module.run_command([git, *HARDENING, *args], cwd=cwd,
+                                          environ_update=env)
         if rc != 0:
             module.fail_json(msg=f"git {args[0]} failed: {(err or out).strip()}", rc=rc,
                              cmd=shlex.join(["git", *args]))
@@ -161,7 +184,7 @@ def main():
         empty(module, dest)
     except OSError as exc:
         module.fail_json(msg=f"Cannot empty {dest}: {exc}")
-    commit = version != "HEAD" and COMMIT.match(version)
+    commit = version != "HEAD" and COMMIT.fullmatch(version)
     clone = ["clone", "--origin", "origin"]
     if depth and not commit:
         clone += ["--depth", str(depth)]

@@ -27,9 +27,14 @@ description:
     waited for, never started again; one that has exited is only collected.
   - At the timeout the container is stopped (SIGTERM, then SIGKILL after O(stop_grace)) and
     the module reports RV(timed_out=true) and RV(exit_code=null).
-  - The container runs unprivileged with the given hardening, the C(k8s-file) log driver
-    (so that stdout and stderr stay apart) and ulimits within the host's hard limits. Its
-    user is the image's own user unless that is empty or root, then O(fallback_user).
+  - The container runs unprivileged with the given hardening and limits (a limit not above
+    0 is refused), the C(k8s-file) log driver (so that stdout and stderr stay apart) capped
+    at twice O(log_bytes), and ulimits within the host's hard limits. Its user is the
+    image's own, resolved to numbers in the image's C(/etc/passwd), unless that is uid 0
+    however written, a name the image does not define, or empty; then O(fallback_user).
+  - While the container runs, the total size of O(watch_dirs) is looked at every
+    O(watch_interval) seconds; over O(watch_bytes) the container is stopped, its logs are
+    collected and the module fails with RV(fem_error_code=limit_exceeded).
   - The environment goes through an env file (mode 0600, removed once the container is
     created), never the command line.
   - A non-zero exit code is a result, not a failure.
@@ -41,7 +46,9 @@ options:
     description: Image reference, already present; required with O(state=present).
     type: str
   fallback_user:
-    description: C(uid:gid) used when the image's user is empty, C(root) or C(0).
+    description:
+      - C(uid:gid) used when the image's user is empty, uid 0 however written, or a name
+        the image maps to uid 0 or does not define.
     type: str
   gpus:
     description: GPUs; when above 0 all of the host's CDI C(nvidia.com/gpu) devices.
@@ -50,6 +57,10 @@ options:
   timeout:
     description: Seconds the container may run, counted from its start.
     type: float
+  watch_interval:
+    description: Seconds between two measures of O(watch_dirs).
+    type: float
+    default: 2
   stop_grace:
     description: Seconds between SIGTERM and SIGKILL when stopping.
     type: int
@@ -129,6 +140,11 @@ logs:
   description: Per stream, C(path), C(bytes) written and whether it was C(truncated).
   returned: success and not check mode
   type: dict
+fem_error_code:
+  description: C(limit_exceeded) when the module failed because O(watch_dirs) grew over
+    O(watch_bytes).
+  returned: failure
+  type: str
 stopped:
   description: Whether the container was running and got stopped (O(state=stopped)).
   returned: when O(state=stopped)
@@ -151,7 +167,11 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.fem.core.plugins.module_utils.container import (
     CONTAINER_OPTIONS,
+    LIMIT_OPTIONS,
+    OutputWatch,
+    cli_account_files,
     effective_user,
+    needs_accounts,
     parse_engine_time,
     run_argv,
     write_capped,
@@ -173,6 +193,8 @@ class PodmanTask:
         self.module = module
         self.p = module.params
         self.changed = False
+        self.watch = OutputWatch(self.p)
+        self.over_limit = False
 
     def podman(self, *args, timeout=None, check=True):
         argv = [self.p["executable"], *args]
@@ -185,6 +207,11 @@ class PodmanTask:
             raise PodmanError(f"podman {args[0]} {args[1] if len(args) > 1 else ''}: "
                               f"{done.stderr.decode(errors='replace').strip()}")
         return done
+
+    def stdout_or_none(self, argv):
+        """stdout of ``argv`` (a podman command line), None when it failed."""
+        done = self.podman(*argv[1:], check=False)
+        return done.stdout if done.returncode == 0 else None
 
     def inspect(self, kind, name):
         """``podman <kind> inspect`` of one object, None when there is no such object."""
@@ -204,14 +231,16 @@ class PodmanTask:
         if image is None:
             self.module.fail_json(msg=f"Image {p['image']} is not present on podman "
                                       "(fem_image pulls it first)")
-        user = effective_user((image.get("Config") or {}).get("User"), p["fallback_user"])
+        image_user = (image.get("Config") or {}).get("User")
+        files = None
+        if needs_accounts(image_user):
+            files = cli_account_files(self.stdout_or_none, p["executable"], p["image"])
+        user = effective_user(image_user, p["fallback_user"], files)
         fd, env_file = tempfile.mkstemp(prefix=".env-", dir=p["log_dir"])
         os.close(fd)
         try:
-            write_env_file(env_file, p["env"])
+            write_env_file(env_file, {**p["env"], **p["secret_env"]})
             argv = run_argv(p["executable"], p, user, env_file=env_file, create=True)
-            # k8s-file keeps stdout and stderr apart (journald needs a running journal).
-            argv[2:2] = ["--log-driver", "k8s-file"]
             self.podman(*argv[1:])
         finally:
             os.unlink(env_file)
@@ -229,16 +258,20 @@ class PodmanTask:
         timeout = self.p["timeout"]
         if state.get("Status") in _RUNNING:
             remaining = started + timeout - time.time()
-            if remaining > 0:
+            while remaining > 0:
                 try:
-                    self.podman("wait", info["Id"], timeout=remaining)
+                    self.podman("wait", info["Id"], timeout=self.watch.step(remaining))
                     return self.find()["State"].get("ExitCode"), False
                 except subprocess.TimeoutExpired:
                     pass
+                if self.watch.exceeded():
+                    self.over_limit = True
+                    break
+                remaining = started + timeout - time.time()
             self.podman("stop", "--time", str(self.p["stop_grace"]), info["Id"],
                         timeout=self.p["stop_grace"] + self.p["api_timeout"])
             self.changed = True
-            return None, True
+            return None, not self.over_limit
         # Exited before this run saw it: it timed out if it ran for the whole timeout
         # (an earlier run stopped it and was interrupted before collecting).
         finished = parse_engine_time(state.get("FinishedAt"))
@@ -309,6 +342,9 @@ class PodmanTask:
         logs = self.collect_logs(info["Id"])
         with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
             out.write("null\n" if exit_code is None else f"{exit_code}\n")
+        if self.over_limit:
+            self.module.fail_json(changed=self.changed, timed_out=False, logs=logs,
+                                  **self.watch.failure(self.p["name"]))
         return {
             "changed": self.changed,
             "exit_code": exit_code,
@@ -335,13 +371,15 @@ def main():
             **CONTAINER_OPTIONS,
             "timeout": {"type": "float"},
             "stop_grace": {"type": "int", "default": 10},
+            "watch_interval": {"type": "float", "default": 2},
             "log_dir": {"type": "path"},
             "log_bytes": {"type": "int"},
             "executable": {"type": "str", "default": "podman"},
             "api_timeout": {"type": "int", "default": 60},
         },
         required_if=[
-            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes")),
+            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes",
+                                  *LIMIT_OPTIONS)),
         ],
         supports_check_mode=True,
     )

@@ -26,7 +26,15 @@ description:
     the timeout it cancels the job (C(scancel); the job stops the container through its engine)
     and reports RV(timed_out=true). Writes C(stdout.log), C(stderr.log) (each capped at
     O(log_bytes)) and C(exit_code) into O(log_dir). A non-zero exit code is a result, not a
-    failure.
+    failure. While it waits it measures O(watch_dirs) every O(poll_interval) seconds; over
+    O(watch_bytes) it cancels the job and fails with RV(fem_error_code=limit_exceeded).
+  - The job step keeps at most O(log_bytes) (and one byte, to tell truncation) of each of
+    the container's streams in its files, and the engine's own log of the container is
+    capped too (twice O(log_bytes)), so O(log_bytes) is required with O(state=submitted).
+  - The container's user is the image's own, resolved to numbers in the image's
+    C(/etc/passwd) on the login node's engine, unless that is uid 0 however written, a name
+    the image does not define, or empty; then O(fallback_user). A limit not above 0 is
+    refused, never taken as none.
   - V(stopped) cancels the job if it is queued or running (cancel). V(absent) does the same and
     waits until it has left the queue (cleanup).
   - The exit code is the container's, as the job step records it, else the job's C(ExitCode)
@@ -105,7 +113,8 @@ options:
         default: true
   fallback_user:
     description:
-      - C(uid:gid) used when the image's user is empty or root.
+      - C(uid:gid) used when the image's user is empty, uid 0 however written, or a name
+        the image maps to uid 0 or does not define.
       - Required with O(state=submitted).
     type: str
   read_only:
@@ -126,17 +135,18 @@ options:
     type: dict
     default: {}
   pids_limit:
-    description: Process limit; none when 0.
+    description: Process limit, above 0. Required with O(state=submitted).
     type: int
-    default: 0
   memory:
-    description: Memory in bytes; the container's limit and the job's C(--mem) (MiB, rounded up).
+    description:
+      - Memory in bytes, above 0; the container's limit and the job's C(--mem) (MiB,
+        rounded up). Required with O(state=submitted).
     type: int
-    default: 0
   cpus:
-    description: CPUs; the container's limit and the job's C(--cpus-per-task) (rounded up).
+    description:
+      - CPUs, at least one nano CPU; the container's limit and the job's
+        C(--cpus-per-task) (rounded up). Required with O(state=submitted).
     type: float
-    default: 0
   gpus:
     description: GPUs; C(--gres=gpu:N) when above 0.
     type: int
@@ -145,6 +155,14 @@ options:
     description: Network mode.
     type: str
     default: none
+  watch_dirs:
+    description: Dirs the container writes (output, scratch), measured while it runs.
+    type: list
+    elements: path
+    default: []
+  watch_bytes:
+    description: Largest total size of O(watch_dirs); not watched when omitted.
+    type: int
   timeout:
     description:
       - Seconds the container may run, counted from its start.
@@ -223,6 +241,11 @@ logs:
   description: Per stream, C(path), C(bytes) written and whether it was C(truncated).
   returned: with O(state=present)
   type: dict
+fem_error_code:
+  description: C(limit_exceeded) when the job was cancelled because O(watch_dirs) grew over
+    O(watch_bytes).
+  returned: failure
+  type: str
 """
 
 import json
@@ -235,8 +258,12 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.fem.core.plugins.module_utils.container import (
     CONTAINER_OPTIONS,
+    LIMIT_OPTIONS,
+    OutputWatch,
+    cli_account_files,
     effective_user,
     file_chunks,
+    needs_accounts,
     run_argv,
     write_capped,
     write_env_file,
@@ -268,6 +295,16 @@ def run_cmd(argv, timeout=60):
         raise SlurmError(f"{' '.join(argv[:2])} failed ({proc.returncode}): "
                          f"{(proc.stderr or proc.stdout).strip()[:1000]}")
     return proc.stdout
+
+
+def stdout_or_none(argv, timeout=60):
+    """The bytes ``argv`` writes to stdout, None when it fails."""
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
 
 
 class SlurmTask:
@@ -368,9 +405,8 @@ class SlurmTask:
         argv = ["sbatch", "--parsable", "--job-name", p["name"], "--nodes", "1",
                 "--ntasks", "1", "--chdir", self.dir, "--output", self.path("job.log"),
                 "--export", f"PATH={JOB_PATH}", "--time", str(math.ceil(limit_s / 60)),
-                "--cpus-per-task", str(max(1, math.ceil(p["cpus"])))]
-        if p["memory"] > 0:
-            argv += ["--mem", f"{math.ceil(p['memory'] / 1048576)}M"]
+                "--cpus-per-task", str(max(1, math.ceil(p["cpus"]))),
+                "--mem", f"{math.ceil(p['memory'] / 1048576)}M"]
         if p["gpus"] > 0:
             argv += [f"--gres=gpu:{p['gpus']}"]
         for key in ("partition", "account", "qos"):
@@ -382,16 +418,22 @@ class SlurmTask:
         """Lay out the job's files and submit it; returns its id."""
         p = self.p
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        for stale in ("result.json", "started_at", "stdout", "stderr", "timed_out"):
+        for stale in ("result.json", "started_at", "stdout", "stderr", "timed_out",
+                      "over_limit"):
             if os.path.exists(self.path(stale)):
                 os.unlink(self.path(stale))
-        user = effective_user(self.image_user(), p["fallback_user"])
+        image_user = self.image_user()
+        files = None
+        if needs_accounts(image_user):
+            files = cli_account_files(stdout_or_none, p["runtime"], p["image"])
+        user = effective_user(image_user, p["fallback_user"], files)
         env_file = self.path("env")
         write_env_file(env_file, p["env"])
         job = {
             "run": run_argv(p["runtime"], p, user, env_file=env_file),
             "stop": [p["runtime"], "stop", "-t", str(p["stop_grace"]), p["name"]],
             "env": self.job_env(),
+            "log_bytes": p["log_bytes"],
         }
         fd = os.open(self.path("job.json"), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -441,6 +483,8 @@ class SlurmTask:
         """Wait for the job to end, cancel it at the timeout; collect logs and exit code."""
         p = self.p
         timed_out = os.path.exists(self.path("timed_out"))
+        over_limit = os.path.exists(self.path("over_limit"))
+        watch = OutputWatch(p)
         cancelled_at = None
         while True:
             job = self.status()
@@ -457,9 +501,15 @@ class SlurmTask:
                 timed_out = True
                 self.cancel(job["job_id"])
                 cancelled_at = now
+            if cancelled_at is None and watch.exceeded():
+                with open(self.path("over_limit"), "w", encoding="utf-8") as f:
+                    f.write(f"{watch.size}\n")
+                over_limit = True
+                self.cancel(job["job_id"])
+                cancelled_at = now
             time.sleep(p["poll_interval"])
         result = self.read_json("result.json")
-        if timed_out:
+        if timed_out or over_limit:
             exit_code = None
         elif result is not None:
             exit_code = result["exit_code"]
@@ -476,6 +526,10 @@ class SlurmTask:
             logs[stream] = {"path": target, "bytes": written, "truncated": truncated}
         with open(os.path.join(p["log_dir"], "exit_code"), "w", encoding="utf-8") as f:
             f.write("null\n" if exit_code is None else f"{exit_code}\n")
+        if over_limit:
+            watch.exceeded()
+            self.module.fail_json(changed=self.changed, **job, timed_out=False, logs=logs,
+                                  **watch.failure(p["name"]))
         return {"changed": self.changed, **job, "exit_code": exit_code,
                 "timed_out": timed_out, "logs": logs}
 
@@ -517,7 +571,8 @@ def main():
     module = AnsibleModule(
         argument_spec=spec,
         required_if=[
-            ("state", "submitted", ("image", "fallback_user", "timeout")),
+            ("state", "submitted", ("image", "fallback_user", "timeout", "log_bytes",
+                                    *LIMIT_OPTIONS)),
             ("state", "present", ("timeout", "log_dir", "log_bytes")),
         ],
         supports_check_mode=True,

@@ -62,16 +62,9 @@ archives:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
 
 ARCHIVES = (("outputs.tar.gz", "output"), ("logs.tar.gz", "logs"))
-
-
-def tree_bytes(path):
-    total = 0
-    for root, dirs, files in os.walk(path, followlinks=False):
-        for name in dirs + files:
-            total += os.lstat(os.path.join(root, name)).st_size if name in files else 0
-    return total
 
 
 def main():

@@ -1,0 +1,32 @@
+"""A run gets only the environment it needs (issue 18): a secret in the listener's own
+environment reaches neither the run's processes nor anything ansible-runner writes into the
+run's private data dir (``artifacts/<ident>/command`` holds the run's environment)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "listener-only-9f3c1e7a"
+
+
+def test_the_listeners_environment_stays_out_of_the_run(site):
+    orch = site.orchestrator
+    # Not FEM_*: those are the listener's config overrides.
+    site.listener(env={"SITE_DB_PASSWORD": SECRET, "TZ": "UTC"})
+    orch.publish(site.task("env-confined"))
+    final = orch.wait_terminal("env-confined")
+    assert final["state"] == "COMPLETED", final
+
+    commands = list(site.work_dir.rglob("artifacts/*/command"))
+    assert commands, "ansible-runner wrote no artifacts/<ident>/command"
+    for command in commands:
+        env = json.loads(command.read_text())["env"]
+        assert "SITE_DB_PASSWORD" not in env and env.get("TZ") == "UTC"
+        assert env["FEM_JOB_ID"] and "ANSIBLE_CALLBACK_PLUGINS" in env
+    leaked = [p for p in site.work_dir.rglob("*")
+              if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
