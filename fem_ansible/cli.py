@@ -421,9 +421,13 @@ def install_service(user: str, group: str | None, work_dir: str, config_dir: str
 
     paths = {"work_dir": work_dir, "config_dir": config_dir, "log_dir": log_dir,
              "unit_dir": unit_dir, "logrotate_dir": logrotate_dir}
-    layout = ServiceLayout(user=user, group=group or user,
-                           **{k: Path(v).absolute() for k, v in paths.items()},
-                           **({"exec_path": Path(exec_path).absolute()} if exec_path else {}))
+    try:
+        layout = ServiceLayout(user=user, group=group or user,
+                               **{k: Path(v).absolute() for k, v in paths.items()},
+                               **({"exec_path": Path(exec_path).absolute()} if exec_path else {}))
+    except ConfigError as e:
+        click.echo(f"fem-ansible: {e}", err=True)
+        sys.exit(EXIT_USAGE)
     try:
         changed = install_service(layout, dry_run=dry_run, echo=click.echo)
     except subprocess.CalledProcessError as e:

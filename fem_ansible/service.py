@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfigError
 from .runner import data_dir
 
 UNIT_NAME = "fem-ansible.service"
@@ -34,6 +35,11 @@ _TEMPLATE_PATHS = {
     "log_dir": "/var/log/fem-ansible",
 }
 ENGINE_GROUP = "docker"
+# What useradd accepts by default (Debian's NAME_REGEX, less the trailing '$' of machine
+# accounts): the names go into the unit file and the logrotate snippet as they are.
+_ACCOUNT_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+# Paths go there too: a line break or a blank would start another directive.
+_PATH_TEXT = re.compile(r"/[A-Za-z0-9_./+@-]*")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,19 @@ class ServiceLayout:
     # the installed command; default: the one beside this interpreter (the venv's)
     exec_path: Path = dataclasses.field(
         default_factory=lambda: Path(sys.prefix) / "bin" / "fem-ansible")
+
+    def __post_init__(self) -> None:
+        """Names and paths are written into the unit and the snippet as text: refused here
+        unless they are plain, so no value can add a directive to either."""
+        for what in ("user", "group"):
+            if not _ACCOUNT_NAME.fullmatch(getattr(self, what)):
+                raise ConfigError(f"--{what}: {getattr(self, what)!r} is not an account name "
+                                  f"({_ACCOUNT_NAME.pattern})")
+        for what in ("work_dir", "config_dir", "log_dir", "unit_dir", "logrotate_dir",
+                     "exec_path"):
+            if not _PATH_TEXT.fullmatch(str(getattr(self, what))):
+                raise ConfigError(f"--{what.replace('_', '-')}: {str(getattr(self, what))!r} "
+                                  "is not an absolute path of letters, digits and ._/+@-")
 
     @property
     def config(self) -> Path:

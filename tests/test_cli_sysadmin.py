@@ -70,3 +70,19 @@ def test_init_writes_nothing_when_the_config_would_be_invalid(tmp_path):
                                 "--broker-url", "amqp://u:p@127.0.0.1:5672/%2F"])
     assert good.exit_code == 0, good.output
     assert "node_id: hospital-a" in (target / "config.yml").read_text()
+
+
+def test_install_service_refuses_names_and_paths_that_would_add_unit_directives(tmp_path):
+    """User, group and paths are written into the unit and the logrotate snippet as text:
+    a line break (or a blank) in any of them is refused before anything is made."""
+    base = ["install-service", "--dry-run", "--unit-dir", str(tmp_path / "unit"),
+            "--logrotate-dir", str(tmp_path / "logrotate"), "--work-dir", str(tmp_path / "w"),
+            "--config-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "l")]
+    for extra, fragment in ((["--user", "fem\nExecStartPre=/bin/sh"], "--user"),
+                            (["--group", "Root"], "--group"),
+                            (["--log-dir", f"{tmp_path}/l\nExecStartPre=/bin/sh"], "--log-dir"),
+                            (["--work-dir", f"{tmp_path}/w x"], "--work-dir")):
+        done = CliRunner().invoke(main, [*base, *extra])
+        assert done.exit_code == 2 and fragment in done.output, (extra, done.output)
+        assert "Traceback" not in done.output
+    assert not any(tmp_path.iterdir())
