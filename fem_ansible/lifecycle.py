@@ -354,6 +354,11 @@ class _Execution(RunHooks):
         while True:
             spec = self._spec(skip_tags=[s for s in self.stages_done if s != "stage_out"])
             outcome = run_playbook(spec, self, self._should_stop)
+            if self._stage is None and outcome.status == "successful":
+                log.warning("%s: the playbook %s marked no stage (set_stats fem_stage): no "
+                            "RUNNING or STAGING_OUT, and failures count as stage-in "
+                            "(docs/roles.md, \"Stages and the outcome\")", self.tid,
+                            spec.playbook, extra={"task_id": self.tid})
             host = self.known["host"]
             unreachable = outcome.failure is not None and outcome.failure.unreachable
             nxt = self.node.targets.retry_host(self.task, host, unreachable,

@@ -200,14 +200,15 @@ class PlayWatcher:
 
 
 def _result_message(res: dict[str, Any]) -> str:
-    """Ansible's message of a failed result: ``msg`` (or an include's ``reason``), with the
-    command's stderr when ``msg`` does not say it; of a loop, the first failed item's."""
+    """Ansible's message of a failed result: ``msg`` (an include's ``reason``; a ``no_log``
+    task's ``censored``), with the command's stderr when ``msg`` does not say it; of a
+    loop, the first failed item's."""
     items = res.get("results")
     if isinstance(items, list):
         failed = [i for i in items if isinstance(i, dict) and i.get("failed")]
         if failed:
             return _result_message(failed[0])
-    msg = str(res.get("msg") or res.get("reason") or "").strip()
+    msg = str(res.get("msg") or res.get("reason") or res.get("censored") or "").strip()
     stderr = str(res.get("stderr") or "").strip()
     if stderr and stderr not in msg:
         return f"{msg}: {stderr}" if msg else stderr

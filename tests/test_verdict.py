@@ -136,3 +136,17 @@ def test_loop_failure_names_the_failed_item():
     watcher.event({"event": "playbook_on_stats", "event_data": {"failures": {"h": 1}}})
     assert watcher.verdict("failed", 2) == Failure(
         "stage_in", "input_failed", "fem_volumes: Download the inputs: HTTP Error 404")
+
+
+def test_a_no_log_failure_says_so_and_nothing_more():
+    watcher = PlayWatcher(Seen())
+    watcher.event({"event": "runner_on_failed", "event_data": {
+        "role": "fem_image", "task": "Write the registry credentials",
+        "res": {"censored": "the output has been hidden due to the fact that 'no_log: true' "
+                            "was specified for this result", "changed": False}}})
+    watcher.event({"event": "playbook_on_stats", "event_data": {"failures": {"h": 1}}})
+    failure = watcher.verdict("failed", 2)
+    assert failure is not None
+    assert failure.message == ("fem_image: Write the registry credentials: the output has been "
+                               "hidden due to the fact that 'no_log: true' was specified for "
+                               "this result")
