@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,9 @@ from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import ConfigError, RejectedError
 from .logs import setup_logging, task_context
+
+if TYPE_CHECKING:
+    from .intake import Intake, Task
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 STATE_EXIT = {"COMPLETED": EXIT_OK, "FAILED": EXIT_FAILED, "TIMED_OUT": EXIT_FAILED,
@@ -134,32 +137,57 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
         sys.exit(EXIT_REJECTED)
     _event, existing = node.accept(task)
     if existing is not None and existing.terminal:
-        click.echo(f"task {task['task_id']} already ran here: {existing.state}", err=True)
+        click.echo(f"task {task.task_id} already ran here: {existing.state}", err=True)
         sys.exit(STATE_EXIT[existing.state])
     try:
-        with task_context(task["task_id"]):
-            final = node.execute(task["task_id"])
+        with task_context(task.task_id):
+            final = node.execute(task.task_id)
     finally:
         if progress:
             progress.stop()
     sys.exit(STATE_EXIT.get(final.get("state", "FAILED"), EXIT_FAILED))
 
 
+@contextlib.contextmanager
+def _local_intake(config: Config) -> Iterator[Intake]:
+    """The intake ``listen`` uses, for a file on this machine (``validate``, ``submit``):
+    the same schema, policy, inventory and executor roles; no signature (the file is the
+    sysadmin's own) and nothing written to the work dir."""
+    import tempfile
+
+    from .intake import Intake
+    from .runner import collections_view
+    from .signatures import Verifier
+    from .targets import Targets
+
+    with _config_errors(), tempfile.TemporaryDirectory(prefix="fem-intake-") as tmp:
+        collections = collections_view(Path(tmp), tuple(config.execution.collections))
+        yield Intake(config, Targets(config, collections), verifier=Verifier("none"))
+
+
+def _check_file(config: Config, body: bytes) -> Task:
+    """``body`` through :func:`_local_intake`; a rejection is printed, one reason a line,
+    and exits 3."""
+    with _local_intake(config) as intake:
+        try:
+            return intake.read(body, None, signed=False)
+        except RejectedError as e:
+            click.echo(f"invalid ({e.code}):")
+            for reason in e.reasons:
+                click.echo(f"  {reason}")
+            sys.exit(EXIT_REJECTED)
+
+
 @main.command()
 @config_option
 @click.argument("task_file", type=click.Path(dir_okay=False))
 def validate(config_path: str, task_file: str) -> None:
-    """Check a task against the schema and this site's policy (no signature)."""
+    """Check a task as `listen` would: schema, node, site policy, inventory target and
+    executor role (no signature); every problem is listed."""
     config = _config(config_path)
-    body = _read_file(task_file)
-    from .lifecycle import read_message
-
-    try:
-        task = read_message(config, body)
-    except RejectedError as e:
-        click.echo(f"invalid ({e.code}): {e.message}")
-        sys.exit(EXIT_REJECTED)
-    click.echo(f"valid: task {task['task_id']} may run on node {config.node_id}")
+    task = _check_file(config, _read_file(task_file))
+    click.echo(f"valid: task {task.task_id} may run on node {config.node_id} "
+               f"(target {task.target}, executor {task.executor})")
 
 
 @main.command()
@@ -219,17 +247,24 @@ def schema() -> None:
               help="Seconds to wait for the terminal event.")
 @click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
               help="HMAC key file to sign with (default: the config's, in hmac mode).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Check the task as `validate` does first, and publish only a valid one "
+                   "(--no-check: publish anything, e.g. to see the listener refuse it).")
 def submit(config_path: str, task_file: str, wait: bool, timeout: float,
-           sign_key: str | None) -> None:
+           sign_key: str | None, check: bool) -> None:
     """Publish a task as an orchestrator would, and optionally follow its events."""
     config = _config(config_path)
     body = _read_file(task_file)
     from .orchestrator import submit_task
+    from .schema import parse_json, task_id_of
 
-    try:
-        task_id = json.loads(body).get("task_id")
-    except (ValueError, AttributeError):
-        task_id = None
+    if check:
+        task_id: str | None = _check_file(config, body).task_id
+    else:
+        try:
+            task_id = task_id_of(parse_json(body, len(body)))
+        except RejectedError:
+            task_id = None
     final = submit_task(config, body, task_id, wait=wait, timeout=timeout, sign_key=sign_key,
                         on_event=_print_event)
     if not wait:
@@ -260,16 +295,20 @@ def cancel(config_path: str, task_id: str) -> None:
 def tasks(config_path: str, task_id: str | None, limit: int) -> None:
     """The journal: recent tasks, or one task's events, stage times and logs."""
     config = _config(config_path)
-    from .display import task_detail, task_table
+    from .display import rejection_detail, task_detail, task_table
     from .journal import Journal
 
     journal = Journal(config.work_dir / "journal.sqlite")
     if task_id:
         rec = journal.get(task_id, with_events=True)
-        if rec is None:
+        rejected = journal.rejections(task_id)
+        if rec is None and not rejected:
             click.echo(f"no task {task_id} in the journal", err=True)
             sys.exit(EXIT_FAILED)
-        lines = task_detail(rec, config)
+        if rec is None:
+            lines = [f"task {task_id}: REJECTED", *rejection_detail(rejected)]
+        else:
+            lines = task_detail(rec, config) + rejection_detail(rejected)
     else:
         lines = task_table(journal.recent(limit))
     for line in lines:

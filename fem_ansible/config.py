@@ -9,6 +9,7 @@ full path, because a typo in a security policy must never silently fall back to 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .schema import RESOURCE_FLOORS
 from .sizes import parse_bytes
 
 DEFAULT_CONFIG_PATH = "/etc/fem-ansible/config.yml"
@@ -216,14 +218,17 @@ class PolicyConfig:
     downloads: AllowList = _doc("URLs inputs may be downloaded from.", default_factory=AllowList)
     uploads: AllowList = _doc("URLs outputs and logs may go to.", default_factory=AllowList)
     targets: AllowList = _doc(
-        "Inventory hosts or groups tasks may name.",
+        "Inventory hosts or groups tasks may name (globs: `gpu-*`); a task names one, "
+        "never a pattern.",
         default_factory=lambda: AllowList(allow=["localhost"]),
     )
     executors: AllowList = _doc(
-        "Executors tasks may use.", default_factory=lambda: AllowList(allow=["docker"])
+        "Executors tasks may use (globs; each needs its role).",
+        default_factory=lambda: AllowList(allow=["docker"]),
     )
     networks: AllowList = _doc(
-        "Container networks besides `none` (e.g. `host`).", default_factory=AllowList
+        "Container networks besides `none` (globs: `*` allows `host` too).",
+        default_factory=AllowList,
     )
     datasets: dict[str, DatasetConfig] = _doc(
         "Datasets by name; tasks name them, never a host path.", default_factory=dict
@@ -482,9 +487,9 @@ def load_config(
 
 def _check(config: Config) -> None:
     """Rules across fields, which the type model alone cannot say."""
-    if not re.match(NODE_ID_PATTERN, config.node_id):
+    if not re.fullmatch(NODE_ID_PATTERN, config.node_id):
         raise ConfigError(f"node_id: {config.node_id!r} does not match {NODE_ID_PATTERN}")
-    if not re.match(NODE_ID_PATTERN, config.listener_id):
+    if not re.fullmatch(NODE_ID_PATTERN, config.listener_id):
         raise ConfigError(f"listener_id: {config.listener_id!r} does not match {NODE_ID_PATTERN}")
     ex = config.execution
     for name in ("max_parallel", "max_attempts", "heartbeat_s"):
@@ -495,7 +500,7 @@ def _check(config: Config) -> None:
     if ex.keep_runs < 0:
         raise ConfigError("execution.keep_runs: must not be negative")
     for name in ex.collections:
-        if not re.match(COLLECTION_PATTERN, name):
+        if not re.fullmatch(COLLECTION_PATTERN, name):
             raise ConfigError(f"execution.collections: {name!r} is not a collection name "
                               "(namespace.name)")
     if not config.broker.url.startswith(("amqp://", "amqps://")):
@@ -506,12 +511,19 @@ def _check(config: Config) -> None:
     if sig.mode == "ed25519" and not sig.key_files:
         raise ConfigError("security.signature.key_files: required when mode is ed25519")
     defaults, limits = config.policy.defaults, config.policy.limits
+    # A limit or default under its floor would be read by an engine as "no limit"; YAML's
+    # .nan and .inf would pass every comparison.
+    for name, floor in RESOURCE_FLOORS.items():
+        for section, owner in (("limits", limits), ("defaults", defaults)):
+            value = getattr(owner, name, None)
+            if value is not None and not (math.isfinite(value) and value >= floor):
+                raise ConfigError(f"policy.{section}.{name}: must be a number, at least {floor}")
     for name in ("cpus", "memory", "timeout_s"):
         value = getattr(defaults, name)
         if value is not None and value > getattr(limits, name):
             raise ConfigError(f"policy.defaults.{name}: above policy.limits.{name}")
     for name, ds in config.policy.datasets.items():
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ConfigError(f"policy.datasets.{name}: invalid dataset name")
         if not os.path.isabs(ds.path):
             raise ConfigError(f"policy.datasets.{name}.path: must be an absolute path")

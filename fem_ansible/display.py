@@ -69,9 +69,26 @@ def task_table(records: list[TaskRecord], now: float | None = None) -> list[str]
         end = rec.finished_at or now
         code = rec.result.get("exit_code")
         started = datetime.fromtimestamp(rec.received_at).strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(f"{rec.task_id:<36} {rec.state:<11} {rec.attempt:>3} "
-                     f"{(rec.host or '-'):<12} {started:<19} "
-                     f"{duration(end - rec.received_at):>9} {'' if code is None else code:>4}")
+        line = (f"{rec.task_id:<36} {rec.state:<11} {rec.attempt:>3} "
+                f"{(rec.host or '-'):<12} {started:<19} "
+                f"{duration(end - rec.received_at):>9} {'' if code is None else code:>4}")
+        if rec.rejection:
+            # Never run: why it was refused takes the place of the run's numbers.
+            why = f"{rec.rejection['code']}: {'; '.join(rec.rejection['reasons'])}"
+            line = (f"{rec.task_id:<36} {rec.state:<11} {'-':>3} {'-':<12} {started:<19} "
+                    f"{why[:200]}")
+        lines.append(line)
+    return lines
+
+
+def rejection_detail(records: list[TaskRecord]) -> list[str]:
+    """The rejected messages of one task id: when, the code, every reason."""
+    lines = []
+    for rec in records:
+        assert rec.rejection is not None
+        at = datetime.fromtimestamp(rec.received_at).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"rejected at {at} ({rec.rejection['code']}), nothing run:")
+        lines += [f"  {reason}" for reason in rec.rejection["reasons"]]
     return lines
 
 

@@ -34,6 +34,7 @@ import requests
 from . import broker
 from .config import Config
 from .errors import ConfigError
+from .policy import allowed
 from .sizes import format_bytes
 
 # A clock further off than this is an error: not_after is usually minutes, not seconds.
@@ -365,7 +366,12 @@ def check_hosts(config: Config) -> Iterator[Check]:
             yield fail("inventory", str(e), f"correct the inventory {path}, or name the "
                        "collections of its plugins in execution.collections")
             return
-        names = [config.execution.target, *config.policy.targets.allow]
+        # policy.targets.allow holds globs: each stands for the hosts and groups it matches
+        # (and is reported itself when it matches none).
+        known = [*inventory.hostvars, *inventory.groups]
+        names = [config.execution.target]
+        for pattern in config.policy.targets.allow:
+            names += [n for n in known if allowed(n, [pattern])] or [pattern]
         hosts = sorted({h for n in names for h in inventory.hosts_of(n)})
         unknown = [n for n in dict.fromkeys(names) if not inventory.hosts_of(n)]
         for name in unknown:

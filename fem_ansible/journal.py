@@ -6,6 +6,10 @@ is recorded as it completes, and every event is written here first and marked pu
 only once the broker confirmed it; so a crash or a broker outage loses nothing, and events
 go out in ``seq`` order when the broker is back (DESIGN.md §5).
 
+Rejected messages are kept apart from tasks, in ``rejections`` (the newest
+:data:`KEEP_REJECTIONS`): a rejection is not an accepted task, so it never stops a later
+valid message with the same ``task_id`` from running (docs/decisions.md, "One intake").
+
 The file holds what recovery needs, upload URLs and headers included, so it is created
 readable by the service user only.
 """
@@ -25,6 +29,10 @@ from typing import Any
 
 from .schema import TERMINAL_STATES
 
+# Rejected messages kept for ``fem-ansible tasks``: the journal stays bounded whatever is
+# thrown at the queue (the audit log keeps every one).
+KEEP_REJECTIONS = 1000
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id     TEXT PRIMARY KEY,
@@ -36,7 +44,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     host        TEXT,
     received_at REAL NOT NULL,
     updated_at  REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    decision    TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,6 +58,13 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_task_seq ON events(task_id, seq)
     WHERE task_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_unpublished ON events(published, id);
+CREATE TABLE IF NOT EXISTS rejections (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT,
+    at      REAL NOT NULL,
+    code    TEXT NOT NULL,
+    reasons TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cancels (
     task_id TEXT PRIMARY KEY,
     at      REAL NOT NULL
@@ -71,6 +87,11 @@ class TaskRecord:
     updated_at: float
     finished_at: float | None
     events: list[dict[str, Any]] = field(default_factory=list)
+    # The site's decision at intake (policy.Decision as a dict); None in journals written
+    # before it was kept.
+    decision: dict[str, Any] | None = None
+    # For a rejected message (state REJECTED, never run): {"code", "reasons"}.
+    rejection: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -91,6 +112,9 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(tasks)")}
+        if "decision" not in columns:  # a journal of an earlier version
+            self._db.execute("ALTER TABLE tasks ADD COLUMN decision TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -126,13 +150,16 @@ class Journal:
 
     @staticmethod
     def _record(row: tuple[Any, ...]) -> TaskRecord:
-        (task_id, task, state, attempt, stages, result, host, rec_at, upd_at, fin_at) = row
+        (task_id, task, state, attempt, stages, result, host, rec_at, upd_at, fin_at,
+         decision) = row
         return TaskRecord(task_id, json.loads(task), state, attempt, json.loads(stages),
-                          json.loads(result), host, rec_at, upd_at, fin_at)
+                          json.loads(result), host, rec_at, upd_at, fin_at,
+                          decision=json.loads(decision) if decision else None)
 
-    def add_task(self, task_id: str, task: dict[str, Any], first_event: dict[str, Any]
+    def add_task(self, task_id: str, task: dict[str, Any], first_event: dict[str, Any],
+                 decision: dict[str, Any] | None = None
                  ) -> tuple[TaskRecord | None, dict[str, Any] | None]:
-        """Record a new task with its first event, atomically.
+        """Record a new task with its first event and the site's decision, atomically.
 
         :returns: ``(None, event)`` when it was new; ``(existing record, None)`` when the
             task id is already in the journal (the caller decides what a re-send means).
@@ -143,9 +170,10 @@ class Journal:
             if row is not None:
                 return self._record(row), None
             db.execute(
-                "INSERT INTO tasks (task_id, task, state, received_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (task_id, json.dumps(task), first_event["state"], now, now),
+                "INSERT INTO tasks (task_id, task, state, received_at, updated_at, decision)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (task_id, json.dumps(task), first_event["state"], now, now,
+                 json.dumps(decision) if decision is not None else None),
             )
             return None, self._insert_event(db, task_id, first_event, now)
 
@@ -172,11 +200,30 @@ class Journal:
         return [self._record(r) for r in rows]
 
     def recent(self, limit: int = 50) -> list[TaskRecord]:
+        """The newest tasks and rejected messages, newest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM tasks ORDER BY received_at DESC LIMIT ?", (limit,)
             ).fetchall()
-        return [self._record(r) for r in rows]
+            rejected = self._db.execute(
+                "SELECT * FROM rejections ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        records = [self._record(r) for r in rows] + [self._rejection(r) for r in rejected]
+        return sorted(records, key=lambda r: r.received_at, reverse=True)[:limit]
+
+    def rejections(self, task_id: str) -> list[TaskRecord]:
+        """The rejected messages that carried ``task_id``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM rejections WHERE task_id=? ORDER BY id", (task_id,)
+            ).fetchall()
+        return [self._rejection(r) for r in rows]
+
+    @staticmethod
+    def _rejection(row: tuple[Any, ...]) -> TaskRecord:
+        (_id, task_id, at, code, reasons) = row
+        return TaskRecord(task_id or "-", {}, "REJECTED", 1, [], {}, None, at, at, at,
+                          rejection={"code": code, "reasons": json.loads(reasons)})
 
     def finished_beyond(self, keep: int) -> list[str]:
         """Ids of finished tasks older than the ``keep`` most recent finished ones."""
@@ -192,7 +239,9 @@ class Journal:
 
     @staticmethod
     def _insert_event(db: sqlite3.Connection, task_id: str | None, event: dict[str, Any],
-                      now: float) -> dict[str, Any]:
+                      now: float, *, task_state: bool = True) -> dict[str, Any]:
+        """Store ``event`` with the next ``seq`` of ``task_id``; with ``task_state`` it also
+        becomes the task's state (a rejection's event does not: it is not the task's)."""
         if task_id is None:
             seq = 1
         else:
@@ -205,7 +254,7 @@ class Journal:
             "INSERT INTO events (task_id, seq, state, body) VALUES (?, ?, ?, ?)",
             (task_id, seq, event["state"], json.dumps(event)),
         )
-        if task_id is not None:
+        if task_id is not None and task_state:
             finished = now if event["state"] in TERMINAL_STATES else None
             db.execute(
                 "UPDATE tasks SET state=?, updated_at=?, finished_at=COALESCE(?, finished_at)"
@@ -213,6 +262,25 @@ class Journal:
                 (event["state"], now, finished, task_id),
             )
         return event
+
+    def add_rejection(self, task_id: str | None, code: str, reasons: list[str],
+                      event: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Record a rejected message and, when given, its REJECTED event, atomically.
+
+        The event goes in ``task_id``'s sequence (after any earlier rejection's), so the
+        events of a later valid message with that id follow with higher ``seq``; the
+        ``tasks`` table is not touched: a rejection is not an accepted task.
+        :returns: the stored event, with its ``seq``.
+        """
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO rejections (task_id, at, code, reasons) VALUES (?, ?, ?, ?)",
+                       (task_id, now, code, json.dumps(reasons)))
+            db.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",
+                       (KEEP_REJECTIONS,))
+            if event is None:
+                return None
+            return self._insert_event(db, task_id, event, now, task_state=False)
 
     def append_event(self, task_id: str | None, event: dict[str, Any]) -> dict[str, Any]:
         """Store an event with the task's next ``seq``; returns it with its ``seq``."""

@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any
 import pika
 import pika.exceptions
 
-from . import __version__, policy, schema
+from . import __version__, schema
 from .config import Config
 from .errors import ConfigError, PolicyViolation, RejectedError
 from .schema import now_rfc3339
-from .site_roles import check_executor
 
 if TYPE_CHECKING:
+    from .intake import Task
     from .listener import Listener
 
 log = logging.getLogger(__name__)
@@ -704,30 +704,21 @@ class LegacyConsumer:
 
     # submit_run --------------------------------------------------------------------------
 
-    def read_submit(self, msg: LegacyMessage) -> dict[str, Any]:
-        """The validated, normalised, policy-checked task of a ``submit_run``."""
+    def read_submit(self, msg: LegacyMessage) -> Task:
+        """The accepted task of a ``submit_run``: its translation through the node's intake
+        (schema, addressing, policy, target, executor), like any task's."""
         task = to_task(msg, self.queue, self.config.legacy.site_vars)
-        tid = task["task_id"]
         eid, user = run_ids(msg)
         assert user is not None
-        ex = self.config.execution
-        normal = schema.read_task(task, default_executor=ex.default_executor,
-                                  default_target=ex.target,
-                                  resource_defaults=self.config.resource_defaults())
-        if any(d["name"] == DATA_DATASET for d in normal["datasets"]) and \
+        if any(d.get("name") == DATA_DATASET for d in task.get("datasets", [])) and \
                 not self.config.legacy.data_path:
             raise PolicyViolation("legacy.data_path", "$DATA_PATH is not set on this site",
-                                  task_id=tid)
-        # The checks Node.read makes of any task after its schema.
-        policy.check_addressing(normal, self.config)
-        policy.decide(normal, self.config, self.datasets_for(user, eid))
-        self.node.targets.check(normal)
-        check_executor(normal, self.config)
-        return normal
+                                  task_id=task["task_id"])
+        return self.node.intake.read_value(task, run_datasets=self.datasets_for(user, eid))
 
     def _submit(self, ch: Any, method: Any, props: Any, msg: LegacyMessage) -> None:
-        task = self.read_submit(msg)
-        tid = task["task_id"]
+        accepted = self.read_submit(msg)
+        task, tid = accepted.to_dict(), accepted.task_id
         eid, user = run_ids(msg)
         self.node.audit.record("accepted", tid, protocol="legacy", tool_id=msg.tool_id,
                                image=task["image"]["ref"], command=task["command"],
@@ -747,7 +738,7 @@ class LegacyConsumer:
             if rec["reply"] is not None:
                 rec["replied"] = False  # asked again: answered again
             self._save(rec)
-        _event, existing = self.node.accept(task)
+        _event, existing = self.node.accept(accepted)
         if existing is not None:
             self.listener._publish_pending()
             if existing.terminal:

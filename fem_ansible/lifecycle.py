@@ -1,6 +1,6 @@
 """A task's life on this node, whatever brought it: intake, acceptance, execution.
 
-:class:`Node` holds the node's config, journal and verifier, and is used the same way by the
+:class:`Node` holds the node's config, journal and intake, and is used the same way by the
 broker listener and by ``fem-ansible run``.  Every event goes to the journal first and is
 announced through ``notify``; who publishes it (the broker, or a terminal) is the caller's
 business.  Policy is decided here, in Python, before Ansible starts; all work on hosts is
@@ -22,6 +22,7 @@ from .audit import AuditLog
 from .config import Config
 from .errors import RejectedError, TaskFailed
 from .events import task_event
+from .intake import Intake, Task
 from .journal import Journal, TaskRecord
 from .refs import parse_image, redact_url, split_url
 from .runner import (
@@ -34,8 +35,7 @@ from .runner import (
     run_playbook,
     scan_cache_dir,
 )
-from .signatures import HEADER, Verifier
-from .site_roles import check_executor, roles_path
+from .site_roles import roles_path
 from .targets import Targets, control_dir, inventory_path, ssh_env
 from .transfer import Archive, upload
 
@@ -45,35 +45,6 @@ log = logging.getLogger(__name__)
 STOP_RETRY_S = 2.0
 # Room for ansible itself above the container's own timeout before the playbook is killed.
 PLAYBOOK_MARGIN_S = 600
-
-
-def read_message(config: Config, body: bytes, headers: Mapping[str, Any] | None = None,
-                 verifier: Verifier | None = None,
-                 on_signed: Callable[[str | None], None] = lambda key_id: None
-                 ) -> dict[str, Any]:
-    """Turn a raw message into a normalised, policy-checked task.
-
-    The order is the contract's: size → signature → JSON → schema → ``node_id`` and
-    ``not_after`` → policy (DESIGN.md §3).  Without a ``verifier`` the signature is not
-    checked (``fem-ansible run`` and ``validate``: the sysadmin's own files).
-    ``on_signed`` is told the id of the key that signed the message, once it is known.
-
-    :raises RejectedError: with the contract's code; ``task_id`` once it could be read.
-    """
-    limit = config.security.max_message_bytes
-    if len(body) > limit:
-        raise RejectedError(f"message of {len(body)} bytes is over the {limit}-byte limit")
-    on_signed(verifier.verify(body, (headers or {}).get(HEADER)) if verifier else None)
-    value = schema.parse_json(body, limit)
-    task = schema.read_task(
-        value,
-        default_executor=config.execution.default_executor,
-        default_target=config.execution.target,
-        resource_defaults=config.resource_defaults(),
-    )
-    policy.check_addressing(task, config)
-    policy.decide(task, config)
-    return task
 
 
 class NodeObserver:
@@ -104,7 +75,6 @@ class Node:
         self.journal = journal
         self.notify = notify
         self.observer = observer or NodeObserver()
-        self.verifier = Verifier.from_config(config.security.signature)
         self.audit = AuditLog(config.audit_file, config.node_id)
         self.runs_dir = config.work_dir / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -114,6 +84,8 @@ class Node:
         self.scan_cache = scan_cache_dir(config.work_dir)
         # Where tasks run: the inventory's hosts, and this listener's count per host.
         self.targets = Targets(config, self.collections)
+        # The one intake (fem_ansible/intake.py): signature keys, schema, policy, targets.
+        self.intake = Intake(config, self.targets)
         # Set when the listener shuts down: running playbooks are stopped and their tasks
         # left, unreported, to the next listener's recovery.
         self.abandon = threading.Event()
@@ -124,11 +96,13 @@ class Node:
     # -- intake --------------------------------------------------------------------------
 
     def read(self, body: bytes, headers: Mapping[str, Any] | None, *,
-             signed: bool = True) -> dict[str, Any]:
-        """A message, read as :func:`read_message` says; every decision is audited.
+             signed: bool = True) -> Task:
+        """A message through the node's :class:`~fem_ansible.intake.Intake`; every decision
+        is audited.
 
         :param signed: check the signature (messages from the broker); ``fem-ansible run``
             reads the sysadmin's own file without one.
+        :raises RejectedError: as :meth:`Intake.read`.
         """
         key: dict[str, str | None] = {"key_id": None}
 
@@ -138,50 +112,57 @@ class Node:
                               signature="checked" if signed else "not checked (local file)")
 
         try:
-            task = read_message(self.config, body, headers,
-                                self.verifier if signed else None, on_signed=received)
-            self.targets.check(task)
-            check_executor(task, self.config)
+            task = self.intake.read(body, headers, signed=signed, on_signed=received)
         except RejectedError as e:
-            self.audit.record("rejected", e.task_id, key_id=key["key_id"], code=e.code,
-                              rule=getattr(e, "rule", None), reason=e.message)
+            self.audit_rejected(e, key_id=key["key_id"])
             raise
-        decision = policy.decide(task, self.config)
+        data = task.to_dict()
         self.audit.record(
-            "accepted", task["task_id"], key_id=key["key_id"],
-            experiment_id=task["experiment_id"], image=task["image"]["ref"],
-            source=task["source"]["repo"] if task["source"] else None,
-            executor=task["executor"], target=task["target"], network=task["network"],
-            resources=task["resources"], datasets=decision.datasets)
+            "accepted", task.task_id, key_id=task.key_id, experiment_id=task.experiment_id,
+            image=task.image, source=data["source"]["repo"] if data["source"] else None,
+            executor=task.executor, target=task.target, network=data["network"],
+            resources=data["resources"], datasets=task.decision.datasets)
         return task
 
-    def reject(self, err: RejectedError) -> dict[str, Any]:
-        """Journal the REJECTED event of a refused message."""
-        event = task_event(
-            self.config.node_id, None, "REJECTED", f"rejected: {err.message}",
-            task_id=err.task_id,
-            error={"code": err.code, "stage": "intake", "message": err.message},
-        )
-        stored = self.journal.append_event(None, event)
-        self.observer.on_event(stored)
+    def audit_rejected(self, err: RejectedError, **fields: Any) -> None:
+        self.audit.record("rejected", err.task_id, code=err.code,
+                          rule=getattr(err, "rule", None), reason=err.message, **fields)
+
+    def reject(self, err: RejectedError) -> dict[str, Any] | None:
+        """Journal a refused message: visible in ``fem-ansible tasks`` (REJECTED, with its
+        reasons) and announced by a REJECTED event.
+
+        A message whose ``task_id`` is a task this node already accepted is a re-send of it
+        (DESIGN.md §5): the task stands, so no REJECTED event says otherwise; a finished
+        one has its terminal event published again, as for any re-send.
+
+        :returns: the REJECTED event, None for a re-send.
+        """
+        tid = err.task_id
+        existing = self.journal.get(tid) if tid else None
+        event = None if existing else task_event(
+            self.config.node_id, None, "REJECTED", f"rejected: {err.message}", task_id=tid,
+            error={"code": err.code, "stage": "intake", "message": err.message})
+        stored = self.journal.add_rejection(tid, err.code, list(err.reasons), event)
+        if stored is not None:
+            self.observer.on_event(stored)
+        elif existing is not None and existing.terminal:
+            self._republish_last(existing.task_id)
         self.notify()
         return stored
 
-    def accept(self, task: dict[str, Any]) -> tuple[dict[str, Any] | None, TaskRecord | None]:
-        """Journal a new task with its RECEIVED event.
+    def accept(self, task: Task) -> tuple[dict[str, Any] | None, TaskRecord | None]:
+        """Journal a new task with its RECEIVED event and the site's decision.
 
         :returns: ``(event, None)`` for a new task; ``(None, record)`` when the task id is
             known already; a finished one then has its terminal event queued again.
         """
-        tid = task["task_id"]
-        first = task_event(self.config.node_id, task, "RECEIVED", "task received")
-        existing, event = self.journal.add_task(tid, task, first)
+        tid, data = task.task_id, task.to_dict()
+        first = task_event(self.config.node_id, data, "RECEIVED", "task received")
+        existing, event = self.journal.add_task(tid, data, first, task.decision_dict())
         if existing is not None:
             if existing.terminal:
-                last = self.journal.last_event(tid)
-                if last is not None:
-                    self.journal.republish(tid, last["seq"])
-                    self.notify()
+                self._republish_last(tid)
             log.info("task %s is already in the journal (%s): not run again", tid,
                      existing.state, extra={"task_id": tid})
             return None, existing
@@ -189,6 +170,12 @@ class Node:
             self.observer.on_event(event)
         self.notify()
         return event, None
+
+    def _republish_last(self, task_id: str) -> None:
+        last = self.journal.last_event(task_id)
+        if last is not None:
+            self.journal.republish(task_id, last["seq"])
+            self.notify()
 
     # -- execution -----------------------------------------------------------------------
 
@@ -384,7 +371,10 @@ class _Execution(RunHooks):
               playbook: str | None = None) -> RunSpec:
         """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``)."""
         config, task = self.config, self.task
-        decision = policy.decide(task, config, self.node.run_datasets(task))
+        # Decided once, at intake, and journaled with the task; a task journaled by an
+        # earlier version without it is decided again.
+        decision = (policy.Decision(**self.rec.decision) if self.rec.decision
+                    else policy.decide(task, config, self.node.run_datasets(task)))
         pdd = self.node.run_dir(self.tid)
         (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
         pdd.chmod(0o700)

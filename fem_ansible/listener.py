@@ -22,7 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from . import broker, policy
+from . import broker
 from .config import Config
 from .errors import RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
@@ -30,8 +30,6 @@ from .journal import Journal
 from .legacy import LegacyConsumer
 from .lifecycle import Node, NodeObserver
 from .logs import task_context
-from .schema import CONTROL_SCHEMA_ID, parse_json, schema_errors
-from .signatures import HEADER
 
 log = logging.getLogger(__name__)
 
@@ -165,19 +163,30 @@ class Listener:
         except RejectedError as e:
             log.warning("rejected a message (%s): %s", e.code, e.message,
                         extra={"task_id": e.task_id})
-            self.node.reject(e)
-            self._publish_pending()
-            self._dead_letter(body, props, e.code)
-            ch.basic_ack(method.delivery_tag)
+            self._refuse_task(ch, method, props, body, e)
+            return
+        except Exception as e:  # a bug: the message still ends REJECTED, the consumer goes on
+            log.exception("reading a message failed; rejected as invalid_message")
+            err = _internal(e)
+            self.node.audit_rejected(err)
+            self._refuse_task(ch, method, props, body, err)
             return
         _event, existing = self.node.accept(task)
-        tid = task["task_id"]
+        tid = task.task_id
         if existing is not None and (existing.terminal or tid in self.running):
             self._publish_pending()
             ch.basic_ack(method.delivery_tag)
             return
         # New, or journaled by an earlier delivery that was never acked: run it.
         self.launch(tid)
+        ch.basic_ack(method.delivery_tag)
+
+    def _refuse_task(self, ch: Any, method: Any, props: Any, body: bytes,
+                     err: RejectedError) -> None:
+        """A refused task message: journaled REJECTED, dead-lettered with its code, acked."""
+        self.node.reject(err)
+        self._publish_pending()
+        self._dead_letter(body, props, err.code)
         ch.basic_ack(method.delivery_tag)
 
     def launch(self, task_id: str) -> None:
@@ -187,20 +196,16 @@ class Listener:
         self._update_consumer()
 
     def _on_control(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        """A cancel; a refused control message is logged and acked (it has no task whose
+        REJECTED event it could be, nor a place among the dead-lettered tasks)."""
         try:
-            self.node.verifier.verify(body, (props.headers or {}).get(HEADER))
-            msg = parse_json(body, self.config.security.max_message_bytes)
-            errors = schema_errors(CONTROL_SCHEMA_ID, msg)
-            if errors:
-                raise RejectedError(errors[0])
-            try:
-                # Checked as a task's are: a signed cancel names its node (no replay at
-                # another node sharing the key) and expires with its not_after.
-                policy.check_addressing(msg, self.config)
-            except ValueError as e:
-                raise RejectedError(str(e)) from None
+            msg = self.node.intake.read_control(body, props.headers)
         except RejectedError as e:
             log.warning("ignored a control message (%s): %s", e.code, e.message)
+            ch.basic_ack(method.delivery_tag)
+            return
+        except Exception:  # a bug: the message is refused, the consumer goes on
+            log.exception("reading a control message failed; ignored")
             ch.basic_ack(method.delivery_tag)
             return
         self.cancel_task(msg["task_id"])
@@ -219,7 +224,7 @@ class Listener:
         return entry is not None
 
     def _dead_letter(self, body: bytes, props: Any, reason: str) -> None:
-        headers = dict(props.headers or {})
+        headers = dict(props.headers) if isinstance(props.headers, dict) else {}
         headers[broker.REJECT_REASON_HEADER] = reason
         self._events_ch.basic_publish(
             broker.DLX_EXCHANGE, self.config.node_id, body,
@@ -311,3 +316,9 @@ class Listener:
             self.legacy.close()
         self.pool.shutdown(wait=not self._stop_now.is_set(), cancel_futures=True)
         self.journal.close()
+
+
+def _internal(exc: Exception) -> RejectedError:
+    """The rejection of a message whose reading failed with an unexpected error: only the
+    error's type is said (its text may hold parts of the message)."""
+    return RejectedError(f"internal error reading the message ({type(exc).__name__})")

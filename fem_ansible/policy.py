@@ -1,14 +1,16 @@
 """The site policy (DESIGN.md §7): what a valid task may do here, decided in Python before
 Ansible starts.
 
-:func:`decide` either refuses the task with a :class:`PolicyViolation` naming the rule, or
-returns the :class:`Decision` the roles receive: the datasets resolved to host paths and the
-container settings the listener chose.  Nothing a role does is left to the message.
+:func:`decide` either refuses the task with one :class:`PolicyViolation` naming every rule
+it breaks, or returns the :class:`Decision` the roles receive: the datasets resolved to host
+paths and the container settings the listener chose.  Nothing a role does is left to the
+message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +19,7 @@ from .config import Config
 from .errors import PolicyViolation, RejectedError
 from .refs import glob_match, normalise_url, normalise_url_pattern, parse_image
 from .schema import parse_time
+from .sizes import format_bytes
 
 GIT_SCHEMES = ("https", "ssh", "git")
 HTTP_SCHEMES = ("https", "http")
@@ -62,35 +65,75 @@ def _url_allowed(rule: str, url: str, patterns: list[str], schemes: tuple[str, .
         raise PolicyViolation(rule, f"{norm} is not in the allow-list", task_id=tid)
 
 
+def collect(found: list[tuple[str, str]], check: Callable[..., None], *args: Any) -> None:
+    """Run a check that raises :class:`PolicyViolation`, adding its violations to ``found``
+    instead, so that one rejection lists every rule broken."""
+    try:
+        check(*args)
+    except PolicyViolation as e:
+        found.extend(e.violations)
+
+
+def image_pattern(pattern: str) -> str:
+    """A ``policy.images.allow`` entry in the normal form the task's reference has: a
+    pattern without wildcards is an image reference (``busybox:1.36`` is
+    ``docker.io/library/busybox:1.36``), as the URL patterns are URLs
+    (:func:`~fem_ansible.refs.normalise_url_pattern`); a glob is taken as written."""
+    if any(c in pattern for c in "*?"):
+        return pattern
+    try:
+        return str(parse_image(pattern))
+    except ValueError:
+        return pattern
+
+
+def allowed(name: str, patterns: list[str]) -> bool:
+    """``name`` (a target, executor or network) is matched by one of the allow-list's
+    globs; like every allow-list, ``*`` does not cross ``/`` and ``**`` does (the names
+    here hold no ``/``), and an entry without wildcards is the name itself."""
+    return glob_match(name, patterns) is not None
+
+
+def _limit_text(name: str, value: float) -> str:
+    """A resource as people write it: ``64 GiB``, ``2 CPUs``, ``3600 s``."""
+    if name == "memory":
+        return format_bytes(value).replace(".0 ", " ")
+    if name == "timeout_s":
+        return f"{value:g} s"
+    return f"{value:g}"
+
+
 def decide(task: dict[str, Any], config: Config,
            run_datasets: Mapping[str, str] | None = None) -> Decision:
-    """Check a normalised task against the site policy.
+    """Check a normalised task against the site policy: every rule, not the first broken.
 
     :param run_datasets: datasets the listener itself resolved for this one task (name →
         host path), never from a message: the legacy protocol's data path and the run's
         received files (docs/legacy.md).  They are looked up before the site's datasets.
-    :raises PolicyViolation: with the rule (``policy.images``, ``policy.limits.memory``…).
+    :raises PolicyViolation: listing each rule broken (``policy.images``,
+        ``policy.limits.memory``…) with why.
     """
     pol, tid = config.policy, task["task_id"]
-
-    if task["executor"] not in pol.executors.allow:
-        raise PolicyViolation("policy.executors", f"executor {task['executor']!r} is not allowed",
-                              task_id=tid)
+    found: list[tuple[str, str]] = []
+    check = functools.partial(collect, found)
+    if not allowed(task["executor"], pol.executors.allow):
+        found.append(("policy.executors", f"executor {task['executor']!r} is not allowed"))
     ref = task["image"]["ref"]
     if pol.images.require_digest and parse_image(ref).digest is None:
-        raise PolicyViolation("policy.images.require_digest",
-                              f"{ref} is not pinned by digest", task_id=tid)
-    if not glob_match(ref, pol.images.allow):
-        raise PolicyViolation("policy.images", f"{ref} is not in the allow-list", task_id=tid)
+        found.append(("policy.images.require_digest", f"{ref} is not pinned by digest"))
+    if not glob_match(ref, [image_pattern(p) for p in pol.images.allow]):
+        found.append(("policy.images", f"{ref} is not in the allow-list"))
     if task["source"]:
-        _url_allowed("policy.sources", task["source"]["repo"], pol.sources.allow, GIT_SCHEMES,
-                     tid)
+        check(_url_allowed, "policy.sources", task["source"]["repo"], pol.sources.allow,
+              GIT_SCHEMES, tid)
     for item in task["inputs"]:
-        _url_allowed("policy.downloads", item["url"], pol.downloads.allow, HTTP_SCHEMES, tid)
+        check(_url_allowed, "policy.downloads", item["url"], pol.downloads.allow,
+              HTTP_SCHEMES, tid)
     for kind in ("outputs", "logs"):
         up = task[kind]["upload"]
         if up:
-            _url_allowed("policy.uploads", up["url"], pol.uploads.allow, HTTP_SCHEMES, tid)
+            check(_url_allowed, "policy.uploads", up["url"], pol.uploads.allow, HTTP_SCHEMES,
+                  tid)
 
     datasets = []
     for d in task["datasets"]:
@@ -98,24 +141,24 @@ def decide(task: dict[str, Any], config: Config,
         if host_path is None and d["name"] in pol.datasets:
             host_path = pol.datasets[d["name"]].path
         if host_path is None:
-            raise PolicyViolation("policy.datasets", f"no dataset named {d['name']!r}",
-                                  task_id=tid)
+            found.append(("policy.datasets", f"no dataset named {d['name']!r}"))
+            continue
         datasets.append({"name": d["name"], "host_path": host_path, "mount": d["mount"]})
 
     network = task["network"]
-    if network != "none" and network not in pol.networks.allow:
-        raise PolicyViolation("policy.networks", f"network {network!r} is not allowed",
-                              task_id=tid)
-    if task["target"] not in pol.targets.allow:
-        raise PolicyViolation("policy.targets", f"target {task['target']!r} is not allowed",
-                              task_id=tid)
+    if network != "none" and not allowed(network, pol.networks.allow):
+        found.append(("policy.networks", f"network {network!r} is not allowed"))
+    if not allowed(task["target"], pol.targets.allow):
+        found.append(("policy.targets", f"target {task['target']!r} is not allowed"))
 
     res, limits = task["resources"], pol.limits
     for name in ("cpus", "memory", "gpus", "timeout_s"):
         if res[name] > getattr(limits, name):
-            raise PolicyViolation(f"policy.limits.{name}",
-                                  f"asks {res[name]}, the limit is {getattr(limits, name)}",
-                                  task_id=tid)
+            found.append((f"policy.limits.{name}",
+                          f"asks {_limit_text(name, res[name])}, the limit is "
+                          f"{_limit_text(name, getattr(limits, name))}"))
+    if found:
+        raise PolicyViolation.of_all(found, task_id=tid)
 
     uid = config.execution.container_uid
     # The engine that pulls, runs and removes the task's container (fem_image, fem_cleanup).

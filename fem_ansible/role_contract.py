@@ -94,7 +94,8 @@ TASK_FULL = {
         "The source repository, or null.",
         options={
             "repo": o(
-                "str", "Repository URL (https, ssh or git scheme, no userinfo).", required=True
+                "str", "Repository URL (https, ssh or git scheme; no password, query or fragment).",
+                required=True
             ),
             "version": o("str", "Branch, tag or commit; null for the remote HEAD."),
             "mount": o("str", "Container path of the checkout (read-only).", default="/fem/src"),
@@ -152,8 +153,8 @@ TASK_FULL = {
         "dict",
         "What the task asked for, the site's defaults filled in (fem_policy holds what it gets).",
         options={
-            "cpus": o("float", "CPUs."),
-            "memory": o("int", "Memory in bytes (the message may say C(512Mi))."),
+            "cpus": o("float", "CPUs (at least 0.01)."),
+            "memory": o("int", "Memory in bytes, at least 4 MiB (the message may say C(512Mi))."),
             "gpus": o("int", "GPUs."),
             "timeout_s": o("int", "Run time of the container in seconds."),
         },

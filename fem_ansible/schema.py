@@ -9,13 +9,17 @@ say (container paths disjoint, sizes with suffixes, an RFC 3339 time) is checked
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
 import posixpath
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import jsonschema
+import jsonschema.validators
 
 from .errors import RejectedError
 from .refs import parse_image, redact_url, split_url
@@ -26,18 +30,37 @@ EVENT_SCHEMA_ID = "fem.event/v1"
 NODE_SCHEMA_ID = "fem.node/v1"
 CONTROL_SCHEMA_ID = "fem.control/v1"
 
+# Patterns are ECMA-262 regexes, as JSON Schema says and as orchestrators' validators read
+# them: there ``$`` ends the string.  Python's ``$`` also matches before a final newline, so
+# this module's validator reads ``$`` as ``\Z`` (:func:`_pattern`) and Python-side checks
+# use ``fullmatch``: a trailing newline passes nowhere.
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# A container path: no control characters (a newline ends a CSV record of ``--mount``), no
+# ``,`` ``=`` ``"`` (its field and quote syntax), no backslash.
+CONTAINER_PATH_PATTERN = r'^/[^\x00-\x1F\x7F-\x9F,="\\]*$'
 MAX_DEPTH = 16
+# The least of each resource a task gets (issue 18): below these an engine reads the value
+# as "no limit" (0 CPUs, 0 bytes) or the container cannot start; ceilings are the policy's.
+RESOURCE_FLOORS: dict[str, int | float] = {"cpus": 0.01, "memory": 4 * 1024**2, "pids": 16}
+# Request headers a task may not set: they are the HTTP client's framing and routing, and
+# a task that sets them smuggles requests or reaches another virtual host (RFC 9110 §7.6.1).
+FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection",
+                               "te", "upgrade", "expect", "trailer", "keep-alive"})
+FORBIDDEN_HEADER_PREFIXES = ("proxy-",)
 
 _STR = {"type": "string", "maxLength": 4096}
-_PATH = {"type": "string", "pattern": r"^/[^\x00]*$", "maxLength": 1024}
+_PATH = {"type": "string", "pattern": CONTAINER_PATH_PATTERN, "maxLength": 1024}
 _HEADERS = {
     "type": "object",
+    "description": "Host, Content-Length, Transfer-Encoding, Connection, TE, Upgrade, Expect, "
+                   "Trailer, Keep-Alive and Proxy-* are refused (any case).",
     "maxProperties": 32,
     "propertyNames": {"pattern": r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$"},
-    "additionalProperties": {"type": "string", "maxLength": 8192, "pattern": r"^[^\r\n\x00]*$"},
+    # A field value (RFC 9110 §5.5): no control character but HTAB.
+    "additionalProperties": {"type": "string", "maxLength": 8192,
+                             "pattern": r"^[^\x00-\x08\x0A-\x1F\x7F]*$"},
 }
 _UPLOAD = {
     "type": "object",
@@ -132,11 +155,12 @@ TASK_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "cpus": {"type": "number", "exclusiveMinimum": 0, "maximum": 1024},
+                "cpus": {"type": "number", "minimum": RESOURCE_FLOORS["cpus"], "maximum": 1024},
                 "memory": {
                     "oneOf": [
-                        {"type": "integer", "minimum": 1},
-                        {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?[kKmMgGtT]?i?[bB]?$"},
+                        {"type": "integer", "minimum": RESOURCE_FLOORS["memory"]},
+                        {"type": "string", "maxLength": 64,
+                         "pattern": r"^[0-9]+(\.[0-9]+)?[kKmMgGtT]?i?[bB]?$"},
                     ]
                 },
                 "gpus": {"type": "integer", "minimum": 0, "maximum": 64},
@@ -272,7 +296,25 @@ SCHEMAS = {
     NODE_SCHEMA_ID: NODE_SCHEMA,
     CONTROL_SCHEMA_ID: CONTROL_SCHEMA,
 }
-_VALIDATORS = {k: jsonschema.Draft202012Validator(v) for k, v in SCHEMAS.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    r"""``pattern`` as ECMA-262 reads it: a final ``$`` ends the string (Python's ``\Z``)."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any
+             ) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not _compiled(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator,
+                                          {"pattern": _pattern})
+_VALIDATORS = {k: _Validator(v) for k, v in SCHEMAS.items()}
 
 # Container paths a task may never mount over: the engine's and the hardening's own.
 _RESERVED_PATHS = ("/proc", "/sys", "/dev", "/tmp")
@@ -315,12 +357,26 @@ def decode_body(body: bytes, max_bytes: int) -> str:
         raise RejectedError(f"message is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]!r} is out of range")
+    return value
+
+
 def parse_json(body: bytes, max_bytes: int) -> Any:
     """Decode a message body cheaply and strictly: size, UTF-8, JSON, no duplicate keys,
-    bounded nesting.  Nothing here walks an attacker-sized structure more than once."""
+    bounded nesting, finite numbers (``NaN``, ``Infinity`` and ``1e400`` pass every bound
+    check later, so they never get that far).  Nothing here walks an attacker-sized
+    structure more than once."""
     text = decode_body(body, max_bytes)
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, object_pairs_hook=_no_duplicates,
+                           parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise RejectedError("message is nested too deeply") from None
     except ValueError as e:
@@ -342,7 +398,7 @@ def schema_errors(schema_id: str, value: Any) -> list[str]:
 def task_id_of(value: Any) -> str | None:
     """The message's ``task_id`` when it is a valid one, for the REJECTED event."""
     tid = value.get("task_id") if isinstance(value, dict) else None
-    if isinstance(tid, str) and re.match(TASK_ID_PATTERN, tid):
+    if isinstance(tid, str) and _compiled(TASK_ID_PATTERN).search(tid):
         return tid
     return None
 
@@ -367,6 +423,33 @@ def _container_path(path: str, field: str) -> str:
     return norm
 
 
+def _headers(headers: dict[str, str], field: str) -> dict[str, str]:
+    """A task's request headers, refused when one is the client's to set
+    (:data:`FORBIDDEN_HEADERS`)."""
+    for name in headers:
+        low = name.lower()
+        if low in FORBIDDEN_HEADERS or low.startswith(FORBIDDEN_HEADER_PREFIXES):
+            raise ValueError(f"{field}: header {name!r} may not be set by a task")
+    return headers
+
+
+def _source_repo(repo: str) -> str:
+    """A task's git URL, refused with a query or fragment.
+
+    git appends its own path and query to a repository URL (``/info/refs?service=…``), so a
+    query never works for access; it could only carry a token into ``fem_task`` and the
+    audit log.  Credentials for a git host are the site's (``sources``, ``fem_secrets.git``).
+    """
+    try:
+        parts = split_url(repo)
+    except ValueError as e:
+        raise ValueError(f"source/repo: {e}") from None
+    if parts.query or parts.fragment or repo.endswith(("?", "#")):
+        raise ValueError("source/repo: a query or fragment is not allowed in a git URL "
+                         "(credentials come from the site's sources config)")
+    return repo
+
+
 def _check_disjoint(mounts: dict[str, str]) -> None:
     items = list(mounts.items())
     for i, (f1, p1) in enumerate(items):
@@ -382,13 +465,13 @@ def read_task(value: Any, *, default_executor: str, default_target: str,
     The normal form has every optional field present (defaults filled in, sizes in bytes,
     the image reference normalised), so roles never have to guess a default.
 
-    :raises RejectedError: ``invalid_message`` naming the first problem.
+    :raises RejectedError: ``invalid_message`` listing every schema error, or the first
+        problem of the checks after the schema.
     """
     tid = task_id_of(value)
     errors = schema_errors(TASK_SCHEMA_ID, value)
     if errors:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise RejectedError(f"{errors[0]}{more}", task_id=tid)
+        raise RejectedError.of(errors, task_id=tid)
     try:
         return _normalise(value, default_executor, default_target, resource_defaults)
     except ValueError as e:
@@ -408,12 +491,8 @@ def _normalise(msg: dict[str, Any], default_executor: str, default_target: str,
     source = None
     if "source" in msg:
         src = msg["source"]
-        try:
-            split_url(src["repo"])
-        except ValueError as e:
-            raise ValueError(f"source/repo: {e}") from None
         source = {
-            "repo": src["repo"],
+            "repo": _source_repo(src["repo"]),
             "version": src.get("version"),
             "mount": _container_path(src.get("mount", "/fem/src"), "source/mount"),
         }
@@ -428,7 +507,7 @@ def _normalise(msg: dict[str, Any], default_executor: str, default_target: str,
         if posixpath.normpath(path) != path or path.startswith("..") or "/../" in path:
             raise ValueError(f"inputs/{i}/path: {path!r} is not a normalised relative path")
         inputs.append({"url": item["url"], "path": path, "sha256": item.get("sha256"),
-                       "headers": item.get("headers", {})})
+                       "headers": _headers(item.get("headers", {}), f"inputs/{i}/headers")})
     if len({i["path"] for i in inputs}) != len(inputs):
         raise ValueError("inputs: two inputs share a path")
     if inputs:
@@ -452,11 +531,23 @@ def _normalise(msg: dict[str, Any], default_executor: str, default_target: str,
             except ValueError as e:
                 raise ValueError(f"{kind}/upload/url: {e}") from None
             uploads[kind] = {"url": up["url"], "method": up.get("method", "PUT"),
-                             "headers": up.get("headers", {})}
+                             "headers": _headers(up.get("headers", {}),
+                                                 f"{kind}/upload/headers")}
     res = dict(resource_defaults)
     res.update(msg.get("resources", {}))
-    res["memory"] = parse_bytes(res["memory"])
+    try:
+        res["memory"] = parse_bytes(res["memory"])
+    except ValueError as e:
+        raise ValueError(f"resources/memory: {e}") from None
+    if res["memory"] < RESOURCE_FLOORS["memory"]:
+        raise ValueError(f"resources/memory: {res['memory']} bytes is under the "
+                         f"{RESOURCE_FLOORS['memory']}-byte floor")
     res["cpus"] = float(res["cpus"])
+    # A NaN passes every JSON Schema bound; parse_json refuses one, but a task built in
+    # Python (the legacy protocol's task_info) did not come through it.
+    if not (math.isfinite(res["cpus"]) and res["cpus"] >= RESOURCE_FLOORS["cpus"]):
+        raise ValueError(f"resources/cpus: {res['cpus']} is not a number of at least "
+                         f"{RESOURCE_FLOORS['cpus']}")
     workdir = msg.get("workdir")
     if workdir is not None:
         workdir = posixpath.normpath(workdir)

@@ -3,6 +3,11 @@
 ``hmac-sha256=<hex>`` with the site's shared key, or ``ed25519=<base64>`` with one of the
 orchestrator's public keys (several, for rotation).  Checked before the body is parsed, so
 an unsigned or tampered message costs one hash and is never interpreted.
+
+Whatever the header holds (any type, any bytes), the answer is a key id or
+:class:`RejectedError`: a header nobody could have signed never reaches a comparison that
+could raise.  The key id in the audit log names the key's *file*, never a digest of the
+key: a hash of a shared secret is an offline oracle for a weak key (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class Verifier:
 
     mode: str
     hmac_key: bytes | None = None
+    hmac_key_id: str = ""
     public_keys: tuple[tuple[str, Ed25519PublicKey], ...] = ()
 
     @classmethod
@@ -41,7 +47,7 @@ class Verifier:
                 raise ConfigError(f"security.signature.key_file: {e.strerror}") from None
             if not key:
                 raise ConfigError("security.signature.key_file: the key file is empty")
-            return cls("hmac", hmac_key=key)
+            return cls("hmac", hmac_key=key, hmac_key_id=Path(cfg.key_file or "").name)
         if cfg.mode == "ed25519":
             keys = []
             for path in cfg.key_files:
@@ -64,13 +70,13 @@ class Verifier:
             return None
         if isinstance(header, bytes):
             header = header.decode("ascii", "replace")
-        if not isinstance(header, str) or "=" not in header:
+        if not isinstance(header, str) or "=" not in header or not header.isascii():
             raise RejectedError(f"missing or malformed {HEADER} header", code="signature_invalid")
         algo, value = header.split("=", 1)
         if self.mode == "hmac":
             expected = hmac.new(self.hmac_key or b"", body, hashlib.sha256).hexdigest()
             if algo == "hmac-sha256" and hmac.compare_digest(value.lower(), expected):
-                return "hmac:" + hashlib.sha256(self.hmac_key or b"").hexdigest()[:12]
+                return f"hmac:{self.hmac_key_id}"
             raise RejectedError("hmac signature does not match", code="signature_invalid")
         if algo != "ed25519":
             raise RejectedError(f"expected an ed25519 signature, got {algo!r}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {
     "": 1,
@@ -11,28 +12,42 @@ _UNITS = {
     "g": 1024**3,
     "t": 1024**4,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?)[bB]?\s*$")
+_SIZE = re.compile(r"[ \t]*(\d+(?:\.\d+)?)[ \t]*([kmgtKMGT]?)(i?)[bB]?[ \t]*")
+# Past this no engine, kernel or file system means anything (it is also the int64 the
+# engines' APIs take): a larger size is a mistake or an attack, never a request.
+MAX_BYTES = 2**63 - 1
 
 
 def parse_bytes(value: int | str) -> int:
     """Return ``value`` in bytes.
 
     Suffixes are binary whether or not the ``i`` is written (``1g`` = ``1Gi`` = 1 GiB):
-    DESIGN.md §3 says so, and it is what ``docker run --memory 1g`` means too.
+    DESIGN.md §3 says so, and it is what ``docker run --memory 1g`` means too.  The
+    arithmetic is exact (no float to overflow or round), and sizes over :data:`MAX_BYTES`
+    are refused.
+
+    :raises ValueError: for anything else, ``bool`` included.
     """
     if isinstance(value, bool):
         raise ValueError(f"not a size: {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"negative size: {value}")
-        return value
+        return _bounded(value, value)
     if not isinstance(value, str):
         raise ValueError(f"not a size: {value!r}")
-    match = _SIZE.match(value)
+    match = _SIZE.fullmatch(value)
     if not match:
         raise ValueError(f"not a size: {value!r} (use bytes or a suffix like 512Mi, 2Gi)")
     number, unit, _ = match.groups()
-    return int(float(number) * _UNITS[unit.lower()])
+    return _bounded(int(Fraction(number) * _UNITS[unit.lower()]), value)
+
+
+def _bounded(n: int, value: int | str) -> int:
+    if n > MAX_BYTES:
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+        raise ValueError(f"size {shown!r} is over {MAX_BYTES} bytes")
+    return n
 
 
 def format_bytes(n: float) -> str:

@@ -10,7 +10,10 @@ import pytest
 import yaml
 
 from fem_ansible import derived_cache
-from fem_ansible.config import load_config
+from fem_ansible.config import Config, load_config
+from fem_ansible.intake import Intake
+from fem_ansible.runner import collections_view
+from fem_ansible.targets import Targets
 from tests.support.harness import Listener, Orchestrator, new_node_id, sample_task, site_config
 from tests.support.services import ensure_services
 
@@ -49,6 +52,18 @@ def make_config(tmp_path):
         return load_config(path, environ={})
 
     return make
+
+
+def intake_of(config: Config, work: Path) -> Intake:
+    """The intake ``listen`` builds for ``config`` (its inventory read on first use), with
+    the collections view under ``work``; signatures as the config says."""
+    return Intake(config, Targets(config, collections_view(work)))
+
+
+@pytest.fixture
+def make_intake(tmp_path):
+    """``make_intake(config)``: :func:`intake_of` in the test's temp dir."""
+    return lambda config: intake_of(config, tmp_path / "intake")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import pytest
 from docker.types import HostConfig
 
 from fem_ansible import policy
-from fem_ansible.lifecycle import read_message
 from fem_ansible.runner import data_dir
 
 # The collection as Ansible finds it (ANSIBLE_COLLECTIONS_PATH): ``ansible_collections`` is a
@@ -35,12 +34,12 @@ def engine_settings(params: dict) -> HostConfig:
 
 
 @pytest.mark.parametrize("gpus", [0, 2])
-def test_policy_gpus_become_device_requests(make_config, gpus):
+def test_policy_gpus_become_device_requests(make_config, make_intake, gpus):
     config = make_config(policy={"limits": {"gpus": 2}})
-    task = read_message(config, (
+    task = make_intake(config).read((
         '{"schema": "fem.task/v1", "task_id": "g", "image": {"ref": "127.0.0.1:5000/fem/x:1"},'
-        f' "resources": {{"gpus": {gpus}, "memory": "1Gi", "cpus": 0.5}}}}').encode())
-    decided = policy.decide(task, config).policy
+        f' "resources": {{"gpus": {gpus}, "memory": "1Gi", "cpus": 0.5}}}}').encode(), None)
+    decided = task.decision.policy
     host = engine_settings(module_params(decided, []))
     if gpus:
         assert host["DeviceRequests"] == [{"Driver": "", "Count": 2, "DeviceIDs": [],
@@ -51,11 +50,11 @@ def test_policy_gpus_become_device_requests(make_config, gpus):
     assert host["NanoCpus"] == 500_000_000
 
 
-def test_every_hardening_setting_reaches_the_engine(make_config):
+def test_every_hardening_setting_reaches_the_engine(make_config, make_intake):
     config = make_config()
-    task = read_message(config, b'{"schema": "fem.task/v1", "task_id": "h",'
-                                b' "image": {"ref": "127.0.0.1:5000/fem/x:1"}}')
-    decided = policy.decide(task, config).policy
+    task = make_intake(config).read(b'{"schema": "fem.task/v1", "task_id": "h",'
+                                    b' "image": {"ref": "127.0.0.1:5000/fem/x:1"}}', None)
+    decided = task.decision.policy
     mounts = [{"type": "bind", "source": "/r/input", "target": "/fem/input", "read_only": True},
               {"type": "bind", "source": "/r/output", "target": "/fem/output",
                "read_only": False}]

@@ -86,8 +86,9 @@ def test_doctor_unreachable_host(site, tmp_path):
     code, lines = doctor(site.config(
         execution={"work_dir": str(site.work_dir), "inventory": str(inventory)},
         policy={**yaml.safe_load(site.config().read_text())["policy"],
-                "targets": {"allow": ["localhost", "gpu1"]}}))
+                "targets": {"allow": ["localhost", "gpu*", "tpu-*"]}}))  # globs
     assert code == 1
     broken = line(lines, "✗ host gpu1: unreachable")
+    line(lines, "✗ target tpu-*: not a host or group")
     assert "ansible_port" in broken
     line(lines, "✓ host localhost:")

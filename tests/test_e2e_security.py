@@ -29,6 +29,8 @@ from tests.support.services import upload_requests
 pytestmark = pytest.mark.e2e
 
 JINJA = "{{ lookup('pipe','id') }}"
+# Container paths refuse ',' (issue 18): a template that renders to "42" if ever rendered.
+PATH_JINJA = "{{ 6 * 7 }}"
 # What a rendered lookup('pipe','id') would have left anywhere (the listener runs as root).
 RENDERED = "uid="
 
@@ -183,9 +185,9 @@ def test_jinja_everywhere_stays_literal_and_symlinks_stay_links(site):
     # An input stored under a path that is itself a template (no spaces: a URL).
     input_url = f"{up}/in/{{{{lookup('pipe','id')}}}}/in.txt"
     requests.put(input_url, data=b"input " + JINJA.encode() + b"\n", timeout=10)
-    out_dir = "/fem/out " + JINJA
+    out_dir = "/fem/out " + PATH_JINJA
     script = ('echo "env=$FEM_J"; echo "arg=$1"; echo "lit={{ lookup(\'pipe\',\'id\') }}"; '
-              'cat /fem/input/in.txt "/fem/data ' + JINJA + '/patients.csv"; pwd; '
+              'cat /fem/input/in.txt "/fem/data ' + PATH_JINJA + '/patients.csv"; pwd; '
               'ln -s /etc/shadow shadow; ln -s / root; ln -s ../../../../etc/passwd passwd; '
               'echo ok > result.txt')
     task = site.task(
@@ -195,7 +197,7 @@ def test_jinja_everywhere_stays_literal_and_symlinks_stay_links(site):
         outputs={"path": out_dir, "upload": {
             "url": f"{up}/{tid}/{{{{lookup('pipe','id')}}}}/outputs.tar.gz?q={{{{x}}}}",
             "headers": {"X-Fem-Probe": JINJA}}},
-        datasets=[{"name": "cohort", "mount": "/fem/data " + JINJA}],
+        datasets=[{"name": "cohort", "mount": "/fem/data " + PATH_JINJA}],
         inputs=[{"url": input_url, "path": "in.txt", "headers": {"X-Fem-Probe": pwn(marker)}}],
         labels={JINJA: pwn(marker), "ansible_become": "true"},
     )

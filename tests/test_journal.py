@@ -70,3 +70,33 @@ def test_cancels_and_pruning(tmp_path):
         j.add_task(f"t{i}", {}, ev("RECEIVED", f"t{i}"))
         j.append_event(f"t{i}", ev("COMPLETED", f"t{i}"))
     assert sorted(j.finished_beyond(2)) == ["t0", "t1"]
+
+
+def test_a_journal_of_an_earlier_version_gains_the_decision_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE tasks (task_id TEXT PRIMARY KEY, task TEXT NOT NULL,
+        state TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 1,
+        stages_done TEXT NOT NULL DEFAULT '[]', result TEXT NOT NULL DEFAULT '{}', host TEXT,
+        received_at REAL NOT NULL, updated_at REAL NOT NULL, finished_at REAL);
+        INSERT INTO tasks (task_id, task, state, received_at, updated_at)
+        VALUES ('old', '{"task_id": "old"}', 'RUNNING', 1, 1);""")
+    db.close()
+    j = Journal(path)
+    assert j.get("old").decision is None  # decided again when it runs
+    j.add_task("new", {"task_id": "new"}, ev("RECEIVED", "new"), {"policy": {}, "datasets": []})
+    assert j.get("new").decision == {"policy": {}, "datasets": []}
+
+
+def test_rejections_are_kept_bounded(tmp_path, monkeypatch):
+    from fem_ansible import journal
+
+    monkeypatch.setattr(journal, "KEEP_REJECTIONS", 2)
+    j = Journal(tmp_path / "j.sqlite")
+    for i in range(4):
+        j.add_rejection(f"r{i}", "invalid_message", [f"reason {i}"], None)
+    assert [r.task_id for r in j.recent()] == ["r3", "r2"]
+    assert j.rejections("r3")[0].rejection == {"code": "invalid_message",
+                                               "reasons": ["reason 3"]}

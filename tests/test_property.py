@@ -1,5 +1,6 @@
-"""Property-based intake (issue 4): whatever a message holds, reading it raises nothing but
-:class:`RejectedError`, and whatever it accepts stays inside the site policy."""
+"""Property-based intake (issues 4 and 18): whatever a message holds (bytes, headers, any
+JSON tree), the one intake returns a task or raises the project's :class:`RejectedError`,
+nothing else; and whatever it accepts stays inside the site policy."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from fem_ansible import policy
 from fem_ansible.config import Config, load_config
 from fem_ansible.errors import RejectedError
-from fem_ansible.lifecycle import read_message
+from fem_ansible.intake import Intake, Task
 from fem_ansible.refs import glob_match, normalise_url, normalise_url_pattern, parse_image
 from fem_ansible.schema import MAX_DEPTH, parse_json
+from fem_ansible.signatures import HEADER, sign_hmac
+from tests.conftest import intake_of
 
 JINJA = "{{ lookup('pipe','id') }}"
 HOSTILE = [
@@ -69,6 +72,11 @@ def site_config(tmp: Path, require_digest: bool) -> Config:
 @pytest.fixture(scope="module", params=[False, True], ids=["tags", "require_digest"])
 def config(request, tmp_path_factory):
     return site_config(tmp_path_factory.mktemp("policy"), request.param)
+
+
+@pytest.fixture(scope="module")
+def intake(config, tmp_path_factory) -> Intake:
+    return intake_of(config, tmp_path_factory.mktemp("intake"))
 
 
 hostile = st.sampled_from(HOSTILE)
@@ -234,15 +242,16 @@ def assert_within_policy(accepted: dict, config: Config) -> None:
 
 @SETTINGS
 @given(message=st.one_of(task, plausible))
-def test_random_tasks_are_refused_cleanly_or_within_policy(config, message):
+def test_random_tasks_are_refused_cleanly_or_within_policy(config, intake, message):
     body = json.dumps(message).encode()
     try:
-        accepted = read_message(config, body)
+        accepted = intake.read(body, None, signed=False)
     except RejectedError as e:
         assert e.code in ("invalid_message", "policy_violation", "expired", "wrong_node")
         return
     event("accepted")
-    assert_within_policy(accepted, config)
+    assert_within_policy(accepted.to_dict(), config)
+    assert accepted.decision == policy.decide(accepted.to_dict(), config)
 
 
 @SETTINGS
@@ -253,9 +262,9 @@ def test_random_tasks_are_refused_cleanly_or_within_policy(config, message):
     st.builds(lambda n: b'{"a":' * n + b"1" + b"}" * n, st.integers(MAX_DEPTH - 2, 200)),
     st.builds(lambda s: s.encode("utf-8", "surrogatepass"), st.text(max_size=50)),
 ))
-def test_random_bytes_never_crash_intake(config, body):
+def test_random_bytes_never_crash_intake(intake, body):
     try:
-        read_message(config, body)
+        intake.read(body, None, signed=False)
     except RejectedError as e:
         assert e.code == "invalid_message"
         return
@@ -267,3 +276,95 @@ def test_depth_limit_is_exact():
     assert parse_json(nested, 1 << 20)
     with pytest.raises(RejectedError):
         parse_json(b'{"a":' + nested + b"}", 1 << 20)
+
+
+# Messages to a node with hmac signatures on: any bytes, any headers, any JSON tree (signed
+# or not), and task-shaped trees with any value anywhere.
+KEY = b"property-key"
+CODES = {"invalid_message", "signature_invalid", "expired", "wrong_node", "policy_violation"}
+leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+                 hostile)
+tree = st.recursive(leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), hostile),
+                                                 inner, max_size=4)), max_leaves=24)
+task_tree = st.builds(lambda t, path, value: _graft(t, path, value), task,
+                      st.lists(st.sampled_from(["resources", "memory", "image", "ref",
+                                                "inputs", "0", "headers", "outputs",
+                                                "upload", "url", "cpus", "labels"]),
+                               min_size=1, max_size=3), tree)
+header_value = st.one_of(st.text(max_size=80), st.binary(max_size=80), st.integers(),
+                         st.none(), st.lists(st.text(max_size=8), max_size=2),
+                         st.builds(lambda s: "hmac-sha256=" + s, st.text(max_size=70)))
+headers_of = st.one_of(st.none(), st.dictionaries(
+    st.one_of(st.just(HEADER), st.text(max_size=12)), header_value, max_size=3))
+# issue 18 "Crashes": each of these raised something else than a rejection.
+NINES_T = {"schema": "fem.task/v1", "task_id": "nines", "node_id": "n1",
+           "image": {"ref": "127.0.0.1:5000/fem/x:1"}, "resources": {"memory": "9" * 309 + "T"}}
+LONG_IMAGE = {"schema": "fem.task/v1", "task_id": "long-image", "node_id": "n1",
+              "image": {"ref": "a" * 510}}
+
+
+def _graft(base: dict, path: list[str], value: object) -> dict:
+    """``base`` with ``value`` put at ``path`` (made of dicts where missing)."""
+    node = base
+    for key in path[:-1]:
+        nxt = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    node[path[-1]] = value
+    return base
+
+
+@pytest.fixture(scope="module")
+def signed_intake(tmp_path_factory) -> Intake:
+    """A node with hmac signatures on whose policy allows any image of two registries,
+    however long its name."""
+    tmp = tmp_path_factory.mktemp("signed")
+    (tmp / "key").write_bytes(KEY)
+    path = tmp / "config.yml"
+    path.write_text(yaml.safe_dump({
+        "node_id": "n1", "execution": {"work_dir": str(tmp / "work")},
+        "security": {"signature": {"mode": "hmac", "key_file": str(tmp / "key")}},
+        "policy": {"images": {"allow": ["docker.io/library/**", "127.0.0.1:5000/**"]},
+                   "limits": {"memory": "1Gi"}}}))
+    return intake_of(load_config(path, environ={}), tmp / "intake")
+
+
+@SETTINGS
+@given(body=st.one_of(st.binary(max_size=300),
+                      st.builds(lambda v: json.dumps(v).encode(), st.one_of(tree, task_tree)),
+                      st.builds(lambda v: json.dumps({**v, "node_id": "n1"}).encode(),
+                                plausible)),
+       headers=headers_of, sign=st.booleans())
+@example(body=json.dumps(NINES_T).encode(), headers=None, sign=True)
+@example(body=json.dumps(LONG_IMAGE).encode(), headers=None, sign=True)
+@example(body=b'{"schema": "fem.task/v1"}', headers={HEADER: "hmac-sha256=\u00e9"}, sign=False)
+@example(body=b"{}", headers={HEADER: "hmac-sha256=\u00e9".encode()}, sign=False)
+def test_any_message_is_a_task_or_one_rejection(signed_intake, body, headers, sign):
+    """Only :class:`Task` or :class:`RejectedError` (with a contract code) comes out of
+    intake; the listener's catch-all is for bugs, not for messages."""
+    if sign:
+        headers = {**(headers or {}), HEADER: sign_hmac(body, KEY)}
+    try:
+        result = signed_intake.read(body, headers)
+    except RejectedError as e:
+        assert e.code in CODES and e.reasons and all(isinstance(r, str) for r in e.reasons)
+        event(e.code)
+        return
+    assert isinstance(result, Task)
+    event("accepted")
+
+
+@SETTINGS
+@given(body=st.one_of(st.binary(max_size=200),
+                      st.builds(lambda v: json.dumps(v).encode(), tree)),
+       headers=headers_of)
+@example(body=b'{"schema": "fem.control/v1", "action": "cancel", "task_id": "x"}',
+         headers={HEADER: "hmac-sha256=\u00e9"})
+def test_any_control_message_is_read_or_rejected(signed_intake, body, headers):
+    try:
+        signed_intake.read_control(body, headers)
+    except RejectedError as e:
+        assert e.code in CODES
