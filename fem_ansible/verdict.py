@@ -76,21 +76,6 @@ class StageHooks(Protocol):
     def on_report(self, data: dict[str, Any]) -> None: ...
 
 
-@dataclass(frozen=True)
-class _Failed:
-    """A failure event as it was seen: the marker stage and code at the time."""
-
-    stage: str | None
-    code: str
-    message: str
-    unreachable: bool = False
-
-    def failure(self) -> Failure:
-        stage = self.stage or "stage_in"  # before any marker the listener is staging in
-        return Failure(ERROR_STAGES.get(stage, stage), self.code, self.message,
-                       self.unreachable)
-
-
 class PlayWatcher:
     """Reads one run's events as ansible-runner hands them over (its thread), tells
     ``hooks`` of each new stage and of what roles report, and gives the verdict at the end.
@@ -104,9 +89,9 @@ class PlayWatcher:
         self.reports: dict[str, Any] = {}
         self.stage: str | None = None
         self._code = STAGE_CODES["stage_in"]
-        self._pending: list[_Failed] = []  # failures of the main block since its last marker
-        self._cleanup: list[_Failed] = []  # failures in the cleanup stage
-        self._unreachable: _Failed | None = None
+        self._pending: list[Failure] = []  # failures of the main block since its last marker
+        self._cleanup: list[Failure] = []  # failures in the cleanup stage
+        self._unreachable: Failure | None = None
         self._main_done = False
         self._stats: dict[str, int] | None = None
         self._error_line: str | None = None
@@ -150,7 +135,7 @@ class PlayWatcher:
             self.stage = stage
             self.hooks.on_stage(stage)
 
-    def _failed(self, data: dict[str, Any], *, unreachable: bool) -> _Failed:
+    def _failed(self, data: dict[str, Any], *, unreachable: bool) -> Failure:
         res = data.get("res") if isinstance(data.get("res"), dict) else {}
         role, task = data.get("role"), data.get("task") or "a task"
         what = _result_message(res) or "task failed"
@@ -158,8 +143,12 @@ class PlayWatcher:
             what = f"host unreachable: {what}"
         message = f"{role}: {task}: {what}" if role else f"{task}: {what}"
         code = _result_code(res)
-        return _Failed(self.stage, code if code in TASK_ERROR_CODES else self._code,
+        return Failure(self._error_stage(), code if code in TASK_ERROR_CODES else self._code,
                        message[:MAX_MESSAGE], unreachable)
+
+    def _error_stage(self) -> str:
+        stage = self.stage or "stage_in"  # before any marker the listener is staging in
+        return ERROR_STAGES.get(stage, stage)
 
     def verdict(self, status: str, rc: int) -> Failure | None:
         """None when Ansible says the run succeeded, else why it failed.
@@ -179,11 +168,11 @@ class PlayWatcher:
         if failed is None and stats["dark"]:
             failed = self._unreachable
         if failed is not None:
-            return failed.failure()
+            return failed
         detail = f": {self._error_line}" if self._error_line else ""
         return self._fallback(f"ansible-playbook failed (rc {rc}){detail}")
 
-    def _failed_for_good(self, failures: int) -> _Failed | None:
+    def _failed_for_good(self, failures: int) -> Failure | None:
         """The first failure that was not rescued, of ``failures`` that were not."""
         if failures <= 0:
             return None
@@ -196,7 +185,7 @@ class PlayWatcher:
         return None
 
     def _fallback(self, message: str) -> Failure:
-        return _Failed(self.stage, self._code, message[:MAX_MESSAGE]).failure()
+        return Failure(self._error_stage(), self._code, message[:MAX_MESSAGE])
 
 
 def _result_message(res: dict[str, Any]) -> str:

@@ -7,6 +7,10 @@
   note is in the task's logs) once ``policy.executors.allow`` lists it; it writes that note
   with ``community.general.ini_file``, which runs see only through
   ``execution.collections``, as the example's config.yml says.
+
+The roles of tests/site_roles/ (issue 17): the outcome is Ansible's own verdict, so a
+site's role that rescues its own error completes, one that does not fails naming its role
+and task, and a helper role of any name inherits the stage of the role including it.
 """
 
 from __future__ import annotations

@@ -75,9 +75,19 @@ def record(playbook: str, extravars: dict[str, Any], inventory: str) -> dict[str
             "events": [c for c in map(cut, events) if c is not None]}
 
 
+def dump(recorded: dict[str, dict[str, Any]]) -> str:
+    """JSON with one event a line, so that a new recording reads as a diff of events."""
+    runs = []
+    for name, run in recorded.items():
+        events = ",\n".join(f"  {json.dumps(e)}" for e in run["events"])
+        runs.append(f" {json.dumps(name)}: {{\"status\": {json.dumps(run['status'])}, "
+                    f"\"rc\": {run['rc']}, \"events\": [\n{events}\n ]}}")
+    return "{\n" + ",\n".join(runs) + "\n}\n"
+
+
 def main() -> None:
     recorded = {name: record(*spec) for name, spec in SCENARIOS.items()}
-    (HERE / "events.json").write_text(json.dumps(recorded, indent=1) + "\n")
+    (HERE / "events.json").write_text(dump(recorded))
 
 
 if __name__ == "__main__":
