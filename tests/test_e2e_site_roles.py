@@ -129,7 +129,7 @@ def test_site_roles_that_rescue_their_own_errors_complete(site):
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
-def test_site_roles_without_rescue_fail_naming_role_and_task(site, tmp_path):
+def test_site_roles_without_rescue_fail_naming_role_and_task(site):
     """The same roles without ``rescue``: FAILED, the message naming the site's role and
     its task (in the event, the JSON log and the audit line), with the stage's code."""
     orch = site.orchestrator
@@ -137,37 +137,28 @@ def test_site_roles_without_rescue_fail_naming_role_and_task(site, tmp_path):
     orch.publish(site.task("strict-stage-out"))
     orch.publish(site.task("strict-executor", executor="accounted"))
 
-    stage_out = orch.wait_terminal("strict-stage-out")
-    assert stage_out["state"] == "FAILED", stage_out
-    assert stage_out["error"]["stage"] == "stage_out"
-    assert stage_out["error"]["code"] == "stage_out_failed"
-    assert stage_out["message"].startswith(
-        "fem_stage_out: Write a BLAKE3 manifest of the outputs: ")
-    assert "b3sum" in stage_out["message"]
-    assert stage_out["error"]["message"] == stage_out["message"]
-    assert stage_out["outputs"] is None
-    assert [e["state"] for e in orch.distinct_events("strict-stage-out")][-2:] == [
-        "STAGING_OUT", "FAILED"]
-
-    executor = orch.wait_terminal("strict-executor")
-    assert executor["state"] == "FAILED", executor
-    assert executor["error"]["stage"] == "run"
-    assert executor["error"]["code"] == "execution_failed"
-    assert executor["message"].startswith(
-        "fem_executor_accounted: Post the job to the accounting service: ")
-    assert executor["outputs"] is None
-    assert [e["state"] for e in orch.distinct_events("strict-executor")][-2:] == [
-        "RUNNING", "FAILED"]
-
-    for final in (stage_out, executor):
-        tid = final["task_id"]
+    expected = {
+        "strict-stage-out": ("stage_out", "stage_out_failed", "STAGING_OUT",
+                             "fem_stage_out: Write a BLAKE3 manifest of the outputs: "),
+        "strict-executor": ("run", "execution_failed", "RUNNING",
+                            "fem_executor_accounted: Post the job to the accounting service: "),
+    }
+    for tid, (stage, code, last_state, message) in expected.items():
+        final = orch.wait_terminal(tid)
+        assert final["state"] == "FAILED", final
+        assert (final["error"]["stage"], final["error"]["code"]) == (stage, code), final
+        assert final["message"].startswith(message), final
+        assert final["error"]["message"] == final["message"]
+        assert final["outputs"] is None
+        assert [e["state"] for e in orch.distinct_events(tid)][-2:] == [last_state, "FAILED"]
         audit = outcome_audit(site, tid)
         assert (audit["state"], audit["error"], audit["stage"], audit["message"]) == (
-            "FAILED", final["error"]["code"], final["error"]["stage"], final["message"])
+            "FAILED", code, stage, final["message"])
         logged = [json.loads(line) for line in listener.log.read_text().splitlines()
                   if line.startswith("{")]
         assert any(entry.get("task_id") == tid and final["message"] in entry["message"]
                    for entry in logged), tid
+    assert "b3sum" in orch.wait_terminal("strict-stage-out")["message"]
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 

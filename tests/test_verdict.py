@@ -126,27 +126,28 @@ def test_failed_status_with_clean_stats_is_still_a_failure():
         "stage_out", "stage_out_failed", "ansible-playbook failed (rc 3)")
 
 
-def test_loop_failure_names_the_failed_item():
+def failed_once(event_data: dict[str, Any]) -> Failure | None:
+    """The verdict on a run whose one failure event was ``event_data``."""
     watcher = PlayWatcher(Seen())
-    watcher.event({"event": "runner_on_failed", "event_data": {
+    watcher.event({"event": "runner_on_failed", "event_data": event_data})
+    watcher.event({"event": "playbook_on_stats", "event_data": {"failures": {"h": 1}}})
+    return watcher.verdict("failed", 2)
+
+
+def test_loop_failure_names_the_failed_item():
+    assert failed_once({
         "role": "fem_volumes", "task": "Download the inputs",
         "res": {"msg": "One or more items failed", "results": [
             {"failed": False, "msg": "ok"},
-            {"failed": True, "msg": "HTTP Error 404", "fem_error_code": "input_failed"}]}}})
-    watcher.event({"event": "playbook_on_stats", "event_data": {"failures": {"h": 1}}})
-    assert watcher.verdict("failed", 2) == Failure(
-        "stage_in", "input_failed", "fem_volumes: Download the inputs: HTTP Error 404")
+            {"failed": True, "msg": "HTTP Error 404", "fem_error_code": "input_failed"}]},
+    }) == Failure("stage_in", "input_failed", "fem_volumes: Download the inputs: HTTP Error 404")
 
 
 def test_a_no_log_failure_says_so_and_nothing_more():
-    watcher = PlayWatcher(Seen())
-    watcher.event({"event": "runner_on_failed", "event_data": {
+    censored = "the output has been hidden due to the fact that 'no_log: true' was specified " \
+               "for this result"
+    assert failed_once({
         "role": "fem_image", "task": "Write the registry credentials",
-        "res": {"censored": "the output has been hidden due to the fact that 'no_log: true' "
-                            "was specified for this result", "changed": False}}})
-    watcher.event({"event": "playbook_on_stats", "event_data": {"failures": {"h": 1}}})
-    failure = watcher.verdict("failed", 2)
-    assert failure is not None
-    assert failure.message == ("fem_image: Write the registry credentials: the output has been "
-                               "hidden due to the fact that 'no_log: true' was specified for "
-                               "this result")
+        "res": {"censored": censored, "changed": False},
+    }) == Failure("stage_in", "input_failed",
+                  f"fem_image: Write the registry credentials: {censored}")
