@@ -177,7 +177,8 @@ class PlayWatcher:
         if failures <= 0:
             return None
         if self._pending and not self._main_done:
-            # Those in cleanup came after it and were not rescued either.
+            # The cleanup's failures came after these and count as not rescued; one that a
+            # cleanup rescued itself makes the count short, hence at least one.
             left = max(1, min(len(self._pending), failures - len(self._cleanup)))
             return self._pending[-left]
         if self._cleanup:
