@@ -230,7 +230,6 @@ class _Execution(RunHooks):
         self.stages_done = list(rec.stages_done)
         self.result = dict(rec.result)
         self._stage: str | None = None
-        self._failed = False
         self._stopper: threading.Thread | None = None
         # The state of the last event, which a progress event repeats.
         self._state_now = rec.state
@@ -256,11 +255,15 @@ class _Execution(RunHooks):
     # RunHooks (called from ansible-runner's thread) ----------------------------------------
 
     def on_stage(self, stage: str) -> None:
-        # The stage before this one ended well: a failure sends the play to cleanup only.
-        if self._stage and not self._failed and self._stage != "cleanup":
+        # A marker of the main block: the stage before it ended well, since a failure that
+        # was not rescued sends the play to cleanup (always) past every marker left.  The
+        # cleanup marker is reached whatever happened before it.
+        if stage != "cleanup" and self._stage not in (None, "cleanup", "done"):
             self._stage_done(self._stage)
         self._stage = stage
-        if stage == "run":
+        if stage == "done":
+            self._stage_done("stage_out")
+        elif stage == "run":
             self.node.audit.record(
                 "run", self.tid, host=self.known["host"], image=self.task["image"]["ref"],
                 image_digest=self.known["image_digest"],
@@ -269,9 +272,6 @@ class _Execution(RunHooks):
             self.emit("RUNNING", f"running {self.task['image']['ref']}")
         elif stage == "stage_out":
             self.emit("STAGING_OUT", "archiving outputs and logs")
-
-    def on_failure(self, failure: dict[str, Any]) -> None:
-        self._failed = True
 
     def on_report(self, data: dict[str, Any]) -> None:
         if data.get("fem_image_digest"):
@@ -335,7 +335,7 @@ class _Execution(RunHooks):
         if "stage_out" in self.stages_done:
             # Only the uploads and the terminal event were left to do.
             self._cleanup()
-            return self._end(self._finish(RunResult("successful", 0, {}, None, [])))
+            return self._end(self._finish(RunResult("successful", 0, {}, None)))
         if resumed and not self.stages_done:
             self._cleanup()  # what a broken stage-in left is removed before it is redone
         if "stage_in" not in self.stages_done:
@@ -353,21 +353,28 @@ class _Execution(RunHooks):
         while True:
             spec = self._spec(skip_tags=[s for s in self.stages_done if s != "stage_out"])
             outcome = run_playbook(spec, self, self._should_stop)
+            if self._stage is None and outcome.status == "successful":
+                log.warning("%s: the playbook %s marked no stage (set_stats fem_stage): no "
+                            "RUNNING or STAGING_OUT, and failures count as stage-in "
+                            "(docs/roles.md, \"Stages and the outcome\")", self.tid,
+                            spec.playbook, extra={"task_id": self.tid})
             host = self.known["host"]
-            nxt = self.node.targets.retry_host(self.task, host, outcome.failure,
+            unreachable = outcome.failure is not None and outcome.failure.unreachable
+            nxt = self.node.targets.retry_host(self.task, host, unreachable,
                                                self.stages_done, tried)
             if nxt is None:
-                self._unreachable = bool(outcome.failure and outcome.failure.get("unreachable"))
+                self._unreachable = unreachable
                 return outcome
             self.known["host"] = nxt
             self.journal.update(self.tid, host=nxt)
-            self._stage, self._failed = None, False
+            self._stage = None
             self.emit("STAGING_IN", f"host {host} is unreachable; trying {nxt}")
 
     def _end(self, event: dict[str, Any]) -> dict[str, Any]:
+        error = event["error"] or {}
         self.node.audit.record("outcome", self.tid, state=event["state"],
-                               exit_code=event["exit_code"],
-                               error=(event["error"] or {}).get("code"),
+                               exit_code=event["exit_code"], error=error.get("code"),
+                               stage=error.get("stage"), message=error.get("message"),
                                outputs=event["outputs"], logs=event["logs"])
         self.node.prune_runs()
         return event
@@ -471,7 +478,7 @@ class _Execution(RunHooks):
                 self._stopper = threading.Thread(target=self._stop_container, daemon=True)
                 self._stopper.start()
             return False
-        return self._stage not in ("stage_out", "cleanup")
+        return self._stage not in ("stage_out", "done", "cleanup")
 
     def _stop_container(self) -> None:
         """Stop the container until the play has left the run stage: a cancel that arrives
@@ -479,9 +486,9 @@ class _Execution(RunHooks):
         while self._stage == "run":
             log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
             result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(), lambda: False)
-            if result.status != "successful":
+            if result.failure is not None:
                 log.warning("%s: stopping the container failed: %s", self.tid,
-                            (result.failure or {}).get("message"), extra={"task_id": self.tid})
+                            result.failure.message, extra={"task_id": self.tid})
             time.sleep(STOP_RETRY_S)
 
     def _cleanup(self) -> None:
@@ -489,6 +496,7 @@ class _Execution(RunHooks):
         run_playbook(self._spec(tags=["cleanup"]), RunHooks(), lambda: False)
 
     def _finish(self, outcome: RunResult) -> dict[str, Any]:
+        """The terminal event: Ansible's verdict on the playbook first, then the uploads."""
         failure = outcome.failure
         if self.cancel.is_set() and outcome.status == "canceled":
             # The playbook was stopped before its own cleanup could run.
@@ -497,15 +505,9 @@ class _Execution(RunHooks):
                              error=_error("cancelled", "run", "cancelled by the orchestrator"))
         if outcome.status == "timeout":
             self._cleanup()
-            failure = failure or {"code": "execution_failed", "stage": "run",
-                                  "message": "the playbook outlived its time limit"}
-        if failure and failure["stage"] in ("stage_in", "run", None):
-            stage = failure["stage"] or "run"
-            return self.emit("FAILED", failure["message"],
-                             error=_error(failure["code"], stage, failure["message"]))
-        if failure:
-            return self.emit("FAILED", failure["message"],
-                             error=_error("stage_out_failed", "stage_out", failure["message"]))
+        if failure is not None:
+            return self.emit("FAILED", failure.message,
+                             error=_error(failure.code, failure.stage, failure.message))
         self._stage_done("stage_out")
         exit_code = self.result.get("exit_code")
         timed_out = bool(self.result.get("timed_out"))

@@ -2,8 +2,9 @@
 
 A run is first laid out as a :class:`RunSpec` in its own private data dir (extra-vars as
 ``!unsafe`` YAML, secrets in a vault file), then executed by :func:`run_playbook`, which
-turns ansible-runner's events into what the listener cares about: the stage a role belongs
-to, what roles reported with ``set_stats``, and the failed task, if any (docs/roles.md).
+hands ansible-runner's events to a :class:`~fem_ansible.verdict.PlayWatcher` (the stage the
+play is in, what roles reported with ``set_stats``) and ends with Ansible's own verdict on
+the run (docs/roles.md).
 
 ansible-runner's own cancel and timeout leave orphans (ansible-core's workers call
 ``setsid()``), so every process of a run carries ``FEM_JOB_ID`` in its environment and is
@@ -34,45 +35,9 @@ import ansible_runner
 
 from . import derived_cache, unsafe, vault
 from .errors import ConfigError
+from .verdict import Failure, PlayWatcher
 
 log = logging.getLogger(__name__)
-
-# Which stage each built-in role's tasks belong to (docs/roles.md).
-ROLE_STAGES = {
-    "fem_volumes": "stage_in",
-    "fem_image": "stage_in",
-    "fem_source": "stage_in",
-    "fem_execute": "run",
-    "fem_stage_out": "stage_out",
-    "fem_cleanup": "cleanup",
-}
-# The error code of a failure in each role.
-ROLE_ERRORS = {
-    "fem_volumes": "input_failed",
-    "fem_image": "image_pull_failed",
-    "fem_source": "source_checkout_failed",
-    "fem_execute": "execution_failed",
-    "fem_stage_out": "stage_out_failed",
-    "fem_cleanup": "stage_out_failed",
-}
-
-
-def role_stage(role: str | None) -> str | None:
-    if not role:
-        return None
-    if role.startswith("fem_executor_"):
-        return "run"
-    return ROLE_STAGES.get(role)
-
-
-def role_error(role: str | None, stage: str | None) -> str:
-    if role and role.startswith("fem_executor_"):
-        return "execution_failed"
-    if role in ROLE_ERRORS:
-        return ROLE_ERRORS[role]
-    return {"stage_in": "input_failed", "run": "execution_failed"}.get(stage or "",
-                                                                       "stage_out_failed")
-
 
 def data_dir() -> Path:
     """Where playbooks, roles, inventory and collections are: inside the installed package
@@ -182,28 +147,32 @@ class RunSpec:
     ssh_control_dir: Path | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunResult:
-    """What a playbook run came to."""
+    """What a playbook run came to.
+
+    Attributes:
+        status: ansible-runner's (``successful``, ``failed``, ``timeout``, ``canceled``).
+        rc: ansible-playbook's exit code.
+        reports: what roles reported with ``set_stats`` (docs/roles.md).
+        failure: None when Ansible says the run succeeded, else why it failed
+            (:mod:`fem_ansible.verdict`).
+    """
 
     status: str
     rc: int
     reports: dict[str, Any]
-    failure: dict[str, Any] | None
-    stages_started: list[str]
+    failure: Failure | None
 
 
 class RunHooks:
     """Callbacks a run calls from ansible-runner's thread; all optional."""
 
     def on_stage(self, stage: str) -> None:
-        """A task of a new stage started."""
+        """The play entered a stage: a marker (docs/roles.md, "Stages") named it."""
 
     def on_report(self, data: dict[str, Any]) -> None:
         """A role reported with ``set_stats``."""
-
-    def on_failure(self, failure: dict[str, Any]) -> None:
-        """A task failed (the first failure of the run)."""
 
 
 def collections_env(collections: Path) -> dict[str, str]:
@@ -334,40 +303,10 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     secrets_file = env_dir / "secrets.yml"
     vault.write_vars_file(secrets_file, {"fem_secrets": spec.secrets}, password)
 
-    reports: dict[str, Any] = {}
-    stages: list[str] = []
-    failure: dict[str, Any] | None = None
+    watcher = PlayWatcher(hooks)
 
     def on_event(event: dict[str, Any]) -> bool:
-        nonlocal failure
-        kind = event.get("event")
-        data = event.get("event_data", {})
-        if kind == "playbook_on_task_start":
-            stage = role_stage(data.get("role"))
-            if stage and stage not in stages:
-                stages.append(stage)
-                hooks.on_stage(stage)
-        elif kind == "runner_on_ok":
-            stats = (data.get("res") or {}).get("ansible_stats")
-            if stats and isinstance(stats.get("data"), dict):
-                reports.update(stats["data"])
-                hooks.on_report(stats["data"])
-        elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get(
-            "ignore_errors"
-        ):
-            role = data.get("role")
-            if failure is None or role_stage(role) != "cleanup":
-                res = data.get("res") or {}
-                msg = str(res.get("msg") or res.get("stderr") or "task failed")
-                if kind == "runner_on_unreachable":
-                    msg = f"host unreachable: {msg}"
-                if failure is None:
-                    failure = {
-                        "role": role, "task": data.get("task"), "message": msg[:2000],
-                        "stage": role_stage(role), "code": role_error(role, role_stage(role)),
-                        "unreachable": kind == "runner_on_unreachable",
-                    }
-                    hooks.on_failure(failure)
+        watcher.event(event)
         return True
 
     def on_cancel() -> bool:
@@ -415,7 +354,8 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         shutil.rmtree(spec.ssh_control_dir, ignore_errors=True)
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
               time.monotonic() - started)
-    return RunResult(runner.status, runner.rc or 0, reports, failure, stages)
+    rc = runner.rc or 0
+    return RunResult(runner.status, rc, watcher.reports, watcher.verdict(runner.status, rc))
 
 
 def _marked_pids(marker_prefix: str) -> list[int]:

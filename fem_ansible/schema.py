@@ -219,6 +219,9 @@ ERROR_CODES = [
     "cancelled",
     "stage_out_failed",
     "interrupted",
+    # issue 18: a task stopped for passing a disk limit while it ran (output_bytes); an
+    # addition to DESIGN.md §4's codes (docs/decisions.md)
+    "limit_exceeded",
 ]
 
 EVENT_SCHEMA: dict[str, Any] = {

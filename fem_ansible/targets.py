@@ -234,7 +234,7 @@ class Targets:
 
         return min(reachable, key=load)
 
-    def retry_host(self, task: dict[str, Any], host: str, failure: dict[str, Any] | None,
+    def retry_host(self, task: dict[str, Any], host: str, unreachable: bool,
                    stages_done: list[str], tried: list[str]) -> str | None:
         """After a run on ``host``: the host to run the task on next, or None to finish.
 
@@ -243,7 +243,7 @@ class Targets:
         collects the hosts found unreachable.  On a move the slot on ``host`` is released
         and one on the new host taken; otherwise the caller keeps (and releases) its slot.
         """
-        if not (failure and failure.get("unreachable")) or stages_done:
+        if not unreachable or stages_done:
             return None
         tried.append(host)
         nxt = self.acquire(task["target"], exclude=tried)

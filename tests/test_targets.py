@@ -42,15 +42,15 @@ def test_least_busy_host_then_least_recently_picked(targets):
 def test_unreachable_host_is_skipped_and_the_task_moves(targets):
     first = targets.acquire("gpu")
     tried: list[str] = []
-    moved = targets.retry_host({"target": "gpu"}, first, {"unreachable": True}, [], tried)
+    moved = targets.retry_host({"target": "gpu"}, first, True, [], tried)
     assert (first, moved, tried) == ("b", "c", ["b"])
     # b is passed over for the next task although it is the least busy.
     assert targets.acquire("gpu") == "c"
     # Nothing left to try: the task stays where it is and fails there.
-    assert targets.retry_host({"target": "gpu"}, "c", {"unreachable": True}, [], ["b"]) is None
+    assert targets.retry_host({"target": "gpu"}, "c", True, [], ["b"]) is None
     # Not unreachable, or a stage already done on the host: no move.
-    assert targets.retry_host({"target": "gpu"}, "c", {"unreachable": False}, [], []) is None
-    assert targets.retry_host({"target": "gpu"}, "c", {"unreachable": True}, ["stage_in"],
+    assert targets.retry_host({"target": "gpu"}, "c", False, [], []) is None
+    assert targets.retry_host({"target": "gpu"}, "c", True, ["stage_in"],
                               []) is None
 
 
