@@ -1,9 +1,9 @@
 """Documents generated from the code, so they cannot drift from it: the configuration
 reference and the example config (from the config model's ``_doc`` fields), the message
-reference (from the JSON Schemas the validator uses), the built-in roles' argument specs and
-the ``fem_task`` table of docs/roles.md (from :mod:`fem_ansible.role_contract`), and the
-starter files of ``fem-ansible init``.  ``scripts/gen_docs.py`` writes them; a test
-regenerates and compares.
+reference and the schemas/ copies (from the JSON Schemas the validator uses), the built-in
+roles' argument specs and the ``fem_task`` table of docs/roles.md (from
+:mod:`fem_ansible.role_contract`), and the starter files of ``fem-ansible init``.
+``scripts/gen_docs.py`` writes them; a test regenerates and compares.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ OUTPUTS: dict[str, Callable[[str], str]] = {
     "docs/messages.md": lambda _: message_reference(),
     "examples/config.yml": lambda _: example_config(),
     "docs/roles.md": _roles_md,
+    # the copy for orchestrator authors of what `fem-ansible schema` prints
+    **{f"schemas/{sid.replace('/', '.')}.json":
+       lambda _, doc=doc: json.dumps(doc, indent=2) + "\n" for sid, doc in SCHEMAS.items()},
     **{f"roles/{role}/meta/argument_specs.yml":
        lambda _, role=role: role_contract.argument_specs_text(role)
        for role in role_contract.ROLES},
