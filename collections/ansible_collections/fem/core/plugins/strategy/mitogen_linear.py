@@ -10,7 +10,7 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
 (bench/RESULTS.md).
 
 - Import scans: the code objects compiled only to read their imports are kept between runs
-  by :mod:`fem_ansible.derived_cache` (in ``FEM_IMPORT_SCAN_CACHE``, the listener's
+  by fem.core's ``plugin_utils.derived_cache`` (in ``FEM_IMPORT_SCAN_CACHE``, the listener's
   ``<work_dir>/import-scan-cache``, used only if private), named by a hash of the
   interpreter's bytecode magic and optimisation level, the file name and the source.  They
   are never executed: what a host runs is still the source Mitogen sends, so an entry cannot
@@ -26,7 +26,7 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   interpreter (fem-ansible's default inventory: ``localhost``, ``ansible_connection: local``,
   ``ansible_playbook_python``) inherits the multiplexer's environment.  Once it has checked
   that Ansible and ``ansible_mitogen`` resolve there to the controller's files
-  (:mod:`fem_ansible.mitogen_host`; its import path starts with its working directory),
+  (fem.core's ``plugin_utils.mitogen_host``; its import path starts with its working directory),
   it imports them from those files, with their bytecode, instead of receiving ~60 modules'
   source and compiling it on every run's first module call, and is not sent them ahead of
   time.  Mitogen's own modules, collections and modules' code still come from the
@@ -43,8 +43,11 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   the same, so runs side by side (``max_parallel``) shared one CPU while another held only
   multiplexers; the kernel now places them (docs/decisions.md).
 
-If a Mitogen release stops calling what is replaced here, the replacements are never called
-and runs are as with Mitogen's own ``mitogen_linear``: slower, not different.
+Each group is applied only if every name it touches has the shape it was written for
+(fem.core's ``plugin_utils.fastpath``; pyproject.toml pins the versions): if one does not,
+none is, one warning says what is missing, and runs are as with Mitogen's own
+``mitogen_linear``: slower, not different.  The listener checks the same at start and then
+gives its runs Mitogen's own plugin instead of this one.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ import sys
 import threading
 import types
 from types import CodeType
+
+from ansible_collections.fem.core.plugins.plugin_utils import (
+    derived_cache,
+    fastpath,
+    mitogen_host,
+)
 
 
 class _OnFirstUse(types.ModuleType):
@@ -94,7 +103,9 @@ def _lazy(name: str) -> None:
         setattr(sys.modules[package], child, module)
 
 
-_lazy("ansible.collections.list")
+_off = fastpath.off()
+if "collections" not in _off:
+    _lazy("ansible.collections.list")
 
 # The imports below must come after _lazy(): ansible_mitogen.strategy imports the planner.
 import ansible_mitogen._modifiers  # noqa: E402
@@ -109,8 +120,7 @@ import mitogen.master  # noqa: E402
 import mitogen.minify  # noqa: E402
 import mitogen.parent  # noqa: E402
 from ansible.utils.collection_loader import AnsibleCollectionConfig  # noqa: E402
-
-from fem_ansible import derived_cache, mitogen_host  # noqa: E402
+from ansible.utils.display import Display  # noqa: E402
 
 DOCUMENTATION = r"""
 name: mitogen_linear
@@ -212,7 +222,7 @@ def get_econtext_config(self: mitogen.parent.Connection) -> dict:
 def send_module_forwards(self, context) -> None:
     """``ContextService._send_module_forwards``, called for each new context before
     anything runs there.  A candidate runs
-    :func:`fem_ansible.mitogen_host.import_from_disk` first: only if FROM_DISK resolves
+    :func:`mitogen_host.import_from_disk` first: only if FROM_DISK resolves
     there to this process's files does it import them from disk, and it is then sent ahead
     of time only what it does not.  Whatever else happens there, it keeps Mitogen's policy
     (a host that cannot run the check is logged and served as any other)."""
@@ -230,19 +240,48 @@ def send_module_forwards(self, context) -> None:
     _send_module_forwards(self, context)
 
 
-# Module attributes shadow the built-in ``compile`` for these two modules only.
-mitogen.master.compile = cached_compile
-ansible_mitogen.module_finder.compile = cached_compile
-mitogen.minify.minimize_source = _unminified
-ansible_mitogen.planner._load_collections = _load_collections
-mitogen.parent.Connection.get_econtext_config = get_econtext_config
-ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
-# Mitogen's CPU placement assumes one ansible-playbook per machine; the listener runs
-# several, and on 2 CPUs it put every run's processes but the multiplexer on CPU 1.
-ansible_mitogen.affinity.policy = ansible_mitogen.affinity.Policy()
-# Read at interpreter start: this process's output is unchanged; Mitogen's processes,
-# started after this, read their bootstrap in blocks.
-os.environ.pop("PYTHONUNBUFFERED", None)
+def _import_scans() -> None:
+    # Module attributes shadow the built-in ``compile`` for these two modules only.
+    mitogen.master.compile = cached_compile
+    ansible_mitogen.module_finder.compile = cached_compile
+
+
+def _unminified_modules() -> None:
+    mitogen.minify.minimize_source = _unminified
+
+
+def _collections() -> None:
+    ansible_mitogen.planner._load_collections = _load_collections
+
+
+def _own_host() -> None:
+    mitogen.parent.Connection.get_econtext_config = get_econtext_config
+    ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
+
+
+def _buffered_bootstrap() -> None:
+    # Read at interpreter start: this process's output is unchanged; Mitogen's processes,
+    # started after this, read their bootstrap in blocks.
+    os.environ.pop("PYTHONUNBUFFERED", None)
+
+
+def _cpu_placement() -> None:
+    # Mitogen's CPU placement assumes one ansible-playbook per machine; the listener runs
+    # several, and on 2 CPUs it put every run's processes but the multiplexer on CPU 1.
+    ansible_mitogen.affinity.policy = ansible_mitogen.affinity.Policy()
+
+
+#: What each group of fem.core.plugin_utils.fastpath.STRATEGY changes in Mitogen.
+APPLY = {"import_scans": _import_scans, "unminified": _unminified_modules,
+         "collections": _collections, "own_host": _own_host, "unbuffered": _buffered_bootstrap,
+         "cpu_placement": _cpu_placement}
+_missing = fastpath.missing(fastpath.STRATEGY)
+if _missing:
+    Display().warning(fastpath.warning(_missing) + "; running Mitogen's own mitogen_linear")
+else:
+    for _group in fastpath.STRATEGY:
+        if _group not in _off:
+            APPLY[_group]()
 
 _Base = ansible_mitogen.loaders.strategy_loader.get("linear", class_only=True)
 
