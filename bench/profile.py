@@ -11,8 +11,8 @@ finished, and each playbook task's own duration from the run's job events; then 
 the task cost on the controller (the listener's reaped children: ansible-playbook, its
 workers, module interpreters) against the shell script's.  The table "Where the time goes"
 in bench/RESULTS.md is read off this.  ``--without GROUP`` leaves out a patch group of the
-fast path (fem.core's ``plugin_utils/fastpath.py``, ``FEM_FASTPATH_OFF``); bench/pairs.py
-measures each one's gain with it.  The listener runs with ``PYTHONUNBUFFERED=1``, as
+fast path (fem.core's ``plugin_utils/fastpath.py``, ``FEMCORE_FASTPATH_OFF``);
+bench/pairs.py measures each one's gain with it.  The listener runs with ``PYTHONUNBUFFERED=1``, as
 contrib/fem-ansible.service starts it.
 """
 
@@ -44,7 +44,7 @@ def main() -> None:
                         help="a patch group of the fast path to leave out (repeatable)")
     args = parser.parse_args()
     bench = Bench(quick=True)
-    env = {"PYTHONUNBUFFERED": "1", "FEM_FASTPATH_OFF": ",".join(args.without)}
+    env = {"PYTHONUNBUFFERED": "1", "FEMCORE_FASTPATH_OFF": ",".join(args.without)}
     try:
         _profile(bench, args.strategy, env)
     finally:  # the listener's work dir and the run dirs, as bench/run.py leaves nothing

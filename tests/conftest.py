@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fem_ansible.fastpath import derived_cache
 from fem_ansible.config import load_config
+from fem_ansible.fastpath import derived_cache
 from tests.support.harness import Listener, Orchestrator, new_node_id, sample_task, site_config
 from tests.support.services import ensure_services
 
@@ -90,7 +90,8 @@ def _forget_derived_cache_dir() -> None:
 
 @pytest.fixture
 def derived_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[Path]:
-    """A private directory for fem.core's plugin_utils.derived_cache, opened afresh by its next use."""
+    """A private directory for fem.core's plugin_utils.derived_cache, opened afresh by its
+    next use."""
     path = tmp_path / "derived-cache"
     path.mkdir(mode=0o700)
     monkeypatch.setenv(derived_cache.CACHE_ENV, str(path))

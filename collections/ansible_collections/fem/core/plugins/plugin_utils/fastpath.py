@@ -35,9 +35,10 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-#: ``FEM_FASTPATH_OFF``: patch groups (comma-separated) to leave out, for bench/profile.py's
-#: ``--without`` to measure each one's gain; not a setting (docs/decisions.md).
-OFF_ENV = "FEM_FASTPATH_OFF"
+#: ``FEMCORE_FASTPATH_OFF``: patch groups (comma-separated) to leave out, for bench/profile.py's
+#: ``--without`` to measure each one's gain; not a setting (docs/decisions.md).  Not
+#: ``FEM_``: the listener reads those as its configuration.
+OFF_ENV = "FEMCORE_FASTPATH_OFF"
 
 
 def _params(*names: str) -> Callable[[Any], bool]:
@@ -153,7 +154,7 @@ def _missing(group: str) -> list[str]:
 
 
 def off() -> set[str]:
-    """The groups ``FEM_FASTPATH_OFF`` leaves out."""
+    """The groups ``FEMCORE_FASTPATH_OFF`` leaves out."""
     return {g.strip() for g in os.environ.get(OFF_ENV, "").split(",") if g.strip()}
 
 
