@@ -59,7 +59,9 @@ import os
 import sys
 import threading
 import types
+from collections.abc import Callable
 from types import CodeType
+from typing import Any
 
 from ansible_collections.fem.core.plugins.plugin_utils import (
     derived_cache,
@@ -191,11 +193,12 @@ FROM_DISK = ("ansible", "ansible_mitogen")
 #: warning.  Any other one (a new Mitogen's) keeps those hosts on Mitogen's import path.
 HARMLESS_MODIFIERS = frozenset({"ansible.modules.setup", "ansible.modules.dnf"})
 #: Whether a module is under FROM_DISK, by the rule a host's import policy applies.
-_FROM_DISK = mitogen.core.ImportPolicy(FROM_DISK)
+_FROM_DISK: mitogen.core.ImportPolicy
 _candidates: set[int] = set()
 LOG = logging.getLogger(__name__)
-_econtext_config = mitogen.parent.Connection.get_econtext_config
-_send_module_forwards = ansible_mitogen.services.ContextService._send_module_forwards
+# Mitogen's own, kept by _own_host() as it replaces them (only once the check passed).
+_econtext_config: Callable[[mitogen.parent.Connection], dict]
+_send_module_forwards: Callable[[Any, mitogen.core.Context], None]
 
 
 def runs_controller_files(connection: mitogen.parent.Connection) -> bool:
@@ -255,6 +258,10 @@ def _collections() -> None:
 
 
 def _own_host() -> None:
+    global _FROM_DISK, _econtext_config, _send_module_forwards
+    _FROM_DISK = mitogen.core.ImportPolicy(FROM_DISK)
+    _econtext_config = mitogen.parent.Connection.get_econtext_config
+    _send_module_forwards = ansible_mitogen.services.ContextService._send_module_forwards
     mitogen.parent.Connection.get_econtext_config = get_econtext_config
     ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
 
