@@ -5,7 +5,9 @@ stock ``linear``), never failing tasks."""
 from __future__ import annotations
 
 import importlib
+import json
 import marshal
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -92,6 +94,40 @@ def test_a_group_left_out_for_the_benchmark_is_not_applied(load_plugin, monkeypa
     assert mitogen.master.compile is plugin.cached_compile
     assert mitogen.minify.minimize_source(DOCUMENTED) != DOCUMENTED
     assert ansible_mitogen.affinity.policy is stock_policy
+
+
+def _report(monkeypatch, **report) -> None:
+    """The check's subprocess answers ``report`` (the listener's side of the check)."""
+    answer = {"mitogen": "/mitogen/plugins/strategy", "error": None, "missing": [],
+              "groups": [], **report}
+    monkeypatch.setattr(fastpath.subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(
+        a, 0, stdout=json.dumps(answer), stderr=""))
+
+
+@pytest.mark.parametrize(("report", "env", "says"), [
+    ({}, {"ANSIBLE_STRATEGY": fastpath.FEM_STRATEGY}, None),
+    ({"missing": [f"{FORWARDS} (absent)"], "groups": ["own_host"]},
+     {"ANSIBLE_STRATEGY": "mitogen_linear",
+      "ANSIBLE_STRATEGY_PLUGINS": "/mitogen/plugins/strategy"}, "Mitogen's own"),
+    ({"missing": ["x:_meta_yml_to_dict (changed)"], "groups": ["routing"]},
+     {"ANSIBLE_STRATEGY": fastpath.FEM_STRATEGY}, "routing metadata every time"),
+    ({"mitogen": None, "error": "AnsibleError: too old"}, {}, "linear"),
+])
+def test_the_listener_picks_the_runs_strategy_from_the_check(monkeypatch, caplog, report, env,
+                                                              says):
+    _report(monkeypatch, **report)
+    assert fastpath._check() == env
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == (says is not None)
+    assert all(says in w and "fast path off" in w for w in warnings)
+
+
+def test_a_check_that_does_not_run_means_stock_linear(monkeypatch, caplog):
+    def fails(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, args)
+    monkeypatch.setattr(fastpath.subprocess, "run", fails)
+    assert fastpath._check() == {}
+    assert ["fast path off" in r.getMessage() for r in caplog.records] == [True]
 
 
 # -- through the real listener -------------------------------------------------------------
