@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile.py                      # execution.strategy mitogen
     .venv/bin/python bench/profile.py --strategy linear    # stock Ansible
+    .venv/bin/python bench/profile.py --without own_host   # one patch of the fast path off
 
 Runs a warm-up task and one measured task through a real listener (the benchmark's
 services and task), then prints, in seconds from the task's publication, when each event
@@ -9,7 +10,10 @@ was published, when ansible-playbook wrote its first and last event and when ans
 finished, and each playbook task's own duration from the run's job events; then the CPU
 the task cost on the controller (the listener's reaped children: ansible-playbook, its
 workers, module interpreters) against the shell script's.  The table "Where the time goes"
-in bench/RESULTS.md is read off this.
+in bench/RESULTS.md is read off this.  ``--without GROUP`` leaves out a patch group of the
+fast path (fem.core's ``plugin_utils/fastpath.py``, ``FEMCORE_FASTPATH_OFF``);
+bench/pairs.py measures each one's gain with it.  The listener runs with ``PYTHONUNBUFFERED=1``, as
+contrib/fem-ansible.service starts it.
 """
 
 from __future__ import annotations
@@ -36,17 +40,20 @@ def _created(job_event: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=["mitogen", "linear"], default="mitogen")
+    parser.add_argument("--without", action="append", default=[], metavar="GROUP",
+                        help="a patch group of the fast path to leave out (repeatable)")
     args = parser.parse_args()
     bench = Bench(quick=True)
+    env = {"PYTHONUNBUFFERED": "1", "FEMCORE_FASTPATH_OFF": ",".join(args.without)}
     try:
-        _profile(bench, args.strategy)
+        _profile(bench, args.strategy, env)
     finally:  # the listener's work dir and the run dirs, as bench/run.py leaves nothing
         shutil.rmtree(bench.tmp, ignore_errors=True)
 
 
-def _profile(bench: Bench, strategy: str) -> None:
+def _profile(bench: Bench, strategy: str, env: dict[str, str]) -> None:
     node = f"profile{uuid.uuid4().hex[:6]}"
-    lst, orch = bench.listener(node, strategy=strategy)
+    lst, orch = bench.listener(node, env=env, strategy=strategy)
     try:
         bench.fem_once(lst, orch, node, "warm")
         cpu0 = cpu_s(lst.proc.pid, children=True)

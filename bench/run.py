@@ -76,13 +76,15 @@ class Bench:
             "resources": {"memory": "128Mi", "timeout_s": 600},
         }
 
-    def listener(self, node: str, policy: dict | None = None, **execution
+    def listener(self, node: str, policy: dict | None = None,
+                 env: dict[str, str] | None = None, **execution
                  ) -> tuple[Listener, Orchestrator]:
-        """A listener for ``node``; ``policy`` keys replace those of the test policy."""
+        """A listener for ``node``; ``policy`` keys replace those of the test policy; ``env``
+        is added to its environment."""
         cfg = site_config(self.tmp / node, self.env, node,
                           execution={"work_dir": str(self.tmp / node / "work"),
                                      "keep_runs": 2, **execution}, policy=policy or {})
-        lst = Listener(cfg, self.tmp / node / "listener.log").start()
+        lst = Listener(cfg, self.tmp / node / "listener.log", env=env).start()
         return lst, Orchestrator(node)
 
     def steps_env(self, name: str, command: str, uploads: str) -> dict[str, str]:

@@ -142,7 +142,9 @@ class ExecutionConfig:
         "`<work_dir>/import-scan-cache`: one persistent interpreter per host and run, a "
         "module call costs a fraction of a fresh one; docs/decisions.md) or `linear` "
         "(stock Ansible, one interpreter per "
-        "module call). The short stop and cleanup runs always use `linear`.",
+        "module call). The short stop and cleanup runs always use `linear`. With "
+        "`mitogen`, a Mitogen or ansible-core other than the pinned one is checked at "
+        "start: one warning, and runs use Mitogen's own `mitogen_linear` (or `linear`).",
         default="mitogen",
     )
     collections: list[str] = _doc(

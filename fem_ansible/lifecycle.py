@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import policy, schema
+from . import fastpath, policy, schema
 from .audit import AuditLog
 from .config import Config
 from .errors import RejectedError, TaskFailed
@@ -95,6 +95,8 @@ class Node:
         # not a failed task later.
         self.collections = collections_view(config.work_dir, tuple(config.execution.collections))
         self.scan_cache = scan_cache_dir(config.work_dir)
+        if config.execution.strategy == "mitogen":  # its one warning, if any, now
+            fastpath.start_check()
         # Where tasks run: the inventory's hosts, and this listener's count per host.
         self.targets = Targets(config, self.collections)
         # The one intake (fem_ansible/intake.py): signature keys, schema, policy, targets.

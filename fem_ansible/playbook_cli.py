@@ -6,11 +6,14 @@ metadata of ansible.builtin (``ansible/config/ansible_builtin_runtime.yml``, 900
 YAML) and of each collection it imports, a tenth of a trivial task's controller CPU
 (bench/RESULTS.md).  ``_meta_yml_to_dict`` is the hook Ansible's collection loader offers for
 this (its docstring: "may be monkeypatched ... to allow other implementations to cache the
-output"); here it keeps each result in :mod:`fem_ansible.derived_cache`, named by a hash of
-the YAML text, so a changed file is parsed again.  Everything else is Ansible's own
-``ansible-playbook``: same arguments, same exit code, and ``argv[0]`` is the installed
-``ansible-playbook``, beside which Ansible's ssh connection finds its ``ansible`` (for
-passwords through ``SSH_ASKPASS``).
+output"); here it keeps each result in fem.core's ``plugin_utils.derived_cache``, named by a
+hash of the YAML text, so a changed file is parsed again.  It is replaced only if it still
+has the shape it was written for (fem.core's ``plugin_utils.fastpath``, group ``routing``;
+the listener warns at start if not), else Ansible parses as it always does.
+
+Everything else is Ansible's own ``ansible-playbook``: same arguments, same exit code, and
+``argv[0]`` is the installed ``ansible-playbook``, beside which Ansible's ssh connection finds
+its ``ansible`` (for passwords through ``SSH_ASKPASS``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import yaml
 from ansible.release import __version__ as ansible_version
 from ansible.utils.collection_loader import _collection_finder
 
-from fem_ansible import derived_cache
+from fem_ansible.fastpath import derived_cache, patches
 
 _PARSER = f"ansible {ansible_version} PyYAML {yaml.__version__} {yaml.__with_libyaml__}".encode()
 
@@ -48,7 +51,7 @@ def cached_routing(parse: Callable[[bytes | str, Any], Mapping]) -> Callable[...
 def main() -> None:
     """Run ``ansible-playbook`` with this process's arguments."""
     finder: Any = _collection_finder
-    if finder._meta_yml_to_dict is not None:
+    if "routing" not in patches.off() and not patches.missing(["routing"]):
         finder._meta_yml_to_dict = cached_routing(finder._meta_yml_to_dict)
     from ansible.cli.playbook import main as ansible_playbook
 

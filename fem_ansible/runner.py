@@ -33,17 +33,12 @@ from typing import Any
 
 import ansible_runner
 
-from . import derived_cache, unsafe, vault
+from . import fastpath, unsafe, vault
 from .errors import ConfigError
+from .fastpath import data_dir, derived_cache
 from .verdict import Failure, PlayWatcher
 
 log = logging.getLogger(__name__)
-
-def data_dir() -> Path:
-    """Where playbooks, roles, inventory and collections are: inside the installed package
-    (wheel), else the source checkout this package sits in."""
-    packaged = Path(__file__).resolve().parent / "_data"
-    return packaged if (packaged / "playbooks").is_dir() else Path(__file__).resolve().parent.parent
 
 
 # Collections the built-in roles call, besides ansible.builtin and fem.core (in collections/).
@@ -187,8 +182,8 @@ def scan_cache_dir(work_dir: Path) -> Path:
     """``<work_dir>/import-scan-cache``, made (or set back to) mode 0700: where runs keep
     what Ansible and Mitogen derive from installed files to find imports and plugins (the
     collections' routing metadata; Mitogen's import scans), between runs
-    (:mod:`fem_ansible.derived_cache` says why, and uses the directory only if it is
-    private).  Temp files of runs killed while writing one are removed."""
+    (fem.core's ``plugin_utils.derived_cache`` says why, and uses the directory only if it
+    is private).  Temp files of runs killed while writing one are removed."""
     path = work_dir.resolve() / "import-scan-cache"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = path.lstat()
@@ -229,7 +224,9 @@ def playbook_command(*args: str) -> list[str]:
 def ansible_env(ident: str, strategy: str, collections: Path,
                 scan_cache: Path | None = None) -> dict[str, str]:
     """The environment of every Ansible process the listener starts; ``strategy``
-    ``mitogen`` is fem.core's ``mitogen_linear`` over the installed Mitogen; runs keep what
+    ``mitogen`` is fem.core's ``mitogen_linear`` over the installed Mitogen, or Mitogen's
+    own ``mitogen_linear`` or ``linear`` if fem-ansible's start-up check found what it
+    patches changed (:func:`fem_ansible.fastpath.mitogen_env`); runs keep what
     they derive from installed files in ``scan_cache`` (a :func:`scan_cache_dir`; None: for
     the run only); ``collections`` (a :func:`collections_view`) is the only collection
     path."""
@@ -248,7 +245,7 @@ def ansible_env(ident: str, strategy: str, collections: Path,
         "ANSIBLE_FORCE_VALID_GROUP_NAMES": "ignore",
     }
     if strategy == "mitogen":
-        env["ANSIBLE_STRATEGY"] = "fem.core.mitogen_linear"
+        env.update(fastpath.mitogen_env())
     if scan_cache is not None:
         env[derived_cache.CACHE_ENV] = str(scan_cache)
     return env

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fem_ansible import derived_cache
 from fem_ansible.config import Config, load_config
+from fem_ansible.fastpath import derived_cache
 from fem_ansible.intake import Intake
 from fem_ansible.runner import collections_view
 from fem_ansible.targets import Targets
@@ -105,7 +105,8 @@ def _forget_derived_cache_dir() -> None:
 
 @pytest.fixture
 def derived_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[Path]:
-    """A private directory for fem_ansible.derived_cache, opened afresh by its next use."""
+    """A private directory for fem.core's plugin_utils.derived_cache, opened afresh by its
+    next use."""
     path = tmp_path / "derived-cache"
     path.mkdir(mode=0o700)
     monkeypatch.setenv(derived_cache.CACHE_ENV, str(path))
@@ -116,5 +117,5 @@ def derived_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[Pat
 
 @pytest.fixture
 def new_run() -> Callable[[], None]:
-    """Makes fem_ansible.derived_cache open its directory again, as a new run would."""
+    """Makes fem.core's plugin_utils.derived_cache open its directory again, as a new run would."""
     return _forget_derived_cache_dir

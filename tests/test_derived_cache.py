@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fem_ansible import derived_cache
+from fem_ansible.fastpath import derived_cache
 
 NAME = derived_cache.entry_name(b"test", b"input")
 

@@ -27,15 +27,25 @@ def put_input(env, task_id: str, content: bytes) -> tuple[str, str]:
     return url + "?X-Sig=input-secret", hashlib.sha256(content).hexdigest()
 
 
-# mitogen is the default execution.strategy; linear (stock Ansible) is the sites' way out.
-@pytest.mark.parametrize("strategy", ["mitogen", "linear"])
+# mitogen is the default execution.strategy (the fast path: fem.core's mitogen_linear);
+# linear (stock Ansible) is the sites' way out, and what the fast path falls back to.
+STRATEGIES = pytest.mark.parametrize("strategy", ["mitogen", "linear"])
+
+
+def assert_no_fallback(listener) -> None:
+    """The fast path's start-up check passed on the pinned versions: no fallback
+    (tests/test_fastpath.py has it failing)."""
+    assert "fast path off" not in listener.log.read_text(), listener.tail()
+
+
+@STRATEGIES
 def test_task_runs_end_to_end(site, strategy):
     env, orch = site.env, site.orchestrator
     tid = "e2e-ok"
     params = b'{"rounds": 3}\n'
     url, digest = put_input(env, tid, params)
     task = site.task(tid, inputs=[{"url": url, "path": "params.json", "sha256": digest}])
-    site.listener(site.config(execution={"strategy": strategy}))
+    listener = site.listener(site.config(execution={"strategy": strategy}))
     orch.publish(task)
     final = orch.wait_terminal(tid)
     events = orch.events(tid)
@@ -76,11 +86,13 @@ def test_task_runs_end_to_end(site, strategy):
     runtime = Path(ansible.__file__).parent / "config/ansible_builtin_runtime.yml"
     assert _collection_meta._meta_yml_to_dict(runtime.read_bytes(), None) in kept
     assert any(isinstance(v, types.CodeType) for v in kept) == (strategy == "mitogen")
+    assert_no_fallback(listener)
 
 
-def test_failures_are_reported_with_their_codes(site):
+@STRATEGIES
+def test_failures_are_reported_with_their_codes(site, strategy):
     env, orch = site.env, site.orchestrator
-    site.listener()
+    listener = site.listener(site.config(execution={"strategy": strategy}))
     orch.publish(site.task("exit-3", command=["sh", "-c", "echo to-stderr >&2; exit 3"]))
     orch.publish(site.task("no-image",
                              image={"ref": f"{env['FEM_TEST_REGISTRY']}/fem/missing:1"}))
@@ -110,6 +122,7 @@ def test_failures_are_reported_with_their_codes(site):
     assert present["state"] == "COMPLETED", present
     assert present["image_digest"] == env["FEM_TEST_IMAGE_DIGEST"]
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+    assert_no_fallback(listener)
 
 
 def test_input_redirect_is_refused(site):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ansible_mitogen._modifiers
+import ansible_mitogen.affinity
 import ansible_mitogen.module_finder
 import ansible_mitogen.planner
 import ansible_mitogen.process
@@ -28,11 +29,14 @@ import mitogen.minify
 import mitogen.parent
 import mitogen.ssh
 import pytest
+from ansible.plugins.loader import init_plugin_loader
+from ansible.utils.collection_loader import AnsibleCollectionConfig
 
 from fem_ansible.runner import collections_env, collections_view, data_dir
 
 PLUGIN = (data_dir() / "collections/ansible_collections/fem/core/plugins/strategy/"
           "mitogen_linear.py")
+PLUGIN_NAME = "ansible_collections.fem.core.plugins.strategy.mitogen_linear"
 SOURCE = "import json\nfrom os import path\n"
 # Valid Python that this test file (and the plugin: `from __future__ import annotations`)
 # could not compile if its own future flags leaked into the compile.
@@ -58,12 +62,13 @@ def plugin(monkeypatch: pytest.MonkeyPatch, derived_cache_dir: Path) -> types.Mo
                         mitogen.parent.Connection.get_econtext_config)
     monkeypatch.setattr(ansible_mitogen.services.ContextService, "_send_module_forwards",
                         ansible_mitogen.services.ContextService._send_module_forwards)
-    monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # as fem-ansible.service sets it
-    spec = importlib.util.spec_from_file_location("fem_test_mitogen_linear", PLUGIN)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    monkeypatch.setattr(ansible_mitogen.affinity, "policy", ansible_mitogen.affinity.policy)
+    # As Ansible loads it: through its collection loader, which finds the plugin's
+    # plugin_utils (the plugin imports nothing of fem_ansible's).
+    if AnsibleCollectionConfig.collection_finder is None:
+        init_plugin_loader([str(data_dir() / "collections")])
+    monkeypatch.delitem(sys.modules, PLUGIN_NAME, raising=False)
+    return importlib.import_module(PLUGIN_NAME)
 
 
 def _reload(plugin: types.ModuleType, new_run) -> None:
@@ -139,6 +144,7 @@ def test_collections_are_listed_as_ansible_lists_them_without_galaxy(tmp_path: P
     script = f"""
 import importlib.util, json, sys
 from ansible.plugins.loader import init_plugin_loader
+from ansible.utils.collection_loader import AnsibleCollectionConfig
 init_plugin_loader()
 spec = importlib.util.spec_from_file_location("plugin", {str(PLUGIN)!r})
 plugin = importlib.util.module_from_spec(spec)
@@ -214,9 +220,6 @@ def test_the_listeners_own_host_imports_ansible_from_its_installed_files(plugin,
         assert _file_of(own, name) == importlib.util.find_spec(name).origin
     # Mitogen's own modules still come from the multiplexer.
     assert _file_of(own, "mitogen.fork").startswith("master:")
-    # Mitogen's processes read their bootstrap buffered.
-    assert own.call(os.getenv, "PYTHONUNBUFFERED") is None
-    assert "PYTHONUNBUFFERED" not in os.environ
 
 
 def test_any_other_interpreter_or_connection_is_sent_ansible(plugin, connect):
@@ -235,19 +238,34 @@ def test_a_context_started_by_the_listeners_own_host_is_sent_ansible(plugin, con
     assert _file_of(own, CONVERTERS) == importlib.util.find_spec(CONVERTERS).origin
 
 
-@pytest.mark.parametrize("package", ["ansible", "ansible_mitogen", "fem_ansible"])
+def _shadow(directory: Path, package: str) -> None:
+    (directory / package).mkdir()
+    (directory / package / "__init__.py").write_text("raise ImportError('shadow')\n")
+
+
+@pytest.mark.parametrize("package", ["ansible", "ansible_mitogen"])
 def test_a_package_shadowed_on_the_hosts_import_path_leaves_it_on_mitogens_policy(
         plugin, connect, tmp_path, monkeypatch, package):
     """A host's import path starts with its working directory (a run's ``project/``, or
     wherever else ``ansible-playbook`` was started): a package of that name there is not the
-    controller's, and one that keeps the host from running its check (fem_ansible) leaves
-    it as Mitogen has it, not broken."""
-    (tmp_path / package).mkdir()
-    (tmp_path / package / "__init__.py").write_text("raise ImportError('shadow')\n")
+    controller's."""
+    _shadow(tmp_path, package)
     monkeypatch.chdir(tmp_path)
     host = connect(python_path=[sys.executable])
     for name in (CONVERTERS, "ansible_mitogen.target"):
         assert _file_of(host, name).startswith("master:")
+
+
+@pytest.mark.parametrize("package", ["ansible_collections", "fem_ansible"])
+def test_the_hosts_check_comes_from_the_multiplexer(plugin, connect, tmp_path, monkeypatch,
+                                                    package):
+    """The check the host runs is fem.core's, which Mitogen always serves from the
+    multiplexer: nothing in the host's working directory stands in for it (before, a
+    ``fem_ansible`` there kept the check from running)."""
+    _shadow(tmp_path, package)
+    monkeypatch.chdir(tmp_path)
+    host = connect(python_path=[sys.executable])
+    assert _file_of(host, CONVERTERS) == importlib.util.find_spec(CONVERTERS).origin
 
 
 def test_a_source_modifier_for_what_the_host_would_import_keeps_it_on_mitogens_path(

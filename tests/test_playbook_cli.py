@@ -12,7 +12,8 @@ from pathlib import Path
 import ansible
 from ansible.utils.collection_loader import _collection_meta
 
-from fem_ansible import derived_cache, playbook_cli, runner
+from fem_ansible import playbook_cli, runner
+from fem_ansible.fastpath import derived_cache
 
 BUILTIN_RUNTIME = Path(ansible.__file__).parent / "config/ansible_builtin_runtime.yml"
 

@@ -10,7 +10,7 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
 (bench/RESULTS.md).
 
 - Import scans: the code objects compiled only to read their imports are kept between runs
-  by :mod:`fem_ansible.derived_cache` (in ``FEM_IMPORT_SCAN_CACHE``, the listener's
+  by fem.core's ``plugin_utils.derived_cache`` (in ``FEM_IMPORT_SCAN_CACHE``, the listener's
   ``<work_dir>/import-scan-cache``, used only if private), named by a hash of the
   interpreter's bytecode magic and optimisation level, the file name and the source.  They
   are never executed: what a host runs is still the source Mitogen sends, so an entry cannot
@@ -26,16 +26,12 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   interpreter (fem-ansible's default inventory: ``localhost``, ``ansible_connection: local``,
   ``ansible_playbook_python``) inherits the multiplexer's environment.  Once it has checked
   that Ansible and ``ansible_mitogen`` resolve there to the controller's files
-  (:mod:`fem_ansible.mitogen_host`; its import path starts with its working directory),
+  (fem.core's ``plugin_utils.mitogen_host``; its import path starts with its working directory),
   it imports them from those files, with their bytecode, instead of receiving ~60 modules'
   source and compiling it on every run's first module call, and is not sent them ahead of
   time.  Mitogen's own modules, collections and modules' code still come from the
   multiplexer.  Any other host, interpreter or connection (SSH), and any context such a
   host starts itself (``become``, ``mitogen_via``), is as with Mitogen.
-- ``PYTHONUNBUFFERED`` is dropped from the environment of the multiplexer and hosts'
-  interpreters: Mitogen starts an interpreter by piping ``mitogen.core`` (158 kB) to it as
-  its program, which CPython, unbuffered, reads one byte per ``read(2)`` (~65 ms a run).
-  fem-ansible.service sets it for the listener's own output, which this does not change.
 - CPU placement: none.  Mitogen pins its processes as if its ``ansible-playbook`` had the
   machine to itself: the multiplexer to CPU 0, the top-level process to CPU 1 (on fewer than
   4 CPUs also the workers and every process Mitogen starts, the host's interpreter and its
@@ -43,8 +39,11 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   the same, so runs side by side (``max_parallel``) shared one CPU while another held only
   multiplexers; the kernel now places them (docs/decisions.md).
 
-If a Mitogen release stops calling what is replaced here, the replacements are never called
-and runs are as with Mitogen's own ``mitogen_linear``: slower, not different.
+Each group is applied only if every name it touches has the shape it was written for
+(fem.core's ``plugin_utils.fastpath``; pyproject.toml pins the versions): if one does not,
+none is, one warning says what is missing, and runs are as with Mitogen's own
+``mitogen_linear``: slower, not different.  The listener checks the same at start and then
+gives its runs Mitogen's own plugin instead of this one.
 """
 
 from __future__ import annotations
@@ -56,7 +55,15 @@ import os
 import sys
 import threading
 import types
+from collections.abc import Callable
 from types import CodeType
+from typing import Any
+
+from ansible_collections.fem.core.plugins.plugin_utils import (
+    derived_cache,
+    fastpath,
+    mitogen_host,
+)
 
 
 class _OnFirstUse(types.ModuleType):
@@ -94,7 +101,9 @@ def _lazy(name: str) -> None:
         setattr(sys.modules[package], child, module)
 
 
-_lazy("ansible.collections.list")
+_off = fastpath.off()
+if "collections" not in _off:
+    _lazy("ansible.collections.list")
 
 # The imports below must come after _lazy(): ansible_mitogen.strategy imports the planner.
 import ansible_mitogen._modifiers  # noqa: E402
@@ -109,8 +118,7 @@ import mitogen.master  # noqa: E402
 import mitogen.minify  # noqa: E402
 import mitogen.parent  # noqa: E402
 from ansible.utils.collection_loader import AnsibleCollectionConfig  # noqa: E402
-
-from fem_ansible import derived_cache, mitogen_host  # noqa: E402
+from ansible.utils.display import Display  # noqa: E402
 
 DOCUMENTATION = r"""
 name: mitogen_linear
@@ -120,8 +128,8 @@ description:
     to find a module's imports are kept in E(FEM_IMPORT_SCAN_CACHE) between runs,
     Mitogen's own modules are sent unminified, installed collections are listed without
     ansible-galaxy, a host reached by the local method with the controller's own
-    interpreter imports Ansible from its installed files, and Mitogen's processes run
-    without E(PYTHONUNBUFFERED) and without being pinned to CPUs.
+    interpreter imports Ansible from its installed files, and Mitogen's processes are not
+    pinned to CPUs.
 author: fem-ansible developers
 """
 
@@ -181,11 +189,12 @@ FROM_DISK = ("ansible", "ansible_mitogen")
 #: warning.  Any other one (a new Mitogen's) keeps those hosts on Mitogen's import path.
 HARMLESS_MODIFIERS = frozenset({"ansible.modules.setup", "ansible.modules.dnf"})
 #: Whether a module is under FROM_DISK, by the rule a host's import policy applies.
-_FROM_DISK = mitogen.core.ImportPolicy(FROM_DISK)
+_FROM_DISK: mitogen.core.ImportPolicy
 _candidates: set[int] = set()
 LOG = logging.getLogger(__name__)
-_econtext_config = mitogen.parent.Connection.get_econtext_config
-_send_module_forwards = ansible_mitogen.services.ContextService._send_module_forwards
+# Mitogen's own, kept by _own_host() as it replaces them (only once the check passed).
+_econtext_config: Callable[[mitogen.parent.Connection], dict]
+_send_module_forwards: Callable[[Any, mitogen.core.Context], None]
 
 
 def runs_controller_files(connection: mitogen.parent.Connection) -> bool:
@@ -212,7 +221,7 @@ def get_econtext_config(self: mitogen.parent.Connection) -> dict:
 def send_module_forwards(self, context) -> None:
     """``ContextService._send_module_forwards``, called for each new context before
     anything runs there.  A candidate runs
-    :func:`fem_ansible.mitogen_host.import_from_disk` first: only if FROM_DISK resolves
+    :func:`mitogen_host.import_from_disk` first: only if FROM_DISK resolves
     there to this process's files does it import them from disk, and it is then sent ahead
     of time only what it does not.  Whatever else happens there, it keeps Mitogen's policy
     (a host that cannot run the check is logged and served as any other)."""
@@ -230,19 +239,45 @@ def send_module_forwards(self, context) -> None:
     _send_module_forwards(self, context)
 
 
-# Module attributes shadow the built-in ``compile`` for these two modules only.
-mitogen.master.compile = cached_compile
-ansible_mitogen.module_finder.compile = cached_compile
-mitogen.minify.minimize_source = _unminified
-ansible_mitogen.planner._load_collections = _load_collections
-mitogen.parent.Connection.get_econtext_config = get_econtext_config
-ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
-# Mitogen's CPU placement assumes one ansible-playbook per machine; the listener runs
-# several, and on 2 CPUs it put every run's processes but the multiplexer on CPU 1.
-ansible_mitogen.affinity.policy = ansible_mitogen.affinity.Policy()
-# Read at interpreter start: this process's output is unchanged; Mitogen's processes,
-# started after this, read their bootstrap in blocks.
-os.environ.pop("PYTHONUNBUFFERED", None)
+def _import_scans() -> None:
+    # Module attributes shadow the built-in ``compile`` for these two modules only.
+    mitogen.master.compile = cached_compile
+    ansible_mitogen.module_finder.compile = cached_compile
+
+
+def _unminified_modules() -> None:
+    mitogen.minify.minimize_source = _unminified
+
+
+def _collections() -> None:
+    ansible_mitogen.planner._load_collections = _load_collections
+
+
+def _own_host() -> None:
+    global _FROM_DISK, _econtext_config, _send_module_forwards
+    _FROM_DISK = mitogen.core.ImportPolicy(FROM_DISK)
+    _econtext_config = mitogen.parent.Connection.get_econtext_config
+    _send_module_forwards = ansible_mitogen.services.ContextService._send_module_forwards
+    mitogen.parent.Connection.get_econtext_config = get_econtext_config
+    ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
+
+
+def _cpu_placement() -> None:
+    # Mitogen's CPU placement assumes one ansible-playbook per machine; the listener runs
+    # several, and on 2 CPUs it put every run's processes but the multiplexer on CPU 1.
+    ansible_mitogen.affinity.policy = ansible_mitogen.affinity.Policy()
+
+
+#: What each group of fem.core.plugin_utils.fastpath.STRATEGY changes in Mitogen.
+APPLY = {"import_scans": _import_scans, "unminified": _unminified_modules,
+         "collections": _collections, "own_host": _own_host, "cpu_placement": _cpu_placement}
+_missing = fastpath.missing(fastpath.STRATEGY)
+if _missing:
+    Display().warning(fastpath.warning(_missing) + "; running Mitogen's own mitogen_linear")
+else:
+    for _group in fastpath.STRATEGY:
+        if _group not in _off:
+            APPLY[_group]()
 
 _Base = ansible_mitogen.loaders.strategy_loader.get("linear", class_only=True)
 

@@ -1,3 +1,5 @@
+# Copyright: fem-ansible developers
+# SPDX-License-Identifier: Apache-2.0
 """What fem.core's ``mitogen_linear`` runs in a host interpreter that is the controller's
 own, before anything else, so that it imports Ansible from the installed files only where
 those are the controller's (docs/decisions.md, "the listener's own host imports Ansible
@@ -6,7 +8,9 @@ from its installed files").
 It runs in the host, which starts with Mitogen's import policy (everything of Ansible's from
 the multiplexer) and keeps it unless the check passes: the multiplexer cannot see the
 host's import path (its first entry is the host's working directory), and only the host can
-set what the contexts it connects to itself (``become``, ``mitogen_via``) are told.
+set what the contexts it connects to itself (``become``, ``mitogen_via``) are told.  The
+host imports this module from the multiplexer (``ansible_collections`` is always served
+from there), so nothing in the host's working directory can stand in for it.
 """
 
 from __future__ import annotations

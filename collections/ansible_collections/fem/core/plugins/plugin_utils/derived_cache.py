@@ -1,3 +1,5 @@
+# Copyright: fem-ansible developers
+# SPDX-License-Identifier: Apache-2.0
 """What Ansible and Mitogen derive from installed files, kept on disk between playbook runs.
 
 Why: every task is a new ``ansible-playbook`` process, and some of its work is a pure function
@@ -5,7 +7,8 @@ of files that do not change between tasks: the routing metadata of ansible.built
 YAML file parsed on every start) and the imports Mitogen's module server scans for in every
 module it sends.  Each run redoing it cost a task about a fifth of its controller CPU
 (bench/RESULTS.md).  The callers are fem-ansible's ``ansible-playbook``
-(:mod:`fem_ansible.playbook_cli`) and fem.core's ``mitogen_linear`` strategy plugin.
+(:mod:`fem_ansible.playbook_cli`, which loads this file by its path under its collection
+name, so a process has one copy) and fem.core's ``mitogen_linear`` strategy plugin.
 
 An entry is a marshalled value named by a hash of everything it was derived from (the caller
 builds the name with :func:`entry_name`), so a changed input is a new entry, never a stale
@@ -15,8 +18,8 @@ files: the directory (``FEM_IMPORT_SCAN_CACHE``, the listener's
 link and used only if it is this user's and nobody else may read, write or enter it, and an
 entry only if it is such a regular file.  Otherwise nothing is kept: slower, not different.
 
-This module is imported into Ansible's processes: it must stay free of fem-ansible's other
-modules and of anything but the standard library.
+This module is imported into Ansible's processes, and by path before Ansible's collection
+loader exists: it must stay free of anything but the standard library.
 """
 
 from __future__ import annotations

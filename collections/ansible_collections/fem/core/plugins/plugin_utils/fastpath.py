@@ -1,0 +1,184 @@
+# Copyright: fem-ansible developers
+# SPDX-License-Identifier: Apache-2.0
+"""The private names of Mitogen and Ansible that fem-ansible's fast path replaces or relies
+on, each with the shape it was written for, and the check that they still have it.
+
+Why: fem.core's ``mitogen_linear`` and fem-ansible's ``ansible-playbook``
+(``fem_ansible.playbook_cli``) replace functions that are no API of Mitogen's or Ansible's.
+pyproject.toml pins the versions they were written for; a site that upgrades anyway, or
+installs other versions beside fem-ansible, must get runs as with Mitogen's own strategy
+(slower, not different), never failing tasks.  So every patch is applied only if
+:func:`missing` finds each name it touches, in the shape it expects; otherwise none of its
+group is, and whoever checked says once what is missing (docs/decisions.md).
+
+Who checks: the listener at start (``python -P <this file>`` in a subprocess, which prints
+the answer as JSON: the listener itself does not import Ansible or Mitogen) picks the
+strategy of its runs; the plugin checks again when it loads, in case the installation
+changed under a running listener; ``fem_ansible.playbook_cli`` checks the routing hook.
+
+The shape is read from the installed code: a callable's parameter names, a module-level
+name the replaced function's callers look up (``compile``: a module attribute of that name
+shadows the built-in there), an attribute the code assigns.  It cannot prove the code still
+means the same, which is what the exact pins are for.
+
+This module is loaded by path before Ansible's collection loader exists: standard library
+only at import; what it checks is imported when checked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+#: ``FEMCORE_FASTPATH_OFF``: patch groups (comma-separated) to leave out, for bench/profile.py's
+#: ``--without`` to measure each one's gain; not a setting (docs/decisions.md).  Not
+#: ``FEM_``: the listener reads those as its configuration.
+OFF_ENV = "FEMCORE_FASTPATH_OFF"
+
+
+def _params(*names: str) -> Callable[[Any], bool]:
+    """A callable whose parameters are ``names``, in order."""
+    def check(value: Any) -> bool:
+        try:
+            return callable(value) and tuple(inspect.signature(value).parameters) == names
+        except (TypeError, ValueError):
+            return False
+    return check
+
+
+def _uses(*names: str) -> Callable[[Any], bool]:
+    """A function whose code looks up or assigns each of ``names`` (a global, an
+    attribute)."""
+    def check(value: Any) -> bool:
+        code = getattr(value, "__code__", None)
+        return code is not None and set(names) <= _names(code)
+    return check
+
+
+def _names(code: Any) -> set[str]:
+    found = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            found |= _names(const)
+    return found
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+
+
+def _present(value: Any) -> bool:
+    return value is not None
+
+
+#: Per patch group, each name it replaces or relies on (``module:attribute.path``) and its
+#: expected shape.  The groups are the patches of bench/RESULTS.md's lines.
+PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
+    # Mitogen's module server compiles a module's source to read its imports: the built-in
+    # compile, looked up as a global by these functions.
+    "import_scans": (
+        ("mitogen.master:ModuleFinder.find_related_imports", _uses("compile")),
+        ("ansible_mitogen.module_finder:_scan_importlib_find_spec", _uses("compile")),
+        ("ansible_mitogen.module_finder:get_code", _uses("compile")),
+    ),
+    "unminified": (
+        ("mitogen.minify:minimize_source", _params("source")),
+        ("mitogen.master:ModuleResponder._build_tuple", _uses("minify", "minimize_source")),
+    ),
+    "collections": (
+        ("ansible_mitogen.planner:_load_collections", _params("invocation")),
+        ("ansible_mitogen.planner:Invocation.__init__", _uses("_extra_sys_paths")),
+    ),
+    "own_host": (
+        ("mitogen.parent:Connection.get_econtext_config", _params("self")),
+        ("mitogen.parent:Connection.__init__", _uses("options", "_router")),
+        ("ansible_mitogen.services:ContextService._send_module_forwards",
+         _params("self", "context")),
+        ("ansible_mitogen.services:ContextService.ALWAYS_PRELOAD", _strings),
+        ("mitogen.core:ImportPolicy.overriden", _params("self", "fullname")),
+        ("mitogen.core:ImportPolicy.__init__", _uses("overrides")),
+        ("mitogen.core:Importer.__init__", _uses("policy")),
+        ("mitogen.master:ModuleResponder.__init__", _uses("_finder")),
+        ("mitogen.master:ModuleResponder.forward_modules",
+         _params("self", "context", "fullnames")),
+        ("mitogen.master:ModuleFinder.__init__", _uses("_modifier_callables")),
+    ),
+    "cpu_placement": (
+        ("ansible_mitogen.affinity:policy", _present),
+        ("ansible_mitogen.affinity:Policy", _params()),
+    ),
+    "routing": (
+        ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",
+         _params("yaml_string_data", "content_id")),
+        ("ansible.utils.collection_loader._collection_finder:"
+         "_AnsibleCollectionPkgLoader._load_module", _uses("_meta_yml_to_dict")),
+    ),
+}
+#: The groups fem.core's ``mitogen_linear`` applies.
+STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement")
+
+
+def _resolve(target: str) -> Any:
+    module, _, path = target.partition(":")
+    value: Any = importlib.import_module(module)
+    for attr in path.split("."):
+        value = getattr(value, attr)
+    return value
+
+
+def missing(groups: Iterable[str]) -> list[str]:
+    """What of ``groups`` is not there in the shape it was written for, as
+    ``module:attribute.path (absent|changed)``; empty if all is."""
+    return [name for group in groups for name in _missing(group)]
+
+
+def _missing(group: str) -> list[str]:
+    found = []
+    for target, shape in PATCHES[group]:
+        try:
+            value = _resolve(target)
+        except (ImportError, AttributeError):
+            found.append(f"{target} (absent)")
+            continue
+        if not shape(value):
+            found.append(f"{target} (changed)")
+    return found
+
+
+def off() -> set[str]:
+    """The groups ``FEMCORE_FASTPATH_OFF`` leaves out."""
+    return {g.strip() for g in os.environ.get(OFF_ENV, "").split(",") if g.strip()}
+
+
+def warning(names: list[str]) -> str:
+    """The one warning for ``names`` missing."""
+    return ("fast path off: the installed Mitogen or Ansible is not the one fem-ansible's "
+            f"patches were written for (pyproject.toml pins it); missing: {', '.join(names)}")
+
+
+def _report() -> dict[str, Any]:
+    """What the listener needs to pick its runs' strategy: what is missing, and in which
+    groups; where Mitogen's own strategy plugins are, or why Mitogen cannot run at all."""
+    try:
+        # ansible_mitogen.loaders raises on an Ansible it does not support
+        import ansible_mitogen.loaders
+        import ansible_mitogen.strategy
+    except Exception as exc:  # whatever a dependency raises: Mitogen cannot run here
+        plugins, error, groups = None, f"{type(exc).__name__}: {exc}", ["routing"]
+    else:
+        plugins = os.path.join(os.path.dirname(ansible_mitogen.__file__), "plugins",
+                               "strategy")
+        error, groups = None, list(PATCHES)
+    found = {group: _missing(group) for group in groups}
+    return {"mitogen": plugins, "error": error,
+            "missing": [name for names in found.values() for name in names],
+            "groups": [group for group, names in found.items() if names]}
+
+
+if __name__ == "__main__":
+    json.dump(_report(), sys.stdout)
