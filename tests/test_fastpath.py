@@ -24,6 +24,7 @@ from ansible.utils.collection_loader import AnsibleCollectionConfig
 from fem_ansible import fastpath
 from fem_ansible.fastpath import patches
 from fem_ansible.runner import data_dir
+from tests.support.plugin_import import forget_plain_imports
 
 FORWARDS = "ansible_mitogen.services:ContextService._send_module_forwards"
 PLUGIN = "ansible_collections.fem.core.plugins.strategy.mitogen_linear"
@@ -59,6 +60,7 @@ def load_plugin(monkeypatch):
                         (mitogen.parent.Connection, "get_econtext_config"),
                         (ansible_mitogen.affinity, "policy")):
         monkeypatch.setattr(owner, name, getattr(owner, name))
+    forget_plain_imports(monkeypatch)
     if AnsibleCollectionConfig.collection_finder is None:
         init_plugin_loader([str(data_dir() / "collections")])
 

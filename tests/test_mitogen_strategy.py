@@ -31,6 +31,7 @@ from ansible.plugins.loader import init_plugin_loader
 from ansible.utils.collection_loader import AnsibleCollectionConfig
 
 from fem_ansible.runner import collections_view, data_dir
+from tests.support.plugin_import import forget_plain_imports
 
 PLUGIN = (data_dir() / "collections/ansible_collections/fem/core/plugins/strategy/"
           "mitogen_linear.py")
@@ -61,6 +62,7 @@ def plugin(monkeypatch: pytest.MonkeyPatch, derived_cache_dir: Path) -> types.Mo
     monkeypatch.setattr(ansible_mitogen.affinity, "policy", ansible_mitogen.affinity.policy)
     # As Ansible loads it: through its collection loader, which finds the plugin's
     # plugin_utils (the plugin imports nothing of fem_ansible's).
+    forget_plain_imports(monkeypatch)
     if AnsibleCollectionConfig.collection_finder is None:
         init_plugin_loader([str(data_dir() / "collections")])
     monkeypatch.delitem(sys.modules, PLUGIN_NAME, raising=False)
