@@ -25,10 +25,12 @@ PROFILE = Path(__file__).resolve().parent / "profile.py"
 GROUPS = ("import_scans", "unminified", "own_host", "cpu_placement")
 
 
-def profile(without: str | None) -> tuple[float, float]:
-    """One bench/profile.py run: the task's seconds and controller CPU-seconds."""
-    args = [sys.executable, str(PROFILE)] + (["--without", without] if without else [])
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+def profile(without: str | None = None, script: Path = PROFILE,
+            env: dict[str, str] | None = None) -> tuple[float, float]:
+    """One bench/profile.py run (``script``: another checkout's, for bench/before_after.py):
+    the task's seconds and controller CPU-seconds."""
+    args = [sys.executable, str(script)] + (["--without", without] if without else [])
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
     total = re.search(r"COMPLETED received in ([\d.]+) s", out)
     cpu = re.search(r"controller CPU: ([\d.]+) s", out)
     assert total and cpu, out
