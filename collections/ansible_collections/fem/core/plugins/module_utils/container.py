@@ -144,25 +144,22 @@ def effective_user(image_user, fallback, files=None):
     """
     user, sep, group = (image_user or "").partition(":")
     files = files or {}
-    if _NUMERIC_ID.match(user):
-        uid = int(user)
-    else:
-        entry = _accounts(files.get("/etc/passwd")).get(user)
-        if entry is None:
-            return fallback
-        uid = entry[0]
-    if uid <= 0:
+    uid = _account_id(user, files.get("/etc/passwd"))
+    if uid is None or uid <= 0:
         return fallback
     if not sep:
         return str(uid)
-    if _NUMERIC_ID.match(group):
-        gid = int(group)
-    else:
-        entry = _accounts(files.get("/etc/group")).get(group)
-        if entry is None:
-            return fallback
-        gid = entry[0]
-    return fallback if gid < 0 else f"{uid}:{gid}"
+    gid = _account_id(group, files.get("/etc/group"))
+    return fallback if gid is None or gid < 0 else f"{uid}:{gid}"
+
+
+def _account_id(name, accounts_text):
+    """``name`` as a number: itself if it is one, else its id in ``accounts_text`` (the
+    image's passwd or group file), None if the file does not define it."""
+    if _NUMERIC_ID.match(name):
+        return int(name)
+    entry = _accounts(accounts_text).get(name)
+    return None if entry is None else entry[0]
 
 
 def account_files(tar_bytes):
