@@ -16,6 +16,7 @@ readable by the service user only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -100,6 +101,17 @@ class TaskRecord:
         return self.state in TERMINAL_STATES
 
 
+def _open_error(path: Path, e: sqlite3.Error) -> OSError:
+    """Why the journal at ``path`` cannot be used, as the OSError the command line and the
+    service report in one line with what to do: a journal this user may read but not write
+    (every command writes it: the listener, and `tasks` or `cancel` as another user), or a
+    file that is no journal."""
+    if isinstance(e, sqlite3.OperationalError) and "readonly" in str(e):
+        return PermissionError(errno.EACCES, f"Permission denied (the journal is read-only "
+                               f"to this user: {e})", str(path))
+    return OSError(errno.EIO, f"not a usable journal ({e})", str(path))
+
+
 class Journal:
     """The journal file; safe to share between the listener's threads."""
 
@@ -111,12 +123,16 @@ class Journal:
             os.close(fd)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(tasks)")}
-        if "decision" not in columns:  # a journal of an earlier version
-            self._db.execute("ALTER TABLE tasks ADD COLUMN decision TEXT")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(tasks)")}
+            if "decision" not in columns:  # a journal of an earlier version
+                self._db.execute("ALTER TABLE tasks ADD COLUMN decision TEXT")
+        except sqlite3.Error as e:
+            self._db.close()
+            raise _open_error(self.path, e) from e
 
     def close(self) -> None:
         with self._lock:

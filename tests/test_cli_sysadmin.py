@@ -13,6 +13,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from fem_ansible.cli import main
+from fem_ansible.journal import Journal
 
 
 def test_help_names_the_config_variable():
@@ -33,25 +34,64 @@ def test_config_variable_chooses_the_config_and_other_fem_variables_do_not_matte
     assert bad.exit_code == 2 and "FEM_ANSIBLE_HOME: unknown config key 'home'" in bad.output
 
 
+def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           sys.executable, "-m", "fem_ansible", *args],
+                          capture_output=True, text=True, cwd="/",
+                          env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+
+
+def _site(base: Path, work_mode: int) -> Path:
+    """A config readable by anyone, its work dir root's (as before install-service)."""
+    base.chmod(0o755)
+    (base / "work").mkdir(mode=work_mode)
+    config = base / "config.yml"
+    config.write_text(f"node_id: a\nexecution:\n  work_dir: {base / 'work'}\n")
+    config.chmod(0o644)
+    return config
+
+
 def test_a_permission_error_is_one_line_with_the_fix():
     """Issue 20: `run` as a user who may not write the work dir ended in a traceback."""
     base = Path(tempfile.mkdtemp(prefix="fem-perm-", dir="/tmp"))
     try:
-        base.chmod(0o755)
-        (base / "work").mkdir(mode=0o700)  # root's, as before install-service
-        config = base / "config.yml"
-        config.write_text(f"node_id: a\nexecution:\n  work_dir: {base / 'work'}\n")
-        config.chmod(0o644)
-        done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                               sys.executable, "-m", "fem_ansible", "tasks", "--config",
-                               str(config)], capture_output=True, text=True, cwd="/",
-                              env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+        done = _as_nobody("tasks", "--config", str(_site(base, 0o700)))
     finally:
         shutil.rmtree(base)
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.splitlines()
     assert "Permission denied" in line and str(base / "work") in line
     assert "install-service" in line and "sudo -u fem" in line
+
+
+def test_a_journal_this_user_may_only_read_is_one_line_with_the_fix():
+    """`tasks` and `cancel` as a user who may read the journal but not write it ended in
+    sqlite's traceback ("attempt to write a readonly database")."""
+    base = Path(tempfile.mkdtemp(prefix="fem-perm-", dir="/tmp"))
+    try:
+        config = _site(base, 0o755)
+        journal = base / "work" / "journal.sqlite"
+        Journal(journal).close()
+        journal.chmod(0o644)
+        runs = [_as_nobody("tasks", "--config", str(config)),
+                _as_nobody("cancel", "t1", "--config", str(config))]
+    finally:
+        shutil.rmtree(base)
+    for done in runs:
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert f"{journal}: Permission denied" in line and "read-only" in line, line
+        assert "sudo -u fem" in line
+
+
+def test_a_file_that_is_no_journal_is_one_line(make_config, tmp_path):
+    make_config()
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    (work / "journal.sqlite").write_bytes(b"not sqlite at all\n" * 100)
+    done = CliRunner().invoke(main, ["tasks", "--config", str(tmp_path / "config.yml")])
+    assert done.exit_code == 2, done.output
+    assert f"{work / 'journal.sqlite'}: not a usable journal" in done.output
 
 
 def test_init_writes_nothing_when_the_config_would_be_invalid(tmp_path):
