@@ -264,6 +264,12 @@ PASSED_ENV = frozenset({
 })
 
 
+def passed_env() -> dict[str, str]:
+    """What of the listener's environment any Ansible process it starts sees (PASSED_ENV):
+    runs, the inventory read and doctor's probe alike."""
+    return {key: value for key, value in os.environ.items() if key in PASSED_ENV}
+
+
 def confine_env(env: dict[str, str], own: dict[str, str]) -> dict[str, str]:
     """``env`` (ansible-runner's: the listener's whole environment, the run's ``own``
     variables and ansible-runner's) without the listener's variables not in PASSED_ENV."""

@@ -74,11 +74,10 @@ class Inventory:
 
         :raises ConfigError: when ansible-inventory cannot read it.
         """
-        from .runner import collections_env
+        from .runner import ansible_env, passed_env
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
-        env.update({"ANSIBLE_INVENTORY_UNPARSED_FAILED": "True", "ANSIBLE_NOCOLOR": "True",
-                    **collections_env(collections)})
+        env = {**passed_env(), **ansible_env("fem-inventory", "linear", collections),
+               "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True"}
         try:
             done = subprocess.run(
                 [ansible_bin("ansible-inventory"), "-i", str(path), "--list"],
@@ -335,18 +334,18 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
     """
     import base64
 
-    from .runner import ansible_env
+    from .runner import ansible_env, passed_env
 
     work_dir = inventory.work_dir(host, config.execution.work_dir)
     probe = base64.b64encode(_HOST_PROBE.format(work_dir=work_dir).encode()).decode()
     result: dict[str, Any] = {"host": host, "reachable": False, "python": None,
                               "engines": None, "work_dir": work_dir, "free_bytes": None,
                               "message": ""}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
     # The probe is one `raw` call: Ansible's own strategy. Under fem.core.mitogen_linear an
     # ad-hoc `raw` to a host with `ansible_connection: local` went over SSH instead (as the
     # service user, whose shell is nologin, doctor then failed on a healthy host: issue 20).
-    env.update({**ansible_env("fem-doctor", "linear", collections), **ssh_env(config)})
+    env = {**passed_env(), **ansible_env("fem-doctor", "linear", collections),
+           **ssh_env(config)}
     command = ("{{ ansible_python_interpreter | default('/usr/bin/python3') }} -c "
                f"'import base64; exec(base64.b64decode(\"{probe}\"))'")
     try:

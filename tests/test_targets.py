@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from fem_ansible.errors import ConfigError, PolicyViolation
+from fem_ansible.runner import collections_view
 from fem_ansible.targets import Inventory, Targets, control_dir
 
 LISTING = {
@@ -65,3 +68,20 @@ def test_control_dir_fits_a_socket_path(make_config):
     config = make_config(execution={"work_dir": "/" + "x" * 120})
     path = control_dir(config, "fem-node-" + "t" * 128 + ".a1")
     assert len(str(path)) + 28 <= 107 and path.parent.stat().st_mode & 0o077 == 0
+
+
+def test_the_inventory_is_read_with_the_environment_runs_get(tmp_path, monkeypatch):
+    """ansible-inventory, which runs a site's inventory scripts and plugins, sees what a
+    run sees of the listener's environment (runner.PASSED_ENV), not a service manager's
+    or an operator's other variables."""
+    script = tmp_path / "inventory.py"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os\n"
+        "seen = {k: os.environ.get(k, '') for k in ('SITE_SECRET', 'TZ')}\n"
+        "print(json.dumps({'all': {'hosts': ['h']}, '_meta': {'hostvars': {'h': seen}}}))\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("SITE_SECRET", "s3cret")
+    monkeypatch.setenv("TZ", "Europe/Madrid")
+    inventory = Inventory.load(script, collections_view(tmp_path / "work"))
+    assert inventory.hostvars["h"] == {"SITE_SECRET": "", "TZ": "Europe/Madrid"}
