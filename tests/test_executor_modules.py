@@ -163,8 +163,16 @@ def test_podman_a_name_mapped_to_uid_0_runs_as_the_fallback(fem_env, tmp_path):
                                 log_dir=str(tmp_path / "logs"), log_bytes=1 << 20, **LIMITS)
         assert rc == 0 and result["user"] == FALLBACK, result
         assert (tmp_path / "logs" / "stdout.log").read_text().strip() == "65534"
+        # A leftover reader of the accounts (a killed run's) goes with the task's cleanup.
+        leftover = container.accounts_name(name)
+        subprocess.run(["podman", "create", "--name", leftover, "--entrypoint",
+                        container.NEVER_STARTED, tag], capture_output=True, check=True)
+        rc, result = run_module("podman_task", tmp_path, name=name, image=tag,
+                                state="absent", log_dir=str(tmp_path / "logs"))
+        assert rc == 0 and set(result["removed"]) == {name, leftover}, result
     finally:
-        subprocess.run(["podman", "rm", "-f", name], capture_output=True, check=False)
+        subprocess.run(["podman", "rm", "-f", name, container.accounts_name(name)],
+                       capture_output=True, check=False)
         subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, check=False)
 
 
@@ -173,9 +181,28 @@ def test_cli_account_files_read_the_image_through_the_docker_cli(toor_image):
         done = subprocess.run(argv, capture_output=True, check=False)
         return done.stdout if done.returncode == 0 else None
 
-    files = container.cli_account_files(stdout_or_none, "docker", toor_image)
+    name = f"fem-test-{uuid.uuid4().hex[:10]}"
+    files = container.cli_account_files(stdout_or_none, "docker", toor_image, name)
     assert files == {"/etc/passwd": PASSWD, "/etc/group": GROUP}
     assert container.effective_user("toor", FALLBACK, files) == FALLBACK
+    assert docker("ps", "-aq", "--filter", f"name={name}").stdout == ""
+
+
+def test_docker_cleanup_removes_the_accounts_container_a_killed_run_left(
+        toor_image, task, tmp_path):
+    """The never-started container that reads the image's accounts is named after the task's
+    container: one a killed module left behind is replaced by the next run and removed by
+    the task's cleanup (state=absent), never left on the engine."""
+    args = task(image=toor_image, command=["id", "-u"])
+    leftover = container.accounts_name(args["name"])
+    docker("create", "--name", leftover, "--entrypoint", container.NEVER_STARTED, toor_image)
+    rc, result = run_module("docker_task", tmp_path, **args)
+    assert rc == 0 and result["user"] == FALLBACK, result
+    assert docker("ps", "-aq", "--filter", f"name={leftover}").stdout == ""
+    docker("create", "--name", leftover, "--entrypoint", container.NEVER_STARTED, toor_image)
+    rc, result = run_module("docker_task", tmp_path, **{**args, "state": "absent"})
+    assert rc == 0 and set(result["removed"]) == {args["name"], leftover}, result
+    assert docker("ps", "-aq", "--filter", f"name={args['name']}").stdout == ""
 
 
 @pytest.mark.parametrize("limit", [{"memory": 0}, {"cpus": 1e-10}, {"pids_limit": 0}])

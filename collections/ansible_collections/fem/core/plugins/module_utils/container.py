@@ -174,18 +174,26 @@ def account_files(tar_bytes):
     return files
 
 
-def cli_account_files(run, runtime, image):
+def accounts_name(name):
+    """The name of the container that reads the image's account files for the task
+    container ``name``: named after it, so that the task's cleanup (``state=absent``)
+    removes it too when a module was killed before it could."""
+    return f"{name}-accounts"
+
+
+def cli_account_files(run, runtime, image, name):
     """The image's account files through an engine's CLI (``docker`` or ``podman``): a
-    container created and never started, copied from, removed.  ``run(argv)`` returns the
-    command's stdout as bytes, None when it failed.
+    container (:func:`accounts_name` of ``name``) created and never started, copied from,
+    removed.  ``run(argv)`` returns the command's stdout as bytes, None when it failed.
 
     :raises ValueError: when the engine cannot create the container.
     """
-    created = run([runtime, "create", "--network", "none", "--entrypoint", NEVER_STARTED,
-                   "--", image])
+    container = accounts_name(name)
+    run([runtime, "rm", "--force", container])  # one a killed module left behind
+    created = run([runtime, "create", "--name", container, "--network", "none",
+                   "--entrypoint", NEVER_STARTED, "--", image])
     if created is None:
         raise ValueError(f"cannot read the user accounts of image {image}")
-    container = created.decode().strip()
     try:
         files = {}
         for path in ACCOUNT_FILES:

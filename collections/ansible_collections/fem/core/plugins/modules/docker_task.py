@@ -35,7 +35,9 @@ description:
     O(stop_grace)), which is how a task is cancelled. The run waiting for it then collects
     it as exited.
   - With O(state=absent) it removes the container (killing it if it runs, with its anonymous
-    volumes) and the named O(volumes); objects already gone are fine.
+    volumes), the never-started C(<name>-accounts) container that reads the image's account
+    files if a killed module left it, and the named O(volumes); objects already gone are
+    fine.
   - Talks to the engine through the Docker SDK for Python (C(docker)); C(DOCKER_HOST) and
     friends are honoured.
 options:
@@ -177,6 +179,7 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
     NEVER_STARTED,
     OutputWatch,
     account_files,
+    accounts_name,
     check_limits,
     effective_user,
     engine_log_bytes,
@@ -270,8 +273,10 @@ class TaskRunner:
 
     def image_accounts(self):
         """The image's account files, from a container created and never started."""
+        name = accounts_name(self.p["name"])
+        self.remove_container(name)  # one a killed module left behind
         created = self.api.create_container(image=self.p["image"], entrypoint=[NEVER_STARTED],
-                                            network_disabled=True)
+                                            network_disabled=True, name=name)
         files = {}
         try:
             for path in ACCOUNT_FILES:
@@ -372,14 +377,20 @@ class TaskRunner:
         self.api.stop(info["Id"], timeout=self.p["stop_grace"])
         return {"changed": True, "stopped": True}
 
-    def remove(self):
-        """Remove the container (killed if running, anonymous volumes too) and the volumes."""
-        removed = []
+    def remove_container(self, name):
+        """Remove the container ``name`` (killed if running, anonymous volumes too); whether
+        there was one."""
         try:
-            self.api.remove_container(self.p["name"], force=True, v=True)
-            removed.append(self.p["name"])
+            self.api.remove_container(name, force=True, v=True)
         except NotFound:
-            pass
+            return False
+        return True
+
+    def remove(self):
+        """Remove the container (killed if running, anonymous volumes too), the one that
+        read the image's accounts if a killed run left it, and the volumes."""
+        removed = [name for name in (self.p["name"], accounts_name(self.p["name"]))
+                   if self.remove_container(name)]
         for volume in self.p["volumes"]:
             try:
                 self.api.remove_volume(volume, force=True)

@@ -39,8 +39,9 @@ description:
     created), never the command line.
   - A non-zero exit code is a result, not a failure.
   - With O(state=stopped) it stops the container if it runs; with O(state=absent) it
-    removes the container (killing it if it runs, with its anonymous volumes) and the named
-    O(volumes); objects already gone are fine.
+    removes the container (killing it if it runs, with its anonymous volumes), the
+    never-started C(<name>-accounts) container that reads the image's account files if a
+    killed module left it, and the named O(volumes); objects already gone are fine.
 options:
   image:
     description: Image reference, already present; required with O(state=present).
@@ -169,6 +170,7 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
     CONTAINER_OPTIONS,
     LIMIT_OPTIONS,
     OutputWatch,
+    accounts_name,
     cli_account_files,
     effective_user,
     needs_accounts,
@@ -234,7 +236,8 @@ class PodmanTask:
         image_user = (image.get("Config") or {}).get("User")
         files = None
         if needs_accounts(image_user):
-            files = cli_account_files(self.stdout_or_none, p["executable"], p["image"])
+            files = cli_account_files(self.stdout_or_none, p["executable"], p["image"],
+                                      p["name"])
         user = effective_user(image_user, p["fallback_user"], files)
         fd, env_file = tempfile.mkstemp(prefix=".env-", dir=p["log_dir"])
         os.close(fd)
@@ -324,6 +327,10 @@ class PodmanTask:
             self.podman("rm", "--force", "--volumes", "--time", str(self.p["stop_grace"]),
                         self.p["name"], timeout=self.p["stop_grace"] + self.p["api_timeout"])
             removed.append(self.p["name"])
+        accounts = accounts_name(self.p["name"])
+        if self.inspect("container", accounts) is not None:  # left by a killed run
+            self.podman("rm", "--force", accounts)
+            removed.append(accounts)
         for volume in self.p["volumes"]:
             if self.inspect("volume", volume) is not None:
                 self.podman("volume", "rm", "--force", volume)
