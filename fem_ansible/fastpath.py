@@ -1,9 +1,9 @@
 """Which strategy the listener's runs get: fem.core's ``mitogen_linear`` only where every
 private name of Mitogen and Ansible it patches has the shape it was written for.
 
-Why: the fast path (fem.core's ``mitogen_linear``) replaces functions that are no API of
-Mitogen's or Ansible's; pyproject.toml pins the versions they were written for, but a site
-may install others.  The listener checks once,
+Why: the fast path (fem.core's ``mitogen_linear`` and :mod:`fem_ansible.playbook_cli`)
+replaces functions that are no API of Mitogen's or Ansible's; pyproject.toml pins the
+versions they were written for, but a site may install others.  The listener checks once,
 at start, in a subprocess (fem.core's ``plugin_utils/fastpath.py`` run as a script: the
 listener itself does not import Ansible or Mitogen), and on a mismatch logs one warning
 and gives its runs Mitogen's own ``mitogen_linear`` (or stock ``linear`` if Mitogen cannot
@@ -12,7 +12,8 @@ run on the installed Ansible) instead of failing tasks (docs/decisions.md).
 Also the one place that loads the collection's ``plugin_utils`` modules for fem-ansible's
 own code: the collection never imports this package, this package may import it.
 
-Standard library only at import, as the modules it loads.
+Standard library only at import: :mod:`fem_ansible.playbook_cli` imports this into every
+``ansible-playbook`` the listener starts.
 """
 
 from __future__ import annotations
@@ -83,13 +84,18 @@ def _check() -> dict[str, str]:
         return {}
     if report["mitogen"] is None:
         log.warning("fast path off: Mitogen cannot run here (%s); runs use stock Ansible's "
-                    "linear strategy", report["error"])
+                    "linear strategy%s", report["error"],
+                    f"; also missing: {', '.join(report['missing'])}"
+                    if report["missing"] else "")
         return {}
-    if report["missing"]:
+    if set(report["groups"]) & set(patches.STRATEGY):
         log.warning("%s; runs use Mitogen's own %s", patches.warning(report["missing"]),
                     MITOGEN_STRATEGY)
         return {"ANSIBLE_STRATEGY": MITOGEN_STRATEGY,
                 "ANSIBLE_STRATEGY_PLUGINS": report["mitogen"]}
+    if report["missing"]:
+        log.warning("%s; runs parse Ansible's routing metadata every time",
+                    patches.warning(report["missing"]))
     return {"ANSIBLE_STRATEGY": FEM_STRATEGY}
 
 

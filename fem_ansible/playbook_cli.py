@@ -1,24 +1,58 @@
 """The ``ansible-playbook`` the listener runs: Ansible's own command, started with
 ``python -P -m fem_ansible.playbook_cli <ansible-playbook arguments>``.
 
-Why not the installed ``ansible-playbook`` itself: once the play is over, CPython's
-finalization would garbage-collect all of Ansible's heap before the process exits, which
-the task waits for; this freezes it instead (:func:`main`).  Everything else is Ansible's
-own ``ansible-playbook``: same arguments, same exit code, and ``argv[0]`` is the installed
-``ansible-playbook``, beside which Ansible's ssh connection finds its ``ansible`` (for
-passwords through ``SSH_ASKPASS``).  (It also cached the collections' routing metadata
-until issue 17's interleaved pairs showed no gain: docs/decisions.md.)
+Why not the installed ``ansible-playbook`` itself: on every start Ansible parses the routing
+metadata of ansible.builtin (``ansible/config/ansible_builtin_runtime.yml``, 9000 lines of
+YAML) and of each collection it imports, a tenth of a trivial task's controller CPU
+(bench/RESULTS.md).  ``_meta_yml_to_dict`` is the hook Ansible's collection loader offers for
+this (its docstring: "may be monkeypatched ... to allow other implementations to cache the
+output"); here it keeps each result in fem.core's ``plugin_utils.derived_cache``, named by a
+hash of the YAML text, so a changed file is parsed again.  It is replaced only if it still
+has the shape it was written for (fem.core's ``plugin_utils.fastpath``, group ``routing``;
+the listener warns at start if not), else Ansible parses as it always does.
+
+Everything else is Ansible's own ``ansible-playbook``: same arguments, same exit code, and
+``argv[0]`` is the installed ``ansible-playbook``, beside which Ansible's ssh connection finds
+its ``ansible`` (for passwords through ``SSH_ASKPASS``).
 """
 
 from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+import yaml
+from ansible.release import __version__ as ansible_version
+from ansible.utils.collection_loader import _collection_finder
+
+from fem_ansible.fastpath import derived_cache, patches
+
+_PARSER = f"ansible {ansible_version} PyYAML {yaml.__version__} {yaml.__with_libyaml__}".encode()
+
+
+def cached_routing(parse: Callable[[bytes | str, Any], Mapping]) -> Callable[..., Mapping]:
+    """Ansible's ``_meta_yml_to_dict`` (``parse``) with its results kept between runs: the
+    entry's name holds the YAML text and what parses it (Ansible's and PyYAML's versions,
+    libyaml or not), so another parser is another entry."""
+
+    def meta_yml_to_dict(yaml_string_data: bytes | str, content_id: Any) -> Mapping:
+        data = (yaml_string_data.encode("utf-8") if isinstance(yaml_string_data, str)
+                else bytes(yaml_string_data))
+        name = derived_cache.entry_name(b"routing", _PARSER, data)
+        return derived_cache.cached(name, lambda: parse(yaml_string_data, content_id),
+                                    lambda value: isinstance(value, dict))
+
+    return meta_yml_to_dict
 
 
 def main() -> None:
     """Run ``ansible-playbook`` with this process's arguments."""
+    finder: Any = _collection_finder
+    if "routing" not in patches.off() and not patches.missing(["routing"]):
+        finder._meta_yml_to_dict = cached_routing(finder._meta_yml_to_dict)
     from ansible.cli.playbook import main as ansible_playbook
 
     sys.argv[0] = str(Path(sys.executable).parent / "ansible-playbook")

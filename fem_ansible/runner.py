@@ -180,8 +180,8 @@ def collections_env(collections: Path) -> dict[str, str]:
 
 def scan_cache_dir(work_dir: Path) -> Path:
     """``<work_dir>/import-scan-cache``, made (or set back to) mode 0700: where runs keep
-    what Mitogen derives from installed files to find imports (its import scans), between
-    runs
+    what Ansible and Mitogen derive from installed files to find imports and plugins (the
+    collections' routing metadata; Mitogen's import scans), between runs
     (fem.core's ``plugin_utils.derived_cache`` says why, and uses the directory only if it
     is private).  Temp files of runs killed while writing one are removed."""
     path = work_dir.resolve() / "import-scan-cache"
@@ -190,7 +190,7 @@ def scan_cache_dir(work_dir: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         # A symbolic link, or another user's: never changed, and runs do not use it.
         log.warning("%s is not a directory of this user's: runs will not keep Ansible's "
-                    "Mitogen's import scans (slower, not different); "
+                    "routing metadata and Mitogen's import scans (slower, not different); "
                     "remove it and the listener makes it again", path)
         return path
     path.chmod(0o700)  # ours, whatever its mode was
@@ -246,7 +246,7 @@ def ansible_env(ident: str, strategy: str, collections: Path,
     }
     if strategy == "mitogen":
         env.update(fastpath.mitogen_env())
-    if strategy == "mitogen" and scan_cache is not None:  # read by fem.core's plugin only
+    if scan_cache is not None:
         env[derived_cache.CACHE_ENV] = str(scan_cache)
     return env
 

@@ -7,9 +7,12 @@ import hashlib
 import json
 import marshal
 import types
+from pathlib import Path
 
+import ansible
 import pytest
 import requests
+from ansible.utils.collection_loader import _collection_meta
 
 from tests.support.archives import tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
@@ -72,16 +75,17 @@ def test_task_runs_end_to_end(site, strategy):
                if r["path"].startswith(base)}
     assert methods == {f"{base}/outputs.tar.gz": "PUT", f"{base}/logs.tar.gz": "POST"}
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
-    # Under mitogen, runs keep the import scans of Mitogen's module server for the next
-    # run: private, written whole; under linear nothing.
+    # Runs keep ansible.builtin's routing metadata, and under mitogen the import scans of
+    # Mitogen's module server, for the next run: private, written whole.
     cache = site.work_dir / "import-scan-cache"
     entries = list(cache.iterdir())
     assert cache.stat().st_mode & 0o777 == 0o700
     assert {p.stat().st_mode & 0o777 for p in entries} <= {0o600}
     assert not [p for p in entries if p.name.endswith(".tmp")]
     kept = [marshal.loads(p.read_bytes()) for p in entries]
-    assert all(isinstance(v, types.CodeType) for v in kept)
-    assert bool(kept) == (strategy == "mitogen")
+    runtime = Path(ansible.__file__).parent / "config/ansible_builtin_runtime.yml"
+    assert _collection_meta._meta_yml_to_dict(runtime.read_bytes(), None) in kept
+    assert any(isinstance(v, types.CodeType) for v in kept) == (strategy == "mitogen")
     assert_no_fallback(listener)
 
 

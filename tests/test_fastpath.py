@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import marshal
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import ansible_mitogen.affinity
 import ansible_mitogen.module_finder
@@ -40,7 +42,7 @@ def test_a_name_absent_or_of_another_shape_is_named(monkeypatch):
     monkeypatch.setattr(mitogen.minify, "minimize_source", lambda source, level=1: source)
     assert patches.missing(patches.STRATEGY) == [
         "mitogen.minify:minimize_source (changed)", f"{FORWARDS} (absent)"]
-    assert patches.missing(["import_scans", "cpu_placement"]) == []
+    assert patches.missing(["routing"]) == []
 
 
 def test_a_caller_no_longer_looking_up_compile_is_a_change(monkeypatch):
@@ -57,6 +59,7 @@ def load_plugin(monkeypatch):
     for module, name in ((mitogen.master, "compile"), (ansible_mitogen.module_finder, "compile")):
         monkeypatch.setattr(module, name, getattr(module, name, compile), raising=False)
     for owner, name in ((mitogen.minify, "minimize_source"),
+                        (ansible_mitogen.planner, "_load_collections"),
                         (mitogen.parent.Connection, "get_econtext_config"),
                         (ansible_mitogen.affinity, "policy")):
         monkeypatch.setattr(owner, name, getattr(owner, name))
@@ -98,16 +101,18 @@ def test_a_group_left_out_for_the_benchmark_is_not_applied(load_plugin, monkeypa
 def _report(monkeypatch, **report) -> None:
     """The check's subprocess answers ``report`` (the listener's side of the check)."""
     answer = {"mitogen": "/mitogen/plugins/strategy", "error": None, "missing": [],
-              **report}
+              "groups": [], **report}
     monkeypatch.setattr(fastpath.subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(
         a, 0, stdout=json.dumps(answer), stderr=""))
 
 
 @pytest.mark.parametrize(("report", "env", "says"), [
     ({}, {"ANSIBLE_STRATEGY": fastpath.FEM_STRATEGY}, None),
-    ({"missing": [f"{FORWARDS} (absent)"]},
+    ({"missing": [f"{FORWARDS} (absent)"], "groups": ["own_host"]},
      {"ANSIBLE_STRATEGY": "mitogen_linear",
       "ANSIBLE_STRATEGY_PLUGINS": "/mitogen/plugins/strategy"}, "Mitogen's own"),
+    ({"missing": ["x:_meta_yml_to_dict (changed)"], "groups": ["routing"]},
+     {"ANSIBLE_STRATEGY": fastpath.FEM_STRATEGY}, "routing metadata every time"),
     ({"mitogen": None, "error": "AnsibleError: too old"}, {}, "linear"),
 ])
 def test_the_listener_picks_the_runs_strategy_from_the_check(monkeypatch, caplog, report, env,
@@ -156,5 +161,8 @@ def test_a_listener_on_a_mismatching_mitogen_warns_once_and_completes_tasks(site
     assert len(warned) == 1, log
     assert f"{FORWARDS} (absent)" in warned[0] and "WARNING" in warned[0].upper()
     assert f"Mitogen's own {fastpath.MITOGEN_STRATEGY}" in warned[0]
-    # Mitogen's own plugin ran the tasks: no import scans kept (fem.core's would have).
-    assert list((site.work_dir / "import-scan-cache").iterdir()) == []
+    # Mitogen's own plugin ran the tasks: no import scans kept (fem.core's would have),
+    # while fem-ansible's ansible-playbook still kept the routing metadata it checked.
+    kept = [marshal.loads(p.read_bytes())
+            for p in Path(site.work_dir / "import-scan-cache").iterdir()]
+    assert kept and not any(isinstance(v, types.CodeType) for v in kept)

@@ -1,12 +1,14 @@
 """fem.core's ``mitogen_linear`` strategy plugin: Mitogen's import scans kept between runs
 (tests/test_derived_cache.py: only where nobody else can reach them), the same code objects
-``compile`` gives; the listener's own host importing Ansible from its installed files, and
+``compile`` gives; installed collections listed as Ansible lists them, without
+ansible-galaxy; the listener's own host importing Ansible from its installed files, and
 only that host."""
 
 from __future__ import annotations
 
 import builtins
 import importlib.util
+import json
 import marshal
 import os
 import subprocess
@@ -30,7 +32,7 @@ import pytest
 from ansible.plugins.loader import init_plugin_loader
 from ansible.utils.collection_loader import AnsibleCollectionConfig
 
-from fem_ansible.runner import collections_view, data_dir
+from fem_ansible.runner import collections_env, collections_view, data_dir
 from tests.support.plugin_import import forget_plain_imports
 
 PLUGIN = (data_dir() / "collections/ansible_collections/fem/core/plugins/strategy/"
@@ -55,6 +57,8 @@ def plugin(monkeypatch: pytest.MonkeyPatch, derived_cache_dir: Path) -> types.Mo
     monkeypatch.setattr(ansible_mitogen.module_finder, "compile", builtins.compile,
                         raising=False)
     monkeypatch.setattr(mitogen.minify, "minimize_source", mitogen.minify.minimize_source)
+    monkeypatch.setattr(ansible_mitogen.planner, "_load_collections",
+                        ansible_mitogen.planner._load_collections)
     monkeypatch.setattr(mitogen.parent.Connection, "get_econtext_config",
                         mitogen.parent.Connection.get_econtext_config)
     monkeypatch.setattr(ansible_mitogen.services.ContextService, "_send_module_forwards",
@@ -116,6 +120,64 @@ def test_mitogen_uses_the_cached_scans_and_sends_modules_unminified(plugin):
     assert mitogen.master.compile is plugin.cached_compile
     assert ansible_mitogen.module_finder.compile is plugin.cached_compile
     assert mitogen.minify.minimize_source(b"x = 1  # kept\n") == "x = 1  # kept\n"
+    assert ansible_mitogen.planner._load_collections is plugin._load_collections
+
+
+def _collection(root: Path, namespace: str, name: str) -> Path:
+    path = root / namespace / name
+    path.mkdir(parents=True)
+    (path / "galaxy.yml").write_text(f"namespace: {namespace}\nname: {name}\nversion: 1.0.0\n"
+                                     "authors: [fem]\nreadme: README.md\n")
+    return path
+
+
+def test_collections_are_listed_as_ansible_lists_them_without_galaxy(tmp_path: Path):
+    """In a fresh ``ansible-playbook``-like process: the plugin's import leaves
+    ``ansible.collections.list`` (and with it ansible-galaxy's CLI) unexecuted, its listing
+    is Ansible's own (a second path, given as its ``ansible_collections`` dir, with a
+    collection the view has too, which the view's shadows, one of its own, a hidden dir and
+    a stray file), and the module works as Ansible's once something uses it."""
+    view = collections_view(tmp_path / "work")
+    extra = tmp_path / "extra" / "ansible_collections"
+    shadowed = _collection(extra, "community", "docker")
+    _collection(extra, "acme", "tools")
+    (extra / ".cache" / "junk").mkdir(parents=True)
+    (extra / "acme" / "README").write_text("not a collection")
+    script = f"""
+import importlib.util, json, sys
+from ansible.plugins.loader import init_plugin_loader
+from ansible.utils.collection_loader import AnsibleCollectionConfig
+init_plugin_loader()
+spec = importlib.util.spec_from_file_location("plugin", {str(PLUGIN)!r})
+plugin = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plugin)
+import inspect
+inspect.stack()  # as every Ansible deprecation warning does
+galaxy_after_import = "ansible.cli.galaxy" in sys.modules
+class Invocation:
+    _extra_sys_paths = set()
+plugin._load_collections(Invocation)
+galaxy_after_listing = "ansible.cli.galaxy" in sys.modules
+import ansible.collections.list
+ansible_listing = sorted(p.decode() for p in ansible.collections.list.list_collection_dirs())
+from ansible.collections.list import list_collections
+real = sys.modules["ansible.collections.list"]
+print(json.dumps([galaxy_after_import, galaxy_after_listing, sorted(Invocation._extra_sys_paths),
+                  ansible_listing, type(real).__name__, ansible.collections.list is real,
+                  list_collections is real.list_collections]))
+"""
+    env = {"ANSIBLE_COLLECTIONS_PATH": f"{view}:{extra}",
+           **{k: v for k, v in collections_env(view).items() if k != "ANSIBLE_COLLECTIONS_PATH"}}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    galaxy_after_import, galaxy_after_listing, ours, ansibles, *real = json.loads(
+        proc.stdout.splitlines()[-1])
+    assert not galaxy_after_import and not galaxy_after_listing
+    assert ours == ansibles
+    assert str(view / "ansible_collections/community/docker") in ours
+    assert str(extra / "acme/tools") in ours and str(shadowed) not in ours
+    assert real == ["module", True, True]
 
 
 @pytest.fixture

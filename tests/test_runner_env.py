@@ -51,9 +51,11 @@ def test_a_scan_cache_dir_that_is_not_ours_is_told(tmp_path: Path, caplog):
     assert "import-scan-cache" not in caplog.text
 
 
-def test_linear_strategy_is_stock_ansible(view: Path, tmp_path):
-    env = ansible_env("fem-n-t.a1", "linear", view, tmp_path / "scans")
+def test_linear_strategy_is_stock_ansible_and_keeps_routing_metadata(view: Path, tmp_path):
+    env = ansible_env("fem-n-t.a1", "linear", view)
     assert "ANSIBLE_STRATEGY" not in env and "FEM_IMPORT_SCAN_CACHE" not in env
+    env = ansible_env("fem-n-t.a1", "linear", view, tmp_path / "scans")
+    assert env["FEM_IMPORT_SCAN_CACHE"] == str(tmp_path / "scans")
 
 
 def _listing(view: Path) -> set[str]:

@@ -3,11 +3,12 @@
 """What Ansible and Mitogen derive from installed files, kept on disk between playbook runs.
 
 Why: every task is a new ``ansible-playbook`` process, and some of its work is a pure function
-of files that do not change between tasks: the imports Mitogen's module server scans for in
-every module it sends.  Each run redoing it cost a task about a fifth of its controller CPU
-(bench/RESULTS.md).  The caller is fem.core's ``mitogen_linear`` strategy plugin
-(fem_ansible loads this file by its path under its collection name, for the name of the
-directory's variable, so a process has one copy).
+of files that do not change between tasks: the routing metadata of ansible.builtin (a 9000-line
+YAML file parsed on every start) and the imports Mitogen's module server scans for in every
+module it sends.  Each run redoing it cost a task about a fifth of its controller CPU
+(bench/RESULTS.md).  The callers are fem-ansible's ``ansible-playbook``
+(:mod:`fem_ansible.playbook_cli`, which loads this file by its path under its collection
+name, so a process has one copy) and fem.core's ``mitogen_linear`` strategy plugin.
 
 An entry is a marshalled value named by a hash of everything it was derived from (the caller
 builds the name with :func:`entry_name`), so a changed input is a new entry, never a stale

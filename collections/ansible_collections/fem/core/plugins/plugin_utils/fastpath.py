@@ -3,8 +3,8 @@
 """The private names of Mitogen and Ansible that fem-ansible's fast path replaces or relies
 on, each with the shape it was written for, and the check that they still have it.
 
-Why: fem.core's ``mitogen_linear`` replaces functions that are no API of Mitogen's or
-Ansible's.
+Why: fem.core's ``mitogen_linear`` and fem-ansible's ``ansible-playbook``
+(``fem_ansible.playbook_cli``) replace functions that are no API of Mitogen's or Ansible's.
 pyproject.toml pins the versions they were written for; a site that upgrades anyway, or
 installs other versions beside fem-ansible, must get runs as with Mitogen's own strategy
 (slower, not different), never failing tasks.  So every patch is applied only if
@@ -14,7 +14,7 @@ group is, and whoever checked says once what is missing (docs/decisions.md).
 Who checks: the listener at start (``python -P <this file>`` in a subprocess, which prints
 the answer as JSON: the listener itself does not import Ansible or Mitogen) picks the
 strategy of its runs; the plugin checks again when it loads, in case the installation
-changed under a running listener.
+changed under a running listener; ``fem_ansible.playbook_cli`` checks the routing hook.
 
 The shape is read from the installed code: a callable's parameter names, a module-level
 name the replaced function's callers look up (``compile``: a module attribute of that name
@@ -90,6 +90,10 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("mitogen.minify:minimize_source", _params("source")),
         ("mitogen.master:ModuleResponder._build_tuple", _uses("minify", "minimize_source")),
     ),
+    "collections": (
+        ("ansible_mitogen.planner:_load_collections", _params("invocation")),
+        ("ansible_mitogen.planner:Invocation.__init__", _uses("_extra_sys_paths")),
+    ),
     "own_host": (
         ("mitogen.parent:Connection.get_econtext_config", _params("self")),
         ("mitogen.parent:Connection.__init__", _uses("options", "_router")),
@@ -108,9 +112,15 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("ansible_mitogen.affinity:policy", _present),
         ("ansible_mitogen.affinity:Policy", _params()),
     ),
+    "routing": (
+        ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",
+         _params("yaml_string_data", "content_id")),
+        ("ansible.utils.collection_loader._collection_finder:"
+         "_AnsibleCollectionPkgLoader._load_module", _uses("_meta_yml_to_dict")),
+    ),
 }
-#: The groups fem.core's ``mitogen_linear`` applies, in order.
-STRATEGY = tuple(PATCHES)
+#: The groups fem.core's ``mitogen_linear`` applies.
+STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement")
 
 
 def _resolve(target: str) -> Any:
@@ -152,16 +162,22 @@ def warning(names: list[str]) -> str:
 
 
 def _report() -> dict[str, Any]:
-    """What the listener needs to pick its runs' strategy: what is missing, where Mitogen's
-    own strategy plugins are, or why Mitogen cannot run at all."""
+    """What the listener needs to pick its runs' strategy: what is missing, and in which
+    groups; where Mitogen's own strategy plugins are, or why Mitogen cannot run at all."""
     try:
         # ansible_mitogen.loaders raises on an Ansible it does not support
         import ansible_mitogen.loaders
         import ansible_mitogen.strategy
     except Exception as exc:  # whatever a dependency raises: Mitogen cannot run here
-        return {"mitogen": None, "error": f"{type(exc).__name__}: {exc}", "missing": []}
-    plugins = os.path.join(os.path.dirname(ansible_mitogen.__file__), "plugins", "strategy")
-    return {"mitogen": plugins, "error": None, "missing": missing(STRATEGY)}
+        plugins, error, groups = None, f"{type(exc).__name__}: {exc}", ["routing"]
+    else:
+        plugins = os.path.join(os.path.dirname(ansible_mitogen.__file__), "plugins",
+                               "strategy")
+        error, groups = None, list(PATCHES)
+    found = {group: _missing(group) for group in groups}
+    return {"mitogen": plugins, "error": error,
+            "missing": [name for names in found.values() for name in names],
+            "groups": [group for group, names in found.items() if names]}
 
 
 if __name__ == "__main__":

@@ -18,14 +18,18 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
 - Minifying: off.  Mitogen then sends its own modules as they are installed, comments and
   all (about 65 kB more per run and host, compressed: 120 kB instead of 55); caching
   minified source instead would keep code that hosts execute in a cache.
+- Collections: Mitogen lists the installed collections (for the hosts' import path) with
+  ``ansible.collections.list``, which imports ansible-galaxy's CLI and builds its artifact
+  manager; they are listed from the collections path instead, and that module is only
+  executed if something else uses it.
 - The listener's own host: a host the local method reaches with the controller's own
   interpreter (fem-ansible's default inventory: ``localhost``, ``ansible_connection: local``,
   ``ansible_playbook_python``) inherits the multiplexer's environment.  Once it has checked
   that Ansible and ``ansible_mitogen`` resolve there to the controller's files
-  (fem.core's ``plugin_utils.mitogen_host``; its import path starts with its working
-  directory), it imports them from those files, with their bytecode, instead of receiving
-  ~60 modules' source and compiling it on every run's first module call, and is not sent
-  them ahead of time.  Mitogen's own modules, collections and modules' code still come from the
+  (fem.core's ``plugin_utils.mitogen_host``; its import path starts with its working directory),
+  it imports them from those files, with their bytecode, instead of receiving ~60 modules'
+  source and compiling it on every run's first module call, and is not sent them ahead of
+  time.  Mitogen's own modules, collections and modules' code still come from the
   multiplexer.  Any other host, interpreter or connection (SSH), and any context such a
   host starts itself (``become``, ``mitogen_via``), is as with Mitogen.
 - CPU placement: none.  Mitogen pins its processes as if its ``ansible-playbook`` had the
@@ -49,27 +53,72 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
+import types
 from collections.abc import Callable
 from types import CodeType
 from typing import Any
 
-import ansible_mitogen._modifiers
-import ansible_mitogen.affinity
-import ansible_mitogen.loaders
-import ansible_mitogen.module_finder
-import ansible_mitogen.planner
-import ansible_mitogen.services
-import ansible_mitogen.strategy
-import mitogen.core
-import mitogen.master
-import mitogen.minify
-import mitogen.parent
-from ansible.utils.display import Display
 from ansible_collections.fem.core.plugins.plugin_utils import (
     derived_cache,
     fastpath,
     mitogen_host,
 )
+
+
+class _OnFirstUse(types.ModuleType):
+    """A module that is imported only when one of its attributes is first used (by then
+    in place of this stand-in in ``sys.modules`` and in its package).
+
+    Why: ``ansible_mitogen.planner`` imports ``ansible.collections.list`` at import, which
+    imports all of ansible-galaxy's CLI (about a tenth of a run's controller CPU), for one
+    function replaced below.  ``importlib.util.LazyLoader`` does not serve: an ``import``
+    statement reads ``__spec__``, which loads it.  Who bound the stand-in itself (``import
+    ansible.collections.list as m`` before first use) keeps reading through it; setting an
+    attribute on it does not reach the real module."""
+
+    def __getattr__(self, attr: str):
+        with _first_use:
+            if sys.modules.get(self.__name__) is self:
+                sys.modules.pop(self.__name__, None)
+            module = importlib.import_module(self.__name__)
+        return getattr(module, attr)
+
+
+_first_use = threading.Lock()
+
+
+def _lazy(name: str) -> None:
+    spec = None if name in sys.modules else importlib.util.find_spec(name)
+    if spec is not None:
+        module = _OnFirstUse(name)
+        # What an import sets, so that what looks at every module's file (inspect.stack(),
+        # which each Ansible deprecation warning calls) does not import it.
+        module.__spec__, module.__loader__, module.__package__ = spec, spec.loader, spec.parent
+        module.__file__, module.__cached__ = spec.origin, spec.cached
+        sys.modules[name] = module
+        package, _, child = name.rpartition(".")
+        setattr(sys.modules[package], child, module)
+
+
+_off = fastpath.off()
+if "collections" not in _off:
+    _lazy("ansible.collections.list")
+
+# The imports below must come after _lazy(): ansible_mitogen.strategy imports the planner.
+import ansible_mitogen._modifiers  # noqa: E402
+import ansible_mitogen.affinity  # noqa: E402
+import ansible_mitogen.loaders  # noqa: E402
+import ansible_mitogen.module_finder  # noqa: E402
+import ansible_mitogen.planner  # noqa: E402
+import ansible_mitogen.services  # noqa: E402
+import ansible_mitogen.strategy  # noqa: E402
+import mitogen.core  # noqa: E402
+import mitogen.master  # noqa: E402
+import mitogen.minify  # noqa: E402
+import mitogen.parent  # noqa: E402
+from ansible.utils.collection_loader import AnsibleCollectionConfig  # noqa: E402
+from ansible.utils.display import Display  # noqa: E402
 
 DOCUMENTATION = r"""
 name: mitogen_linear
@@ -77,9 +126,10 @@ short_description: Mitogen's linear strategy, with its import scans cached betwe
 description:
   - C(mitogen_linear) of the installed Mitogen; the code objects its module server compiles
     to find a module's imports are kept in E(FEM_IMPORT_SCAN_CACHE) between runs,
-    Mitogen's own modules are sent unminified, a host reached by the local method with the
-    controller's own interpreter imports Ansible from its installed files, and Mitogen's
-    processes are not pinned to CPUs.
+    Mitogen's own modules are sent unminified, installed collections are listed without
+    ansible-galaxy, a host reached by the local method with the controller's own
+    interpreter imports Ansible from its installed files, and Mitogen's processes are not
+    pinned to CPUs.
 author: fem-ansible developers
 """
 
@@ -102,6 +152,29 @@ def cached_compile(source, filename, mode, *args, **kwargs):
                                     lambda value: isinstance(value, CodeType))
         code = _scans.setdefault(key, code)
     return code
+
+
+def _load_collections(invocation) -> None:
+    """``ansible_mitogen.planner._load_collections``: the directory of every installed
+    collection (``<path>/ansible_collections/<namespace>/<name>``, the first of a name on
+    the collections path), as ``ansible.collections.list.list_collection_dirs`` gives them,
+    from the collections path alone, without ansible-galaxy's artifact manager."""
+    seen = set()
+    for path in AnsibleCollectionConfig.collection_paths:
+        root = path if os.path.basename(path) == "ansible_collections" else os.path.join(
+            path, "ansible_collections")
+        for namespace in sorted(_subdirs(root)):
+            for name in sorted(_subdirs(os.path.join(root, namespace))):
+                if (namespace, name) not in seen:
+                    seen.add((namespace, name))
+                    invocation._extra_sys_paths.add(os.path.join(root, namespace, name))
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    except OSError:
+        return []
 
 
 def _unminified(source):
@@ -176,6 +249,10 @@ def _unminified_modules() -> None:
     mitogen.minify.minimize_source = _unminified
 
 
+def _collections() -> None:
+    ansible_mitogen.planner._load_collections = _load_collections
+
+
 def _own_host() -> None:
     global _FROM_DISK, _econtext_config, _send_module_forwards
     _FROM_DISK = mitogen.core.ImportPolicy(FROM_DISK)
@@ -193,8 +270,7 @@ def _cpu_placement() -> None:
 
 #: What each group of fem.core.plugin_utils.fastpath.STRATEGY changes in Mitogen.
 APPLY = {"import_scans": _import_scans, "unminified": _unminified_modules,
-         "own_host": _own_host, "cpu_placement": _cpu_placement}
-_off = fastpath.off()
+         "collections": _collections, "own_host": _own_host, "cpu_placement": _cpu_placement}
 _missing = fastpath.missing(fastpath.STRATEGY)
 if _missing:
     Display().warning(fastpath.warning(_missing) + "; running Mitogen's own mitogen_linear")
