@@ -22,8 +22,8 @@ from pathlib import Path
 
 PROFILE = Path(__file__).resolve().parent / "profile.py"
 # The groups of fem.core's plugin_utils/fastpath.py.
-GROUPS = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
-          "routing")
+GROUPS = ("import_scans", "unminified", "collections", "own_host", "unbuffered",
+          "cpu_placement", "routing")
 
 
 def profile(without: str | None = None, script: Path = PROFILE,
