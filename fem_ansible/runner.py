@@ -261,6 +261,9 @@ PASSED_ENV = frozenset({
     "TMPDIR", "DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "DOCKER_CONFIG",
     "CONTAINER_HOST", "CONTAINER_CONNECTION", "XDG_RUNTIME_DIR", "SSH_AUTH_SOCK",
     "SLURM_CONF", "KRB5CCNAME",
+    # Where the listener's Python finds fem_ansible, if not installed: a run's
+    # ansible-playbook is `python -m fem_ansible.playbook_cli` and must import the same one.
+    "PYTHONPATH",
     # bench/profile.py's --without: a patch group of the fast path left out, to measure it
     fastpath.patches.OFF_ENV,
 })
