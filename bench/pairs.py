@@ -1,29 +1,38 @@
-"""Each patch group of the fast path, on and off, in interleaved pairs of bench/profile.py.
+"""Each patch group of the fast path, on and off, in interleaved pairs.
 
     .venv/bin/python bench/pairs.py                       # every group, 5 pairs each
     .venv/bin/python bench/pairs.py --pairs 6 own_host    # one group
+    .venv/bin/python bench/pairs.py --plain --pairs 15    # bench/plain.yml, not a task
 
-A pair is two ``bench/profile.py`` runs one after the other, one with every patch and one
-``--without GROUP``; which goes first alternates from pair to pair, and the groups take turns
-round by round, so the machine's drift (it is shared) falls on both sides alike.  Prints,
-per group, the task's time (published to COMPLETED) and controller CPU with and without the
-group, as medians, and the gain per pair.  bench/RESULTS.md's lines per patch are read off
+A pair is two runs one after the other, one with every patch and one without GROUP
+(``FEMCORE_FASTPATH_OFF``); which goes first alternates from pair to pair, and the groups
+take turns round by round, so the machine's drift (it is shared) falls on both sides alike.
+A run is ``bench/profile.py`` (one task through a real listener, published to COMPLETED, and
+its controller CPU), or with ``--plain`` bench/plain.yml under fem-ansible's settings (the
+shell script's steps as a plain playbook: no listener, broker or roles, so a tenth of a
+second a run shows in fewer pairs).  Prints, per group, the time and CPU with and without
+it, as medians, and the gain per pair.  bench/RESULTS.md's lines per patch are read off
 this.  Nothing here fails on a slow number.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 PROFILE = Path(__file__).resolve().parent / "profile.py"
-# The groups of fem.core's plugin_utils/fastpath.py.
+# The groups of fem.core's plugin_utils/fastpath.py, and the variable that leaves them out.
 GROUPS = ("import_scans", "unminified", "collections", "own_host", "unbuffered",
           "cpu_placement", "routing")
+OFF_ENV = "FEMCORE_FASTPATH_OFF"
 
 
 def profile(without: str | None = None, script: Path = PROFILE,
@@ -38,22 +47,47 @@ def profile(without: str | None = None, script: Path = PROFILE,
     return float(total[1]), float(cpu[1])
 
 
+def plain_runner() -> tuple[Callable[[str | None], tuple[float, float]], Callable[[], None]]:
+    """A run of bench/plain.yml under fem-ansible's settings, and what removes its files."""
+    from run import Bench
+
+    bench = Bench(quick=True)
+    count = iter(range(1 << 30))
+    os.environ["PYTHONUNBUFFERED"] = "1"  # as bench/profile.py's listener: the service's
+
+    def run(without: str | None) -> tuple[float, float]:
+        os.environ[OFF_ENV] = without or ""  # bench.plain passes the bench's environment on
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        seconds = bench.plain(f"p{next(count)}", "fem")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+    run(None)  # warm-up: the import scans' cache and the page cache
+    return run, lambda: shutil.rmtree(bench.tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--plain", action="store_true",
+                        help="runs of bench/plain.yml instead of bench/profile.py")
     parser.add_argument("groups", nargs="*", default=list(GROUPS))
     args = parser.parse_args()
+    run, done = plain_runner() if args.plain else (profile, lambda: None)
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {
         g: {"on": [], "off": []} for g in args.groups}
-    for n in range(args.pairs):
-        for group in args.groups:
-            order = ("on", "off") if n % 2 == 0 else ("off", "on")
-            for side in order:
-                runs[group][side].append(profile(None if side == "on" else group))
-            on, off = runs[group]["on"][-1], runs[group]["off"][-1]
-            print(f"pair {n + 1} {group}: on {on[0]:.2f} s {on[1]:.2f} CPU-s, "
-                  f"off {off[0]:.2f} s {off[1]:.2f} CPU-s", flush=True)
-    print("\ngroup: task s on/off (median), gain per pair; CPU-s likewise")
+    try:
+        for n in range(args.pairs):
+            for group in args.groups:
+                order = ("on", "off") if n % 2 == 0 else ("off", "on")
+                for side in order:
+                    runs[group][side].append(run(None if side == "on" else group))
+                on, off = runs[group]["on"][-1], runs[group]["off"][-1]
+                print(f"pair {n + 1} {group}: on {on[0]:.2f} s {on[1]:.2f} CPU-s, "
+                      f"off {off[0]:.2f} s {off[1]:.2f} CPU-s", flush=True)
+    finally:
+        done()
+    print("\ngroup: s on/off (median), gain per pair; CPU-s likewise")
     for group, sides in runs.items():
         for i, what in ((0, "s"), (1, "CPU-s")):
             on = [r[i] for r in sides["on"]]
