@@ -30,8 +30,8 @@ from pathlib import Path
 
 PROFILE = Path(__file__).resolve().parent / "profile.py"
 # The groups of fem.core's plugin_utils/fastpath.py, and the variable that leaves them out.
-GROUPS = ("import_scans", "unminified", "collections", "own_host", "unbuffered",
-          "cpu_placement", "routing")
+GROUPS = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
+          "routing")
 OFF_ENV = "FEMCORE_FASTPATH_OFF"
 
 
@@ -53,7 +53,6 @@ def plain_runner() -> tuple[Callable[[str | None], tuple[float, float]], Callabl
 
     bench = Bench(quick=True)
     count = iter(range(1 << 30))
-    os.environ["PYTHONUNBUFFERED"] = "1"  # as bench/profile.py's listener: the service's
 
     def run(without: str | None) -> tuple[float, float]:
         os.environ[OFF_ENV] = without or ""  # bench.plain passes the bench's environment on

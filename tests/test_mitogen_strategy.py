@@ -64,7 +64,6 @@ def plugin(monkeypatch: pytest.MonkeyPatch, derived_cache_dir: Path) -> types.Mo
     monkeypatch.setattr(ansible_mitogen.services.ContextService, "_send_module_forwards",
                         ansible_mitogen.services.ContextService._send_module_forwards)
     monkeypatch.setattr(ansible_mitogen.affinity, "policy", ansible_mitogen.affinity.policy)
-    monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # as fem-ansible.service sets it
     # As Ansible loads it: through its collection loader, which finds the plugin's
     # plugin_utils (the plugin imports nothing of fem_ansible's).
     forget_plain_imports(monkeypatch)
@@ -223,9 +222,6 @@ def test_the_listeners_own_host_imports_ansible_from_its_installed_files(plugin,
         assert _file_of(own, name) == importlib.util.find_spec(name).origin
     # Mitogen's own modules still come from the multiplexer.
     assert _file_of(own, "mitogen.fork").startswith("master:")
-    # Mitogen's processes read their bootstrap buffered.
-    assert own.call(os.getenv, "PYTHONUNBUFFERED") is None
-    assert "PYTHONUNBUFFERED" not in os.environ
 
 
 def test_any_other_interpreter_or_connection_is_sent_ansible(plugin, connect):

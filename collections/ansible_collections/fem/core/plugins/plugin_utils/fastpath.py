@@ -108,8 +108,6 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
          _params("self", "context", "fullnames")),
         ("mitogen.master:ModuleFinder.__init__", _uses("_modifier_callables")),
     ),
-    # Not a name: the environment Mitogen's processes start with.
-    "unbuffered": (),
     "cpu_placement": (
         ("ansible_mitogen.affinity:policy", _present),
         ("ansible_mitogen.affinity:Policy", _params()),
@@ -122,8 +120,7 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
     ),
 }
 #: The groups fem.core's ``mitogen_linear`` applies.
-STRATEGY = ("import_scans", "unminified", "collections", "own_host", "unbuffered",
-            "cpu_placement")
+STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement")
 
 
 def _resolve(target: str) -> Any:

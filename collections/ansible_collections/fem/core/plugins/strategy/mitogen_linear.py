@@ -32,10 +32,6 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   time.  Mitogen's own modules, collections and modules' code still come from the
   multiplexer.  Any other host, interpreter or connection (SSH), and any context such a
   host starts itself (``become``, ``mitogen_via``), is as with Mitogen.
-- ``PYTHONUNBUFFERED`` is dropped from the environment of the multiplexer and hosts'
-  interpreters: Mitogen starts an interpreter by piping ``mitogen.core`` (158 kB) to it as
-  its program, which CPython, unbuffered, reads one byte per ``read(2)`` (~65 ms a run).
-  fem-ansible.service sets it for the listener's own output, which this does not change.
 - CPU placement: none.  Mitogen pins its processes as if its ``ansible-playbook`` had the
   machine to itself: the multiplexer to CPU 0, the top-level process to CPU 1 (on fewer than
   4 CPUs also the workers and every process Mitogen starts, the host's interpreter and its
@@ -132,8 +128,8 @@ description:
     to find a module's imports are kept in E(FEM_IMPORT_SCAN_CACHE) between runs,
     Mitogen's own modules are sent unminified, installed collections are listed without
     ansible-galaxy, a host reached by the local method with the controller's own
-    interpreter imports Ansible from its installed files, and Mitogen's processes run
-    without E(PYTHONUNBUFFERED) and without being pinned to CPUs.
+    interpreter imports Ansible from its installed files, and Mitogen's processes are not
+    pinned to CPUs.
 author: fem-ansible developers
 """
 
@@ -266,12 +262,6 @@ def _own_host() -> None:
     ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
 
 
-def _buffered_bootstrap() -> None:
-    # Read at interpreter start: this process's output is unchanged; Mitogen's processes,
-    # started after this, read their bootstrap in blocks.
-    os.environ.pop("PYTHONUNBUFFERED", None)
-
-
 def _cpu_placement() -> None:
     # Mitogen's CPU placement assumes one ansible-playbook per machine; the listener runs
     # several, and on 2 CPUs it put every run's processes but the multiplexer on CPU 1.
@@ -280,8 +270,7 @@ def _cpu_placement() -> None:
 
 #: What each group of fem.core.plugin_utils.fastpath.STRATEGY changes in Mitogen.
 APPLY = {"import_scans": _import_scans, "unminified": _unminified_modules,
-         "collections": _collections, "own_host": _own_host, "unbuffered": _buffered_bootstrap,
-         "cpu_placement": _cpu_placement}
+         "collections": _collections, "own_host": _own_host, "cpu_placement": _cpu_placement}
 _missing = fastpath.missing(fastpath.STRATEGY)
 if _missing:
     Display().warning(fastpath.warning(_missing) + "; running Mitogen's own mitogen_linear")
