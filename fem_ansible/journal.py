@@ -106,9 +106,9 @@ def _open_error(path: Path, e: sqlite3.Error) -> OSError:
     service report in one line with what to do: a journal this user may read but not write
     (every command writes it: the listener, and `tasks` or `cancel` as another user), or a
     file that is no journal."""
-    if isinstance(e, sqlite3.OperationalError) and "readonly" in str(e):
-        return PermissionError(errno.EACCES, f"Permission denied (the journal is read-only "
-                               f"to this user: {e})", str(path))
+    if "readonly" in str(e) or not os.access(path, os.R_OK | os.W_OK):
+        return PermissionError(errno.EACCES, f"Permission denied (this user may not read "
+                               f"and write the journal: {e})", str(path))
     return OSError(errno.EIO, f"not a usable journal ({e})", str(path))
 
 
@@ -122,7 +122,11 @@ class Journal:
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False,
+                                       isolation_level=None)
+        except sqlite3.Error as e:
+            raise _open_error(self.path, e) from e
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

@@ -244,6 +244,8 @@ def ansible_env(ident: str, strategy: str, collections: Path,
         "ANSIBLE_GATHERING": "explicit",
         "ANSIBLE_FORCE_VALID_GROUP_NAMES": "ignore",
     }
+    if python_path := _python_path():
+        env["PYTHONPATH"] = python_path
     if strategy == "mitogen":
         env.update(fastpath.mitogen_env())
     if scan_cache is not None:
@@ -261,12 +263,19 @@ PASSED_ENV = frozenset({
     "TMPDIR", "DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "DOCKER_CONFIG",
     "CONTAINER_HOST", "CONTAINER_CONNECTION", "XDG_RUNTIME_DIR", "SSH_AUTH_SOCK",
     "SLURM_CONF", "KRB5CCNAME",
-    # Where the listener's Python finds fem_ansible, if not installed: a run's
-    # ansible-playbook is `python -m fem_ansible.playbook_cli` and must import the same one.
-    "PYTHONPATH",
     # bench/profile.py's --without: a patch group of the fast path left out, to measure it
     fastpath.patches.OFF_ENV,
 })
+
+
+def _python_path() -> str:
+    """The listener's ``PYTHONPATH``, absolute entries only, for the Ansible processes it
+    starts: a run's ``ansible-playbook`` is ``python -m fem_ansible.playbook_cli`` and must
+    import the listener's own fem_ansible.  An empty or relative entry would put a process's
+    working directory (a task's checkout, say) on its import path, ahead of the standard
+    library."""
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return os.pathsep.join(e for e in entries if os.path.isabs(e))
 
 
 def passed_env() -> dict[str, str]:

@@ -80,8 +80,24 @@ def test_a_journal_this_user_may_only_read_is_one_line_with_the_fix():
     for done in runs:
         assert done.returncode == 2, done.stderr
         (line,) = done.stderr.splitlines()
-        assert f"{journal}: Permission denied" in line and "read-only" in line, line
+        assert f"{journal}: Permission denied" in line and "read and write" in line, line
         assert "sudo -u fem" in line
+
+
+def test_a_journal_this_user_may_not_open_is_one_line_with_the_fix():
+    """A journal only its owner may read (0600) in a work dir anyone may enter: sqlite's
+    "unable to open database file", on connecting."""
+    base = Path(tempfile.mkdtemp(prefix="fem-perm-", dir="/tmp"))
+    try:
+        config = _site(base, 0o755)
+        journal = base / "work" / "journal.sqlite"
+        Journal(journal).close()
+        done = _as_nobody("tasks", "--config", str(config))
+    finally:
+        shutil.rmtree(base)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert f"{journal}: Permission denied" in line and "sudo -u fem" in line, line
 
 
 def test_a_file_that_is_no_journal_is_one_line(make_config, tmp_path):

@@ -40,6 +40,17 @@ def test_the_scan_cache_dir_is_private_and_loses_stale_temp_files(tmp_path: Path
     assert sorted(p.name for p in cache.iterdir()) == [".def.3.4.tmp", "abc"]
 
 
+@pytest.mark.parametrize("listeners, runs", [
+    (":/opt/fem/lib::rel/dir:/srv/site", "/opt/fem/lib:/srv/site"),
+    ("", None), ("rel:.", None)])
+def test_runs_get_the_listeners_python_path_absolute_entries_only(
+        view: Path, monkeypatch, listeners: str, runs: str | None):
+    """A run's ansible-playbook imports the listener's own fem_ansible; an empty or relative
+    entry would put the run's working directory ahead of the standard library."""
+    monkeypatch.setenv("PYTHONPATH", listeners)
+    assert ansible_env("fem-n-t.a1", "linear", view).get("PYTHONPATH") == runs
+
+
 def test_a_scan_cache_dir_that_is_not_ours_is_told(tmp_path: Path, caplog):
     (tmp_path / "elsewhere").mkdir(mode=0o700)
     (tmp_path / "work").mkdir()
