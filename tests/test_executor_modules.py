@@ -182,10 +182,24 @@ def test_cli_account_files_read_the_image_through_the_docker_cli(toor_image):
         return done.stdout if done.returncode == 0 else None
 
     name = f"fem-test-{uuid.uuid4().hex[:10]}"
-    files = container.cli_account_files(stdout_or_none, "docker", toor_image, name)
+    reader = container.accounts_name(name)
+    # One a killed module left behind (no label) is replaced, then removed.
+    docker("create", "--name", reader, "--entrypoint", container.NEVER_STARTED, toor_image)
+    made = []
+
+    def recording(argv):
+        if argv[1] == "create":
+            made.append(argv)
+        return stdout_or_none(argv)
+
+    files = container.cli_account_files(recording, "docker", toor_image, name,
+                                        {"fem.task_id": "t1"})
     assert files == {"/etc/passwd": PASSWD, "/etc/group": GROUP}
     assert container.effective_user("toor", FALLBACK, files) == FALLBACK
-    assert docker("ps", "-aq", "--filter", f"name={name}").stdout == ""
+    (argv,) = made
+    assert argv[argv.index("--name") + 1] == reader
+    assert argv[argv.index("--label") + 1] == "fem.task_id=t1"
+    assert docker("ps", "-aq", "--filter", f"name={reader}").stdout == ""
 
 
 def test_docker_cleanup_removes_the_accounts_container_a_killed_run_left(

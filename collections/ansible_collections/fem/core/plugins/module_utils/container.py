@@ -181,16 +181,24 @@ def accounts_name(name):
     return f"{name}-accounts"
 
 
-def cli_account_files(run, runtime, image, name):
+def label_args(labels):
+    """``labels`` as an engine CLI's ``--label key=value`` arguments."""
+    return [arg for key, value in sorted(labels.items())
+            for arg in ("--label", f"{key}={value}")]
+
+
+def cli_account_files(run, runtime, image, name, labels):
     """The image's account files through an engine's CLI (``docker`` or ``podman``): a
-    container (:func:`accounts_name` of ``name``) created and never started, copied from,
-    removed.  ``run(argv)`` returns the command's stdout as bytes, None when it failed.
+    container (:func:`accounts_name` of ``name``, with the task's ``labels``) created and
+    never started, copied from, removed.  ``run(argv)`` returns the command's stdout as
+    bytes, None when it failed.
 
     :raises ValueError: when the engine cannot create the container.
     """
     container = accounts_name(name)
     run([runtime, "rm", "--force", container])  # one a killed module left behind
-    created = run([runtime, "create", "--name", container, "--network", "none",
+    created = run([runtime, "create", "--name", container, *label_args(labels),
+                   "--network", "none",
                    "--entrypoint", NEVER_STARTED, "--", image])
     if created is None:
         raise ValueError(f"cannot read the user accounts of image {image}")
@@ -297,8 +305,7 @@ def run_argv(runtime, p, user, env_file=None, create=False):
     verb = ["create"] if create else ["run", "--rm"]
     argv = [runtime, *verb, "--name", p["name"], "--user", user,
             "--network", p["network_mode"], "--ipc", "private"]
-    for key, value in sorted(p["labels"].items()):
-        argv += ["--label", f"{key}={value}"]
+    argv += label_args(p["labels"])
     if p["read_only"]:
         argv.append("--read-only")
     for cap in p["cap_drop"]:

@@ -275,8 +275,9 @@ class TaskRunner:
         """The image's account files, from a container created and never started."""
         name = accounts_name(self.p["name"])
         self.remove_container(name)  # one a killed module left behind
-        created = self.api.create_container(image=self.p["image"], entrypoint=[NEVER_STARTED],
-                                            network_disabled=True, name=name)
+        created = self.api.create_container(
+            image=self.p["image"], entrypoint=[NEVER_STARTED], network_disabled=True,
+            name=name, labels={k: str(v) for k, v in self.p["labels"].items()})
         files = {}
         try:
             for path in ACCOUNT_FILES:

@@ -237,7 +237,7 @@ class PodmanTask:
         files = None
         if needs_accounts(image_user):
             files = cli_account_files(self.stdout_or_none, p["executable"], p["image"],
-                                      p["name"])
+                                      p["name"], p["labels"])
         user = effective_user(image_user, p["fallback_user"], files)
         fd, env_file = tempfile.mkstemp(prefix=".env-", dir=p["log_dir"])
         os.close(fd)

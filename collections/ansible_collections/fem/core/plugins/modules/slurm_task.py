@@ -425,7 +425,8 @@ class SlurmTask:
         image_user = self.image_user()
         files = None
         if needs_accounts(image_user):
-            files = cli_account_files(stdout_or_none, p["runtime"], p["image"], p["name"])
+            files = cli_account_files(stdout_or_none, p["runtime"], p["image"], p["name"],
+                                      p["labels"])
         user = effective_user(image_user, p["fallback_user"], files)
         env_file = self.path("env")
         write_env_file(env_file, p["env"])
