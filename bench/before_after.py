@@ -7,6 +7,10 @@ The earlier commit is checked out (``git worktree add --detach``) into a tempora
 removed at the end, and both sides run with this venv, each with its own tree first on
 ``PYTHONPATH``: the two differ only in the project's code, not in Ansible's or Mitogen's
 release, and they share the services (the worktree's ``.fem-dev`` is this checkout's).
+The check below sees which fem_ansible the listener imports; a run's ``ansible-playbook``
+imports it again, and commits from ca075a8 (runs' environment confined) up to fc9485f (the
+listener's ``PYTHONPATH`` passed to runs) dropped ``PYTHONPATH`` there, so their runs would
+import this checkout's ``playbook_cli``: compare such a commit from a venv of its own.
 
 A round runs each side's own ``bench/run.py --only overhead throughput`` (its figures and the
 shell script's, as bench/RESULTS.md shows them), which side goes first alternating round by
