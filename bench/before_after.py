@@ -18,7 +18,8 @@ round; then ``--pairs`` pairs of ``bench/profile.py`` (one task, published to CO
 its controller CPU) likewise.  The machine drifts (it is shared), so the figures are read per
 round: the table gives each side's median, after ÷ before per round, and each side's own
 spread over the rounds, which is the noise a difference has to exceed.  Nothing here fails
-on a slow number.
+on a slow number.  ``--breakdown TASKS`` adds bench/breakdown.py's phases and playbook
+tasks, medians side by side: where a difference of a few tenths of a second a task goes.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pairs import profile
 
 REPO = Path(__file__).resolve().parent.parent
+BREAKDOWN = Path(__file__).resolve().parent / "breakdown.py"
 SIDES = ("after", "before")
 
 
@@ -106,12 +109,49 @@ def report(title: str, runs: dict[str, list[dict[str, float]]]) -> None:
               flush=True)
 
 
+def breakdown(tree: Path, env: dict[str, str], tasks: int) -> dict[str, Any]:
+    """bench/breakdown.py on ``tree``'s harness: its phases and playbook tasks, each a list
+    of seconds over ``tasks`` tasks."""
+    out = subprocess.run([sys.executable, str(BREAKDOWN), "--tree", str(tree), "--tasks",
+                          str(tasks)], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def report_breakdown(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Each side's medians over all its breakdown runs, phase by phase, then the playbook
+    tasks whose medians differ (a task on one side only counts 0 on the other)."""
+    merged: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for side, results in runs.items():
+        merged[side] = {"phases": {}, "tasks": {}}
+        for result in results:
+            for kind in ("phases", "tasks"):
+                for name, values in result[kind].items():
+                    merged[side][kind].setdefault(name, []).extend(values)
+    after, before = merged["after"], merged["before"]
+    print("\nbench/breakdown.py: medians, after / before / difference")
+    for name, values in after["phases"].items():
+        a, b = statistics.median(values), statistics.median(before["phases"][name])
+        print(f"| {name} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
+    print("playbook tasks whose medians differ by 5 ms or more:")
+    total = 0.0
+    for name in [*after["tasks"], *(n for n in before["tasks"] if n not in after["tasks"])]:
+        a, b = (statistics.median(side["tasks"][name]) if name in side["tasks"] else 0.0
+                for side in (after, before))
+        total += a - b
+        if abs(a - b) >= 0.005:
+            print(f"| {name[:90]} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
+    print(f"sum of the playbook tasks' differences: {total:+.3f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ref", help="the earlier commit (the 'before')")
     parser.add_argument("--rounds", type=int, default=3, help="bench/run.py runs per side")
     parser.add_argument("--tasks", type=int, default=8, help="tasks per throughput point")
     parser.add_argument("--pairs", type=int, default=6, help="bench/profile.py runs per side")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="TASKS",
+                        help="then two bench/breakdown.py runs per side of TASKS tasks each")
     args = parser.parse_args()
     with checkout(args.ref) as before:
         trees = {"after": REPO, "before": before}
@@ -128,9 +168,15 @@ def main() -> None:
                 profiles[side].append({"published to COMPLETED (s)": s,
                                        "controller CPU (s)": cpu})
                 print(f"pair {n + 1} {side}: {s:.2f} s, {cpu:.2f} CPU-s", flush=True)
+        breakdowns: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+        for n in range(2 if args.breakdown else 0):
+            for side in SIDES if n % 2 == 0 else SIDES[::-1]:
+                breakdowns[side].append(breakdown(trees[side], envs[side], args.breakdown))
     report(f"bench/run.py --only overhead throughput --tasks {args.tasks}, {args.rounds} "
            f"rounds (after = {REPO.name} checkout, before = {args.ref})", benches)
     report(f"bench/profile.py, {args.pairs} pairs", profiles)
+    if args.breakdown:
+        report_breakdown(breakdowns)
 
 
 if __name__ == "__main__":
