@@ -28,8 +28,17 @@ from pathlib import Path
 from typing import Any
 
 
-def _created(job_event: dict) -> float:
+def created(job_event: dict) -> float:
+    """An ansible-runner job event's ``created`` (ISO 8601 with offset), in epoch seconds."""
     return datetime.fromisoformat(job_event["created"]).timestamp()
+
+
+def job_events(work_dir: Path, task_id: str) -> tuple[Path, list[dict]]:
+    """The ``job_events`` dir of task ``task_id``'s run under a listener's ``work_dir``, and
+    its events in the order ansible-runner counted them."""
+    found = next(p for p in work_dir.rglob("job_events") if f"/{task_id}/" in str(p))
+    return found, sorted((json.loads(p.read_text()) for p in found.iterdir()),
+                         key=lambda e: e["counter"])
 
 
 def measure(tasks: int) -> dict[str, Any]:
@@ -51,15 +60,12 @@ def measure(tasks: int) -> dict[str, Any]:
             total = bench.fem_once(lst, orch, node, f"m{i}")
             add("published to COMPLETED (s)", total)
             add("controller CPU (s)", cpu_s(lst.proc.pid, children=True) - cpu0)
-            job_events = next(p for p in (bench.tmp / node / "work").rglob("job_events")
-                              if f"/m{i}/" in str(p))
-            events = sorted((json.loads(p.read_text()) for p in job_events.iterdir()),
-                            key=lambda e: e["counter"])
-            at = {e["event"]: _created(e) for e in reversed(events)}  # each one's first
+            _, events = job_events(bench.tmp / node / "work", f"m{i}")
+            at = {e["event"]: created(e) for e in reversed(events)}  # each one's first
             first_task = at["playbook_on_task_start"]
-            stats = _created(next(e for e in events if e["event"] == "playbook_on_stats"))
-            add("published to first event (s)", _created(events[0]) - t0)
-            add("first event to playbook start (s)", at["playbook_on_start"] - _created(events[0]))
+            stats = created(next(e for e in events if e["event"] == "playbook_on_stats"))
+            add("published to first event (s)", created(events[0]) - t0)
+            add("first event to playbook start (s)", at["playbook_on_start"] - created(events[0]))
             add("playbook start to first task (s)", first_task - at["playbook_on_start"])
             add("play: first task to stats (s)", stats - first_task)
             add("stats to COMPLETED (s)", t0 + total - stats)
@@ -67,9 +73,9 @@ def measure(tasks: int) -> dict[str, Any]:
             for e in events:
                 data = e.get("event_data", {})
                 if e["event"] == "playbook_on_task_start":
-                    started = (f"{data.get('role', '')}: {data.get('task', '')}", _created(e))
+                    started = (f"{data.get('role', '')}: {data.get('task', '')}", created(e))
                 elif e["event"] in ("runner_on_ok", "runner_on_skipped", "runner_on_failed"):
-                    out["tasks"].setdefault(started[0], []).append(_created(e) - started[1])
+                    out["tasks"].setdefault(started[0], []).append(created(e) - started[1])
     finally:
         lst.stop()
         orch.close()

@@ -19,22 +19,16 @@ contrib/fem-ansible.service starts it.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 
+from breakdown import created, job_events
 from run import Bench, cpu_s
 
 from fem_ansible.schema import event_time
-
-
-def _created(job_event: dict) -> float:
-    """An ansible-runner job event's ``created`` (ISO 8601 with offset), in epoch seconds."""
-    return datetime.fromisoformat(job_event["created"]).timestamp()
 
 
 def main() -> None:
@@ -61,11 +55,8 @@ def _profile(bench: Bench, strategy: str, env: dict[str, str]) -> None:
         total = bench.fem_once(lst, orch, node, "p0")
         fem_cpu = cpu_s(lst.proc.pid, children=True) - cpu0
         events = orch.events("p0")
-        job_events = next(p for p in (bench.tmp / node / "work").rglob("job_events")
-                          if "/p0/" in str(p))
-        ansible = sorted((json.loads(p.read_text()) for p in job_events.iterdir()),
-                         key=lambda e: e["counter"])
-        artifacts: Path = job_events.parent
+        found, ansible = job_events(bench.tmp / node / "work", "p0")
+        artifacts: Path = found.parent
     finally:
         lst.stop()
         orch.close()
@@ -75,8 +66,8 @@ def _profile(bench: Bench, strategy: str, env: dict[str, str]) -> None:
     shell_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     print(f"strategy {strategy}: published to COMPLETED received in {total:.2f} s\n")
     marks = [(event_time(e) - t0, f"event {e['state']}") for e in events]
-    marks += [(_created(ansible[0]) - t0, "ansible-playbook: first event"),
-              (_created(ansible[-1]) - t0, "ansible-playbook: last event"),
+    marks += [(created(ansible[0]) - t0, "ansible-playbook: first event"),
+              (created(ansible[-1]) - t0, "ansible-playbook: last event"),
               ((artifacts / "rc").stat().st_mtime - t0, "ansible-runner: run over")]
     for at, what in sorted(marks):
         print(f"{at:7.2f}  {what}")
