@@ -197,9 +197,8 @@ def cli_account_files(run, runtime, image, name, labels):
     """
     container = accounts_name(name)
     run([runtime, "rm", "--force", container])  # one a killed module left behind
-    created = run([runtime, "create", "--name", container, *label_args(labels),
-                   "--network", "none",
-                   "--entrypoint", NEVER_STARTED, "--", image])
+    created = run([runtime, "create", "--name", container, *label_args(labels), "--network",
+                   "none", "--entrypoint", NEVER_STARTED, "--", image])
     if created is None:
         raise ValueError(f"cannot read the user accounts of image {image}")
     try:

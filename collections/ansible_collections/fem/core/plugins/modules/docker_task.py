@@ -271,13 +271,18 @@ class TaskRunner:
             )
         return config.get("User") or ""
 
+    def labels(self):
+        """The task's labels as the engine takes them (strings), on its container and on the
+        one that reads the image's accounts."""
+        return {k: str(v) for k, v in self.p["labels"].items()}
+
     def image_accounts(self):
         """The image's account files, from a container created and never started."""
         name = accounts_name(self.p["name"])
         self.remove_container(name)  # one a killed module left behind
         created = self.api.create_container(
             image=self.p["image"], entrypoint=[NEVER_STARTED], network_disabled=True,
-            name=name, labels={k: str(v) for k, v in self.p["labels"].items()})
+            name=name, labels=self.labels())
         files = {}
         try:
             for path in ACCOUNT_FILES:
@@ -287,7 +292,7 @@ class TaskRunner:
                     continue
                 files.update(account_files(b"".join(stream)))
         finally:
-            self.api.remove_container(created["Id"], force=True)
+            self.remove_container(created["Id"])
         return files
 
     def create(self):
@@ -301,7 +306,7 @@ class TaskRunner:
             command=p["command"],
             working_dir=p["workdir"] or None,
             environment={k: str(v) for k, v in {**p["env"], **p["secret_env"]}.items()},
-            labels={k: str(v) for k, v in p["labels"].items()},
+            labels=self.labels(),
             user=user,
             host_config=self.api.create_host_config(**host_config_kwargs(p)),
         )
