@@ -112,6 +112,25 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("ansible_mitogen.affinity:policy", _present),
         ("ansible_mitogen.affinity:Policy", _params()),
     ),
+    # Stage markers run in the controller (plugin_utils/stage_markers.py): how the strategy
+    # queues a task for a worker, and what the worker does with it.
+    "markers": (
+        ("ansible.plugins.strategy:StrategyBase._queue_task",
+         _params("self", "host", "task", "task_vars", "play_context")),
+        ("ansible.plugins.strategy:StrategyBase.__init__",
+         _uses("_queued_task_cache", "_final_q", "_pending_results", "_tqm", "_loader",
+               "_variable_manager")),
+        ("ansible.executor.task_executor:TaskExecutor.__init__",
+         _params("self", "host", "task", "job_vars", "play_context", "loader",
+                 "shared_loader_obj", "final_q", "variable_manager")),
+        ("ansible.executor.task_result:_RawTaskResult.__init__",
+         _params("self", "host", "task", "return_data", "task_fields")),
+        ("ansible.executor.task_queue_manager:FinalQueue.send_task_result",
+         _params("self", "task_result")),
+        ("ansible.executor.process.worker:WorkerProcess._run",
+         _uses("TaskExecutor", "send_task_result", "_RawTaskResult", "dump_attrs")),
+        ("ansible.plugins.loader:get_plugin_loader_namespace", _params()),
+    ),
     "routing": (
         ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",
          _params("yaml_string_data", "content_id")),
@@ -120,7 +139,8 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
     ),
 }
 #: The groups fem.core's ``mitogen_linear`` applies.
-STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement")
+STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
+            "markers")
 
 
 def _resolve(target: str) -> Any:

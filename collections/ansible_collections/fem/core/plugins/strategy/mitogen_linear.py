@@ -192,6 +192,8 @@ HARMLESS_MODIFIERS = frozenset({"ansible.modules.setup", "ansible.modules.dnf"})
 _FROM_DISK: mitogen.core.ImportPolicy
 _candidates: set[int] = set()
 LOG = logging.getLogger(__name__)
+#: fem.core's ``plugin_utils.stage_markers`` once ``markers`` is applied.
+_stage_markers: types.ModuleType | None = None
 # Mitogen's own, kept by _own_host() as it replaces them (only once the check passed).
 _econtext_config: Callable[[mitogen.parent.Connection], dict]
 _send_module_forwards: Callable[[Any, mitogen.core.Context], None]
@@ -262,6 +264,13 @@ def _own_host() -> None:
     ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
 
 
+def _markers() -> None:
+    global _stage_markers
+    # Imported only once the check passed: it imports what the group relies on.
+    from ansible_collections.fem.core.plugins.plugin_utils import stage_markers
+    _stage_markers = stage_markers
+
+
 def _cpu_placement() -> None:
     # Mitogen's CPU placement assumes one ansible-playbook per machine; the listener runs
     # several, and on 2 CPUs it put every run's processes but the multiplexer on CPU 1.
@@ -270,7 +279,8 @@ def _cpu_placement() -> None:
 
 #: What each group of fem.core.plugin_utils.fastpath.STRATEGY changes in Mitogen.
 APPLY = {"import_scans": _import_scans, "unminified": _unminified_modules,
-         "collections": _collections, "own_host": _own_host, "cpu_placement": _cpu_placement}
+         "collections": _collections, "own_host": _own_host, "cpu_placement": _cpu_placement,
+         "markers": _markers}
 _missing = fastpath.missing(fastpath.STRATEGY)
 if _missing:
     Display().warning(fastpath.warning(_missing) + "; running Mitogen's own mitogen_linear")
@@ -283,4 +293,10 @@ _Base = ansible_mitogen.loaders.strategy_loader.get("linear", class_only=True)
 
 
 class StrategyModule(ansible_mitogen.strategy.StrategyMixin, _Base):
-    """Mitogen's ``mitogen_linear``."""
+    """Mitogen's ``mitogen_linear``; a stage marker runs in this process."""
+
+    def _queue_task(self, host, task, task_vars, play_context):
+        if _stage_markers is not None and _stage_markers.is_marker(task):
+            _stage_markers.run(self, host, task, task_vars, play_context)
+        else:
+            super()._queue_task(host, task, task_vars, play_context)
