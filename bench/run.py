@@ -100,16 +100,18 @@ class Bench:
         subprocess.run(["bash", "-c", BASELINE], env=env, check=True)
         return time.monotonic() - t
 
-    def plain(self, name: str, settings: str) -> float:
-        """The shell script's steps as a plain playbook (bench/plain.yml) run by
-        ``ansible-playbook`` on localhost: ``settings`` ``stock`` is Ansible as installed,
-        ``fem`` is the command, strategy and environment fem-ansible runs its playbooks
-        with (fem_ansible.runner), without listener, roles, validation or reports."""
+    def plain(self, name: str, settings: str, playbook: Path = REPO / "bench/plain.yml",
+              more_env: dict[str, str] | None = None) -> float:
+        """The shell script's steps as a plain playbook (bench/plain.yml, or ``playbook``
+        with ``more_env``) run by ``ansible-playbook`` on localhost: ``settings`` ``stock``
+        is Ansible as installed, ``fem`` is the command, strategy and environment fem-ansible
+        runs its playbooks with (fem_ansible.runner), without listener, roles, validation or
+        reports."""
         work = Path(tempfile.mkdtemp(prefix="plain-", dir=self.tmp))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "FEM_"))}
         env.update(self.steps_env(f"{settings}-{name}", TRIVIAL, "plain"), PLAIN_DIR=str(work))
         args = ["-i", "localhost,", "-c", "local", "-e",
-                f"ansible_python_interpreter={sys.executable}", str(REPO / "bench/plain.yml")]
+                f"ansible_python_interpreter={sys.executable}", str(playbook)]
         if settings == "stock":
             cmd = [targets.ansible_bin("ansible-playbook"), *args]
         else:
@@ -118,6 +120,7 @@ class Bench:
                                           runner.collections_view(cache),
                                           runner.scan_cache_dir(cache)))
             cmd = runner.playbook_command(*args)
+        env.update(more_env or {})
         t = time.monotonic()
         done = subprocess.run(cmd, env=env, cwd=self.tmp, capture_output=True, text=True)
         elapsed = time.monotonic() - t

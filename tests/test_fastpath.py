@@ -82,7 +82,8 @@ def test_the_plugin_applies_nothing_when_a_name_is_missing(load_plugin, monkeypa
                         lambda self, msg, *a, **kw: warnings.append(msg))
     stock_policy = ansible_mitogen.affinity.policy
     monkeypatch.delattr(ansible_mitogen.services.ContextService, "_send_module_forwards")
-    load_plugin()
+    plugin = load_plugin()
+    assert plugin._stage_markers is None  # every task forks a worker, markers too
     assert mitogen.master.compile is compile
     assert mitogen.minify.minimize_source(DOCUMENTED) == "def f():\n\n return 1\n"
     assert ansible_mitogen.affinity.policy is stock_policy
@@ -93,9 +94,20 @@ def test_a_group_left_out_for_the_benchmark_is_not_applied(load_plugin, monkeypa
     monkeypatch.setenv(patches.OFF_ENV, "unminified, cpu_placement")
     stock_policy = ansible_mitogen.affinity.policy
     plugin = load_plugin()
+    assert plugin._stage_markers is not None
     assert mitogen.master.compile is plugin.cached_compile
     assert mitogen.minify.minimize_source(DOCUMENTED) != DOCUMENTED
     assert ansible_mitogen.affinity.policy is stock_policy
+    monkeypatch.setenv(patches.OFF_ENV, "markers")
+    assert load_plugin()._stage_markers is None
+
+
+def test_set_stats_taking_other_arguments_turns_the_markers_off(monkeypatch):
+    import ansible.plugins.action.set_stats as set_stats
+    monkeypatch.setattr(set_stats.ActionModule, "_VALID_ARGS",
+                        frozenset({"aggregate", "data", "per_host", "scope"}))
+    assert patches.missing(["markers"]) == [
+        "ansible.plugins.action.set_stats:ActionModule._VALID_ARGS (changed)"]
 
 
 def _report(monkeypatch, **report) -> None:

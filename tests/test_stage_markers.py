@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from ansible.parsing.dataloader import DataLoader
+from ansible.playbook.block import Block
 from ansible.playbook.task import Task
 from ansible.plugins.loader import init_plugin_loader
 from ansible.utils.collection_loader import AnsibleCollectionConfig
@@ -77,6 +78,10 @@ PLAYBOOK = """\
         data: {fem_stage: done}
         aggregate: false
       register: marked
+    - name: Quiet marker
+      ansible.builtin.set_stats:
+        data: {quiet: 1}
+      no_log: true
     - name: Conditional set_stats
       ansible.builtin.set_stats:
         data: {skipped_here: true}
@@ -87,7 +92,7 @@ PLAYBOOK = """\
 """
 IN_WORKERS = ["Templated set_stats", "Fails and is rescued", "Conditional set_stats",
               "Reads the registered marker"]
-MARKERS = ["Literal marker", "Marker in rescue", "Registered marker"]
+MARKERS = ["Literal marker", "Marker in rescue", "Registered marker", "Quiet marker"]
 
 
 class _Stages(RunHooks):
@@ -129,14 +134,18 @@ def _run(tmp_path: Path, name: str, off: str) -> tuple[RunResult, list[str], lis
     return result, hooks.stages, forks.read_text().splitlines(), events
 
 
-def _shape(events: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
-    """Each event's kind, task and result, without what differs from run to run."""
-    def res(event: dict[str, Any]) -> Any:
-        data = dict(event.get("event_data", {}).get("res") or {})
-        for volatile in ("start", "end", "delta"):
-            data.pop(volatile, None)
-        return data
-    return [(e["event"], e.get("event_data", {}).get("task", ""), res(e)) for e in events]
+# What differs between any two runs: ids and times (``res`` is compared without its times).
+VOLATILE = {"uuid", "play_uuid", "playbook_uuid", "task_uuid", "start", "end", "duration"}
+
+
+def _shape(events: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Each event's kind, output and data, without what differs from run to run."""
+    def data(event: dict[str, Any]) -> dict[str, Any]:
+        found = {k: v for k, v in event.get("event_data", {}).items() if k not in VOLATILE}
+        if isinstance(found.get("res"), dict):
+            found["res"] = {k: v for k, v in found["res"].items() if k not in VOLATILE}
+        return found
+    return [(e["event"], e.get("stdout", ""), data(e)) for e in events]
 
 
 @pytest.mark.e2e
@@ -172,19 +181,40 @@ MARKER = {"name": "m", "ansible.builtin.set_stats": {"data": {"fem_stage": "run"
 
 @pytest.mark.parametrize(("extra", "marker"), [
     ({}, True),
-    ({"register": "r", "ignore_errors": True, "tags": ["run"]}, True),
+    ({"register": "r", "ignore_errors": True, "tags": ["run"], "no_log": True}, True),
+    ({"ansible.builtin.set_stats": {}}, True),
+    ({"ansible.builtin.set_stats": None, "action": {
+        "module": "ansible.builtin.set_stats", "data": {"k": [1, None]}}}, True),
+    ({"ansible.builtin.set_stats": None, "action": "ansible.builtin.set_stats",
+      "args": {"data": {"k": 1}, "per_host": True}}, True),
     ({"when": "x"}, False),
+    ({"changed_when": True}, False),
+    ({"failed_when": "x"}, False),
     ({"loop": [1]}, False),
     ({"with_items": [1]}, False),
     ({"until": "r is done", "retries": 2}, False),
+    ({"retries": 2}, False),
     ({"timeout": 5}, False),
     ({"async": 5}, False),
     ({"delegate_to": "other"}, False),
+    ({"no_log": "{{ quiet }}"}, False),
+    ({"module_defaults": {"ansible.builtin.set_stats": {"aggregate": True}}}, False),
     ({"ansible.builtin.set_stats": {"data": {"k": "{{ v }}"}}}, False),
     ({"ansible.builtin.set_stats": {"data": {"{% if 1 %}k{% endif %}": 1}}}, False),
+    ({"ansible.builtin.set_stats": {"data": {"k": "#jinja2:variable_start_string:'[['\n[[ v ]]"}}},
+     False),
     ({"ansible.builtin.set_stats": {"data": "{{ d }}"}}, False),
+    ({"ansible.builtin.set_stats": {"data": {"not a name": 1}}}, False),
+    ({"ansible.builtin.set_stats": {"data": {}, "per_host": "yes"}}, False),
+    ({"ansible.builtin.set_stats": {"data": {}, "other": 1}}, False),
     ({"ansible.builtin.set_stats": None, "ansible.builtin.debug": {"msg": "x"}}, False),
 ])
-def test_only_a_literal_set_stats_that_cannot_wait_is_a_marker(stage_markers, extra, marker):
+def test_only_a_literal_set_stats_of_its_arguments_alone_is_a_marker(stage_markers, extra,
+                                                                     marker):
     data = {k: v for k, v in {**MARKER, **extra}.items() if v is not None}
-    assert stage_markers.is_marker(Task.load(data, loader=DataLoader())) is marker
+    assert (stage_markers.result(Task.load(data, loader=DataLoader())) is not None) is marker
+
+
+def test_a_keyword_inherited_from_the_block_counts(stage_markers):
+    block = Block.load({"block": [MARKER], "when": "x"}, loader=DataLoader())
+    assert stage_markers.result(block.block[0]) is None

@@ -76,6 +76,12 @@ def _present(value: Any) -> bool:
     return value is not None
 
 
+#: The task keywords fem.core's plugin_utils.stage_markers reads.
+MARKER_KEYWORDS = ("args", "no_log", "module_defaults", "when", "changed_when", "failed_when",
+                   "loop", "loop_with", "until", "retries", "timeout", "async_val",
+                   "delegate_to")
+
+
 #: Per patch group, each name it replaces or relies on (``module:attribute.path``) and its
 #: expected shape.  The groups are the patches of bench/RESULTS.md's lines.
 PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
@@ -112,24 +118,32 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("ansible_mitogen.affinity:policy", _present),
         ("ansible_mitogen.affinity:Policy", _params()),
     ),
-    # Stage markers run in the controller (plugin_utils/stage_markers.py): how the strategy
-    # queues a task for a worker, and what the worker does with it.
+    # Stage markers answered in the controller (plugin_utils/stage_markers.py): how the
+    # strategy queues a task for a worker and takes its result back, what set_stats takes
+    # and returns, and what a marker reads of a task.
     "markers": (
         ("ansible.plugins.strategy:StrategyBase._queue_task",
          _params("self", "host", "task", "task_vars", "play_context")),
         ("ansible.plugins.strategy:StrategyBase.__init__",
-         _uses("_queued_task_cache", "_final_q", "_pending_results", "_tqm", "_loader",
-               "_variable_manager")),
-        ("ansible.executor.task_executor:TaskExecutor.__init__",
-         _params("self", "host", "task", "job_vars", "play_context", "loader",
-                 "shared_loader_obj", "final_q", "variable_manager")),
+         _uses("_queued_task_cache", "_final_q", "_pending_results", "_tqm")),
+        ("ansible.plugins.strategy:StrategyBase._convert_wire_task_result_to_raw",
+         _uses("_queued_task_cache", "from_attrs")),
         ("ansible.executor.task_result:_RawTaskResult.__init__",
          _params("self", "host", "task", "return_data", "task_fields")),
         ("ansible.executor.task_queue_manager:FinalQueue.send_task_result",
          _params("self", "task_result")),
         ("ansible.executor.process.worker:WorkerProcess._run",
          _uses("TaskExecutor", "send_task_result", "_RawTaskResult", "dump_attrs")),
-        ("ansible.plugins.loader:get_plugin_loader_namespace", _params()),
+        ("ansible.plugins.action.set_stats:ActionModule._VALID_ARGS",
+         lambda value: value == frozenset({"aggregate", "data", "per_host"})),
+        ("ansible.plugins.action.set_stats:ActionModule.run",
+         _uses("validate_variable_name", "boolean", "template")),
+        ("ansible.template:Templar.is_possibly_template", _params("self", "data", "overrides")),
+        ("ansible.utils.vars:validate_variable_name", _present),
+        ("ansible.playbook.task:Task.fattributes",
+         lambda value: set(MARKER_KEYWORDS) <= set(value)),
+        ("ansible.playbook.task:Task.resolved_action", lambda value: isinstance(value, property)),
+        ("ansible.playbook.task:Task.dump_attrs", _params("self")),
     ),
     "routing": (
         ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",

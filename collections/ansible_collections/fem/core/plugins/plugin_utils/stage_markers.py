@@ -1,20 +1,24 @@
 # Copyright: fem-ansible developers
 # SPDX-License-Identifier: Apache-2.0
-"""Stage markers run in the controller, without a worker process.
+"""Stage markers answered in the controller, without a worker process.
 
 Why: fem-ansible's task playbook enters each stage with a marker, ``ansible.builtin.set_stats``
 of literal data (docs/roles.md, "Stages"), seven a task.  Ansible forks a worker process for
 every task and host; for a marker the fork and the worker's start are nearly all it costs,
 15-29 ms each, which made a task 0.15-0.2 s slower under the fast path than before the
-markers (bench/RESULTS.md, issue 17).  A marker needs no connection and computes nothing, so
-the controller runs Ansible's own ``TaskExecutor`` on it itself, on a copy of the task as a
-worker runs on its forked copy, and hands the result over by the queue workers use: the same
-result, callbacks and events, in the same order.
+markers (bench/RESULTS.md, issue 17).  A marker's result follows from its literal arguments
+alone, so the strategy writes that result itself and hands it over by the queue workers use:
+callbacks, events, registered results, stats and rescue go on as with a worker's.
 
-Which tasks: ``ansible.builtin.set_stats`` (as resolved) with no template in its arguments
-and no condition, loop, retry, timeout, delegation or asynchronous run: nothing that could
-wait, look anything up or run a site's code in the controller.  Every other task goes to a worker as
-always.
+Nothing is templated, looked up or loaded for it in the controller: no connection, become or
+action plugin, no variable.  So only a task whose result cannot depend on any of those is a
+marker: ``ansible.builtin.set_stats`` (as resolved) with only its own arguments, ``data`` a
+mapping of valid variable names, nothing in it Ansible could take for a template, booleans
+for ``per_host`` and ``aggregate``, a boolean ``no_log``, no module defaults, and no
+condition, loop, retry, timeout, delegation or asynchronous run.  Any other task, a
+templated ``set_stats`` included, goes to a worker as always.  Keywords a worker would
+template and set_stats does not use (``become``, ``environment``…) are not evaluated: a
+template there that cannot be evaluated fails the next task that runs in a worker instead.
 
 The names of Ansible's this relies on are fem.core's ``plugin_utils.fastpath`` group
 ``markers``, checked like every patch's.
@@ -22,29 +26,55 @@ The names of Ansible's this relies on are fem.core's ``plugin_utils.fastpath`` g
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from ansible.executor.task_executor import TaskExecutor
+from ansible.errors import AnsibleError
 from ansible.executor.task_result import _RawTaskResult
-from ansible.plugins import loader as plugin_loader
+from ansible.template import Templar
+from ansible.utils.vars import validate_variable_name
 
 ACTION = "ansible.builtin.set_stats"
-# Where Jinja could start: a marker's arguments are literal.
-_TEMPLATE = re.compile(r"{{|{%|{#")
+#: set_stats' arguments (its action plugin's ``_VALID_ARGS``).
+ARGS = frozenset({"aggregate", "data", "per_host"})
+_templar = Templar(loader=None)
 
 
-def is_marker(task: Any) -> bool:
-    """Whether ``task`` is a marker: runs nothing a worker is needed for."""
-    return (task.resolved_action == ACTION and not task.when and not task.changed_when
-            and not task.failed_when and not task.loop and not task.loop_with
-            and not task.until and not task.timeout and not task.async_val
-            and task.delegate_to is None and _literal(task.args))
+def result(task: Any) -> dict[str, Any] | None:
+    """What set_stats returns for ``task`` if it is a marker (its worker's result, as the
+    strategy receives it), else None."""
+    args = task.args
+    if not (task.resolved_action == ACTION and set(args) <= ARGS and _plain(task)):
+        return None
+    data = args.get("data", {})
+    if not (isinstance(data, dict) and _literal(data)):
+        return None
+    stats: dict[str, Any] = {"data": data, "per_host": False, "aggregate": True}
+    for option in ("per_host", "aggregate"):
+        value = args.get(option)
+        if value is not None:
+            if not isinstance(value, bool):
+                return None
+            stats[option] = value
+    try:
+        for key in data:
+            validate_variable_name(key)
+    except AnsibleError:
+        return None
+    return {"changed": False, "ansible_stats": stats, "failed": False,
+            "_ansible_no_log": task.no_log}
+
+
+def _plain(task: Any) -> bool:
+    """No keyword that makes set_stats' result depend on more than its arguments."""
+    return (isinstance(task.no_log, bool) and not task.module_defaults and not task.when
+            and not task.changed_when and not task.failed_when and not task.loop
+            and not task.loop_with and not task.until and task.retries is None
+            and not task.timeout and not task.async_val and task.delegate_to is None)
 
 
 def _literal(value: Any) -> bool:
     if isinstance(value, str):
-        return not _TEMPLATE.search(value)
+        return not _templar.is_possibly_template(value)
     if isinstance(value, dict):
         return all(_literal(k) and _literal(v) for k, v in value.items())
     if isinstance(value, list):
@@ -52,18 +82,13 @@ def _literal(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float))
 
 
-def run(strategy: Any, host: Any, task: Any, task_vars: dict[str, Any],
-        play_context: Any) -> None:
-    """What ``StrategyBase._queue_task`` and its worker do for ``task``, in this process."""
+def hand_over(strategy: Any, host: Any, task: Any, task_vars: dict[str, Any],
+              play_context: Any, returned: dict[str, Any]) -> None:
+    """What ``StrategyBase._queue_task`` and its worker do for ``task``, the worker's
+    result being ``returned``."""
     strategy._queued_task_cache[(host.name, task._uuid)] = {
         "host": host, "task": task, "task_vars": task_vars, "play_context": play_context}
     strategy._tqm.send_callback("v2_runner_on_start", host, task)
-    # A worker squashes and finalises its forked copy of the task and its blocks, and adds
-    # to the variables it was given; so does this, on copies.
-    own = task.copy(exclude_tasks=True)
-    result = TaskExecutor(host, own, dict(task_vars), play_context, strategy._loader,
-                          plugin_loader.get_plugin_loader_namespace(), strategy._final_q,
-                          strategy._variable_manager).run()
     strategy._pending_results += 1
     strategy._final_q.send_task_result(_RawTaskResult(
-        host=host, task=own, return_data=result, task_fields=own.dump_attrs()))
+        host=host, task=task, return_data=returned, task_fields=task.dump_attrs()))

@@ -38,6 +38,10 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   children included; on more, those avoid CPUs 0 and 1).  Every run of the listener does
   the same, so runs side by side (``max_parallel``) shared one CPU while another held only
   multiplexers; the kernel now places them (docs/decisions.md).
+- Stage markers: the result of each of the task playbook's ``set_stats`` markers, which
+  follows from its literal arguments, is written in this process instead of by a forked
+  worker (fem.core's ``plugin_utils.stage_markers``; docs/decisions.md, "Markers fork no
+  worker").
 
 Each group is applied only if every name it touches has the shape it was written for
 (fem.core's ``plugin_utils.fastpath``; pyproject.toml pins the versions): if one does not,
@@ -128,8 +132,8 @@ description:
     to find a module's imports are kept in E(FEM_IMPORT_SCAN_CACHE) between runs,
     Mitogen's own modules are sent unminified, installed collections are listed without
     ansible-galaxy, a host reached by the local method with the controller's own
-    interpreter imports Ansible from its installed files, and Mitogen's processes are not
-    pinned to CPUs.
+    interpreter imports Ansible from its installed files, Mitogen's processes are not
+    pinned to CPUs, and a literal set_stats is answered without a worker.
 author: fem-ansible developers
 """
 
@@ -296,7 +300,8 @@ class StrategyModule(ansible_mitogen.strategy.StrategyMixin, _Base):
     """Mitogen's ``mitogen_linear``; a stage marker runs in this process."""
 
     def _queue_task(self, host, task, task_vars, play_context):
-        if _stage_markers is not None and _stage_markers.is_marker(task):
-            _stage_markers.run(self, host, task, task_vars, play_context)
-        else:
+        returned = _stage_markers.result(task) if _stage_markers is not None else None
+        if returned is None:
             super()._queue_task(host, task, task_vars, play_context)
+        else:
+            _stage_markers.hand_over(self, host, task, task_vars, play_context, returned)
