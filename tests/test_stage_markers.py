@@ -18,6 +18,7 @@ from ansible.playbook.task import Task
 from ansible.plugins.loader import init_plugin_loader
 from ansible.utils.collection_loader import AnsibleCollectionConfig
 
+from fem_ansible.fastpath import patches
 from fem_ansible.runner import (
     RunHooks,
     RunResult,
@@ -183,14 +184,22 @@ MARKER = {"name": "m", "ansible.builtin.set_stats": {"data": {"fem_stage": "run"
     ({}, True),
     ({"register": "r", "ignore_errors": True, "tags": ["run"], "no_log": True}, True),
     ({"ansible.builtin.set_stats": {}}, True),
+    ({"check_mode": True, "run_once": True, "debugger": "on_failed", "throttle": 1}, True),
+    ({"ansible.builtin.set_stats": {"data": {"k": [1, None]}, "per_host": True}}, True),
+    # the parser leaves an action: form unresolved (a `collections:` keyword may change it)
     ({"ansible.builtin.set_stats": None, "action": {
-        "module": "ansible.builtin.set_stats", "data": {"k": [1, None]}}}, True),
+        "module": "ansible.builtin.set_stats", "data": {"k": 1}}}, False),
     ({"ansible.builtin.set_stats": None, "action": "ansible.builtin.set_stats",
-      "args": {"data": {"k": 1}, "per_host": True}}, True),
+      "args": {"data": {"k": 1}}}, False),
+    ({"ansible.builtin.set_stats": None, "set_stats": {"data": {}}}, True),  # as resolved
     ({"when": "x"}, False),
     ({"changed_when": True}, False),
     ({"failed_when": "x"}, False),
     ({"loop": [1]}, False),
+    ({"loop": []}, False),
+    ({"run_once": "{{ once }}"}, False),
+    ({"debugger": "{{ when }}"}, False),
+    ({"throttle": "{{ n }}"}, False),
     ({"with_items": [1]}, False),
     ({"until": "r is done", "retries": 2}, False),
     ({"retries": 2}, False),
@@ -213,6 +222,29 @@ def test_only_a_literal_set_stats_of_its_arguments_alone_is_a_marker(stage_marke
                                                                      marker):
     data = {k: v for k, v in {**MARKER, **extra}.items() if v is not None}
     assert (stage_markers.result(Task.load(data, loader=DataLoader())) is not None) is marker
+
+
+@pytest.mark.parametrize(("args", "stats"), [
+    ({}, {"data": {}, "per_host": False, "aggregate": True}),
+    ({"data": {"k": [1]}, "per_host": True},
+     {"data": {"k": [1]}, "per_host": True, "aggregate": True}),
+    ({"data": {"k": "v"}, "aggregate": False},
+     {"data": {"k": "v"}, "per_host": False, "aggregate": False}),
+])
+def test_a_markers_result_is_set_stats_own(stage_markers, args, stats):
+    """set_stats.run's result, with what Ansible's task executor adds (``failed``,
+    ``_ansible_no_log``); the e2e test compares whole runs."""
+    task = Task.load({"name": "m", "ansible.builtin.set_stats": args, "no_log": True},
+                     loader=DataLoader())
+    returned = stage_markers.result(task)
+    assert returned == {"changed": False, "ansible_stats": stats, "failed": False,
+                        "_ansible_no_log": True}
+    assert returned["ansible_stats"]["data"] is not task.args.get("data")
+
+
+def test_the_release_the_markers_were_read_against_is_the_pinned_one():
+    pins = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert f'"ansible-core=={patches.MARKERS_RELEASE}"' in pins
 
 
 def test_a_keyword_inherited_from_the_block_counts(stage_markers):

@@ -68,6 +68,10 @@ def _names(code: Any) -> set[str]:
     return found
 
 
+def _all(*checks: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: all(check(value) for check in checks)
+
+
 def _strings(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
 
@@ -79,7 +83,10 @@ def _present(value: Any) -> bool:
 #: The task keywords fem.core's plugin_utils.stage_markers reads.
 MARKER_KEYWORDS = ("args", "no_log", "module_defaults", "when", "changed_when", "failed_when",
                    "loop", "loop_with", "until", "retries", "timeout", "async_val",
-                   "delegate_to")
+                   "delegate_to", "run_once", "debugger", "throttle")
+#: The ansible-core release whose task executor stage_markers' results were compared with
+#: (pyproject.toml's pin).
+MARKERS_RELEASE = "2.19.14"
 
 
 #: Per patch group, each name it replaces or relies on (``module:attribute.path``) and its
@@ -122,8 +129,11 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
     # strategy queues a task for a worker and takes its result back, what set_stats takes
     # and returns, and what a marker reads of a task.
     "markers": (
+        # Their equivalence was read against this release's TaskExecutor, not just names.
+        ("ansible.release:__version__", lambda value: value == MARKERS_RELEASE),
         ("ansible.plugins.strategy:StrategyBase._queue_task",
-         _params("self", "host", "task", "task_vars", "play_context")),
+         _all(_params("self", "host", "task", "task_vars", "play_context"),
+              _uses("_queued_task_cache", "send_callback", "_pending_results"))),
         ("ansible.plugins.strategy:StrategyBase.__init__",
          _uses("_queued_task_cache", "_final_q", "_pending_results", "_tqm")),
         ("ansible.plugins.strategy:StrategyBase._convert_wire_task_result_to_raw",
@@ -142,7 +152,7 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("ansible.utils.vars:validate_variable_name", _present),
         ("ansible.playbook.task:Task.fattributes",
          lambda value: set(MARKER_KEYWORDS) <= set(value)),
-        ("ansible.playbook.task:Task.resolved_action", lambda value: isinstance(value, property)),
+        ("ansible.playbook.task:Task.copy", _uses("_resolved_action")),
         ("ansible.playbook.task:Task.dump_attrs", _params("self")),
     ),
     "routing": (
