@@ -113,10 +113,12 @@ def report(title: str, runs: dict[str, list[dict[str, float]]]) -> None:
 def breakdown(tree: Path, env: dict[str, str], tasks: int) -> dict[str, Any]:
     """bench/breakdown.py on ``tree``'s harness: its phases and playbook tasks, each a list
     of seconds over ``tasks`` tasks."""
-    out = subprocess.run([sys.executable, str(BREAKDOWN), "--tree", str(tree), "--tasks",
-                          str(tasks)], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, str(BREAKDOWN), "--tree", str(tree), "--tasks",
+                           str(tasks)], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/breakdown.py on {tree} rc={done.returncode}:\n"
+                           f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def report_breakdown(runs: dict[str, list[dict[str, Any]]]) -> None:
@@ -169,13 +171,14 @@ def main() -> None:
                 profiles[side].append({"published to COMPLETED (s)": s,
                                        "controller CPU (s)": cpu})
                 print(f"pair {n + 1} {side}: {s:.2f} s, {cpu:.2f} CPU-s", flush=True)
+        # Printed before the breakdown, which a failed task would end.
+        report(f"bench/run.py --only overhead throughput --tasks {args.tasks}, {args.rounds} "
+               f"rounds (after = {REPO.name} checkout, before = {args.ref})", benches)
+        report(f"bench/profile.py, {args.pairs} pairs", profiles)
         breakdowns: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
         for n in range(2 if args.breakdown else 0):
             for side in SIDES if n % 2 == 0 else SIDES[::-1]:
                 breakdowns[side].append(breakdown(trees[side], envs[side], args.breakdown))
-    report(f"bench/run.py --only overhead throughput --tasks {args.tasks}, {args.rounds} "
-           f"rounds (after = {REPO.name} checkout, before = {args.ref})", benches)
-    report(f"bench/profile.py, {args.pairs} pairs", profiles)
     if args.breakdown:
         report_breakdown(breakdowns)
 
