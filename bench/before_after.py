@@ -73,13 +73,22 @@ def side_env(tree: Path) -> dict[str, str]:
     return env
 
 
+def last_json(argv: list[str], env: dict[str, str]) -> Any:
+    """The JSON a bench script prints last; a failed run raises with the tail of its output,
+    which a bare CalledProcessError would lose."""
+    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: rc={done.returncode}:\n"
+                           f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_rows(tree: Path, env: dict[str, str], tasks: int) -> dict[str, float]:
     """``tree``'s bench/run.py overhead and throughput: each row's fem-ansible figure, and the
     shell script's seconds (the drift of the machine in that run)."""
-    out = subprocess.run([sys.executable, str(tree / "bench" / "run.py"), "--only", "overhead",
-                          "throughput", "--tasks", str(tasks)],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    rows = last_json([str(tree / "bench" / "run.py"), "--only", "overhead", "throughput",
+                      "--tasks", str(tasks)], env)["rows"]
     figures = {name: float(fem.split()[0]) for name, fem, *_ in rows}
     shell = next(base for name, _, base, *_ in rows if name.startswith("overhead: trivial"))
     figures["shell script (s)"] = float(shell.split()[0])
@@ -113,12 +122,7 @@ def report(title: str, runs: dict[str, list[dict[str, float]]]) -> None:
 def breakdown(tree: Path, env: dict[str, str], tasks: int) -> dict[str, Any]:
     """bench/breakdown.py on ``tree``'s harness: its phases and playbook tasks, each a list
     of seconds over ``tasks`` tasks."""
-    done = subprocess.run([sys.executable, str(BREAKDOWN), "--tree", str(tree), "--tasks",
-                           str(tasks)], env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench/breakdown.py on {tree} rc={done.returncode}:\n"
-                           f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return last_json([str(BREAKDOWN), "--tree", str(tree), "--tasks", str(tasks)], env)
 
 
 def report_breakdown(runs: dict[str, list[dict[str, Any]]]) -> None:
