@@ -56,7 +56,7 @@ class Adapter(Protocol):
         """The connection is gone."""
 
     def slots_changed(self, free: bool) -> None:
-        """On the connection thread: whether a worker slot is free (consume only then)."""
+        """On the connection thread: whether a worker slot is free (launch waiting work)."""
 
     def run_datasets(self, task: Mapping[str, Any]) -> dict[str, str]:
         """Datasets this adapter resolves for one of its tasks (name -> host path)."""

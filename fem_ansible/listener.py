@@ -166,6 +166,7 @@ class Listener:
         want = self.has_free_slot()
         for adapter in self.adapters:
             adapter.slots_changed(want)
+        want = self.has_free_slot()  # an adapter may have taken the free slot
         ch = self._tasks_ch
         if ch is None or not ch.is_open or self._names is None:
             return
