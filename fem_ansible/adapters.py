@@ -39,8 +39,8 @@ class Host(Protocol):
     def launch(self, task_id: str) -> None:
         """Run a task just journaled in a worker slot."""
 
-    def cancel(self, task_id: str) -> bool:
-        """Record a cancel and stop the task if it runs here; whether it ran."""
+    def cancel(self, task_id: str, by: str = "orchestrator") -> bool:
+        """Record a cancel (``by`` whom) and stop the task if it runs here; whether it ran."""
 
     def running_count(self) -> int:
         """Tasks this listener holds now."""
