@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import tarfile
 import time
 
 import pytest
@@ -88,20 +89,23 @@ def test_control_actions_are_answered_while_the_only_slot_is_busy(one_slot):
     assert cancel["cancel"] == "stopping", cancel
     assert answered - asked < 2, f"cancel_run answered after {answered - asked:.1f}s"
     # busybox sleep as PID 1 ignores SIGTERM: only the container's init makes this fast.
-    # The 3 s is measured to the end of the run stage (the container stopped and
-    # collected: STAGING_OUT); the stage-out after it takes what any task's takes on this
-    # machine, bounded by the 10 s grace the stop used to wait out (on an idle machine the
-    # whole run is CANCELLED 1.5-3.5 s after the answer).
-    stopped = _wait_state(site.db, "legacy-busy", {"STAGING_OUT", "CANCELLED"}, 60)
+    # Proof whatever the machine's load: the tool died of the SIGTERM (143), not of the
+    # SIGKILL after the 10 s grace (137). The 3 s: measured 1.5-3.5 s from the
+    # answer to CANCELLED here at a load of 2-5, 4-6 s at a load of 9 on 2 cores (the
+    # stage-out after the stop is any task's), so the bound asserted is the grace.
     ended = _wait_state(site.db, "legacy-busy", {"CANCELLED", "FAILED", "COMPLETED"}, 60)
     assert _state(site.db, "legacy-busy") == "CANCELLED"
-    assert stopped - answered < 3, f"stopped {stopped - answered:.1f}s after the answer"
     assert ended - answered < 10, f"CANCELLED {ended - answered:.1f}s after the answer"
+    logs = site.work_dir / "runs" / "legacy-busy" / "archives" / "logs.tar.gz"
+    with tarfile.open(logs) as tar:
+        assert tar.extractfile("./exit_code").read() == b"143\n"
     assert orch.result(run)["error"]["code"] == "cancelled"
 
     # The held run then takes the slot.
     assert orch.result(queued) == {"quick": True}
     assert site.proc.alive
+    # The first start found no legacy queue (and declared it) without a pika warning.
+    assert "NOT_FOUND" not in site.proc.log.read_text()
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
@@ -159,3 +163,34 @@ def test_fem_tasks_say_who_cancelled_and_one_that_ended_by_itself_completes(site
     assert outputs["history.txt"] == b"rounds-done\n"
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
+
+def test_a_missing_data_path_fails_doctor_and_refuses_the_run_naming_no_host_path(site,
+                                                                                  tmp_path):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    missing = tmp_path / "site-secret-location" / "data"
+    image = site.env["FEM_TEST_IMAGE"]
+    config = site.config(legacy={
+        "enabled": True, "sandbox_path": str(sandbox), "data_path": str(missing),
+        "tools": {"reader": {"image": image, "command": ["ls", "/data"],
+                             "mounts": [{"source": "data", "mount": "/data"}]}}})
+    doctor = subprocess.run([FEM, "doctor", "--config", str(config)], capture_output=True,
+                            text=True, timeout=300)
+    assert doctor.returncode != 0, doctor.stdout
+    assert "NOT_FOUND" not in doctor.stderr  # its passive checks of what is not there yet
+    assert f"✗ legacy data: {missing} is not a directory" in doctor.stdout, doctor.stdout
+    assert "✓ legacy sandbox" in doctor.stdout and "✓ legacy tool reader" in doctor.stdout
+
+    site.listener(config)
+    orch = LegacyOrchestrator(site.node)
+    try:
+        reply = orch.call(legacy_body("submit_run", tool_id="reader", task_info={"_id": "r"},
+                                      execution_id="nodata"), timeout=60)
+    finally:
+        orch.close()
+    assert reply["status"] == "error" and reply["error"]["code"] == "policy_violation", reply
+    assert "legacy-data" in reply["error"]["message"]
+    text = repr(reply)
+    assert str(tmp_path) not in text and "site-secret-location" not in text
+    assert not (site.work_dir / "runs" / "legacy-nodata").exists()  # nothing ran
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT

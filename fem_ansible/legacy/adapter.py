@@ -26,11 +26,12 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from .. import broker
 from ..adapters import Host
 from ..config import Config
 from ..errors import ConfigError, PolicyViolation, RejectedError
 from ..intake import Task
-from . import catalogue, intake, sandbox
+from . import catalogue, intake, preflight, sandbox
 from .catalogue import Launch
 from .health import HEALTH_TOOL, health
 from .message import HEALTH, SUBMIT, TASK_PREFIX, LegacyMessage, action_of, parse_message, run_ids
@@ -149,7 +150,8 @@ class LegacyAdapter:
         ``broker.declare`` is true), consume it, and send the replies still pending."""
         probe = conn.channel()
         try:
-            probe.queue_declare(self.queue, passive=True)
+            with broker.expecting_not_found():
+                probe.queue_declare(self.queue, passive=True)
             probe.close()
         except pika.exceptions.ChannelClosedByBroker as e:
             if e.reply_code != 404 or not self.config.broker.declare:
@@ -308,6 +310,9 @@ class LegacyAdapter:
                                          str(self.sandbox(user, eid)))
             launch = replace(launch, datasets={
                 INPUT_DATASET: str(self.sandbox(user, eid)), **launch.datasets})
+        used = {d["name"] for d in launch.task.get("datasets") or []}
+        preflight.check_datasets(TASK_PREFIX + eid, {
+            name: path for name, path in launch.datasets.items() if name in used})
         task = intake.read_task(self.node, launch.task, launch.datasets)
         if launch.secret_env and task.executor not in SECRET_ENV_EXECUTORS:
             raise PolicyViolation("legacy.tools", f"executor {task.executor!r} cannot pass "
