@@ -70,12 +70,6 @@ options:
     description: Seconds between SIGTERM and SIGKILL when stopping at the timeout.
     type: int
     default: 10
-  stop_file:
-    description:
-      - A path on the host whose creation asks this run to stop the container (a cancel):
-        looked for every 0.2 s while the container runs; the container is stopped (SIGTERM,
-        SIGKILL after O(stop_grace)) if it still runs, and RV(stopped) says so.
-    type: path
   log_dir:
     description:
       - Existing directory that receives C(stdout.log), C(stderr.log) and C(exit_code).
@@ -164,10 +158,11 @@ fem_error_code:
   returned: failure
   type: str
 stopped:
-  description: With O(state=stopped), whether the container was running and got stopped;
-    with O(state=present), whether the stop ended the container: O(stop_file) appeared
-    while it ran and it ended by SIGTERM or SIGKILL (exit code 143 or 137). False for a tool
-    that exited by itself, before the stop or during its grace.
+  description:
+    - With O(state=stopped), whether the container was running and got stopped.
+    - With O(state=present), whether the stop ended the container, that is O(stop_file)
+      appeared while it ran and it ended by SIGTERM or SIGKILL (exit code 143 or 137).
+      False for a tool that exited by itself, before the stop or during its grace.
   returned: when O(state=stopped), and success with O(state=present)
   type: bool
 removed:
