@@ -17,7 +17,9 @@ _MD = re.compile(r"(?<![\w./:-])((?:\.{1,2}/)*(?:[\w.-]+/)*[\w-][\w.-]*\.md)(?![
 # A relative Markdown link target: [text](target) without a scheme.
 _LINK = re.compile(r"\]\((?![a-z][a-z0-9+.-]*:)([^)\s#]+)(?:#[^)]*)?\)")
 # Paths that only exist outside the repository: the steering area and its notes.
-_OUTSIDE = re.compile(r"(?:\.\./)+shared/[\w./-]*|/work/shared[\w./-]*|\bshared/reference[\w./-]*")
+# The steering area's notes were also cited by name ("facts file §1").
+_OUTSIDE = re.compile(r"(?:\.\./)+shared/[\w./-]*|/work/shared[\w./-]*|\bshared/reference[\w./-]*"
+                      r"|(?i:\bfacts file\b)")
 _REFERENCE = re.compile(r"(?<![\w./-])reference/[\w./-]*")
 # `REPO / "docs" / "x.md"` in Python is the path docs/x.md.
 _JOIN = re.compile(r"""["']\s*/\s*["']""")
