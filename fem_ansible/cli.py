@@ -203,16 +203,17 @@ def _local_intake(config: Config) -> Iterator[Intake]:
 
 
 def _check_file(config: Config, body: bytes) -> Task:
-    """``body`` through :func:`_local_intake`; a rejection is printed, one reason a line,
-    and exits 3."""
+    """``body`` through :func:`_local_intake`; its problems are printed, a heading per
+    error code and one reason a line, and exit 3."""
     with _local_intake(config) as intake:
-        try:
+        problems = intake.problems(body)
+        if not problems:
             return intake.read(body, None, signed=False)
-        except RejectedError as e:
+        for e in problems:
             click.echo(f"invalid ({e.code}):")
             for reason in e.reasons:
                 click.echo(f"  {reason}")
-            sys.exit(EXIT_REJECTED)
+        sys.exit(EXIT_REJECTED)
 
 
 @main.command()
