@@ -438,5 +438,6 @@ def install_service(user: str, group: str | None, work_dir: str, config_dir: str
     if not changed:
         click.echo("nothing to do: user, dirs, unit and logrotate snippet are as they should be")
     elif not dry_run:
-        click.echo("next: fem-ansible init --dir " + str(layout.config_dir) + " …, then "
+        click.echo("next: fem-ansible init --node-id NODE_ID --dir " + str(layout.config_dir)
+                   + " …, then "
                    "systemctl daemon-reload && systemctl enable --now fem-ansible")

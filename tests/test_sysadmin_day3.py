@@ -1,0 +1,31 @@
+"""What a sysadmin's first week still tripped over (issue 31), the parts that need no
+running service; doctor's SSH master, the guide and the dashboards have their e2e tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from click.testing import CliRunner
+
+from fem_ansible.cli import main
+from tests.support.harness import REPO
+
+
+def test_demo_task_follows_moved_service_ports(make_config, tmp_path):
+    """scripts/demo.sh with FEMDEV_UPLOAD_PORT set failed: the sample task named 8089."""
+    moved = {"FEM_TEST_REGISTRY": "127.0.0.1:15000",
+             "FEM_TEST_GIT_BASE_URL": "git://127.0.0.1:19418",
+             "FEM_TEST_UPLOAD_URL": "http://127.0.0.1:18089"}
+    done = subprocess.run([REPO / "scripts" / "demo-task.sh"], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], **moved}, check=True)
+    assert not [p for p in (":8089/", ":5000/", ":9418/") if p in done.stdout], done.stdout
+    (tmp_path / "sample").mkdir()
+    make_config(policy={"images": {"allow": ["127.0.0.1:15000/**"]},
+                        "sources": {"allow": ["git://127.0.0.1:19418/**"]},
+                        "uploads": {"allow": ["http://127.0.0.1:18089/**"]},
+                        "datasets": {"sample": {"path": str(tmp_path / "sample")}}})
+    (tmp_path / "task.json").write_text(done.stdout)
+    out = CliRunner().invoke(main, ["validate", "--config", str(tmp_path / "config.yml"),
+                                    str(tmp_path / "task.json")])
+    assert out.exit_code == 0, out.output
