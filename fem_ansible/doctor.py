@@ -432,14 +432,20 @@ def _host_line(host: str, result: dict[str, Any]) -> Check:
     return ok(f"host {host}", detail)
 
 
+def disk_need(config: Config) -> int:
+    """The work dir's space that ``max_parallel`` tasks at the policy's limits may take (the
+    metrics' ``fem_disk_need_bytes`` too)."""
+    limits = config.policy.limits
+    return config.execution.max_parallel * (
+        limits.input_bytes + limits.output_bytes + 2 * limits.log_bytes)
+
+
 def check_disk(config: Config) -> Iterator[Check]:
     path = config.work_dir
     while not path.exists() and path != path.parent:
         path = path.parent
     free = shutil.disk_usage(path).free
-    limits = config.policy.limits
-    need = config.execution.max_parallel * (
-        limits.input_bytes + limits.output_bytes + 2 * limits.log_bytes)
+    need = disk_need(config)
     detail = (f"{format_bytes(free)} free in {path}; {config.execution.max_parallel} task(s) "
               f"at the policy's limits need {format_bytes(need)}")
     if free < need:
