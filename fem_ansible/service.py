@@ -111,7 +111,8 @@ def unit_text(layout: ServiceLayout, engine_group: bool) -> str:
 
 def logrotate_text(layout: ServiceLayout) -> str:
     """Weekly rotation of the listener's log and the audit log, kept a year; SIGHUP makes
-    the listener reopen both (docs/operating.md).  ``su``: the dirs belong to the service
+    the listener reopen both at once, and without it (no systemd) both follow the rename
+    at their next line (docs/operating.md).  ``su``: the dirs belong to the service
     user, and logrotate refuses to work in a dir writable by another user without it."""
     return (
         "# written by `fem-ansible install-service`; edits are overwritten by it\n"
