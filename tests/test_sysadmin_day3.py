@@ -29,3 +29,19 @@ def test_demo_task_follows_moved_service_ports(make_config, tmp_path):
     out = CliRunner().invoke(main, ["validate", "--config", str(tmp_path / "config.yml"),
                                     str(tmp_path / "task.json")])
     assert out.exit_code == 0, out.output
+
+
+def test_install_service_dry_run_shows_how_a_file_would_change(tmp_path):
+    from fem_ansible.service import ServiceLayout, install_service
+
+    layout = ServiceLayout(user="root", group="root", work_dir=tmp_path / "lib",
+                           config_dir=tmp_path / "etc", log_dir=tmp_path / "log",
+                           unit_dir=tmp_path / "systemd", logrotate_dir=tmp_path / "lr")
+    install_service(layout, echo=lambda line: None)
+    snippet = tmp_path / "lr" / "fem-ansible"
+    snippet.write_text(snippet.read_text().replace("rotate 52", "rotate 4"))
+    said: list[str] = []
+    assert install_service(layout, dry_run=True, echo=said.append) == [f"update {snippet}"]
+    assert said[0] == f"would update {snippet}"
+    assert "    -    rotate 4" in said and "    +    rotate 52" in said
+    assert "rotate 4" in snippet.read_text()  # dry: nothing written
