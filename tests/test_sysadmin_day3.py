@@ -45,3 +45,46 @@ def test_install_service_dry_run_shows_how_a_file_would_change(tmp_path):
     assert said[0] == f"would update {snippet}"
     assert "    -    rotate 4" in said and "    +    rotate 52" in said
     assert "rotate 4" in snippet.read_text()  # dry: nothing written
+
+
+def test_services_status_names_the_pid_listening_on_the_port_it_checked(tmp_path):
+    """``registry up 127.0.0.1:5000, pid N`` gave the pid services.sh recorded beside the
+    port another process answered on (issue 31)."""
+    import shutil
+    import socket
+    import sys
+    import time
+
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "services.sh", root / "scripts")
+    run = root / ".fem-dev" / "run"
+    run.mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "index.html").write_text("{}")
+    other = subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ours = subprocess.Popen(["sleep", "300"])
+    try:
+        (run / "registry.pid").write_text(str(ours.pid))
+        (run / "registry.cmd").write_text("sleep 300")
+        deadline = time.monotonic() + 30
+        while True:
+            done = subprocess.run([root / "scripts" / "services.sh", "status"], text=True,
+                                  capture_output=True, env={**os.environ,
+                                                            "FEMDEV_REGISTRY_PORT": str(port)})
+            (registry,) = [x for x in done.stdout.splitlines() if x.startswith("registry")]
+            # ss, under load, may not name a socket's process at once
+            if "not started" in registry or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert registry.split(None, 2)[2] == (
+            f"127.0.0.1:{port}, pid {other.pid} (not started by services.sh; its registry, "
+            f"pid {ours.pid}, does not listen on {port})"), registry
+    finally:
+        for proc in (other, ours):
+            proc.kill()
+            proc.wait(10)
