@@ -381,12 +381,17 @@ def tasks(config_path: str, task_id: str | None, limit: int, as_json: bool) -> N
         if rec is None:
             lines = [f"task {task_id}: REJECTED", *rejection_detail(rejected)]
         else:
-            lines = task_detail(rec, config) + rejection_detail(rejected)
+            from .logs import listener_log_files
+
+            lines = (task_detail(rec, config, listener_log_files(config_path))
+                     + rejection_detail(rejected))
     elif as_json:
         click.echo(json.dumps([task_summary(r) for r in journal.recent(limit)], indent=2))
         return
     else:
-        lines = task_table(journal.recent(limit))
+        recent = journal.recent(limit)
+        lines = task_table(recent, errors=journal.errors(
+            [r.task_id for r in recent if r.finished_at and not r.rejection]))
     for line in lines:
         click.echo(line)
 
