@@ -203,14 +203,7 @@ def check_signatures(config: Config) -> Iterator[Check]:
         yield ok("signatures", f"mode {mode}")
 
 
-def _broker_where(config: Config) -> str:
-    url = urlsplit(config.broker.url)
-    user = url.username or "guest"
-    return f"{user}@{url.hostname}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
-
-
 def check_broker(config: Config) -> Iterator[Check]:
-    where = _broker_where(config)
     params = broker.connection_parameters(config)
     params.connection_attempts = 1
     params.retry_delay = 0
@@ -218,23 +211,11 @@ def check_broker(config: Config) -> Iterator[Check]:
     params.stack_timeout = NET_TIMEOUT_S * 2
     try:
         conn = pika.BlockingConnection(params)
-    except (pika.exceptions.ProbableAuthenticationError,
-            pika.exceptions.AuthenticationError) as e:
-        yield fail("broker", f"login refused for {where} ({type(e).__name__})",
-                   "correct the user and password in broker.url "
-                   "(rabbitmqctl authenticate_user USER PASSWORD tells which is wrong)")
-        return
-    except pika.exceptions.ProbableAccessDeniedError:
-        yield fail("broker", f"{where}: no access to the virtual host",
-                   "rabbitmqctl set_permissions -p VHOST USER '^fem\\..*' '^fem\\..*' "
-                   "'^fem\\..*'")
-        return
     except (pika.exceptions.AMQPError, OSError) as e:
-        yield fail("broker", f"cannot connect to {where}: {type(e).__name__} {e}".rstrip(),
-                   "start RabbitMQ, open the port, or correct broker.url")
+        yield fail("broker", *broker.connect_failure(config, e))
         return
     try:
-        yield ok("broker", f"logged in as {where}")
+        yield ok("broker", f"logged in as {broker.where(config)}")
         yield from _check_topology(conn, config)
     finally:
         if conn.is_open:

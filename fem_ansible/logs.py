@@ -89,7 +89,10 @@ def setup_logging(fmt: str = "text", level: str = "INFO", path: str | None = Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # A failed connection, a lost one, a channel the broker closed, a returned message:
+    # pika logs each at length (tracebacks, several lines a failure) and raises or returns
+    # it, and fem-ansible logs what it caught, in one line with what to do (issue 31).
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def reopen_log_files() -> None:

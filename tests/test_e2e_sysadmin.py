@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pika
 import pytest
 from click.testing import CliRunner
 
 from fem_ansible.cli import main
 from fem_ansible.service import ServiceLayout, logrotate_text
-from tests.support.harness import Listener
+from tests.support.harness import AMQP_URL, Listener, new_node_id, site_config
 
 pytestmark = pytest.mark.e2e
 
@@ -91,3 +93,78 @@ def test_tasks_shows_failed_rows_error_code_and_the_log_in_use(site, tmp_path):
     # no listener of this config runs now
     detail = CliRunner().invoke(main, ["tasks", "--config", config, "fails-3"]).output
     assert "journalctl -u fem-ansible | grep fails-3" in detail, detail
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_lines(lst: Listener, text: str, count: int, timeout: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = lst.log.read_text().splitlines() if lst.log.exists() else []
+        found = [x for x in lines if text in x]
+        if len(found) >= count:
+            return lines
+        assert time.monotonic() < deadline, "\n".join(lines)
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("url, said", [
+    ("amqp://guest:guest@127.0.0.1:{port}/%2F",
+     "broker: could not connect to guest@127.0.0.1:{port}: Connection refused — start "
+     "RabbitMQ, open the port, or correct broker.url; trying again in "),
+    ("amqp://guest:not-the-password@127.0.0.1:5672/%2F",
+     "broker: login refused for guest@127.0.0.1:5672 — correct the user and password in "
+     "broker.url"),
+])
+def test_broker_down_or_refusing_at_start_is_one_line_a_try(site, tmp_path, url, said):
+    """Not "connection lost" (it never connected), no empty "AMQPConnectionError: ", and
+    none of pika's own lines and tracebacks (issue 31)."""
+    port = closed_port()
+    lst = Listener(site.config(broker={"url": url.format(port=port)}), tmp_path / "l.log")
+    lst.start(wait_connected=False)
+    try:
+        lines = wait_lines(lst, said.format(port=port), 2)
+    finally:
+        lst.stop()
+    lines = lst.log.read_text().splitlines()
+    assert all(" fem_ansible." in x for x in lines), "\n".join(lines)
+    assert not [x for x in lines if "Traceback" in x or "pika" in x or "lost" in x]
+    assert "not-the-password" not in "\n".join(lines)
+
+
+def publish_raw(node_id: str, body: bytes) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        conn.channel().basic_publish("fem.tasks", node_id, body)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_an_event_no_queue_receives_is_one_line_and_none_on_a_legacy_node(
+        site, tmp_path, legacy):
+    """pika's "Published message was returned" and ours were two warnings an event; a
+    legacy-only node, whose orchestrator binds no queue to fem.events, had them for every
+    event of every task (issue 31)."""
+    node = new_node_id()  # no orchestrator binds fem.events for this node
+    config = site_config(tmp_path, site.env, node, **({"legacy": {
+        "enabled": True, "sandbox_path": str(tmp_path), "tools": {}}} if legacy else {}))
+    lst = Listener(config, tmp_path / "l.log").start()
+    try:
+        for _ in range(2):
+            publish_raw(node, b"not json")
+        lines = wait_lines(lst, f"{node}._.REJECTED", 1 if legacy else 2)
+        time.sleep(2)  # the second event's line, if any
+        lines = lst.log.read_text().splitlines()
+    finally:
+        lst.stop()
+    unroutable = [x for x in lines if "had no queue bound" in x]
+    assert not [x for x in lines if "returned" in x or "pika" in x], "\n".join(lines)
+    if legacy:
+        assert len(unroutable) == 1 and " INFO " in unroutable[0], "\n".join(lines)
+    else:
+        assert len(unroutable) == 2 and all(" WARNING " in x for x in unroutable)
