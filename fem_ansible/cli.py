@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
+from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, ENV_PREFIX, Config, load_config
 from .errors import ConfigError, RejectedError
 from .logs import setup_logging, task_context
 
@@ -235,7 +235,12 @@ def doctor(config_path: str) -> None:
     try:
         config = load_config(config_path)
     except ConfigError as e:
-        click.echo(f"✗ config: {e} — correct {config_path} (docs/configuration.md)")
+        # an override's error starts with its variable's name: the file is not to blame
+        variable = str(e).split(":", 1)[0]
+        fix = (f"correct or unset {variable} in this environment (the service's: its unit's "
+               "Environment=)" if variable.startswith(ENV_PREFIX)
+               else f"correct {config_path} (docs/configuration.md)")
+        click.echo(f"✗ config: {e} — {fix}")
         sys.exit(EXIT_USAGE)
     click.echo(f"✓ config: {config_path}, node {config.node_id}, listener {config.listener_id}")
     from .doctor import diagnose

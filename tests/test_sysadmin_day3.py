@@ -88,3 +88,40 @@ def test_services_status_names_the_pid_listening_on_the_port_it_checked(tmp_path
         for proc in (other, ours):
             proc.kill()
             proc.wait(10)
+
+
+def test_a_misspelt_key_gets_a_suggestion(make_config, tmp_path):
+    import pytest
+
+    from fem_ansible.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown config key 'execution.max_paralel' "
+                                          r"\(did you mean `max_parallel`\?\)"):
+        make_config(execution={"max_paralel": 2})
+    with pytest.raises(ConfigError, match=r"unknown config key 'polcy' \(did you mean "
+                                          r"`policy`\?\)"):
+        make_config(polcy={})
+    with pytest.raises(ConfigError) as err:
+        make_config(execution={"zzz": 2})
+    assert "did you mean" not in str(err.value)
+
+
+def test_a_misspelt_variable_is_blamed_not_the_file(make_config, tmp_path):
+    make_config()
+    config = str(tmp_path / "config.yml")
+    env = {"FEM_ANSIBLE_EXECUTION__MAX_PARALEL": "2"}
+    out = CliRunner().invoke(main, ["doctor", "--config", config], env=env)
+    assert out.exit_code == 2
+    assert out.output.splitlines()[0] == (
+        "✗ config: FEM_ANSIBLE_EXECUTION__MAX_PARALEL: unknown config key "
+        "'execution.max_paralel' (did you mean `FEM_ANSIBLE_EXECUTION__MAX_PARALLEL`?) — "
+        "correct or unset FEM_ANSIBLE_EXECUTION__MAX_PARALEL in this environment (the "
+        "service's: its unit's Environment=)"), out.output
+    listed = CliRunner().invoke(main, ["tasks", "--config", config], env=env)
+    assert listed.exit_code == 2 and listed.output.startswith(
+        "fem-ansible: config error: FEM_ANSIBLE_EXECUTION__MAX_PARALEL: "), listed.output
+    # a bad value through a variable names the variable too
+    out = CliRunner().invoke(main, ["doctor", "--config", config],
+                             env={"FEM_ANSIBLE_EXECUTION__MAX_PARALLEL": "many"})
+    assert out.output.startswith("✗ config: FEM_ANSIBLE_EXECUTION__MAX_PARALLEL: "), out.output
+    assert f"correct {config}" not in out.output
