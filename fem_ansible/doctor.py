@@ -194,6 +194,44 @@ def check_policy(config: Config) -> Iterator[Check]:
                                      for n in _ALLOW_LISTS) + " allowed")
 
 
+def check_roles(config: Config) -> Iterator[Check]:
+    """The site's roles path, and the role each executor the policy allows runs with: a
+    missing one would reject each of its tasks (issue 31)."""
+    from .errors import PolicyViolation
+    from .runner import data_dir
+    from .site_roles import check_executor, find_role, roles_path
+
+    builtin = data_dir() / "roles"
+    site = [Path(p) for p in roles_path(config) if Path(p) != builtin]
+    site_roles = sorted({r.name for p in site if p.is_dir() for r in p.iterdir()
+                         if (r / "tasks").is_dir()})
+    replaced = [r for r in site_roles if (builtin / r).is_dir()]
+    if site:
+        yield ok("roles", f"execution.roles_path {', '.join(map(str, site))}: "
+                 f"{len(site_roles)} role(s)"
+                 + (f", replacing built-in {', '.join(replaced)}" if replaced else "")
+                 + "; then the built-in roles")
+    else:
+        yield ok("roles", "the built-in roles only (execution.roles_path is empty)")
+    # Every executor a task may name: the allow-list's names, and those its globs match
+    # among the executor roles there are.
+    allow = config.policy.executors.allow
+    there = {r.name.removeprefix("fem_executor_") for p in [*site, builtin] if p.is_dir()
+             for r in p.glob("fem_executor_*")}
+    names = {n for n in allow if not GLOB & set(n)} | {n for n in there if allowed(n, allow)}
+    for name in sorted(names | {config.execution.default_executor}):
+        try:
+            check_executor({"executor": name, "task_id": None}, config)
+        except PolicyViolation as e:
+            yield fail(f"executor {name}", e.violations[0][1],
+                       f"put a role fem_executor_{name} on execution.roles_path, or remove "
+                       f"{name} from policy.executors.allow")
+            continue
+        role = find_role(f"fem_executor_{name}", config)
+        yield ok(f"executor {name}", f"role {role}"
+                 + (" (built-in)" if role and role.parent == builtin else " (the site's)"))
+
+
 def check_signatures(config: Config) -> Iterator[Check]:
     mode = config.security.signature.mode
     if mode == "none":
@@ -473,7 +511,8 @@ def diagnose(config: Config) -> list[Check]:
     clock = _Clock()
     steps: list[Callable[[], Iterator[Check]]] = [
         lambda: check_paths(config), lambda: check_ansible(config),
-        lambda: check_policy(config), lambda: check_signatures(config),
+        lambda: check_policy(config), lambda: check_roles(config),
+        lambda: check_signatures(config),
         lambda: check_broker(config),
         lambda: check_engines(config), lambda: check_registries(config, clock),
         lambda: check_git(config), lambda: check_hosts(config),

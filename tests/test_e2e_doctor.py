@@ -47,7 +47,8 @@ def test_doctor_healthy_node(site):
     for prefix in ("✓ config:", "✓ work dir:", "✓ ansible:", "✓ broker: logged in as guest@",
                    "✓ topology:", "✓ engine docker: Docker", "✓ registry 127.0.0.1:5000:",
                    "✓ git 127.0.0.1:9418:", "✓ host localhost:", "✓ disk:", "✓ clock:",
-                   "✓ dataset cohort:"):
+                   "✓ dataset cohort:", "✓ roles: the built-in roles only",
+                   "✓ executor docker: role "):
         line(lines, prefix)
     # signatures off is allowed, but said
     assert "set mode hmac or ed25519" in line(lines, "! signatures:")

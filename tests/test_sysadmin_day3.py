@@ -125,3 +125,23 @@ def test_a_misspelt_variable_is_blamed_not_the_file(make_config, tmp_path):
                              env={"FEM_ANSIBLE_EXECUTION__MAX_PARALLEL": "many"})
     assert out.output.startswith("✗ config: FEM_ANSIBLE_EXECUTION__MAX_PARALLEL: "), out.output
     assert f"correct {config}" not in out.output
+
+
+def test_doctor_says_which_role_each_allowed_executor_runs_with(make_config, tmp_path):
+    from fem_ansible.doctor import check_roles
+
+    site_roles = REPO / "tests" / "site_roles"
+    config = make_config(
+        execution={"work_dir": str(tmp_path / "work"),
+                   "roles_path": [str(site_roles / "rescuing"), str(site_roles / "strict")]},
+        policy={"executors": {"allow": ["docker", "acc*", "gpu"]}})
+    lines = [c.line() for c in check_roles(config)]
+    assert lines[0] == (f"✓ roles: execution.roles_path {site_roles}/rescuing, "
+                        f"{site_roles}/strict: 2 role(s), replacing built-in fem_stage_out; "
+                        "then the built-in roles")
+    assert lines[1:] == [
+        f"✓ executor accounted: role {site_roles}/rescuing/fem_executor_accounted (the site's)",
+        f"✓ executor docker: role {REPO}/roles/fem_executor_docker (built-in)",
+        "✗ executor gpu: executor 'gpu' is allowed but no role fem_executor_gpu is on "
+        "execution.roles_path or among the built-in roles — put a role fem_executor_gpu on "
+        "execution.roles_path, or remove gpu from policy.executors.allow"], lines
