@@ -150,6 +150,7 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
     """Run one task (fem.task/v1 JSON) here without a broker, printing its events."""
     setup_logging(log_format, level="WARNING")
     config = _config(config_path, scrub=True)
+    _not_as_root_in(config.work_dir)
     body = _read_file(task_file)
     from .display import Progress, format_event
     from .journal import Journal
@@ -183,6 +184,29 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
         if progress:
             progress.stop()
     sys.exit(STATE_EXIT.get(final.get("state", "FAILED"), EXIT_FAILED))
+
+
+def _not_as_root_in(work_dir: Path) -> None:
+    """``run`` as root in a work dir that is another user's (the service's) would leave
+    files there that the service cannot change (journal, run dirs): refused, with the
+    command to use instead (issue 31)."""
+    import os
+    import pwd
+
+    try:
+        owner = work_dir.stat().st_uid
+    except FileNotFoundError:
+        return
+    if os.geteuid() != 0 or owner == 0:
+        return
+    try:
+        user = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        user = str(owner)
+    click.echo(f"fem-ansible: not as root: {work_dir} is {user}'s, and root would leave files "
+               f"there that {user} cannot change — run it as that user: "
+               f"runuser -u {user} -- fem-ansible run …", err=True)
+    sys.exit(EXIT_USAGE)
 
 
 @contextlib.contextmanager

@@ -145,3 +145,20 @@ def test_doctor_says_which_role_each_allowed_executor_runs_with(make_config, tmp
         "✗ executor gpu: executor 'gpu' is allowed but no role fem_executor_gpu is on "
         "execution.roles_path or among the built-in roles — put a role fem_executor_gpu on "
         "execution.roles_path, or remove gpu from policy.executors.allow"], lines
+
+
+def test_run_as_root_in_the_service_users_work_dir_is_refused(make_config, tmp_path):
+    """It left root-owned files in the service's work dir (issue 31)."""
+    import shutil
+
+    assert os.geteuid() == 0, "the tests run as root"
+    config = make_config()
+    config.work_dir.mkdir()
+    shutil.chown(config.work_dir, "nobody")
+    (tmp_path / "task.json").write_text("{}")
+    out = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "config.yml"),
+                                    str(tmp_path / "task.json")])
+    assert out.exit_code == 2
+    assert f"not as root: {config.work_dir} is nobody's" in out.output
+    assert "runuser -u nobody -- fem-ansible run" in out.output
+    assert list(config.work_dir.iterdir()) == []
