@@ -102,13 +102,9 @@ def prometheus(tmp_path):
         return f"http://127.0.0.1:{port}"
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    for proc in procs:  # its data dir is the test's: nothing to shut down cleanly
+        proc.kill()
+        proc.wait(30)
 
 
 def query(base: str, expr: str) -> dict:
