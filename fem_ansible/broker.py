@@ -83,6 +83,8 @@ def reason(e: BaseException) -> str:
         e = inner[0]
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
+    if getattr(e, "reply_text", None):  # closed by the broker: its words
+        return f"{e.reply_text} ({e.reply_code})"  # type: ignore[attr-defined]
     return str(e).strip() or type(e).__name__
 
 

@@ -86,6 +86,10 @@ class Listener:
                 if self._connected.is_set():
                     log.warning("broker connection lost (%s); reconnecting in %.1fs",
                                 broker.reason(e), delay)
+                elif self._connection is not None:
+                    log.warning("broker: setting up node %s's exchanges and queues failed "
+                                "(%s); trying again in %.1fs", self.config.node_id,
+                                broker.reason(e), delay)
                 else:
                     log.warning("broker: %s — %s; trying again in %.1fs",
                                 *broker.connect_failure(self.config, e), delay)

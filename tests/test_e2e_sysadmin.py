@@ -168,3 +168,28 @@ def test_an_event_no_queue_receives_is_one_line_and_none_on_a_legacy_node(
         assert len(unroutable) == 1 and " INFO " in unroutable[0], "\n".join(lines)
     else:
         assert len(unroutable) == 2 and all(" WARNING " in x for x in unroutable)
+
+
+def test_a_broker_account_without_permissions_is_said_so(site, tmp_path):
+    """Logged in, then refused the node's exchanges and queues: not "could not connect"
+    (and not "start RabbitMQ"), not "connection lost"."""
+    import uuid
+
+    user, password = f"femt-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    subprocess.run(["rabbitmqctl", "-q", "add_user", user, password], check=True,
+                   capture_output=True, timeout=60)
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", "/", user, "", "", ""],
+                       check=True, capture_output=True, timeout=60)
+        lst = Listener(site.config(broker={"url": f"amqp://{user}:{password}@127.0.0.1:5672/%2F"}),
+                       tmp_path / "l.log")
+        lst.start(wait_connected=False)
+        try:
+            lines = wait_lines(lst, f"broker: setting up node {site.node}'s exchanges and "
+                                    "queues failed (ACCESS_REFUSED", 1)
+        finally:
+            lst.stop()
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True,
+                       timeout=60)
+    assert not [x for x in lines if "could not connect" in x or "lost" in x or "pika" in x]
