@@ -20,7 +20,7 @@ policy": the test writes a policy allowing the test services.
 
 The guide's prose edits are made as it says: the policy, signatures on (mode hmac, a key
 readable by the service's group), a task.json naming its node, and a new ``task_id`` before
-``submit``.  operating.md's Upgrades step 3 (``init`` of a fresh example) is run too.
+``submit``.  docs/operating.md's Upgrades step 3 (``init`` of a fresh example) is run too.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def test_getting_started_runs_as_written(node, site):
     listed = outputs["tasks"]
     assert "guide-run" in listed and "guide-submit" in listed and "COMPLETED" in listed
 
-    # operating.md, Upgrades step 3: a fresh example config to compare with
+    # docs/operating.md, Upgrades step 3: a fresh example config to compare with
     (upgrade,) = re.findall(r"`(fem-ansible init [^`]*)`", OPERATING.read_text())
     node.sh(node.adapt(upgrade.replace("/tmp/x", f"{node.base}/tmp-x")))
     assert (node.base / "tmp-x" / "config.yml").is_file()
