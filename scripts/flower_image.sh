@@ -22,8 +22,8 @@ REPO=fem/flower
 FLWR=1.13.1
 TAG=$FLWR-$(cat "$ROOT"/tests/support/flower/*.py "${BASH_SOURCE[0]}" | sha256sum | cut -c1-10)
 IMAGE=$REGISTRY/$REPO:$TAG
+# The project's pip (scripts/bootstrap.sh's .venv, or PIP=: the tests pass their own).
 PIP=${PIP:-$ROOT/.venv/bin/pip}
-[[ -x $PIP ]] || PIP=/work/main/.venv/bin/pip
 # Debian's python3.11 and what it links; dpkg, perl, tar and mime files are not needed.
 PACKAGES=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libstdc++6 busybox-static)
 SKIP='^(dpkg|install-info|perl|perl-base|perl-modules-.*|libperl.*|tar|mailcap|mime-support|libdb5\.3|libgdbm-compat4)$'
@@ -50,6 +50,7 @@ if in_registry; then
   fi
 fi
 
+[[ -x $PIP ]] || die "$PIP is not there: run scripts/bootstrap.sh, or set PIP"
 mkdir -p "$CACHE/debs" "$CACHE/pip" "$LOGS"
 log=$LOGS/flower-image.log
 : >"$log"

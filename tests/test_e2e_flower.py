@@ -8,8 +8,10 @@ python3.11 and flwr from PyPI, built once by ``scripts/services.sh flower-image`
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,10 @@ EXAMPLES = {"h1": 40, "h2": 25}
 
 @pytest.fixture(scope="module")
 def flower_image() -> str:
+    pip = str(Path(sys.executable).parent / "pip")  # this venv's, for flwr from PyPI
     done = subprocess.run([str(ROOT / "scripts" / "services.sh"), "flower-image"],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PIP": pip})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]
 
