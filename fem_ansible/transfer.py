@@ -242,16 +242,16 @@ def _session(http: HttpConfig) -> requests.Session:
 
 def upload(archive: Archive, target: dict[str, Any], http: HttpConfig,
            progress: Callable[[int], None] | None = None,
-           cancel: threading.Event | None = None) -> None:
+           cancel: threading.Event | None = None, timeout_s: float | None = None) -> None:
     """PUT or POST ``archive`` to ``target`` (``{url, method, headers}``), all tries within
-    ``http.transfer_timeout_s``.
+    ``timeout_s`` (default ``http.transfer_timeout_s``).
 
     :param progress: told the bytes sent so far of the current try, as they go.
     :param cancel: set, the upload stops within a second, the try in flight too.
 
-    :raises TaskFailed: ``stage_out_failed`` after the last try, at the deadline or on the
-        cancel; the message names the redacted URL and the last error, never the query
-        string or a header.
+    :raises TaskFailed: ``cancelled`` on the cancel; ``stage_out_failed`` after the last
+        try or at the deadline.  The message names the redacted URL and the last error,
+        never the query string or a header.
     """
     verify: bool | str = http.ca_file or True
     headers = {**target.get("headers", {}), "Content-Length": str(archive.size)}
@@ -259,7 +259,8 @@ def upload(archive: Archive, target: dict[str, Any], http: HttpConfig,
     shown = redact_url(target["url"])
     last = ""
     retries, backoff_s = max(1, http.upload_tries), http.retry_backoff_s
-    watch = _Watch(cancel or threading.Event(), time.monotonic() + http.transfer_timeout_s)
+    timeout_s = http.transfer_timeout_s if timeout_s is None else timeout_s
+    watch = _Watch(cancel or threading.Event(), time.monotonic() + timeout_s)
     with _session(http) as session, watch.watching():
         for attempt in range(1, retries + 1):
             try:
@@ -288,8 +289,10 @@ def upload(archive: Archive, target: dict[str, Any], http: HttpConfig,
                         shown, last, attempt, retries, delay)
             if watch.cancel.wait(min(delay, max(0.0, watch.remaining()))) or watch.fire():
                 break
-    if watch.fire():
-        last = ("cancelled" if watch.reason == "cancelled" else
-                f"not done within {http.transfer_timeout_s}s (http.transfer_timeout_s)")
+    code = "stage_out_failed"
+    if watch.fire() and watch.reason == "cancelled":
+        last = code = "cancelled"
+    elif watch.reason:
+        last = f"not done within {timeout_s:g}s (http.transfer_timeout_s)"
     raise TaskFailed(f"upload of {archive.path.name} to {shown} failed: {last}",
-                     code="stage_out_failed", stage="stage_out")
+                     code=code, stage="stage_out")

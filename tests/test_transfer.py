@@ -60,7 +60,8 @@ def test_cancel_stops_the_try_in_flight(archive: Archive) -> None:
         thread.join(10)
         assert not thread.is_alive(), "the cancel did not stop the upload"
         error = done["error"]
-        assert isinstance(error, TaskFailed) and error.message.endswith(": cancelled")
+        assert isinstance(error, TaskFailed) and error.code == "cancelled"
+        assert error.message.endswith(": cancelled")
         # The client's socket is gone: the server's answering thread saw it go.
         end = time.monotonic() + 15
         while srv.open and time.monotonic() < end:

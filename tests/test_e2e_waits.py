@@ -1,0 +1,72 @@
+"""Every wait bounded, every wait cancellable (issue 26, reproduction 7): an allowed upload
+endpoint that reads the body, then answers a byte every few seconds, or closes inside its
+answer's head.  Through a real listener, broker, engine, registry, git daemon and upload
+endpoint; the misbehaving endpoint is tests/support/slow_server.py on its own loopback port."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.support.slow_server import SlowServer
+
+pytestmark = pytest.mark.e2e
+
+
+def _to(srv: SlowServer, site, task_id: str, **overrides) -> dict:
+    """The sample task, its outputs uploaded to ``srv`` (its logs to the real endpoint)."""
+    return site.task(task_id, outputs={"upload": {"url": f"{srv.url}/{task_id}/o.tar.gz"}},
+                     **overrides)
+
+
+def _config(site, *servers: SlowServer, **http):
+    uploads = [f"{site.env['FEM_TEST_UPLOAD_URL']}/**", *(f"{s.url}/**" for s in servers)]
+    return site.config(policy={"uploads": {"allow": uploads}}, http=http)
+
+
+def test_cancel_during_a_trickling_upload_frees_the_slot(site):
+    orch = site.orchestrator
+    with SlowServer("trickle", interval_s=5) as srv:
+        site.listener(_config(site, srv))  # one slot; the default deadline, an hour
+        orch.publish(_to(srv, site, "held"))
+        orch.publish(site.task("next"))  # waits in the broker while "held" has the slot
+        srv.wait_open(1, timeout=240)  # the outputs' body is read, the answer trickles
+        assert orch.wait_state("held", "STAGING_OUT")
+        cancelled_at = time.monotonic()
+        orch.cancel("held")
+        final = orch.wait_terminal("held", timeout=30)
+        assert time.monotonic() - cancelled_at < 30
+        assert final["state"] == "CANCELLED", final
+        assert final["error"]["code"] == "cancelled" and final["error"]["stage"] == "stage_out"
+        assert final["exit_code"] is None
+        # The upload's connection was closed by the listener, not by the server.
+        end = time.monotonic() + 10
+        while srv.open and time.monotonic() < end:
+            time.sleep(0.1)
+        assert srv.open == 0
+        following = orch.wait_terminal("next", timeout=240)
+        assert following["state"] == "COMPLETED", following
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_cut_answer_fails_and_deadline_ends_a_trickler(site):
+    orch = site.orchestrator
+    with SlowServer("cut") as cut, SlowServer("trickle", interval_s=2) as trickle:
+        site.listener(_config(site, cut, trickle, upload_tries=2, retry_backoff_s=0.2,
+                              transfer_timeout_s=8))
+        orch.publish(_to(cut, site, "cut"))
+        orch.publish(_to(trickle, site, "trickled"))
+        cut_end = orch.wait_terminal("cut", timeout=240)
+        assert cut_end["state"] == "FAILED", cut_end
+        assert cut_end["error"]["code"] == "stage_out_failed"
+        assert "COMPLETED" not in [e["state"] for e in orch.events("cut")]
+        assert cut.bodies == 2, "both tries were made and answered with a cut head"
+        trickled = orch.wait_terminal("trickled", timeout=240)
+        assert trickled["state"] == "FAILED", trickled
+        assert trickled["error"]["code"] == "stage_out_failed"
+        assert "not done within 8s (http.transfer_timeout_s)" in trickled["error"]["message"]
+        # 39 bytes at one every 2 s would take 78 s; the deadline ended it after 8.
+        assert trickle.bodies == 1
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
