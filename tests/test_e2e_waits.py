@@ -70,3 +70,26 @@ def test_cut_answer_fails_and_deadline_ends_a_trickler(site):
         # 39 bytes at one every 2 s would take 78 s; the deadline ended it after 8.
         assert trickle.bodies == 1
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_cancel_during_the_plays_stage_out_stops_it(site, tmp_path):
+    """A site's stage-out that would take two minutes: the cancel stops the play there and
+    cleans up, instead of letting it finish (as it did before issue 26)."""
+    orch = site.orchestrator
+    tasks = tmp_path / "roles" / "fem_stage_out" / "tasks"
+    tasks.mkdir(parents=True)
+    (tasks / "main.yml").write_text(
+        "- name: A stage-out that takes its time\n"
+        "  ansible.builtin.wait_for:\n"
+        "    timeout: 120\n")
+    site.listener(site.config(execution={"work_dir": str(site.work_dir),
+                                         "roles_path": [str(tmp_path / "roles")]}))
+    orch.publish(site.task("slow-out"))
+    orch.wait_state("slow-out", "STAGING_OUT")
+    time.sleep(2)  # into the site's role
+    cancelled_at = time.monotonic()
+    orch.cancel("slow-out")
+    final = orch.wait_terminal("slow-out", timeout=30)
+    assert time.monotonic() - cancelled_at < 30
+    assert final["state"] == "CANCELLED" and final["error"]["code"] == "cancelled", final
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
