@@ -1,13 +1,15 @@
 """Every wait bounded, every wait cancellable (issue 26, reproduction 7): an allowed upload
 endpoint that reads the body, then answers a byte every few seconds, or closes inside its
-answer's head.  Through a real listener, broker, engine, registry, git daemon and upload
-endpoint; the misbehaving endpoint is tests/support/slow_server.py on its own loopback port."""
+answer's head; a cancel in the play's stage-out; a registry that answers a byte at a time.
+Through a real listener, broker, engine, registry, git daemon and upload endpoint; the
+misbehaving server is tests/support/slow_server.py on its own loopback port."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+import yaml
 
 from tests.support.harness import NOTHING_LEFT, leftovers
 from tests.support.slow_server import SlowServer
@@ -92,4 +94,27 @@ def test_cancel_during_the_plays_stage_out_stops_it(site, tmp_path):
     final = orch.wait_terminal("slow-out", timeout=30)
     assert time.monotonic() - cancelled_at < 30
     assert final["state"] == "CANCELLED" and final["error"]["code"] == "cancelled", final
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_pull_from_a_trickling_registry_ends_at_its_timeout(site, tmp_path):
+    """The registry answers a byte every 5 s (the engine's every read in time): the pull
+    ends at the host's ``fem_image_pull_timeout``, the task FAILED ``image_pull_failed``."""
+    orch = site.orchestrator
+    with SlowServer("trickle", interval_s=5) as registry:
+        host = registry.url.removeprefix("http://")
+        inventory = tmp_path / "inventory.yml"
+        inventory.write_text(yaml.safe_dump({"all": {"hosts": {"localhost": {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            "fem_image_pull_timeout": 10}}}}))
+        site.listener(site.config(
+            execution={"work_dir": str(site.work_dir), "inventory": str(inventory)},
+            policy={"images": {"allow": [f"{host}/**"]}}))
+        orch.publish(site.task("slow-pull", source=None,
+                               image={"ref": f"{host}/fem/slow:1", "pull_policy": "always"}))
+        final = orch.wait_terminal("slow-pull", timeout=240)
+    assert final["state"] == "FAILED", final
+    assert final["error"]["code"] == "image_pull_failed"
+    assert "Timed out after 10 second(s)" in final["error"]["message"]
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
