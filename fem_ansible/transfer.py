@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import http.client
 import logging
@@ -28,8 +29,7 @@ from typing import Any
 
 import requests
 import requests.adapters
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connectionpool import HTTPConnectionPool
 
 from .config import HttpConfig
 from .errors import TaskFailed
@@ -198,20 +198,13 @@ class _Watched:
             watch.add(self.sock)
 
 
-class _HTTPConnection(_Watched, HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_Watched, HTTPSConnection):
-    pass
-
-
-class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
+@functools.cache
+def _watched_pool(pool: type[HTTPConnectionPool]) -> type[HTTPConnectionPool]:
+    """``pool`` (urllib3's, or a proxy's such as SOCKS) with watched connections."""
+    if issubclass(pool.ConnectionCls, _Watched):
+        return pool
+    conn = type(f"Watched{pool.ConnectionCls.__name__}", (_Watched, pool.ConnectionCls), {})
+    return type(f"Watched{pool.__name__}", (pool,), {"ConnectionCls": conn})
 
 
 class _Adapter(requests.adapters.HTTPAdapter):
@@ -219,7 +212,8 @@ class _Adapter(requests.adapters.HTTPAdapter):
 
     @staticmethod
     def _watched(manager: Any) -> Any:
-        manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        manager.pool_classes_by_scheme = {
+            scheme: _watched_pool(pool) for scheme, pool in manager.pool_classes_by_scheme.items()}
         return manager
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:

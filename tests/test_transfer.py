@@ -25,13 +25,19 @@ def archive(tmp_path: Path) -> Archive:
     return Archive.of(path)
 
 
-def test_deadline_ends_an_upload_a_trickling_server_keeps_alive(archive: Archive) -> None:
-    http = HttpConfig(transfer_timeout_s=3, upload_tries=5, retry_backoff_s=0.1)
+@pytest.mark.parametrize("via_proxy", [False, True], ids=["direct", "http-proxy"])
+def test_deadline_ends_an_upload_a_trickling_server_keeps_alive(archive: Archive,
+                                                                via_proxy: bool) -> None:
     # One byte a second: no socket read ever waits longer than a second.
     with SlowServer("trickle", interval_s=1) as srv:
+        # Through a proxy, the trickler is the proxy (the URL's own host is never reached).
+        url = "http://127.0.0.1:9/o.tar.gz?X-Sig=secret" if via_proxy else \
+            srv.url + "/o.tar.gz?X-Sig=secret"
+        http = HttpConfig(transfer_timeout_s=3, upload_tries=5, retry_backoff_s=0.1,
+                          proxy=srv.url if via_proxy else None)
         start = time.monotonic()
         with pytest.raises(TaskFailed) as e:
-            upload(archive, {"url": srv.url + "/o.tar.gz?X-Sig=secret"}, http)
+            upload(archive, {"url": url}, http)
         took = time.monotonic() - start
     assert e.value.code == "stage_out_failed"
     assert "not done within 3s (http.transfer_timeout_s)" in e.value.message
