@@ -5,6 +5,7 @@ tests/support/upload_server.py)."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from fem_ansible.config import HttpConfig
 from fem_ansible.errors import TaskFailed
 from fem_ansible.transfer import Archive, upload
+from tests.support.secure_services import _certificates
 from tests.support.slow_server import SlowServer
 from tests.support.upload_server import UploadServer
 
@@ -25,16 +27,22 @@ def archive(tmp_path: Path) -> Archive:
     return Archive.of(path)
 
 
-@pytest.mark.parametrize("via_proxy", [False, True], ids=["direct", "http-proxy"])
-def test_deadline_ends_an_upload_a_trickling_server_keeps_alive(archive: Archive,
-                                                                via_proxy: bool) -> None:
+@pytest.mark.parametrize("way", ["direct", "http-proxy", "https"])
+def test_deadline_ends_an_upload_a_trickling_server_keeps_alive(archive: Archive, way: str,
+                                                                tmp_path: Path) -> None:
+    tls, ca = None, None
+    if way == "https":
+        certs = _certificates(tmp_path)
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(certs["server"], certs["server_key"])
+        ca = str(certs["ca"])
     # One byte a second: no socket read ever waits longer than a second.
-    with SlowServer("trickle", interval_s=1) as srv:
+    with SlowServer("trickle", interval_s=1, tls=tls) as srv:
         # Through a proxy, the trickler is the proxy (the URL's own host is never reached).
-        url = "http://127.0.0.1:9/o.tar.gz?X-Sig=secret" if via_proxy else \
+        url = "http://127.0.0.1:9/o.tar.gz?X-Sig=secret" if way == "http-proxy" else \
             srv.url + "/o.tar.gz?X-Sig=secret"
         http = HttpConfig(transfer_timeout_s=3, upload_tries=5, retry_backoff_s=0.1,
-                          proxy=srv.url if via_proxy else None)
+                          proxy=srv.url if way == "http-proxy" else None, ca_file=ca)
         start = time.monotonic()
         with pytest.raises(TaskFailed) as e:
             upload(archive, {"url": url}, http)

@@ -8,6 +8,8 @@ Modes (what it answers once it has read a request's head and its ``Content-Lengt
 * ``cut`` — ``answer`` (by default the first line of a 200, ``HTTP/1.1 200 OK\\r\\n``), then
   the connection closes: the response ends inside its head (or its body).
 
+``tls`` (a server context) makes it an https endpoint.
+
 Use::
 
     with SlowServer("trickle") as srv:
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Literal
@@ -30,10 +33,11 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 class SlowServer:
     def __init__(self, mode: Literal["trickle", "cut"], interval_s: float = 5.0,
-                 answer: bytes = b"HTTP/1.1 200 OK\r\n"):
-        self.mode, self.interval_s, self.answer = mode, interval_s, answer
+                 answer: bytes = b"HTTP/1.1 200 OK\r\n", tls: ssl.SSLContext | None = None):
+        self.mode, self.interval_s, self.answer, self.tls = mode, interval_s, answer, tls
         self._sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._sock.getsockname()[1]}"
         self.bodies = 0
         self.open = 0
         self._conns: list[socket.socket] = []
@@ -65,6 +69,8 @@ class SlowServer:
     def _serve(self, conn: socket.socket) -> None:
         with conn, self._counted():
             try:
+                if self.tls:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
                 if not self._read_request(conn):
                     return
                 if self.mode == "cut":
