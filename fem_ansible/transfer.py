@@ -253,8 +253,8 @@ def upload(archive: Archive, target: dict[str, Any], http: HttpConfig,
     shown = redact_url(target["url"])
     last = ""
     retries, backoff_s = max(1, http.upload_tries), http.retry_backoff_s
-    timeout_s = http.transfer_timeout_s if timeout_s is None else timeout_s
-    watch = _Watch(cancel or threading.Event(), time.monotonic() + timeout_s)
+    limit_s = http.transfer_timeout_s if timeout_s is None else timeout_s
+    watch = _Watch(cancel or threading.Event(), time.monotonic() + limit_s)
     with _session(http) as session, watch.watching():
         for attempt in range(1, retries + 1):
             try:
@@ -287,6 +287,7 @@ def upload(archive: Archive, target: dict[str, Any], http: HttpConfig,
     if watch.fire() and watch.reason == "cancelled":
         last = code = "cancelled"
     elif watch.reason:
-        last = f"not done within {timeout_s:g}s (http.transfer_timeout_s)"
+        last = f"not done within {limit_s:g}s" + (
+            " (http.transfer_timeout_s)" if timeout_s is None else "")
     raise TaskFailed(f"upload of {archive.path.name} to {shown} failed: {last}",
                      code=code, stage="stage_out")

@@ -55,6 +55,14 @@ def test_deadline_ends_an_upload_a_trickling_server_keeps_alive(archive: Archive
     assert srv.bodies == 1
 
 
+def test_a_callers_budget_ends_an_upload_sooner(archive: Archive) -> None:
+    """The budget lifecycle gives the uploads of a run a cancel stopped (STOPPED_UPLOAD_S)."""
+    with SlowServer("trickle", interval_s=1) as srv, pytest.raises(TaskFailed) as e:
+        upload(archive, {"url": srv.url + "/o.tar.gz"}, HttpConfig(), timeout_s=2)
+    assert e.value.code == "stage_out_failed"
+    assert e.value.message.endswith("failed: not done within 2s")
+
+
 def test_cancel_stops_the_try_in_flight(archive: Archive) -> None:
     http = HttpConfig(upload_tries=5, retry_backoff_s=0.1)  # the default deadline: an hour
     cancel = threading.Event()
