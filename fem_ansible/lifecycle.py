@@ -472,7 +472,8 @@ class _Execution(RunHooks):
 
         A cancel while the container runs stops the container instead, through the
         executor's ``stop`` entry point; the play then goes on to stage out its logs.  A
-        cancel in any other stage, stage-out included, stops the play at once."""
+        cancel in stage-in or stage-out stops the play at once (issue 26: a slow stage-out
+        held the slot); one in the last steps (``done``, ``cleanup``) lets them end."""
         if self.node.abandon.is_set():
             return True
         if not self.cancel.is_set():
