@@ -295,6 +295,11 @@ class HttpConfig:
     retry_backoff_s: float = _doc(
         "First wait between upload tries; doubled each try, at most 30 s.", default=1.0
     )
+    transfer_timeout_s: int = _doc(
+        "Longest time one upload may take, all its tries and waits included: a server that "
+        "answers slowly, even a byte at a time, cannot hold a slot longer; past it the task "
+        "fails `stage_out_failed`.", default=3600
+    )
 
 
 @dataclass(frozen=True)
@@ -618,6 +623,8 @@ def _check(config: Config) -> None:
         if getattr(owner, name) < 1:
             section = "broker" if owner is config.broker else "execution"
             raise ConfigError(f"{section}.{name}: must be at least 1")
+    if config.http.transfer_timeout_s < 1:
+        raise ConfigError("http.transfer_timeout_s: must be at least 1")
     if ex.keep_runs < 0:
         raise ConfigError("execution.keep_runs: must not be negative")
     for name in ex.collections:
