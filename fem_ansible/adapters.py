@@ -39,8 +39,8 @@ class Host(Protocol):
     def launch(self, task_id: str) -> None:
         """Run a task just journaled in a worker slot."""
 
-    def cancel(self, task_id: str) -> bool:
-        """Record a cancel and stop the task if it runs here; whether it ran."""
+    def cancel(self, task_id: str, by: str = "orchestrator") -> bool:
+        """Record a cancel (``by`` whom) and stop the task if it runs here; whether it ran."""
 
     def running_count(self) -> int:
         """Tasks this listener holds now."""
@@ -56,7 +56,7 @@ class Adapter(Protocol):
         """The connection is gone."""
 
     def slots_changed(self, free: bool) -> None:
-        """On the connection thread: whether a worker slot is free (consume only then)."""
+        """On the connection thread: whether a worker slot is free (launch waiting work)."""
 
     def run_datasets(self, task: Mapping[str, Any]) -> dict[str, str]:
         """Datasets this adapter resolves for one of its tasks (name -> host path)."""

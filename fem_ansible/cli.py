@@ -369,7 +369,7 @@ def cancel(config_path: str, task_id: str) -> None:
         click.echo(f"fem-ansible: task {task_id} has ended already ({rec.state}); nothing to "
                    "cancel", err=True)
         sys.exit(EXIT_FAILED)
-    send_cancel(config, task_id)
+    send_cancel(config, task_id, by="site")
     if rec is None:
         # Still sent: another listener of this node may have it, or it may arrive later
         # (a recorded cancel stops it from starting).

@@ -365,6 +365,11 @@ class LegacyConfig:
         "the task a `submit_run` of that tool runs; a tool not listed is refused.",
         default_factory=dict,
     )
+    prefetch: int = _doc(
+        "Legacy messages held unacked at once: `submit_run`s waiting for a worker slot and "
+        "the control action being answered; control actions wait behind held `submit_run`s "
+        "only once this many are held.", default=16
+    )
     max_transfer_bytes: int = _doc(
         "Most bytes of files one `send_files` serves or one `receive_files` writes.",
         default=1024**3,

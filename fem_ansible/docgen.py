@@ -143,12 +143,16 @@ def message_reference() -> str:
     return "\n".join(out) + "\n"
 
 
-def example_config(node_id: str | None = None, values: dict[str, str] | None = None) -> str:
+def example_config(node_id: str | None = None, values: dict[str, str] | None = None,
+                   blocks: dict[str, str] | None = None) -> str:
     """A config with every key, each with its meaning and default, commented out.
 
     :param node_id: written as the one uncommented key (the only required one).
     :param values: key path → YAML text of keys to set (uncommented), for ``init``.
+    :param blocks: key path of a map of free names → the text written in place of its one
+        generic commented example entry (``init --legacy``'s tool catalogue).
     """
+    blocks = blocks or {}
     values = dict(values or {})
     wanted = set(values)
     out = ["# fem-ansible site config: every key with its meaning and default.",
@@ -176,11 +180,14 @@ def example_config(node_id: str | None = None, values: dict[str, str] | None = N
         pad = "  " * depth
         if dict_at is not None:
             # a map of free names (datasets, registries): one commented example entry
+            block = blocks.get(".".join(parts[:dict_at]))
             if tuple(parts[:dict_at]) not in examples:
                 examples.add(tuple(parts[:dict_at]))
-                out += ([""] if not pad else []) + [f"{pad}# {parts[dict_at - 1]}:",
-                                                    f"{pad}#   <name>:"]
-            out += [f"{pad}#     # {doc}", f"{pad}#     {parts[-1]}: …"]
+                out += ([""] if not pad else []) + (
+                    block.rstrip("\n").split("\n") if block is not None
+                    else [f"{pad}# {parts[dict_at - 1]}:", f"{pad}#   <name>:"])
+            if block is None:
+                out += [f"{pad}#     # {doc}", f"{pad}#     {parts[-1]}: …"]
             continue
         name = parts[-1]
         out.append(f"{pad}# {doc}" + (" (required)" if default == "required" else ""))

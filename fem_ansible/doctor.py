@@ -270,10 +270,11 @@ def _check_topology(conn: pika.BlockingConnection, config: Config) -> Iterator[C
     for kind, name in objects:
         ch = conn.channel()
         try:
-            if kind == "exchange":
-                ch.exchange_declare(name, passive=True)
-            else:
-                ch.queue_declare(name, passive=True)
+            with broker.expecting_not_found():
+                if kind == "exchange":
+                    ch.exchange_declare(name, passive=True)
+                else:
+                    ch.queue_declare(name, passive=True)
         except pika.exceptions.ChannelClosedByBroker as e:
             (refused if e.reply_code == 403 else missing).append(name)
             continue
@@ -517,6 +518,10 @@ def diagnose(config: Config) -> list[Check]:
         lambda: check_engines(config), lambda: check_registries(config, clock),
         lambda: check_git(config), lambda: check_hosts(config),
         lambda: check_disk(config), lambda: check_clock(config, clock)]
+    if config.legacy.enabled:
+        from .legacy.preflight import check_legacy  # the legacy package imports this one
+
+        steps.insert(4, lambda: check_legacy(config))
     results: list[Check] = []
     for step in steps:
         results.extend(step())

@@ -35,8 +35,8 @@ all:
 """
 
 
-# Written at the end of the config by ``init --legacy``, inside its ``legacy:`` section (the
-# last one): the site's tool catalogue, commented, one entry per json_launcher.json entry.
+# Written by ``init --legacy`` in place of the config's generic commented ``legacy.tools``
+# entry: the site's tool catalogue, commented, one entry per json_launcher.json entry.
 LEGACY_CATALOGUE = """\
   # The site's tool catalogue: one entry per entry of the original client's
   # json_launcher.json (docs/legacy.md, "Mapping a json_launcher.json"). A submit_run of a
@@ -91,9 +91,8 @@ def init_site(directory: Path, node_id: str, broker_url: str | None = None,
         values["legacy.enabled"] = "true"
         values["legacy.sandbox_path"] = json.dumps(
             str(Path(work_dir or "/var/lib/fem-ansible") / "sandbox"))
-    text = example_config(node_id=node_id, values=values)
-    if legacy:
-        text = text.rstrip("\n") + "\n" + LEGACY_CATALOGUE
+    text = example_config(node_id=node_id, values=values,
+                          blocks={"legacy.tools": LEGACY_CATALOGUE} if legacy else None)
     parse_config(text, config_path, environ={})
     directory.mkdir(parents=True, exist_ok=True)
     # the config may come to hold a broker password: readable by its owner only

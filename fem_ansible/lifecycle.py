@@ -9,6 +9,7 @@ done by the playbook's roles.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -47,6 +48,25 @@ STOP_RETRY_S = 2.0
 PLAYBOOK_MARGIN_S = 600
 # Longest upload of each archive of a run a cancel stopped (its logs are still sent).
 STOPPED_UPLOAD_S = 60.0
+
+
+class CancelRequest(threading.Event):
+    """A running task's cancel, and who asked: ``orchestrator`` (a control message, the
+    legacy ``cancel_run``) or ``site`` (``fem-ansible cancel``); the CANCELLED event says it."""
+
+    by = "orchestrator"
+    _hook: Callable[[], None] | None = None
+
+    def request(self, by: str) -> None:
+        self.by = by
+        self.set()
+        if self._hook is not None:
+            self._hook()
+
+    def on_request(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (on the requesting thread) when the cancel comes, not at the
+        runner's next poll: a stop starts at once."""
+        self._hook = hook
 
 
 class NodeObserver:
@@ -235,6 +255,9 @@ class _Execution(RunHooks):
         self.result = dict(rec.result)
         self._stage: str | None = None
         self._stopper: threading.Thread | None = None
+        self._stopper_lock = threading.Lock()
+        if isinstance(cancel, CancelRequest):
+            cancel.on_request(self._start_stopper)
         # The state of the last event, which a progress event repeats.
         self._state_now = rec.state
         self._unreachable = False
@@ -286,7 +309,8 @@ class _Execution(RunHooks):
             "image_digest": self.known["image_digest"],
             "source_commit": self.known["source_commit"],
         })
-        for key in ("fem_exit_code", "fem_timed_out", "fem_outputs_archive", "fem_logs_archive"):
+        for key in ("fem_exit_code", "fem_timed_out", "fem_stopped", "fem_outputs_archive",
+                    "fem_logs_archive"):
             if key in data:
                 self.result[key.removeprefix("fem_")] = data[key]
         self.journal.update(self.tid, result=self.result)
@@ -425,7 +449,7 @@ class _Execution(RunHooks):
                 "fem_node_id": config.node_id,
                 "fem_run": {
                     # The host's own work dir (inventory var fem_work_dir, docs/hosts.md).
-                    "dir": f"{self.node.targets.work_dir(host)}/tasks/{name}",
+                    "dir": self._host_run_dir(),
                     "attempt": self.rec.attempt,
                     "name": name,
                     "local_dir": str(pdd),
@@ -445,6 +469,11 @@ class _Execution(RunHooks):
             strategy=config.execution.strategy if not (playbook or tags) else "linear",
             ssh_control_dir=ssh_dir,
         )
+
+    def _host_run_dir(self) -> str:
+        """``fem_run.dir``: the task's work dir on the host it runs on."""
+        host = self.known["host"]
+        return f"{self.node.targets.work_dir(host)}/tasks/{self.node.engine_name(self.tid)}"
 
     def _secrets(self, registry: str) -> dict[str, Any]:
         """``fem_secrets``: credentials from the site config for this task's ``registry`` and
@@ -480,21 +509,34 @@ class _Execution(RunHooks):
         if not self.cancel.is_set():
             return False
         if self._stage == "run":
-            if self._stopper is None:
-                self._stopper = threading.Thread(target=self._stop_container, daemon=True)
-                self._stopper.start()
+            self._start_stopper()
             return False
         if self._stage == "stage_out" and self._stopper is not None:
             return False  # staging out the logs of the run the cancel stopped
         return self._stage not in ("done", "cleanup")
 
+    def _start_stopper(self) -> None:
+        """Stop the container, once, if the play is in the run stage."""
+        with self._stopper_lock:
+            if self._stage == "run" and self._stopper is None and self.cancel.is_set():
+                self._stopper = threading.Thread(target=self._stop_container, daemon=True)
+                self._stopper.start()
+
     def _stop_container(self) -> None:
         """Stop the container until the play has left the run stage: a cancel that arrives
-        as the stage starts may find no container yet, and one must not start after it."""
+        as the stage starts may find no container yet, and one must not start after it.
+
+        The executor's ``stop`` asks the run module waiting for the container to stop it
+        (docs/roles.md); on a host of the listener's own (a local connection) the listener
+        asks at once itself, without the stop playbook's start-up."""
+        if self.node.targets.is_local(self.known["host"]):
+            with contextlib.suppress(OSError):  # not there yet: the playbook asks again
+                (Path(self._host_run_dir()) / "stop").touch(mode=0o600)
         while self._stage == "run":
             log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
             result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(), lambda: False)
-            if result.failure is not None:
+            if result.failure is not None and self._stage == "run":
+                # (once the play has left the run stage its end also ends this stop run)
                 log.warning("%s: stopping the container failed: %s", self.tid,
                             result.failure.message, extra={"task_id": self.tid})
             time.sleep(STOP_RETRY_S)
@@ -509,8 +551,8 @@ class _Execution(RunHooks):
         if self.cancel.is_set() and outcome.status == "canceled":
             # The playbook was stopped before its own cleanup could run.
             self._cleanup()
-            return self.emit("CANCELLED", "cancelled",
-                             error=_error("cancelled", "run", "cancelled by the orchestrator"))
+            return self.emit("CANCELLED", self._cancelled_by(),
+                             error=_error("cancelled", "run", self._cancelled_by()))
         if outcome.status == "timeout":
             self._cleanup()
         if failure is not None:
@@ -523,8 +565,8 @@ class _Execution(RunHooks):
             reports = self._upload()
         except TaskFailed as e:
             if e.code == "cancelled":  # the cancel came during the uploads
-                return self.emit("CANCELLED", "cancelled", error=_error(
-                    e.code, e.stage, "cancelled by the orchestrator during the uploads"))
+                return self.emit("CANCELLED", self._cancelled_by(), error=_error(
+                    e.code, e.stage, f"{self._cancelled_by()} during the uploads"))
             return self.emit("FAILED", e.message, exit_code=exit_code,
                              error=_error(e.code, e.stage, e.message))
         if timed_out:
@@ -532,9 +574,12 @@ class _Execution(RunHooks):
             return self.emit("TIMED_OUT", f"stopped after {limit}s", exit_code=None,
                              error=_error("timeout", "run", f"ran longer than {limit}s"),
                              **reports)
-        if self.cancel.is_set():
-            return self.emit("CANCELLED", "cancelled", exit_code=None,
-                             error=_error("cancelled", "run", "cancelled by the orchestrator"),
+        # A tool that exited by itself before the stop reached it ends by its exit code, as
+        # if no stop had been asked (DESIGN.md); an executor that does not report
+        # fem_stopped (Slurm) is taken as stopped.
+        if self.cancel.is_set() and self.result.get("stopped", True):
+            return self.emit("CANCELLED", self._cancelled_by(), exit_code=None,
+                             error=_error("cancelled", "run", self._cancelled_by()),
                              **reports)
         if exit_code != 0:
             return self.emit("FAILED", f"the container exited with {exit_code}",
@@ -543,6 +588,9 @@ class _Execution(RunHooks):
                                           f"the container exited with {exit_code}"),
                              **reports)
         return self.emit("COMPLETED", "completed", exit_code=0, **reports)
+
+    def _cancelled_by(self) -> str:
+        return f"cancelled by the {getattr(self.cancel, 'by', 'orchestrator')}"
 
     def _upload(self) -> dict[str, Any]:
         """Upload the archives the playbook brought back; an archive already uploaded (by an

@@ -29,7 +29,7 @@ from .config import Config
 from .errors import ConfigError, RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal
-from .lifecycle import Node, NodeObserver
+from .lifecycle import CancelRequest, Node, NodeObserver
 from .logs import reopen_log_files, task_context
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Listener:
                          run_datasets=self._run_datasets, run_secret_env=self._run_secret_env)
         self.pool = ThreadPoolExecutor(config.execution.max_parallel,
                                        thread_name_prefix="fem-task")
-        self.running: dict[str, tuple[Future[Any], threading.Event]] = {}
+        self.running: dict[str, tuple[Future[Any], CancelRequest]] = {}
         self._lock = threading.Lock()
         self._connection: pika.BlockingConnection | None = None
         self._tasks_ch: Any = None
@@ -175,6 +175,7 @@ class Listener:
         want = self.has_free_slot()
         for adapter in self.adapters:
             adapter.slots_changed(want)
+        want = self.has_free_slot()  # an adapter may have taken the free slot
         ch = self._tasks_ch
         if ch is None or not ch.is_open or self._names is None:
             return
@@ -242,19 +243,19 @@ class Listener:
             log.exception("reading a control message failed; ignored")
             ch.basic_ack(method.delivery_tag)
             return
-        self.cancel(msg["task_id"])
+        self.cancel(msg["task_id"], by=msg.get("by", "orchestrator"))
         ch.basic_ack(method.delivery_tag)
 
-    def cancel(self, tid: str) -> bool:
+    def cancel(self, tid: str, by: str = "orchestrator") -> bool:
         """Record a cancel (a task that comes later never starts) and stop the task when it
-        runs here; returns whether it did."""
+        runs here; returns whether it did.  ``by``: who asked (the CANCELLED event says)."""
         self.journal.record_cancel(tid)
-        self.node.audit.record("cancel_requested", tid)
+        self.node.audit.record("cancel_requested", tid, by=by)
         with self._lock:
             entry = self.running.get(tid)
         if entry is not None:
             log.info("cancelling task %s", tid, extra={"task_id": tid})
-            entry[1].set()
+            entry[1].request(by)
         return entry is not None
 
     def _dead_letter(self, body: bytes, props: Any, reason: str) -> None:
@@ -303,7 +304,7 @@ class Listener:
     # -- workers -------------------------------------------------------------------------
 
     def _start(self, task_id: str) -> None:
-        cancel = threading.Event()
+        cancel = CancelRequest()
         with self._lock:
             self.running[task_id] = (self.pool.submit(self._work, task_id, cancel), cancel)
 

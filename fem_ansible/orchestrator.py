@@ -71,9 +71,10 @@ def submit_task(config: Config, body: bytes, task_id: str | None, *, wait: bool,
             conn.close()
 
 
-def send_cancel(config: Config, task_id: str, sign_key: str | None = None) -> None:
+def send_cancel(config: Config, task_id: str, sign_key: str | None = None,
+                by: str = "orchestrator") -> None:
     body = json.dumps({"schema": CONTROL_SCHEMA_ID, "action": "cancel", "task_id": task_id,
-                       "node_id": config.node_id}).encode()
+                       "node_id": config.node_id, "by": by}).encode()
     conn = broker.connect(config)
     try:
         ch = conn.channel()

@@ -295,6 +295,9 @@ CONTROL_SCHEMA: dict[str, Any] = {
         "task_id": {"type": "string", "pattern": TASK_ID_PATTERN},
         "node_id": {"type": "string", "pattern": NODE_ID_PATTERN},
         "not_after": {"type": "string", "maxLength": 64},
+        "by": {"enum": ["orchestrator", "site"],
+               "description": "Who asks: the orchestrator (the default) or the site "
+                              "(`fem-ansible cancel`); the CANCELLED event's message says it."},
     },
 }
 

@@ -188,6 +188,10 @@ class Targets:
     def work_dir(self, host: str) -> str:
         return self.inventory.work_dir(host, self.config.execution.work_dir)
 
+    def is_local(self, host: str) -> bool:
+        """Whether ``host`` is reached over a local connection: the listener's own host."""
+        return self.inventory.hostvars.get(host, {}).get("ansible_connection") == "local"
+
     def acquire(self, target: str, host: str | None = None,
                 exclude: Iterable[str] = ()) -> str | None:
         """Take a slot on a host for one task and return the host.

@@ -7,11 +7,14 @@
 #   RabbitMQ          127.0.0.1:5672   started with `rabbitmq-server -detached` when down
 # and the sample image 127.0.0.1:5000/fem/busybox:1. `.fem-dev/env` describes them.
 #
-# usage: scripts/services.sh start|stop [--all]|status
+# usage: scripts/services.sh start|stop [--all]|status|flower-image
 #   start   idempotent; waits until every service answers; silent on success
 #   stop    stops the registry, git daemon and upload endpoint; with --all also the dockerd
 #           that this script started (never a dockerd or RabbitMQ it did not start)
 #   status  one line per service; exit 0 when all answer, 3 otherwise
+#   flower-image  build (once; cached in the registry) and print the Flower test image
+#           127.0.0.1:5000/fem/flower:1.13.1-<hash> (scripts/flower_image.sh); it downloads
+#           ~100 MB the first time, so only the tests that need it ask for it
 # Ports can be moved with FEMDEV_REGISTRY_PORT, FEMDEV_GIT_PORT, FEMDEV_UPLOAD_PORT.
 # A dockerd started here tries overlay2, then vfs; its log is .fem-dev/logs/dockerd.log.
 set -euo pipefail
@@ -479,8 +482,14 @@ case ${1:-} in
 start) cmd_start ;;
 stop) cmd_stop "${2:-}" ;;
 status) cmd_status ;;
+flower-image)
+  mkdir -p "$RUN"
+  exec 8>"$RUN/flower.lock"
+  flock -w 1800 8 || die "another build of the Flower image holds $RUN/flower.lock"
+  "$ROOT/scripts/flower_image.sh"
+  ;;
 *)
-  echo "usage: $0 start|stop [--all]|status" >&2
+  echo "usage: $0 start|stop [--all]|status|flower-image" >&2
   exit 2
   ;;
 esac

@@ -38,15 +38,17 @@ def test_the_legacy_package_uses_no_private_name_of_the_listener_or_node():
         assert "from ..listener" not in path.read_text()
 
 
-def test_a_submit_run_delivered_with_no_free_slot_goes_back_to_the_queue(make_config, tmp_path):
-    """Two consumers may each be delivered a message for the last slot: the legacy one puts
-    its submit_run back (requeued) and stops consuming, rather than queue a run."""
+def test_a_submit_run_waits_for_a_slot_held_and_control_actions_pass_it(make_config,
+                                                                         tmp_path):
+    """With no free slot a submit_run is held unacked (nothing read, journaled or made);
+    a control action delivered after it is answered at once; the held run is submitted
+    once a slot frees; before the broker's consumer timeout it is given back (requeued)."""
     from types import SimpleNamespace
 
     from fem_ansible.legacy.adapter import LegacyAdapter
-    from fem_ansible.legacy.message import parse_message
 
     calls = []
+    free = [False]
 
     class Channel:
         is_open = True
@@ -54,16 +56,40 @@ def test_a_submit_run_delivered_with_no_free_slot_goes_back_to_the_queue(make_co
         def basic_nack(self, tag, requeue):
             calls.append(("nack", tag, requeue))
 
-        def basic_cancel(self, tag):
-            calls.append(("cancel", tag))
+        def basic_ack(self, tag):
+            calls.append(("ack", tag))
 
+    class Conn:
+        is_open = True
+
+        def call_later(self, delay, fn):
+            calls.append(("later", fn.__name__))
+
+    audit = SimpleNamespace(record=lambda *a, **k: None)
     config = make_config(legacy={"enabled": True, "sandbox_path": str(tmp_path / "sb")})
-    host = SimpleNamespace(config=config, node=None, journal=None,
-                           has_free_slot=lambda: False)
+    verifier = SimpleNamespace(verify=lambda body, header: None)
+    node = SimpleNamespace(audit=audit, intake=SimpleNamespace(verifier=verifier))
+    host = SimpleNamespace(config=config, node=node, journal=None,
+                           has_free_slot=lambda: free[0])
     adapter = LegacyAdapter(host)
-    adapter._ch, adapter._consumer_tag, adapter._slot_free = Channel(), "ctag", False
-    body = b"submit_run|t|{}|" + b'{"execution_id": "e1"}' + b"|{}|alice|None|submit_run|x"
-    adapter._submit(adapter._ch, SimpleNamespace(delivery_tag=7), None,
-                    parse_message(body, 1 << 20))
-    assert calls == [("nack", 7, True), ("cancel", "ctag")]
+    ch = Channel()
+    adapter._ch, adapter._conn = ch, Conn()
+    adapter._submit = lambda c, m, p, msg: calls.append(("submit", m.delivery_tag))
+    adapter.helper = SimpleNamespace(submit=lambda fn, c, tag, p, msg: calls.append(
+        ("answer", tag, msg.action)))
+    props = SimpleNamespace(headers=None, reply_to="r", correlation_id="c")
+    run = b"submit_run|t|{}|" + b'{"execution_id": "e1"}' + b"|{}|alice|None|submit_run|x"
+    cancel = b"cancel_run|t|{}|" + b'{"execution_id": "e1"}' + b"|{}|alice|None|None|x"
+    adapter._on_message(ch, SimpleNamespace(delivery_tag=7), props, run)
+    adapter._on_message(ch, SimpleNamespace(delivery_tag=8), props, cancel)
+    assert calls == [("answer", 8, "cancel_run")]
     assert not (tmp_path / "sb").exists()  # nothing read, nothing made
+
+    adapter._refresh_held()
+    assert calls[1:] == [("nack", 7, True), ("later", "_refresh_held")]
+    adapter._on_message(ch, SimpleNamespace(delivery_tag=9), props, run)  # redelivered
+    adapter.slots_changed(False)
+    assert calls[3:] == []
+    free[0] = True
+    adapter.slots_changed(True)
+    assert calls[3:] == [("submit", 9)]

@@ -100,13 +100,16 @@ def test_init_legacy_writes_a_catalogue_that_loads_once_uncommented(tmp_path):
 
     config_path = init_site(tmp_path / "etc", "site-a", legacy=True)[0]
     text = config_path.read_text()
-    assert text.endswith(LEGACY_CATALOGUE)
+    # One commented `tools:` block: the catalogue, in place of the generic example entry.
+    assert LEGACY_CATALOGUE in text and text.count("# tools:") == 1
     plain = load_config(config_path, environ={})
     assert plain.legacy.enabled and plain.legacy.tools == {}
     # The sysadmin uncomments the block from `tools:` on (its lines lose their "# ").
-    start = text.rindex("  # tools:")
+    start = text.index("  # tools:")
+    end = text.index(LEGACY_CATALOGUE) + len(LEGACY_CATALOGUE)
     config_path.write_text(text[:start] + "".join(
-        line.replace("  # ", "  ", 1) + "\n" for line in text[start:].splitlines()))
+        line.replace("  # ", "  ", 1) + "\n" for line in text[start:end].splitlines())
+        + text[end:])
     config = load_config(config_path, environ={})
     assert set(config.legacy.tools) == {"kaapana-fem-adapter", "flcore-client"}
     assert config.legacy.tools["kaapana-fem-adapter"].env["FEM_TOKEN"] == "%%token%%"
@@ -175,3 +178,34 @@ def test_per_node_parameters_server_and_own_node(site):
                              params=repr(params)))
     assert out.task["command"] == ["serve", "python3", "server.py", "--rounds", "5",
                                    "--port", "8080"]
+
+
+def test_doctor_legacy_lines_name_what_every_run_of_an_entry_would_meet(make_config,
+                                                                        tmp_path):
+    from fem_ansible.legacy.preflight import check_legacy
+
+    sandbox = tmp_path / "sb"
+    sandbox.mkdir(mode=0o755)
+    sandbox.chmod(0o755)
+    config = make_config(
+        policy={"images": {"allow": ["127.0.0.1:5000/**"]}, "networks": {"allow": []}},
+        legacy={"enabled": True, "sandbox_path": str(sandbox),
+                "data_path": str(tmp_path / "nowhere"), "site_vars": {"KNOWN": "x"},
+                "tools": {
+                    "ok": {"image": "127.0.0.1:5000/fem/t:1",
+                           "env": {"A": "$KNOWN", "B": "$PATH in a sentence"}},
+                    "foreign": {"image": "docker.io/library/python:3"},
+                    "hosty": {"image": "127.0.0.1:5000/fem/t:1", "network": "host"},
+                    "unset": {"image": "127.0.0.1:5000/fem/t:1", "env": {"C": "$SECRET_DIR"}},
+                    "msg": {"from_task_info": True}}})
+    lines = {c.name: c for c in check_legacy(config)}
+    assert lines["legacy sandbox"].status == "ok"
+    assert lines["legacy data"].status == "fail"
+    assert lines["legacy tool ok"].status == "ok"
+    assert lines["legacy tool foreign"].status == "fail"
+    assert "policy.images" in lines["legacy tool foreign"].detail
+    assert lines["legacy tool hosty"].status == "fail"
+    assert "policy.networks" in lines["legacy tool hosty"].detail
+    assert lines["legacy tool unset"].status == "warn"
+    assert "$SECRET_DIR" in lines["legacy tool unset"].detail
+    assert lines["legacy tool msg"].status == "ok"

@@ -1,9 +1,10 @@
 """The legacy protocol as an adapter on the listener's public surface (fem_ansible/adapters.py).
 
 Everything broker-side runs on the listener's connection thread: reading a message,
-journaling a ``submit_run``, publishing replies, acking.  Its queue is consumed only while a
-worker slot is free (``execution.max_parallel``), like the task queue, so no launched run
-ever waits inside the listener.
+journaling a ``submit_run``, publishing replies, acking.  Its queue is consumed always, so
+control actions (``cancel_run``, ``health-check``, files) are answered whatever the worker
+slots hold; a ``submit_run`` that finds no free slot is held unacked (not journaled, so a
+crash gives it back to the broker) until one frees (docs/legacy.md, docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import shutil
 import tarfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -24,11 +26,12 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from .. import broker
 from ..adapters import Host
 from ..config import Config
 from ..errors import ConfigError, PolicyViolation, RejectedError
 from ..intake import Task
-from . import catalogue, intake, sandbox
+from . import catalogue, intake, preflight, sandbox
 from .catalogue import Launch
 from .health import HEALTH_TOOL, health
 from .message import HEALTH, SUBMIT, TASK_PREFIX, LegacyMessage, action_of, parse_message, run_ids
@@ -48,6 +51,9 @@ log = logging.getLogger(__name__)
 SIGNED_ACTIONS = ("send_files", "receive_files", "cancel_run")
 # The executors whose role passes fem_secrets.env to the container (docs/roles.md).
 SECRET_ENV_EXECUTORS = ("docker", "podman")
+# A held submit_run is given back to the queue (and so redelivered) this often: RabbitMQ
+# closes a channel holding an unacked delivery past its consumer_timeout (30 min default).
+HELD_REFRESH_S = 600.0
 
 
 class LegacyAdapter:
@@ -72,6 +78,9 @@ class LegacyAdapter:
             raise ConfigError("legacy.data_path: must be an absolute path")
         if legacy.chunk_size < 1:
             raise ConfigError("legacy.chunk_size: must be at least 1")
+        if legacy.prefetch < 2:
+            raise ConfigError("legacy.prefetch: must be at least 2 (a held submit_run and "
+                              "a control action)")
         self.node = host.node
         self.journal = host.journal
         self.queue = legacy.queue or self.config.node_id
@@ -81,8 +90,10 @@ class LegacyAdapter:
         self.helper = ThreadPoolExecutor(1, thread_name_prefix="fem-legacy")
         self._lock = threading.Lock()
         self._ch: Any = None
-        self._consumer_tag: str | None = None
-        self._slot_free = True
+        self._conn: pika.BlockingConnection | None = None
+        # submit_runs delivered while every slot was busy, oldest first, unacked.
+        self._held: deque[tuple[Any, Any, Any, LegacyMessage]] = deque()
+        self._draining = False
         self._secret_env: dict[str, dict[str, str]] = {}
         self._record = self.config.legacy.reply == "record"
         catalogue.check_catalogue(self.config)
@@ -139,7 +150,8 @@ class LegacyAdapter:
         ``broker.declare`` is true), consume it, and send the replies still pending."""
         probe = conn.channel()
         try:
-            probe.queue_declare(self.queue, passive=True)
+            with broker.expecting_not_found():
+                probe.queue_declare(self.queue, passive=True)
             probe.close()
         except pika.exceptions.ChannelClosedByBroker as e:
             if e.reply_code != 404 or not self.config.broker.declare:
@@ -149,31 +161,50 @@ class LegacyAdapter:
             conn.channel().queue_declare(self.queue)
         ch = conn.channel()
         ch.confirm_delivery()
-        ch.basic_qos(prefetch_count=1)
-        self._ch = ch
-        self._consumer_tag = None
+        # Room for the submit_runs held for a slot and the control action answered beside
+        # them; only with legacy.prefetch submit_runs held does a control action wait.
+        ch.basic_qos(prefetch_count=self.config.legacy.prefetch)
+        self._ch, self._conn = ch, conn
+        self._held.clear()
         log.info("serving the legacy protocol on queue %s", self.queue)
-        self._update_consumer()
+        ch.basic_consume(self.queue, self._on_message)
+        conn.call_later(HELD_REFRESH_S, self._refresh_held)
         self.flush()
 
     def detach(self) -> None:
-        self._ch = None
-        self._consumer_tag = None
+        # The broker gives the held submit_runs back to the queue with the connection.
+        self._ch = self._conn = None
+        self._held.clear()
 
     def slots_changed(self, free: bool) -> None:
-        self._slot_free = free
-        self._update_consumer()
+        if free:
+            self._drain()
 
-    def _update_consumer(self) -> None:
-        """Consume the legacy queue only while a worker slot is free, as the task queue."""
-        ch = self._ch
-        if ch is None or not ch.is_open:
+    def _drain(self) -> None:
+        """Launch held ``submit_run``s, oldest first, while a slot is free."""
+        if self._draining:
+            return  # host.launch calls back here: the loop below goes on
+        self._draining = True
+        try:
+            while self._held and self.host.has_free_slot():
+                ch, method, props, msg = self._held.popleft()
+                if ch.is_open:
+                    self._guarded(ch, method, props, msg, lambda c=ch, m=method, p=props,
+                                  g=msg: self._submit(c, m, p, g))
+        finally:
+            self._draining = False
+
+    def _refresh_held(self) -> None:
+        """Give every held ``submit_run`` back to the queue, in order, before RabbitMQ's
+        consumer timeout closes the channel; it is redelivered at once and held again."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
             return
-        if self._slot_free and self._consumer_tag is None:
-            self._consumer_tag = ch.basic_consume(self.queue, self._on_message)
-        elif not self._slot_free and self._consumer_tag is not None:
-            ch.basic_cancel(self._consumer_tag)
-            self._consumer_tag = None
+        held, self._held = self._held, deque()
+        for ch, method, _props, _msg in held:
+            if ch.is_open:
+                ch.basic_nack(method.delivery_tag, requeue=True)
+        conn.call_later(HELD_REFRESH_S, self._refresh_held)
 
     def close(self) -> None:
         self.helper.shutdown(wait=False, cancel_futures=True)
@@ -190,34 +221,50 @@ class LegacyAdapter:
                                                   content_type="application/json"))
 
     def _on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
-        msg: LegacyMessage | None = None
         self.node.audit.record("received", None, protocol="legacy", bytes=len(body))
-        try:
-            msg = parse_message(body, self.config.security.max_message_bytes)
-            if msg.action in SIGNED_ACTIONS:
-                # With signatures on, what reads, writes or stops a run is authenticated
-                # as a task is (docs/legacy.md); a run itself only uses the catalogue.
-                intake.check_signature(self.node, body, props.headers)
-            if msg.action == SUBMIT and msg.json_action not in ("", "None", SUBMIT):
-                # The real client picks its json_launcher.json entry by json_action
-                # (inferred); this site's catalogue serves submit_run only.
-                raise RejectedError(f"json_action {msg.json_action[:64]!r}: only submit_run "
-                                    "is served", task_id=msg.task_id)
-            if msg.action == SUBMIT and msg.tool_id != HEALTH_TOOL:
-                self._submit(ch, method, props, msg)
-                return
-        except RejectedError as e:
-            self._refuse(ch, method, props, msg, e, action_of(body))
+        msg = self._guarded(ch, method, props, None, lambda: self._read(body, props),
+                            action_of(body))
+        if msg is None:
             return
+        if msg.action == SUBMIT and msg.tool_id != HEALTH_TOOL:
+            # Only a run waits for a slot: held unacked behind the ones held before it.
+            self._held.append((ch, method, props, msg))
+            self._drain()
+            if self._held and len(self._held) >= self.config.legacy.prefetch:
+                log.warning("%d submit_run(s) wait for a slot: legacy.prefetch is reached, "
+                            "control actions wait behind them", len(self._held))
+            return
+        self.helper.submit(self._answer, ch, method.delivery_tag, props, msg)
+
+    def _read(self, body: bytes, props: Any) -> LegacyMessage:
+        msg = parse_message(body, self.config.security.max_message_bytes)
+        if msg.action in SIGNED_ACTIONS:
+            # With signatures on, what reads, writes or stops a run is authenticated
+            # as a task is (docs/legacy.md); a run itself only uses the catalogue.
+            intake.check_signature(self.node, body, props.headers)
+        if msg.action == SUBMIT and msg.json_action not in ("", "None", SUBMIT):
+            # The real client picks its json_launcher.json entry by json_action
+            # (inferred); this site's catalogue serves submit_run only.
+            raise RejectedError(f"json_action {msg.json_action[:64]!r}: only submit_run "
+                                "is served", task_id=msg.task_id)
+        return msg
+
+    def _guarded(self, ch: Any, method: Any, props: Any, msg: LegacyMessage | None,
+                 fn: Callable[[], Any], action: str | None = None) -> Any:
+        """``fn()``, or the message refused (answered and acked) when it raises; ``None``
+        then."""
+        try:
+            return fn()
+        except RejectedError as e:
+            self._refuse(ch, method, props, msg, e, action)
         except (pika.exceptions.AMQPError, ConnectionError):
             raise
         except Exception as e:  # an answer is owed, and the consumer must go on
             log.exception("legacy message failed")
             self._refuse(ch, method, props, msg,
                          RejectedError(f"internal error: {type(e).__name__}",
-                                       task_id=msg.task_id if msg else None), action_of(body))
-            return
-        self.helper.submit(self._answer, ch, method.delivery_tag, props, msg)
+                                       task_id=msg.task_id if msg else None), action)
+        return None
 
     def _refuse(self, ch: Any, method: Any, props: Any, msg: LegacyMessage | None,
                 err: RejectedError, action: str | None = None) -> None:
@@ -263,6 +310,9 @@ class LegacyAdapter:
                                          str(self.sandbox(user, eid)))
             launch = replace(launch, datasets={
                 INPUT_DATASET: str(self.sandbox(user, eid)), **launch.datasets})
+        used = {d["name"] for d in launch.task.get("datasets") or []}
+        preflight.check_datasets(TASK_PREFIX + eid, {
+            name: path for name, path in launch.datasets.items() if name in used})
         task = intake.read_task(self.node, launch.task, launch.datasets)
         if launch.secret_env and task.executor not in SECRET_ENV_EXECUTORS:
             raise PolicyViolation("legacy.tools", f"executor {task.executor!r} cannot pass "
@@ -270,12 +320,7 @@ class LegacyAdapter:
         return launch, task
 
     def _submit(self, ch: Any, method: Any, props: Any, msg: LegacyMessage) -> None:
-        if not self.host.has_free_slot():
-            # Another consumer took the last slot since this one was started: back to the
-            # queue, which is consumed again once a slot is free.
-            ch.basic_nack(method.delivery_tag, requeue=True)
-            self._update_consumer()
-            return
+        """A ``submit_run`` given a free slot: read, journaled, launched, then acked."""
         launch, accepted = self.read_submit(msg)
         task, tid = accepted.to_dict(), accepted.task_id
         eid, user = run_ids(msg)

@@ -20,6 +20,12 @@ options:
     type: str
     choices: [present, stopped, absent]
     default: present
+  stop_file:
+    description:
+      - A path on the host whose creation asks this run to stop the container (a cancel).
+        It is looked for every 0.2 s while the container runs; the container is stopped
+        (SIGTERM, SIGKILL after O(stop_grace)) if it still runs, and RV(stopped) says so.
+    type: path
   volumes:
     description: Named volumes removed with O(state=absent).
     type: list

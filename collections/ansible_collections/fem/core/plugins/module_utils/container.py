@@ -19,6 +19,7 @@ import math
 import os
 import re
 import tarfile
+import threading
 from datetime import datetime, timezone
 
 from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
@@ -34,6 +35,14 @@ LIMIT_EXCEEDED = "limit_exceeded"
 ENGINE_LOG_FACTOR = 2
 ENGINE_LOG_FLOOR = 1 << 20
 _TRUNCATION_MARKER = "\n[fem: log truncated at {limit} bytes]\n"
+
+# How often a run module looks for its stop request (stop_file) while the container runs.
+STOP_POLL_S = 0.2
+# Exit codes of a container whose tool the stop's SIGTERM or SIGKILL ended (through its init).
+STOP_EXIT_CODES = (128 + 15, 128 + 9)
+# Podman's own init (its default init_path), then tini builds that do the same job.
+PODMAN_INITS = ("/usr/libexec/podman/catatonit", "/usr/bin/catatonit", "/usr/bin/tini-static",
+                "/usr/bin/docker-init")
 
 # Module options describing the container (docs: each module's DOCUMENTATION).
 CONTAINER_OPTIONS = {
@@ -243,6 +252,38 @@ class OutputWatch:
                 "fem_error_code": LIMIT_EXCEEDED, "output_bytes": self.size}
 
 
+class StopRequest:
+    """A cancel's stop, done by the module that waits for the container: once ``path``
+    exists (the listener, or the executor's ``stop`` entry point, creates it) a thread here
+    calls ``stop()`` within :data:`STOP_POLL_S`.  ``stop()`` stops the container only if it
+    still runs and says whether it did; with the exit code (:data:`STOP_EXIT_CODES`) that
+    tells a stop that ended the tool from a tool that exited by itself (RV(stopped))."""
+
+    def __init__(self, path, stop):
+        self.path = path
+        self._stop = stop
+        self.stopped = False
+        self._done = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.path:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc):
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self):
+        while not self._done.wait(STOP_POLL_S):
+            if os.path.exists(self.path):
+                self.stopped = self._stop()
+                return
+
+
 def write_capped(chunks, path, limit):
     """Write ``chunks`` to ``path`` keeping at most ``limit`` bytes, marker line included.
 
@@ -291,6 +332,20 @@ def _mount_arg(mount):
     return value + (",readonly" if mount["read_only"] else "")
 
 
+def init_args(runtime):
+    """``--init``: the engine's init as PID 1 passes a stop's SIGTERM on to the tool (the
+    kernel delivers none to a PID 1 without a handler).  Podman's default init, catatonit,
+    is only a Recommends of Debian's podman; the same job is done by ``tini-static``, which
+    Debian's docker.io ships as ``docker-init``, so the first found is named.  With none,
+    the container runs without (a stop then waits out the grace)."""
+    if not runtime.endswith("podman"):
+        return ["--init"]
+    for path in PODMAN_INITS:
+        if os.path.isfile(path):
+            return ["--init", "--init-path", path]
+    return []
+
+
 def run_argv(runtime, p, user, env_file=None, create=False):
     """The ``<runtime> run`` argument vector for the settings ``p`` (:data:`CONTAINER_OPTIONS`
     plus ``name``), with the hardening ``docker_task`` applies through the API.
@@ -303,7 +358,7 @@ def run_argv(runtime, p, user, env_file=None, create=False):
     """
     verb = ["create"] if create else ["run", "--rm"]
     argv = [runtime, *verb, "--name", p["name"], "--user", user,
-            "--network", p["network_mode"], "--ipc", "private"]
+            "--network", p["network_mode"], "--ipc", "private", *init_args(runtime)]
     argv += label_args(p["labels"])
     if p["read_only"]:
         argv.append("--read-only")

@@ -22,7 +22,8 @@ description:
     still running is waited for, never started again; one that has exited is only collected.
   - At the timeout the container is stopped (SIGTERM, then SIGKILL after O(stop_grace)) and
     the module reports RV(timed_out=true) and RV(exit_code=null).
-  - The container always runs unprivileged, with a private IPC namespace, the given
+  - The container always runs with the engine's init process as PID 1 (C(--init)), so a
+    stop's SIGTERM reaches the tool, unprivileged, with a private IPC namespace, the given
     hardening and limits (a limit not above 0 is refused, never taken as none), and an
     engine log capped in size (C(json-file), C(max-size) twice O(log_bytes)). Its user is the
     image's own, resolved to numbers in the image's C(/etc/passwd), unless that is uid 0
@@ -157,8 +158,12 @@ fem_error_code:
   returned: failure
   type: str
 stopped:
-  description: Whether the container was running and got stopped (O(state=stopped)).
-  returned: when O(state=stopped)
+  description:
+    - With O(state=stopped), whether the container was running and got stopped.
+    - With O(state=present), whether the stop ended the container, that is O(stop_file)
+      appeared while it ran and it ended by SIGTERM or SIGKILL (exit code 143 or 137).
+      False for a tool that exited by itself, before the stop or during its grace.
+  returned: when O(state=stopped), and success with O(state=present)
   type: bool
 removed:
   description: Names of the container and volumes removed (O(state=absent)).
@@ -177,7 +182,9 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
     CONTAINER_OPTIONS,
     LIMIT_OPTIONS,
     NEVER_STARTED,
+    STOP_EXIT_CODES,
     OutputWatch,
+    StopRequest,
     account_files,
     accounts_name,
     check_limits,
@@ -226,6 +233,9 @@ def host_config_kwargs(params):
         "tmpfs": p["tmpfs"] or None,
         "network_mode": p["network_mode"],
         "ipc_mode": "private",
+        # docker-init (tini) as PID 1 passes a stop's SIGTERM on to the tool, which the
+        # kernel would not deliver to a PID 1 without a handler (a shell, most tools).
+        "init": True,
         "privileged": False,
         "pids_limit": p["pids_limit"],
         "mem_limit": p["memory"],
@@ -411,7 +421,8 @@ class TaskRunner:
             info = self.start(self.create())
         elif info["State"].get("Status") == "created":
             info = self.start(info["Id"])
-        exit_code, timed_out = self.wait(info)
+        with StopRequest(self.p["stop_file"], lambda: self.stop()["stopped"]) as request:
+            exit_code, timed_out = self.wait(info)
         info = self.api.inspect_container(info["Id"])
         logs = self.collect_logs(info["Id"])
         with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
@@ -429,6 +440,7 @@ class TaskRunner:
             "started_at": info["State"].get("StartedAt"),
             "finished_at": info["State"].get("FinishedAt"),
             "logs": logs,
+            "stopped": request.stopped and exit_code in STOP_EXIT_CODES,
         }
 
 
@@ -445,6 +457,7 @@ def main():
             **CONTAINER_OPTIONS,
             "timeout": {"type": "float"},
             "stop_grace": {"type": "int", "default": 10},
+            "stop_file": {"type": "path"},
             "watch_interval": {"type": "float", "default": 2},
             "log_dir": {"type": "path"},
             "log_bytes": {"type": "int"},

@@ -147,8 +147,12 @@ fem_error_code:
   returned: failure
   type: str
 stopped:
-  description: Whether the container was running and got stopped (O(state=stopped)).
-  returned: when O(state=stopped)
+  description:
+    - With O(state=stopped), whether the container was running and got stopped.
+    - With O(state=present), whether the stop ended the container, that is O(stop_file)
+      appeared while it ran and it ended by SIGTERM or SIGKILL (exit code 143 or 137).
+      False for a tool that exited by itself, before the stop or during its grace.
+  returned: when O(state=stopped), and success with O(state=present)
   type: bool
 removed:
   description: Names of the container and volumes removed (O(state=absent)).
@@ -169,7 +173,9 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.fem.core.plugins.module_utils.container import (
     CONTAINER_OPTIONS,
     LIMIT_OPTIONS,
+    STOP_EXIT_CODES,
     OutputWatch,
+    StopRequest,
     accounts_name,
     cli_account_files,
     effective_user,
@@ -344,7 +350,8 @@ class PodmanTask:
             info = self.start()
         elif info["State"].get("Status") in _NOT_STARTED:
             info = self.start()
-        exit_code, timed_out = self.wait(info)
+        with StopRequest(self.p["stop_file"], lambda: self.stop()["stopped"]) as request:
+            exit_code, timed_out = self.wait(info)
         info = self.find()
         logs = self.collect_logs(info["Id"])
         with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
@@ -362,6 +369,7 @@ class PodmanTask:
             "started_at": info["State"].get("StartedAt"),
             "finished_at": info["State"].get("FinishedAt"),
             "logs": logs,
+            "stopped": request.stopped and exit_code in STOP_EXIT_CODES,
         }
 
 
@@ -378,6 +386,7 @@ def main():
             **CONTAINER_OPTIONS,
             "timeout": {"type": "float"},
             "stop_grace": {"type": "int", "default": 10},
+            "stop_file": {"type": "path"},
             "watch_interval": {"type": "float", "default": 2},
             "log_dir": {"type": "path"},
             "log_bytes": {"type": "int"},
