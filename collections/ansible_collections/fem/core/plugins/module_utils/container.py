@@ -21,14 +21,12 @@ import re
 import tarfile
 from datetime import datetime, timezone
 
-from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
+from ansible_collections.fem.core.plugins.module_utils.disk import LIMIT_EXCEEDED, usage
 
 _NUMERIC_ID = re.compile(r"[+-]?[0-9]+\Z")
 # Never started: a container created only to read the image's account files.
 NEVER_STARTED = "/fem-never-started"
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
-# The error code of a task stopped for writing more than its limit (fem_error_code).
-LIMIT_EXCEEDED = "limit_exceeded"
 # The engine keeps a container's log (both streams, framed) up to this many times log_bytes,
 # never under ENGINE_LOG_FLOOR (podman refuses a tiny log size).
 ENGINE_LOG_FACTOR = 2
@@ -239,9 +237,10 @@ def cli_account_files(run, runtime, image, name, labels):
 
 
 class OutputWatch:
-    """Whether the task's writable dirs (output, scratch) together hold more than
-    ``watch_bytes``: looked at every ``watch_interval`` seconds while the container runs,
-    because a bind mount has no quota of its own."""
+    """Whether the task's writable dirs (output, scratch) together take more than
+    ``watch_bytes`` of disk (:func:`disk.usage`: blocks and inodes, not file sizes): looked
+    at every ``watch_interval`` seconds while the container runs, because a bind mount has
+    no quota of its own."""
 
     def __init__(self, p):
         self.dirs = p.get("watch_dirs") or []
@@ -258,12 +257,13 @@ class OutputWatch:
     def exceeded(self):
         if not self.dirs or self.limit is None:
             return False
-        self.size = sum(tree_bytes(d) for d in self.dirs if os.path.isdir(d))
+        self.size = usage(self.dirs).bytes
         return self.size > self.limit
 
     def failure(self, name):
         """The failed module result of a container stopped for its size."""
-        return {"msg": f"Task {name} wrote {self.size} bytes to its output and scratch dirs, "
+        return {"msg": f"Task {name} took {self.size} bytes of disk in its output and "
+                       "scratch dirs (blocks, at least one per file or directory), "
                        f"over the site's limit of {self.limit} bytes "
                        "(policy.limits.output_bytes); it was stopped and nothing is archived.",
                 "fem_error_code": LIMIT_EXCEEDED, "output_bytes": self.size}
