@@ -432,12 +432,12 @@ def check_disk(config: Config) -> Iterator[Check]:
     free = shutil.disk_usage(path).free
     limits = config.policy.limits
     need = config.execution.max_parallel * (
-        limits.input_bytes + limits.output_bytes + 2 * limits.log_bytes)
+        limits.input_bytes + limits.source_bytes + limits.output_bytes + 2 * limits.log_bytes)
     detail = (f"{format_bytes(free)} free in {path}; {config.execution.max_parallel} task(s) "
               f"at the policy's limits need {format_bytes(need)}")
     if free < need:
         yield fail("disk", detail, "free space, move execution.work_dir, or lower "
-                   "policy.limits.{input,output,log}_bytes or execution.max_parallel")
+                   "policy.limits.{input,source,output,log}_bytes or execution.max_parallel")
     else:
         yield ok("disk", detail)
 
