@@ -420,8 +420,8 @@ class Config:
 
 
 # Byte-sized fields accept `2Gi`-style strings; every other int field takes a plain integer.
-_BYTE_FIELDS = {"memory", "input_bytes", "source_bytes", "output_bytes", "log_bytes", "max_message_bytes",
-                "max_transfer_bytes"}
+_BYTE_FIELDS = {"memory", "input_bytes", "source_bytes", "output_bytes", "log_bytes",
+                "max_message_bytes", "max_transfer_bytes"}
 
 
 def _convert(value: Any, hint: Any, path: str) -> Any:

@@ -18,7 +18,8 @@ import pytest
 from tests.support.upload_server import UploadServer
 
 COLLECTIONS = Path(__file__).resolve().parents[1] / "collections"
-MODULE = COLLECTIONS / "ansible_collections" / "fem" / "core" / "plugins" / "modules" / "git_checkout.py"
+MODULE = (COLLECTIONS / "ansible_collections" / "fem" / "core" / "plugins" / "modules"
+          / "git_checkout.py")
 # Submodules by file:// URL (git refuses the file protocol for submodules by default).
 FILE_PROTOCOL = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "protocol.file.allow",
                  "GIT_CONFIG_VALUE_0": "always"}

@@ -20,9 +20,9 @@ description:
   - Writes C(outputs.tar.gz) of O(run_dir)/output and C(logs.tar.gz) of O(run_dir)/logs into
     O(dest), each first under a temporary name and then renamed, so a half-written archive is
     never taken for a whole one; an archive that cannot be made fails the module, saying so.
-  - Entries are added one at a time, at any depth: symbolic links stored as links (nothing
-    outside the directories gets into an archive), a file with several links once, sockets
-    left out (RV(skipped)), owners as numbers, names as the bytes they are.
+  - Entries are added one at a time, at any depth. Symbolic links are stored as links
+    (nothing outside the directories gets into an archive), a file with several links once,
+    sockets left out (RV(skipped)), owners as numbers, names as the bytes they are.
   - One module call instead of a size check, two archive commands and their loop, which
     matters when every module call costs a fresh interpreter.
 options:
