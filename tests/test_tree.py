@@ -160,3 +160,25 @@ def test_archive_reads_back_with_the_repositorys_helper(tmp_path):
     tree.archive(root, dest)
     assert tar_members(dest.read_bytes()) == {"result.txt": b"42\n"}
     assert io.BytesIO(dest.read_bytes()).read(2) == b"\x1f\x8b"
+
+
+def test_the_legacy_sandbox_lists_and_replaces_deep_trees(tmp_path):
+    """The listener's legacy sandbox (fem_ansible.legacy.sandbox) walks with the same code:
+    a 2,000-deep tree a task left is listed, and replaced by the next outputs archive."""
+    from fem_ansible.legacy import sandbox
+    assert sandbox.tree is tree or sandbox.tree.walk.__code__.co_filename == tree.__file__
+    dest = tmp_path / "sandbox"
+    dest.mkdir()
+    deep(dest / "out", 2000)
+    (dest / "out-link").symlink_to(tmp_path)
+    files = sandbox.list_files(dest)
+    assert files == ["/".join(["out", *["d"] * 2000, "bottom"])]
+    src = tmp_path / "src"
+    (src / "out").mkdir(parents=True)
+    (src / "out" / "new.txt").write_text("new\n")
+    archive = tmp_path / "outputs.tar.gz"
+    tree.archive(src, archive)
+    assert sandbox.extract_outputs(archive, dest) == ["out/new.txt"]
+    assert sandbox.list_files(dest) == ["out/new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "outputs.tar.gz", "sandbox", "src"]
