@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import stat
 import sys
@@ -182,3 +183,50 @@ def test_the_legacy_sandbox_lists_and_replaces_deep_trees(tmp_path):
     assert sandbox.list_files(dest) == ["out/new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "outputs.tar.gz", "sandbox", "src"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
+                    reason="needs root to run as another user, and the system's Python")
+def test_modes_that_keep_the_owner_out_are_changed_not_obeyed(tmp_path):
+    """As a listener that is not root (the task's files its own, SECURITY.md): directories
+    of mode 0, 0100 and 0500 are measured, archived and removed."""
+    import subprocess
+    import tempfile
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="fem-tree-"))
+    try:
+        base.chmod(0o755)
+        root = base / "output"
+        (root / "a" / "b").mkdir(parents=True)
+        (root / "a" / "b" / "data").write_bytes(b"x" * 10000)
+        (root / "c").mkdir()
+        (root / "c" / "f").write_text("f")
+        for path in [root, *root.rglob("*")]:
+            os.chown(path, 65534, 65534)
+        os.chmod(root / "a" / "b", 0)
+        os.chmod(root / "a", 0o100)
+        os.chmod(root / "c", 0o500)
+        # The modules copied where nobody may read them, whatever the checkout's modes.
+        utils = Path("ansible_collections/fem/core/plugins/module_utils")
+        shutil.copytree(COLLECTIONS / utils, base / "lib" / utils)
+        code = (f"import sys; sys.path.insert(0, {str(base / 'lib')!r})\n"
+                "from ansible_collections.fem.core.plugins.module_utils import disk, tree\n"
+                f"u = disk.usage([{str(root)!r}])\n"
+                f"tree.archive({str(root)!r}, {str(base / 'out.tar.gz')!r})\n"
+                f"tree.remove({str(root)!r})\n"
+                "print(u.inodes)\n")
+
+        def as_nobody() -> None:
+            os.setgid(65534)
+            os.setuid(65534)
+
+        os.chown(base, 65534, 65534)
+        # The system's Python: the tests' may sit where nobody may read it (the module
+        # runs on the target's Python anyway).
+        done = subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True,
+                              text=True, preexec_fn=as_nobody, cwd="/")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["5"] and not root.exists()
+        with tarfile.open(base / "out.tar.gz") as tar:
+            assert tar.extractfile("./a/b/data").read() == b"x" * 10000
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
