@@ -230,3 +230,24 @@ def test_modes_that_keep_the_owner_out_are_changed_not_obeyed(tmp_path):
             assert tar.extractfile("./a/b/data").read() == b"x" * 10000
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_stage_out_reports_an_archive_it_cannot_make(tmp_path):
+    """fem.core.stage_out, run as Ansible runs a module: a logs/ dir that is not there is
+    an archive that cannot be made, said so, and no partial archive is left."""
+    import json
+    import subprocess
+    run_dir = tmp_path / "run"
+    (run_dir / "output").mkdir(parents=True)
+    (run_dir / "output" / "result.txt").write_text("42\n")
+    dest = tmp_path / "archives"
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {
+        "run_dir": str(run_dir), "dest": str(dest), "output_bytes": 1 << 20}}))
+    module = COLLECTIONS / "ansible_collections/fem/core/plugins/modules/stage_out.py"
+    done = subprocess.run([sys.executable, str(module), str(args)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(COLLECTIONS)})
+    out = json.loads(done.stdout)
+    assert done.returncode == 1 and "logs.tar.gz" in out["msg"], out
+    assert "cannot be made" in out["msg"], out
+    assert sorted(p.name for p in dest.iterdir()) == ["outputs.tar.gz"]

@@ -178,9 +178,9 @@ def archive(root, dest):
     """
     skipped = 0
     linked = {}
+    top = os.lstat(root)
     with tarfile.open(dest, "w:gz", format=tarfile.GNU_FORMAT, encoding="utf-8",
                       errors="surrogateescape") as tar:
-        top = os.lstat(root)
         tar.addfile(_tarinfo(".", top))
         for names, name, st, dir_fd, leaving in walk(root):
             if leaving:

@@ -69,6 +69,7 @@ archives:
   type: dict
 """
 
+import contextlib
 import os
 
 from ansible.module_utils.basic import AnsibleModule
@@ -105,6 +106,8 @@ def main():
         try:
             skipped += archive(os.path.join(run_dir, sub), partial)
         except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
             module.fail_json(msg=f"The archive {name} of the task's {sub}/ cannot be made: "
                                  f"{exc}", output_bytes=size)
         os.replace(partial, final)
