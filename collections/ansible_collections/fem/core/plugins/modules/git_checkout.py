@@ -75,6 +75,13 @@ options:
     description: Seconds between two measures of O(dest) while git runs.
     type: float
     default: 0.2
+  timeout:
+    description:
+      - Seconds all of the module's git commands may take together; past it git and every
+        process it started are killed (C(timeout) of coreutils) and the module fails.
+        A server that sends a byte every few seconds is stopped by nothing else.
+    type: int
+    default: 1800
 attributes:
   check_mode:
     support: none
@@ -117,12 +124,14 @@ fem_error_code:
 """
 
 import contextlib
+import math
 import os
 import re
 import resource
 import shlex
 import signal
 import subprocess
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.fem.core.plugins.module_utils.disk import LIMIT_EXCEEDED, usage
@@ -193,7 +202,8 @@ class Watched:
             finally:
                 if proc.poll() is None:
                     self.stop(proc)
-            if over or rc == -signal.SIGXFSZ:
+            # Under timeout(1), a git killed by SIGXFSZ is its exit 128 + SIGXFSZ.
+            if over or rc in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ):
                 self.module.fail_json(
                     msg=f"The source checkout took {self.taken} bytes of disk, over the "
                         f"site's limit of {self.limit} bytes (policy.limits.source_bytes); "
@@ -224,6 +234,7 @@ def main():
             "umask": {"type": "str"},
             "max_bytes": {"type": "int"},
             "watch_interval": {"type": "float", "default": 0.2},
+            "timeout": {"type": "int", "default": 1800},
         },
         supports_check_mode=False,
     )
@@ -235,6 +246,9 @@ def main():
         module.fail_json(msg=f"Invalid repository {repo!r}")
     if depth < 0:
         module.fail_json(msg=f"Invalid depth {depth}")
+    if p["timeout"] < 1:
+        module.fail_json(msg=f"Invalid timeout {p['timeout']}: at least 1 second")
+    end = time.monotonic() + p["timeout"]
     if p["umask"] is not None:
         try:
             os.umask(int(p["umask"], 8))
@@ -247,13 +261,19 @@ def main():
     os.mkdir(home, 0o700)
     env = git_env(shlex.join(ssh), home)
     git = module.get_bin_path("git", required=True)
+    timeout = module.get_bin_path("timeout", required=True)
     watched = (None if p["max_bytes"] is None
                else Watched(module, dest, p["max_bytes"], p["watch_interval"]))
 
     def run(*args, cwd=None):
-        argv = [git, *HARDENING, *args]
+        # timeout(1) signals git's whole process group (git-remote-*, ssh), then kills it.
+        left = max(1, math.ceil(end - time.monotonic()))
+        argv = [timeout, "--kill-after=5", str(left), git, *HARDENING, *args]
         rc, out, err = (module.run_command(argv, cwd=cwd, environ_update=env) if not watched
                         else watched.run(argv, cwd, env))
+        if rc in (124, 137) and time.monotonic() >= end:
+            module.fail_json(msg=f"git {args[0]} did not end within the {p['timeout']}s "
+                                 "the checkout may take", rc=rc, cmd=shlex.join(["git", *args]))
         if rc != 0:
             module.fail_json(msg=f"git {args[0]} failed: {(err or out).strip()}", rc=rc,
                              cmd=shlex.join(["git", *args]))
