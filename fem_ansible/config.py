@@ -201,7 +201,12 @@ class LimitsConfig:
     timeout_s: int = _doc("Longest container run time a task may ask for.", default=3600)
     pids: int = _doc("Process limit of every task container.", default=256)
     input_bytes: int = _doc("Most bytes of downloaded inputs.", default=1024**3)
-    output_bytes: int = _doc("Largest outputs a task may leave.", default=10 * 1024**3)
+    source_bytes: int = _doc(
+        "Most disk a source checkout may take (`.git` included, blocks and inodes as "
+        "`output_bytes`); git is stopped past it.", default=1024**3)
+    output_bytes: int = _doc(
+        "Most disk a task's outputs may take (blocks, at least 4 KiB a file or directory); "
+        "while it runs, its outputs and scratch together.", default=10 * 1024**3)
     log_bytes: int = _doc("Largest container log kept (per stream).", default=100 * 1024**2)
 
 
@@ -426,8 +431,8 @@ class Config:
 
 
 # Byte-sized fields accept `2Gi`-style strings; every other int field takes a plain integer.
-_BYTE_FIELDS = {"memory", "input_bytes", "output_bytes", "log_bytes", "max_message_bytes",
-                "max_transfer_bytes"}
+_BYTE_FIELDS = {"memory", "input_bytes", "source_bytes", "output_bytes", "log_bytes",
+                "max_message_bytes", "max_transfer_bytes"}
 
 
 def _convert(value: Any, hint: Any, path: str) -> Any:

@@ -457,7 +457,7 @@ def disk_need(config: Config) -> int:
     metrics' ``fem_disk_need_bytes`` too)."""
     limits = config.policy.limits
     return config.execution.max_parallel * (
-        limits.input_bytes + limits.output_bytes + 2 * limits.log_bytes)
+        limits.input_bytes + limits.source_bytes + limits.output_bytes + 2 * limits.log_bytes)
 
 
 def check_disk(config: Config) -> Iterator[Check]:
@@ -470,7 +470,7 @@ def check_disk(config: Config) -> Iterator[Check]:
               f"at the policy's limits need {format_bytes(need)}")
     if free < need:
         yield fail("disk", detail, "free space, move execution.work_dir, or lower "
-                   "policy.limits.{input,output,log}_bytes or execution.max_parallel")
+                   "policy.limits.{input,source,output,log}_bytes or execution.max_parallel")
     else:
         yield ok("disk", detail)
 

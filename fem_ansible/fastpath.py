@@ -9,8 +9,9 @@ listener itself does not import Ansible or Mitogen), and on a mismatch logs one 
 and gives its runs Mitogen's own ``mitogen_linear`` (or stock ``linear`` if Mitogen cannot
 run on the installed Ansible) instead of failing tasks (docs/decisions.md).
 
-Also the one place that loads the collection's ``plugin_utils`` modules for fem-ansible's
-own code: the collection never imports this package, this package may import it.
+Also the one place that loads the collection's ``plugin_utils`` (and standard-library
+``module_utils``) modules for fem-ansible's own code: the collection never imports this
+package, this package may import it.
 
 Standard library only at import: :mod:`fem_ansible.playbook_cli` imports this into every
 ``ansible-playbook`` the listener starts.
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 #: fem.core's strategy plugin; Mitogen's own, from its plugin dir.
 FEM_STRATEGY = "fem.core.mitogen_linear"
 MITOGEN_STRATEGY = "mitogen_linear"
-_PLUGIN_UTILS = "collections/ansible_collections/fem/core/plugins/plugin_utils"
-_PACKAGE = "ansible_collections.fem.core.plugins.plugin_utils"
+_PLUGINS = "collections/ansible_collections/fem/core/plugins"
+_PLUGIN_UTILS = f"{_PLUGINS}/plugin_utils"
+_PACKAGE = "ansible_collections.fem.core.plugins"
 
 
 def data_dir() -> Path:
@@ -44,16 +46,16 @@ def data_dir() -> Path:
     return packaged if (packaged / "playbooks").is_dir() else Path(__file__).resolve().parent.parent
 
 
-def plugin_utils(name: str) -> ModuleType:
-    """fem.core's ``plugin_utils.<name>`` (standard-library-only modules), loaded by path
-    under its collection name, so that a process holds one copy whether the plugin (through
-    Ansible's collection loader, which finds it in ``sys.modules``) or fem-ansible loads it
-    first."""
-    fullname = f"{_PACKAGE}.{name}"
+def plugin_utils(name: str, kind: str = "plugin_utils") -> ModuleType:
+    """fem.core's ``<kind>.<name>`` (``plugin_utils`` or ``module_utils``; modules of the
+    standard library only), loaded by path under its collection name, so that a process
+    holds one copy whether the plugin (through Ansible's collection loader, which finds it
+    in ``sys.modules``) or fem-ansible loads it first."""
+    fullname = f"{_PACKAGE}.{kind}.{name}"
     module = sys.modules.get(fullname)
     if module is None:
         spec = importlib.util.spec_from_file_location(
-            fullname, data_dir() / _PLUGIN_UTILS / f"{name}.py")
+            fullname, data_dir() / _PLUGINS / kind / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[fullname] = module

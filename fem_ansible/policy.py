@@ -189,6 +189,7 @@ def decide(task: dict[str, Any], config: Config,
             "no_new_privileges": True,
             "tmpfs": {"/tmp": TMPFS_OPTIONS},
             "input_bytes": limits.input_bytes,
+            "source_bytes": limits.source_bytes,
             "output_bytes": limits.output_bytes,
             "log_bytes": limits.log_bytes,
             # Site settings, never the message's: where Slurm runs the task's job.

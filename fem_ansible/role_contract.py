@@ -217,8 +217,10 @@ FEM_POLICY = o(
         "tmpfs": o("dict", "Container path to tmpfs options.", required=True),
         "log_bytes": o("int", "Maximum size of each of stdout.log and stderr.log.", required=True),
         "input_bytes": o("int", "Maximum total size of the downloaded inputs.", required=True),
-        "output_bytes": o("int", "Maximum size of the output dir; while the task runs, of "
-                          "output and scratch together.", required=True),
+        "source_bytes": o("int", "Most disk the source checkout may take (blocks, C(.git) "
+                          "included).", required=True),
+        "output_bytes": o("int", "Most disk the output dir may take (blocks); while the task "
+                          "runs, of output and scratch together.", required=True),
         "slurm": o(
             "dict",
             "Site settings of the Slurm executor (C(execution.slurm)); never from the message.",
@@ -364,6 +366,7 @@ ROLES = {
             "fem_run": FEM_RUN,
             "fem_task": fem_task({"source"}),
             "fem_secrets": fem_secrets({"git"}),
+            "fem_policy": FEM_POLICY,
             "fem_source_depth": o(
                 "int",
                 "History depth of the clone of a branch, tag or HEAD; 0 for the full history "

@@ -70,4 +70,4 @@ def test_every_hardening_setting_reaches_the_engine(make_config, make_intake):
         ("/fem/input", True), ("/fem/output", False)]
     assert docker_task.effective_user("", decided["user"]) == "65534:65534"
     assert docker_task.effective_user("0:0", decided["user"]) == "65534:65534"
-    assert docker_task.effective_user("1000", decided["user"]) == "1000"
+    assert docker_task.effective_user("1000", decided["user"]) == "1000:65534"

@@ -66,14 +66,18 @@ def test_every_limit_and_the_log_cap_reach_the_command_line():
     ("", FALLBACK), ("0", FALLBACK), ("00", FALLBACK), ("+0", FALLBACK), ("-0", FALLBACK),
     ("0:0", FALLBACK), ("000:1000", FALLBACK), ("root", FALLBACK), ("toor", FALLBACK),
     ("toor:app", FALLBACK), ("ghost", FALLBACK), ("app:ghost", FALLBACK), ("-5", FALLBACK),
-    ("1000", "1000"), ("+1000", "1000"), ("01000:050", "1000:50"), ("app", "1000"),
-    ("app:staff", "1000:50"), ("1000:staff", "1000:50")])
+    ("1000", "1000:1000"), ("+1000", "1000:1000"), ("01000:050", "1000:50"),
+    ("app", "1000:1000"), ("app:staff", "1000:50"), ("1000:staff", "1000:50"),
+    # The root group is never the task's: the fallback's gid instead.
+    ("1000:0", "1000:65534"), ("app:root", "1000:65534"),
+    # A uid the image does not list has no primary group there: the fallback's.
+    ("4242", "4242:65534")])
 def test_root_however_written_runs_as_the_fallback(image_user, expected):
     files = {"/etc/passwd": PASSWD, "/etc/group": GROUP}
     assert container.effective_user(image_user, FALLBACK, files) == expected
     assert container.needs_accounts(image_user) == (
-        image_user not in ("", "0", "00", "+0", "-0", "0:0", "000:1000", "-5", "1000", "+1000",
-                           "01000:050"))
+        image_user not in ("", "0", "00", "+0", "-0", "0:0", "000:1000", "-5", "01000:050",
+                           "1000:0"))
 
 
 def test_a_name_in_an_image_without_account_files_runs_as_the_fallback():

@@ -17,8 +17,9 @@ import pytest
 
 from tests.support.upload_server import UploadServer
 
-MODULE = (Path(__file__).resolve().parents[1] / "collections" / "ansible_collections" / "fem"
-          / "core" / "plugins" / "modules" / "git_checkout.py")
+COLLECTIONS = Path(__file__).resolve().parents[1] / "collections"
+MODULE = (COLLECTIONS / "ansible_collections" / "fem" / "core" / "plugins" / "modules"
+          / "git_checkout.py")
 # Submodules by file:// URL (git refuses the file protocol for submodules by default).
 FILE_PROTOCOL = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "protocol.file.allow",
                  "GIT_CONFIG_VALUE_0": "always"}
@@ -69,7 +70,8 @@ def checkout(tmp_path: Path, env: dict[str, str] | None = None, **args: Any
     argfile = tmp_path / "args.json"
     argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
     done = subprocess.run([sys.executable, str(MODULE), str(argfile)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, cwd=tmp_path)
+                          text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(COLLECTIONS), **(env or {})})
     return done.returncode, json.loads(done.stdout)
 
 
@@ -132,6 +134,28 @@ def test_submodules_and_umask(repo, tmp_path: Path):
     assert (dest / "third.txt").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_checkout_past_max_bytes_is_stopped(tmp_path: Path):
+    """Issue 26: a repository that packs small and checks out large (8 MiB of one line
+    repeated, in 4 files) with ``max_bytes`` 1 MiB: git is stopped, the module fails
+    ``limit_exceeded`` with the figure, and no more than the limit and one measure's worth
+    of git's writing landed; under the limit the figure is reported."""
+    work = tmp_path / "big"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    for i in range(4):
+        (work / f"f{i}.txt").write_bytes(b"AAAAAAAAAAAAAAA\n" * (1 << 17))
+    git(work, "add", ".")
+    git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "big")
+    dest = tmp_path / "src"
+    rc, out = checkout(tmp_path, repo=f"file://{work}", dest=str(dest), max_bytes=1 << 20)
+    assert rc == 1 and out["fem_error_code"] == "limit_exceeded", out
+    assert "policy.limits.source_bytes" in out["msg"] and out["source_bytes"] > 1 << 20
+    landed = sum(f.stat().st_blocks * 512 for f in dest.rglob("*") if f.is_file())
+    assert landed <= (1 << 20) + (2 << 20), landed
+    rc, out = checkout(tmp_path, repo=f"file://{work}", dest=str(dest), max_bytes=64 << 20)
+    assert rc == 0 and out["source_bytes"] > 8 << 20, out
+
+
 def test_ssh_gets_the_options(tmp_path: Path):
     """git starts ``ssh`` with the module's options: a stand-in ``ssh`` on PATH records
     its arguments (and fails, as a refused key would)."""
@@ -179,6 +203,7 @@ def test_the_hosts_git_config_is_not_read(repo, tmp_path: Path):
                                 if k != "GIT_CONFIG_GLOBAL"}, check=False)
     assert plain.returncode != 0 and "nonexistent" in plain.stderr
     without_global = {k: v for k, v in os.environ.items() if k != "GIT_CONFIG_GLOBAL"}
+    without_global["PYTHONPATH"] = str(COLLECTIONS)
     argfile = tmp_path / "args.json"
     argfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {"repo": repo["url"],
                                                            "dest": str(tmp_path / "src")}}))

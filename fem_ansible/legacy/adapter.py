@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tarfile
 import threading
 from collections import deque
@@ -431,7 +430,10 @@ class LegacyAdapter:
                 if rec is None:
                     continue
                 root = self.sandbox(rec["user_id"], rec["execution_id"])
-                shutil.rmtree(root, ignore_errors=True)
+                try:
+                    sandbox.tree.remove(root)
+                except OSError as exc:
+                    log.warning("legacy sandbox %s not removed: %s", root, exc)
                 with contextlib.suppress(OSError):
                     root.parent.rmdir()  # only when empty
                 self._record_path(tid).unlink(missing_ok=True)

@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RejectedError
+from ..fastpath import plugin_utils
+
+# fem.core's walk over trees of any shape, no recursion, no link followed: a sandbox holds
+# what a task wrote (issue 26).
+tree = plugin_utils("tree", "module_utils")
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +77,10 @@ def extract_outputs(archive: Path, dest: Path) -> list[str]:
                     log.warning("outputs archive: skipped %s (not a file or directory)", rel)
         for entry in sorted(tmp.iterdir()):
             target = dest / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
+            tree.remove(target)
             entry.rename(target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tree.remove(tmp)
     return sorted(files)
 
 
@@ -97,14 +99,8 @@ def read_member(archive: Path, name: str, limit: int) -> bytes | None:
 
 def list_files(root: Path) -> list[str]:
     """Regular files under ``root`` (never following links), relative, sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in filenames:
-            path = Path(dirpath) / name
-            if path.is_file() and not path.is_symlink():
-                out.append(str(path.relative_to(root)))
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
-    return sorted(out)
+    return sorted("/".join([*names, name]) for names, name, st, _fd, leaving in tree.walk(root)
+                  if not leaving and stat.S_ISREG(st.st_mode))
 
 
 def open_file(root: Path, rel: str) -> tuple[int, int]:

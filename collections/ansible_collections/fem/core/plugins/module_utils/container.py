@@ -22,14 +22,12 @@ import tarfile
 import threading
 from datetime import datetime, timezone
 
-from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
+from ansible_collections.fem.core.plugins.module_utils.disk import LIMIT_EXCEEDED, usage
 
 _NUMERIC_ID = re.compile(r"[+-]?[0-9]+\Z")
 # Never started: a container created only to read the image's account files.
 NEVER_STARTED = "/fem-never-started"
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
-# The error code of a task stopped for writing more than its limit (fem_error_code).
-LIMIT_EXCEEDED = "limit_exceeded"
 # The engine keeps a container's log (both streams, framed) up to this many times log_bytes,
 # never under ENGINE_LOG_FLOOR (podman refuses a tiny log size).
 ENGINE_LOG_FACTOR = 2
@@ -135,31 +133,57 @@ def _accounts(text):
 
 def needs_accounts(image_user):
     """Whether deciding the user of ``image_user`` takes the image's account files: it
-    names a user or group instead of giving numbers."""
+    names a user or group, or gives a uid alone (whose primary group is in the image's
+    ``/etc/passwd``), instead of giving both numbers."""
     user, _, group = (image_user or "").partition(":")
-    return bool(user) and not (_NUMERIC_ID.match(user) and (not group
-                                                            or _NUMERIC_ID.match(group)))
+    if not _NUMERIC_ID.match(user):
+        return bool(user)
+    return int(user) > 0 and not (group and _NUMERIC_ID.match(group))
 
 
 def effective_user(image_user, fallback, files=None):
-    """The user a task container runs as: the image's own, as numbers, unless it is root or
-    cannot be told, then ``fallback`` (the site's ``container_uid``).
+    """The ``uid:gid`` a task container runs as: the image's own, as numbers, unless it is
+    root or cannot be told, then ``fallback`` (the site's ``container_uid``).
 
     Root is uid 0 however it is written (``0``, ``00``, ``+0``, ``0:0``) or any name that
     the image's ``/etc/passwd`` maps to uid 0: ids are compared as numbers and names are
     resolved in ``files`` (path -> text of the image's :data:`ACCOUNT_FILES`, None when it
     has none), never passed on for the engine to resolve. A name the image does not define,
     a negative id, or an empty user gets ``fallback``.
+
+    The gid is always given: handed a uid alone, the engine (runc, for Docker and podman)
+    adds as supplementary groups every group the image's ``/etc/group`` lists the user in
+    (``root``, ``disk``, ``shadow``…); handed ``uid:gid`` it adds none, so the task has its
+    one gid.  That gid is the image's (written, or the user's primary group in its
+    ``/etc/passwd``); the root group (0) or a uid the image does not list gets the
+    fallback's gid.
     """
     user, sep, group = (image_user or "").partition(":")
     files = files or {}
-    uid = _account_id(user, files.get("/etc/passwd"))
+    passwd = files.get("/etc/passwd")
+    uid = _account_id(user, passwd)
     if uid is None or uid <= 0:
         return fallback
-    if not sep:
-        return str(uid)
-    gid = _account_id(group, files.get("/etc/group"))
-    return fallback if gid is None or gid < 0 else f"{uid}:{gid}"
+    if sep:
+        gid = _account_id(group, files.get("/etc/group"))
+        if gid is None or gid < 0:
+            return fallback
+    else:
+        gid = _primary_gid(user, uid, passwd)
+    if gid is None or gid <= 0:
+        gid = fallback.rpartition(":")[2]
+    return f"{uid}:{gid}"
+
+
+def _primary_gid(user, uid, passwd_text):
+    """The primary gid of ``user`` (a name, else the uid ``uid``) in the image's passwd
+    file, None when it has no such entry."""
+    if _NUMERIC_ID.match(user):
+        entries = [entry for entry in _accounts(passwd_text).values() if entry[0] == uid]
+    else:
+        entries = [_accounts(passwd_text).get(user)]
+    gid = entries[0][1] if entries and entries[0] else ""
+    return int(gid) if gid.isdigit() else None
 
 
 def _account_id(name, accounts_text):
@@ -222,9 +246,10 @@ def cli_account_files(run, runtime, image, name, labels):
 
 
 class OutputWatch:
-    """Whether the task's writable dirs (output, scratch) together hold more than
-    ``watch_bytes``: looked at every ``watch_interval`` seconds while the container runs,
-    because a bind mount has no quota of its own."""
+    """Whether the task's writable dirs (output, scratch) together take more than
+    ``watch_bytes`` of disk (:func:`disk.usage`: blocks and inodes, not file sizes): looked
+    at every ``watch_interval`` seconds while the container runs, because a bind mount has
+    no quota of its own."""
 
     def __init__(self, p):
         self.dirs = p.get("watch_dirs") or []
@@ -241,12 +266,13 @@ class OutputWatch:
     def exceeded(self):
         if not self.dirs or self.limit is None:
             return False
-        self.size = sum(tree_bytes(d) for d in self.dirs if os.path.isdir(d))
+        self.size = usage(self.dirs).bytes
         return self.size > self.limit
 
     def failure(self, name):
         """The failed module result of a container stopped for its size."""
-        return {"msg": f"Task {name} wrote {self.size} bytes to its output and scratch dirs, "
+        return {"msg": f"Task {name} took {self.size} bytes of disk in its output and "
+                       "scratch dirs (blocks, at least one per file or directory), "
                        f"over the site's limit of {self.limit} bytes "
                        "(policy.limits.output_bytes); it was stopped and nothing is archived.",
                 "fem_error_code": LIMIT_EXCEEDED, "output_bytes": self.size}

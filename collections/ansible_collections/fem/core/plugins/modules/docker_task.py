@@ -28,6 +28,8 @@ description:
     engine log capped in size (C(json-file), C(max-size) twice O(log_bytes)). Its user is the
     image's own, resolved to numbers in the image's C(/etc/passwd), unless that is uid 0
     however written, a name the image does not define, or empty; then it is O(fallback_user).
+    It is always given as C(uid:gid), so the engine adds no supplementary group from the
+    image's C(/etc/group); a gid of 0 or not known gets O(fallback_user)'s gid.
   - While the container runs, the total size of O(watch_dirs) is looked at every
     O(watch_interval) seconds; over O(watch_bytes) the container is stopped, its logs are
     collected and the module fails with RV(fem_error_code=limit_exceeded).

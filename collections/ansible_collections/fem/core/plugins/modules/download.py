@@ -99,7 +99,7 @@ import urllib.error
 import urllib.request
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
+from ansible_collections.fem.core.plugins.module_utils.disk import charge, usage
 
 CHUNK = 1024 * 1024
 
@@ -205,8 +205,9 @@ def main():
     name = os.path.basename(p["dest"])
     limit, what = p["max_bytes"], f"input {name} is"
     if p["total_dir"]:
-        replaced = os.lstat(p["dest"]).st_size if os.path.lexists(p["dest"]) else 0
-        limit -= tree_bytes(p["total_dir"]) - replaced
+        # The disk the other inputs take (disk.usage), less the file this one replaces.
+        replaced = charge(os.lstat(p["dest"])) if os.path.lexists(p["dest"]) else 0
+        limit -= usage([p["total_dir"]]).bytes - replaced
         what = f"the inputs with {name} are"
     digest, size = hashlib.sha256(), 0
     fd, partial = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(p["dest"]))

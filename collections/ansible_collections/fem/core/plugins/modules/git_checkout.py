@@ -26,6 +26,11 @@ description:
     looks like one is found by that checkout too. O(depth) applies to C(HEAD) and names.
   - Runs git with its arguments as a list, never through a shell; O(repo) and O(version)
     can never be read as options.
+  - With O(max_bytes), O(dest) is measured while git runs (every O(watch_interval)
+    seconds, blocks and inodes as the task's other dirs) and no file git writes may grow past
+    it (C(RLIMIT_FSIZE)); over it git is killed and the module fails with
+    RV(fem_error_code=limit_exceeded), having let land at most the limit and what git wrote
+    since the last measure.
   - Git answers only to this module. HTTP redirects are not followed
     (C(http.followRedirects=false)), the host's git config is not read (no system config,
     C(GIT_CONFIG_NOSYSTEM); as global config only the environment's C(GIT_CONFIG_GLOBAL),
@@ -63,6 +68,13 @@ options:
   umask:
     description: Octal umask of the git processes (and so of the files they write).
     type: str
+  max_bytes:
+    description: Most disk the checkout (C(.git) included) may take; not watched when omitted.
+    type: int
+  watch_interval:
+    description: Seconds between two measures of O(dest) while git runs.
+    type: float
+    default: 0.2
   timeout:
     description:
       - Seconds all of the module's git commands may take together; past it git and every
@@ -101,16 +113,29 @@ before:
   description: Always null; kept for the shape of M(ansible.builtin.git)'s result.
   returned: success
   type: str
+source_bytes:
+  description: Disk the checkout took when it was measured last (with O(max_bytes)).
+  returned: when O(max_bytes) is set
+  type: int
+fem_error_code:
+  description: C(limit_exceeded) when git was stopped for taking more than O(max_bytes).
+  returned: failure
+  type: str
 """
 
+import contextlib
 import math
 import os
 import re
+import resource
 import shlex
-import shutil
+import signal
+import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.fem.core.plugins.module_utils.disk import LIMIT_EXCEEDED, usage
+from ansible_collections.fem.core.plugins.module_utils.tree import empty as empty_tree
 
 COMMIT = re.compile(r"^[0-9a-fA-F]{7,40}$")
 # A ref name git accepts that can never be read as an option (git check-ref-format is
@@ -139,11 +164,61 @@ def empty(module, dest):
     if not os.path.isdir(dest):
         os.makedirs(dest)
         return
-    for entry in os.scandir(dest):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
+    empty_tree(dest)
+
+
+class Watched:
+    """git run under a disk limit on ``dest``: measured every ``interval`` seconds while it
+    runs and once when it ends, killed (its whole process group) when over ``limit``."""
+
+    def __init__(self, module, dest, limit, interval):
+        self.module, self.dest, self.limit, self.interval = module, dest, limit, interval
+        self.taken = 0
+
+    def over(self):
+        self.taken = usage([self.dest]).bytes
+        return self.taken > self.limit
+
+    def run(self, argv, cwd, env):
+        """``(rc, out, err)`` of ``argv``; fails the module when the checkout is over."""
+        out_path, err_path = (os.path.join(self.module.tmpdir, n) for n in ("out", "err"))
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        fsize = self.limit + 1 if hard == resource.RLIM_INFINITY else min(hard, self.limit + 1)
+        with open(out_path, "w+b") as out, open(err_path, "w+b") as err:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=err, start_new_session=True,
+                # No one file past the limit, whatever happens between two measures.
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize)))
+            try:
+                while True:
+                    try:
+                        rc = proc.wait(timeout=self.interval)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if self.over():
+                            self.stop(proc)
+                over = self.over()
+            finally:
+                if proc.poll() is None:
+                    self.stop(proc)
+            # Under timeout(1), a git killed by SIGXFSZ is its exit 128 + SIGXFSZ.
+            if over or rc in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ):
+                self.module.fail_json(
+                    msg=f"The source checkout took {self.taken} bytes of disk, over the "
+                        f"site's limit of {self.limit} bytes (policy.limits.source_bytes); "
+                        "git was stopped.",
+                    fem_error_code=LIMIT_EXCEEDED, source_bytes=self.taken)
+            out.seek(0)
+            err.seek(0)
+            return (rc, out.read().decode("utf-8", "replace"),
+                    err.read().decode("utf-8", "replace"))
+
+    @staticmethod
+    def stop(proc):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def main():
@@ -157,6 +232,8 @@ def main():
             "accept_newhostkey": {"type": "bool", "default": False},
             "ssh_opts": {"type": "str"},
             "umask": {"type": "str"},
+            "max_bytes": {"type": "int"},
+            "watch_interval": {"type": "float", "default": 0.2},
             "timeout": {"type": "int", "default": 1800},
         },
         supports_check_mode=False,
@@ -185,13 +262,15 @@ def main():
     env = git_env(shlex.join(ssh), home)
     git = module.get_bin_path("git", required=True)
     timeout = module.get_bin_path("timeout", required=True)
+    watched = (None if p["max_bytes"] is None
+               else Watched(module, dest, p["max_bytes"], p["watch_interval"]))
 
     def run(*args, cwd=None):
         # timeout(1) signals git's whole process group (git-remote-*, ssh), then kills it.
         left = max(1, math.ceil(end - time.monotonic()))
-        rc, out, err = module.run_command(
-            [timeout, "--kill-after=5", str(left), git, *HARDENING, *args], cwd=cwd,
-            environ_update=env)
+        argv = [timeout, "--kill-after=5", str(left), git, *HARDENING, *args]
+        rc, out, err = (module.run_command(argv, cwd=cwd, environ_update=env) if not watched
+                        else watched.run(argv, cwd, env))
         if rc in (124, 137) and time.monotonic() >= end:
             module.fail_json(msg=f"git {args[0]} did not end within the {p['timeout']}s "
                                  "the checkout may take", rc=rc, cmd=shlex.join(["git", *args]))
@@ -215,7 +294,9 @@ def main():
         run("checkout", "--force", "--quiet", version, cwd=dest)
     if p["recursive"]:
         run("submodule", "update", "--init", "--recursive", cwd=dest)
-    module.exit_json(changed=True, before=None, after=run("rev-parse", "HEAD", cwd=dest).strip())
+    after = run("rev-parse", "HEAD", cwd=dest).strip()
+    extra = {} if watched is None else {"source_bytes": watched.taken}
+    module.exit_json(changed=True, before=None, after=after, **extra)
 
 
 if __name__ == "__main__":

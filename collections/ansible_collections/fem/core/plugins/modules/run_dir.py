@@ -20,7 +20,8 @@ description:
     module call costs a fresh interpreter.
   - Modes are set with chmod, so the process umask does not apply.
   - With O(state=absent) it removes O(path) and everything in it (symbolic links are removed,
-    never followed); a missing O(path) is fine.
+    never followed); a missing O(path) is fine. Any depth, sockets, fifos, names that are
+    not UTF-8 and directories whose mode keeps their owner out are removed too.
 options:
   path:
     description: The directory; its missing parents are created with mode 0700.
@@ -68,10 +69,10 @@ created:
 """
 
 import os
-import shutil
 import stat
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.fem.core.plugins.module_utils.tree import remove as remove_tree
 
 
 def octal(module, value):
@@ -114,15 +115,13 @@ def ensure(module, path, mode, result):
 
 
 def remove(module, path):
-    """Remove ``path`` and its content; report whether it existed."""
+    """Remove ``path`` and its content, whatever a task left there (any depth, links,
+    sockets, modes; module_utils/tree.py); report whether it existed."""
     if not os.path.lexists(path):
         module.exit_json(changed=False)
     if not module.check_mode:
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+            remove_tree(path)
         except OSError as exc:
             module.fail_json(msg=f"Cannot remove {path}: {exc}")
     module.exit_json(changed=True)

@@ -33,7 +33,8 @@ description:
     capped too (twice O(log_bytes)), so O(log_bytes) is required with O(state=submitted).
   - The container's user is the image's own, resolved to numbers in the image's
     C(/etc/passwd) on the login node's engine, unless that is uid 0 however written, a name
-    the image does not define, or empty; then O(fallback_user). A limit not above 0 is
+    the image does not define, or empty; then O(fallback_user); always as C(uid:gid), so no
+    supplementary group comes from the image's C(/etc/group). A limit not above 0 is
     refused, never taken as none.
   - V(stopped) cancels the job if it is queued or running (cancel). V(absent) does the same and
     waits until it has left the queue (cleanup).

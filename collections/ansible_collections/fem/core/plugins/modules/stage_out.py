@@ -14,13 +14,15 @@ module: stage_out
 short_description: Archive a fem task's output and logs directories
 version_added: 1.0.0
 description:
-  - Refuses an output directory larger than O(output_bytes) (apparent sizes, symbolic links
-    counted as links, never followed).
+  - Refuses an output directory that takes more than O(output_bytes) of disk (blocks, at
+    least one per file or directory; symbolic links counted as links, never followed) with
+    RV(fem_error_code=limit_exceeded).
   - Writes C(outputs.tar.gz) of O(run_dir)/output and C(logs.tar.gz) of O(run_dir)/logs into
     O(dest), each first under a temporary name and then renamed, so a half-written archive is
-    never taken for a whole one.
-  - GNU tar without C(-h) stores symbolic links as links, so nothing outside the directories gets
-    into an archive.
+    never taken for a whole one; an archive that cannot be made fails the module, saying so.
+  - Entries are added one at a time, at any depth. Symbolic links are stored as links
+    (nothing outside the directories gets into an archive), a file with several links once,
+    sockets left out (RV(skipped)), owners as numbers, names as the bytes they are.
   - One module call instead of a size check, two archive commands and their loop, which
     matters when every module call costs a fresh interpreter.
 options:
@@ -50,19 +52,29 @@ EXAMPLES = r"""
 
 RETURN = r"""
 output_bytes:
-  description: Apparent size of the output directory.
+  description: Disk the output directory takes (blocks, at least one per inode).
+  returned: always
+  type: int
+skipped:
+  description: Entries that no archive can hold (sockets), left out.
   returned: success
   type: int
+fem_error_code:
+  description: C(limit_exceeded) when the output is over O(output_bytes).
+  returned: failure
+  type: str
 archives:
   description: Archive name to its path.
   returned: success
   type: dict
 """
 
+import contextlib
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
+from ansible_collections.fem.core.plugins.module_utils.disk import LIMIT_EXCEEDED, usage
+from ansible_collections.fem.core.plugins.module_utils.tree import archive
 
 ARCHIVES = (("outputs.tar.gz", "output"), ("logs.tar.gz", "logs"))
 
@@ -77,28 +89,30 @@ def main():
         supports_check_mode=False,
     )
     run_dir, dest = module.params["run_dir"], module.params["dest"]
-    size = tree_bytes(os.path.join(run_dir, "output"))
+    size = usage([os.path.join(run_dir, "output")]).bytes
     if size > module.params["output_bytes"]:
         module.fail_json(
-            msg=f"The task's output is {size} bytes, over the site's limit of "
+            msg=f"The task's output takes {size} bytes of disk, over the site's limit of "
             f"{module.params['output_bytes']} bytes (policy.limits.output_bytes); "
             "it is not archived.",
-            output_bytes=size,
+            output_bytes=size, fem_error_code=LIMIT_EXCEEDED,
         )
     if not os.path.isdir(dest):
         os.makedirs(dest, mode=0o700)
-    archives = {}
+    archives, skipped = {}, 0
     for name, sub in ARCHIVES:
         final = os.path.join(dest, name)
         partial = final + ".partial"
-        module.run_command(
-            ["tar", "--create", "--gzip", "--numeric-owner", "--file=" + partial,
-             "--directory=" + os.path.join(run_dir, sub), "."],
-            check_rc=True,
-        )
+        try:
+            skipped += archive(os.path.join(run_dir, sub), partial)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            module.fail_json(msg=f"The archive {name} of the task's {sub}/ cannot be made: "
+                                 f"{exc}", output_bytes=size)
         os.replace(partial, final)
         archives[name] = final
-    module.exit_json(changed=True, output_bytes=size, archives=archives)
+    module.exit_json(changed=True, output_bytes=size, archives=archives, skipped=skipped)
 
 
 if __name__ == "__main__":
