@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,14 +30,19 @@ from .adapters import Adapter, AdapterFactory
 from .config import Config
 from .errors import ConfigError, RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
-from .journal import Journal
+from .journal import Journal, JournalUnwritable
 from .lifecycle import Node, NodeObserver
 from .logs import reopen_log_files, task_context
+from .sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
+# After a write of the intake failed, first look again after this long, then twice as long
+# each time it still fails (the journal's probe write, or the next message).
+FAULT_RETRY_MIN_S = 1.0
+FAULT_RETRY_MAX_S = 30.0
 
 
 class Listener:
@@ -64,6 +71,14 @@ class Listener:
         self._stop_now = threading.Event()
         self._connected = threading.Event()
         self._reload_lock = threading.Lock()
+        # Why the node takes no task now, by cause ("journal", "disk", "intake"); empty when
+        # it is healthy (docs/operating.md, "When the node is unhealthy").
+        self._faults: dict[str, str] = {}
+        self._fault_lock = threading.Lock()
+        self._retry_at = 0.0
+        self._retry_delay = FAULT_RETRY_MIN_S
+        self._accepting_sent: bool | None = None
+        self.journal.on_fault = lambda reason: self.set_fault("journal", reason)
         self.adapters: list[Adapter] = [make(self) for make in adapters]
 
     # -- public --------------------------------------------------------------------------
@@ -81,9 +96,14 @@ class Listener:
             try:
                 self._serve()
                 delay = RECONNECT_MIN_S
+            except JournalUnwritable as e:  # not the broker's doing: the node degrades
+                log.warning("%s; reconnecting in %.1fs", e, delay)
             except (pika.exceptions.AMQPError, OSError) as e:
                 log.warning("broker connection lost (%s: %s); reconnecting in %.1fs",
                             type(e).__name__, e, delay)
+            except sqlite3.Error as e:  # reading the journal failed: no reason to die
+                self.set_fault("journal", f"the journal cannot be read ({e})")
+                log.warning("the journal cannot be read (%s); reconnecting in %.1fs", e, delay)
             finally:
                 self._connected.clear()
                 self._close_connection()
@@ -128,7 +148,9 @@ class Listener:
         while not self._stop_now.is_set():
             conn.process_data_events(time_limit=1)
             now = time.monotonic()
-            if now >= next_beat:
+            self._check_health(now)
+            if now >= next_beat or self._accepting_sent != self.accepting:
+                # Every heartbeat_s, and at once when accepting changes (DESIGN.md §2).
                 self._heartbeat()
                 next_beat = now + self.config.broker.heartbeat_s
             if self._stopping.is_set():
@@ -152,10 +174,86 @@ class Listener:
                 conn.close()
 
     def has_free_slot(self) -> bool:
-        """Whether a task launched now would run at once: not stopping, and fewer than
-        ``execution.max_parallel`` tasks held."""
-        return not self._stopping.is_set() and \
-            len(self.running) < self.config.execution.max_parallel
+        """Whether a task launched now would run at once: :attr:`accepting`, and fewer
+        than ``execution.max_parallel`` tasks held."""
+        return self.accepting and len(self.running) < self.config.execution.max_parallel
+
+    # -- the node's health ---------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """Takes tasks: not stopping, and no fault of the node (:meth:`set_fault`)."""
+        return not self._stopping.is_set() and not self._faults
+
+    @property
+    def reason(self) -> str | None:
+        """Why the node does not accept tasks; None while it does."""
+        if self._stopping.is_set():
+            return "the listener is stopping"
+        with self._fault_lock:
+            return "; ".join(self._faults.values()) or None
+
+    def faults(self) -> dict[str, str]:
+        """The node's faults now, by cause (the metrics, the tests)."""
+        with self._fault_lock:
+            return dict(self._faults)
+
+    def set_fault(self, cause: str, reason: str | None) -> None:
+        """Record (``reason``) or clear (None) a fault of the node; from any thread.  While
+        any is recorded the node consumes no task, and its status says why."""
+        with self._fault_lock:
+            if self._faults.get(cause) == reason:
+                return
+            if reason is None:
+                del self._faults[cause]
+            else:
+                self._faults[cause] = reason
+            healthy = not self._faults
+        if reason is None:
+            log.info("the node's %s fault is over%s", cause,
+                     "; taking tasks again" if healthy else "")
+        else:
+            log.error("not taking tasks: %s", reason)
+        self.call_on_connection(self._status_changed)
+
+    def _status_changed(self) -> None:
+        """On the connection thread: consume or not, and say so at once."""
+        self._update_consumer()
+        if self._accepting_sent != self.accepting:
+            self._heartbeat()
+        if self.journal.fault is None:
+            self.publish_pending()  # events whose publication the journal could not mark
+
+    def _check_health(self, now: float) -> None:
+        """About once a second: the work dir's free space against its floor, and whether
+        a journal or intake that failed works again (a write, with backoff)."""
+        self.set_fault("disk", self._disk_fault())
+        if not ({"journal", "intake"} & self._faults.keys()) or now < self._retry_at:
+            return
+        self.set_fault("intake", None)  # the next message tries again
+        with contextlib.suppress(JournalUnwritable):
+            self.journal.probe()
+        if self.journal.fault is None:
+            self._retry_delay = FAULT_RETRY_MIN_S
+        else:
+            self._retry_later(now)
+
+    def _retry_later(self, now: float) -> None:
+        self._retry_at = now + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, FAULT_RETRY_MAX_S)
+
+    def _disk_fault(self) -> str | None:
+        """Why the work dir has too little free space for another task, if it has."""
+        floor = self.config.execution.min_free_bytes
+        try:
+            st = os.statvfs(self.config.work_dir)
+        except OSError as e:
+            return f"the work dir {self.config.work_dir} cannot be examined ({e.strerror})"
+        free = st.f_bavail * st.f_frsize
+        if free >= floor:
+            return None
+        return (f"{format_bytes(free)} free under the work dir {self.config.work_dir}, below "
+                f"execution.min_free_bytes ({format_bytes(floor)})")
 
     def running_count(self) -> int:
         return len(self.running)
@@ -176,6 +274,19 @@ class Listener:
             self._consumer_tag = None
 
     def _on_task(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        try:
+            self._take_task(ch, method, props, body)
+        except OSError as e:
+            # The journal (JournalUnwritable) or the audit log refused a write: nothing is
+            # acked that is not journaled; the message goes back to the broker, and the
+            # node takes no task until a write succeeds again.
+            if not isinstance(e, JournalUnwritable):
+                self.set_fault("intake", f"taking a task failed ({e})")
+            self._retry_later(time.monotonic())
+            ch.basic_nack(method.delivery_tag, requeue=True)
+            self._update_consumer()
+
+    def _take_task(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         if not self.has_free_slot():
             # An adapter's consumer took the last slot (or the listener began to stop) after
             # this message was delivered: back to the queue, for this listener once a slot
@@ -190,6 +301,8 @@ class Listener:
                         extra={"task_id": e.task_id})
             self._refuse_task(ch, method, props, body, e)
             return
+        except OSError:
+            raise  # the audit log could not be written: a fault of the node, not the message
         except Exception as e:  # a bug: the message still ends REJECTED, the consumer goes on
             log.exception("reading a message failed; rejected as invalid_message")
             err = _internal(e)
@@ -258,7 +371,13 @@ class Listener:
         )
 
     def publish_pending(self) -> None:
-        """Publish journaled events in order, each marked once the broker confirmed it."""
+        """Publish journaled events in order, each marked once the broker confirmed it;
+        while the journal cannot mark them, they wait (published again later, same ``seq``
+        and content, as after a crash)."""
+        with contextlib.suppress(JournalUnwritable):
+            self._publish_pending()
+
+    def _publish_pending(self) -> None:
         ch = self._events_ch
         while ch is not None and ch.is_open:
             batch = self.journal.unpublished()
@@ -273,9 +392,11 @@ class Listener:
                 self.journal.mark_published(event_id)
 
     def _heartbeat(self) -> None:
+        accepting = self.accepting
         beat = node_heartbeat(self.config.node_id, self.config.listener_id,
                               self.config.execution.max_parallel, len(self.running),
-                              not self._stopping.is_set())
+                              accepting, self.reason)
+        self._accepting_sent = accepting
         broker.publish_json(self._events_ch, broker.EVENTS_EXCHANGE,
                             heartbeat_routing_key(self.config.node_id), beat, mandatory=False)
 
@@ -288,7 +409,9 @@ class Listener:
 
     def _work(self, task_id: str, cancel: threading.Event) -> None:
         try:
-            with task_context(task_id):
+            # A journal write refused is tried again until it succeeds (or the listener
+            # stops): the task's events wait for its journal, never lost.
+            with task_context(task_id), self.journal.patient(self.node.abandon):
                 event = self.node.execute(task_id, cancel)
             for adapter in self.adapters:
                 adapter.finished(task_id, event)
