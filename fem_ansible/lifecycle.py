@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -382,8 +383,10 @@ class _Execution(RunHooks):
         return event
 
     def _spec(self, tags: list[str] | None = None, skip_tags: list[str] | None = None,
-              playbook: str | None = None) -> RunSpec:
-        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``)."""
+              playbook: str | None = None, private_data_dir: Path | None = None) -> RunSpec:
+        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``);
+        ``private_data_dir``: ansible-runner's files elsewhere than under the task's run
+        dir."""
         config, task = self.config, self.task
         # Decided once, at intake, and journaled with the task; a task journaled by an
         # earlier version without it is decided again.
@@ -408,7 +411,7 @@ class _Execution(RunHooks):
         return RunSpec(
             # Runs beside the main one (stop, cleanup) get their own private data dir:
             # ansible-runner runs sharing one corrupt each other's env/.
-            private_data_dir=pdd / "aux" / suffix if suffix else pdd,
+            private_data_dir=private_data_dir or (pdd / "aux" / suffix if suffix else pdd),
             # The marker of every process of the run; "." cannot occur in a task id.
             ident=ident,
             playbook=path,
@@ -497,9 +500,21 @@ class _Execution(RunHooks):
         """Run only the cleanup stage, after a playbook that was stopped midway."""
         run_playbook(self._spec(tags=["cleanup"]), RunHooks(), lambda: False)
 
+    def _free_disk(self) -> None:
+        """The work dir's file system filled during this task's run, which was stopped
+        before its own cleanup: what the task took is removed at once, so that the journal
+        has room for its terminal event.  The stopped run's artifacts go first; the
+        cleanup run keeps its own files in the system's temp dir, off the full file system."""
+        shutil.rmtree(self.node.run_dir(self.tid) / "artifacts", ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f"fem-{self.tid}-") as tmp:
+            run_playbook(self._spec(tags=["cleanup"], private_data_dir=Path(tmp)), RunHooks(),
+                         lambda: False)
+
     def _finish(self, outcome: RunResult) -> dict[str, Any]:
         """The terminal event: Ansible's verdict on the playbook first, then the uploads."""
         failure = outcome.failure
+        if failure is not None and failure.code == "disk_full" and outcome.status == "failed":
+            self._free_disk()
         if self.cancel.is_set() and outcome.status == "canceled":
             # The playbook was stopped before its own cleanup could run.
             self._cleanup()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import signal
 import sqlite3
@@ -28,12 +27,12 @@ import pika.exceptions
 from . import broker
 from .adapters import Adapter, AdapterFactory
 from .config import Config
+from .diskspace import below_floor
 from .errors import ConfigError, RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal, JournalUnwritable
 from .lifecycle import Node, NodeObserver
 from .logs import reopen_log_files, task_context
-from .sizes import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +226,8 @@ class Listener:
     def _check_health(self, now: float) -> None:
         """About once a second: the work dir's free space against its floor, and whether
         a journal or intake that failed works again (a write, with backoff)."""
-        self.set_fault("disk", self._disk_fault())
+        self.set_fault("disk", below_floor(self.config.work_dir,
+                                           self.config.execution.min_free_bytes))
         if not ({"journal", "intake"} & self._faults.keys()) or now < self._retry_at:
             return
         self.set_fault("intake", None)  # the next message tries again
@@ -242,25 +242,12 @@ class Listener:
         self._retry_at = now + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, FAULT_RETRY_MAX_S)
 
-    def _disk_fault(self) -> str | None:
-        """Why the work dir has too little free space for another task, if it has."""
-        floor = self.config.execution.min_free_bytes
-        try:
-            st = os.statvfs(self.config.work_dir)
-        except OSError as e:
-            return f"the work dir {self.config.work_dir} cannot be examined ({e.strerror})"
-        free = st.f_bavail * st.f_frsize
-        if free >= floor:
-            return None
-        return (f"{format_bytes(free)} free under the work dir {self.config.work_dir}, below "
-                f"execution.min_free_bytes ({format_bytes(floor)})")
-
     def running_count(self) -> int:
         return len(self.running)
 
     def _update_consumer(self) -> None:
         """Consume tasks (and adapters' messages) only while a slot is free and the
-        listener is not stopping."""
+        node accepts tasks."""
         want = self.has_free_slot()
         for adapter in self.adapters:
             adapter.slots_changed(want)

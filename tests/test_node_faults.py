@@ -122,7 +122,8 @@ def test_the_work_dir_below_its_floor_stops_intake(make_config, monkeypatch):
     try:
         listener._check_health(0.0)
         assert not listener.accepting
-        assert "below execution.min_free_bytes (1024.0 TiB)" in listener.reason, listener.reason
+        reason = listener.reason
+        assert "free of" in reason and "below execution.min_free_bytes (1024.0 TiB)" in reason
     finally:
         listener.journal.close()
 

@@ -1,0 +1,131 @@
+"""Faults of the node itself through a real listener, broker and engine (issue 28): its work
+dir's file system fills up, its journal cannot be written.  The listener stays alive
+throughout, says why it takes no task, and heals by itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+
+from tests.support.harness import AMQP_URL, NOTHING_LEFT, leftovers
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1024**2
+
+
+@pytest.fixture
+def small_work_dir(site) -> Iterator[Path]:
+    """The site's work dir on a 40 MiB file system of its own (a tmpfs), unmounted at the
+    end whatever happened; the listeners are stopped first (the site fixture's teardown
+    runs after this one's, but a mounted dir cannot be left behind)."""
+    work = site.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0700", "fem-test-work",
+                    str(work)], check=True)
+    try:
+        yield work
+    finally:
+        for proc in site.listeners:
+            proc.stop()
+        subprocess.run(["docker", "rm", "-f", "-v", *leftovers(site.node, work)["containers"]],
+                       capture_output=True)
+        subprocess.run(["umount", "-l", str(work)], check=False)
+
+
+class NodeStatus:
+    """The node's heartbeats (``fem.node/v1``), on a queue of their own."""
+
+    def __init__(self, node_id: str):
+        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        self.ch = self.conn.channel()
+        self.queue = self.ch.queue_declare("", exclusive=True).method.queue
+        self.ch.queue_bind(self.queue, "fem.events", routing_key=f"{node_id}._node.HEARTBEAT")
+        self.seen: list[dict] = []
+
+    def wait(self, accepting: bool, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            method, _props, body = self.ch.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                self.conn.sleep(0.1)
+                continue
+            beat = json.loads(body)
+            self.seen.append(beat)
+            if beat["accepting"] is accepting:
+                return beat
+        raise AssertionError(f"no heartbeat with accepting={accepting}: {self.seen[-3:]}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def fill_task(site, tid: str, mib: int) -> dict:
+    return site.task(tid, source=None, datasets=None, command=[
+        "sh", "-c", f"dd if=/dev/zero of=/fem/output/fill bs=1M count={mib}; sleep 1"],
+        resources={"memory": "128Mi", "timeout_s": 300})
+
+
+def test_a_task_that_fills_the_disk_fails_and_frees_what_it_took(site, small_work_dir):
+    orch = site.orchestrator
+    lst = site.listener(site.config(execution={
+        "work_dir": str(small_work_dir), "shutdown_grace_s": 30, "min_free_bytes": "8Mi"}))
+    orch.publish(fill_task(site, "fills", 80))
+    started = time.monotonic()
+    final = orch.wait_terminal("fills", timeout=120)
+    assert final["state"] == "FAILED" and final["error"]["code"] == "disk_full", final
+    assert time.monotonic() - started < 90
+    # The file system and the figures are named.
+    assert str(small_work_dir) in final["error"]["message"], final
+    assert "free" in final["error"]["message"]
+    assert lst.alive
+    # The next task runs without anyone freeing space.
+    orch.publish(site.task("after", source=None, datasets=None,
+                           command=["sh", "-c", "echo ok > /fem/output/ok"]))
+    assert orch.wait_terminal("after", timeout=120)["state"] == "COMPLETED"
+    assert leftovers(site.node, small_work_dir) == NOTHING_LEFT
+    assert not (small_work_dir / "runs" / "fills" / "artifacts").exists() or \
+        sum(f.stat().st_size for f in (small_work_dir / "runs").rglob("*") if f.is_file()) \
+        < 8 * MiB
+    assert lst.alive
+
+
+def test_a_journal_that_cannot_be_written_loses_nothing_and_heals(site, small_work_dir,
+                                                                 tmp_path):
+    orch = site.orchestrator
+    status = NodeStatus(site.node)
+    # No floor, and the audit log elsewhere: the journal is the first to meet the full disk.
+    lst = site.listener(site.config(
+        execution={"work_dir": str(small_work_dir), "shutdown_grace_s": 30,
+                   "min_free_bytes": 0},
+        audit={"file": str(tmp_path / "audit.jsonl")}))
+    try:
+        status.wait(accepting=True)
+        # The file system filled to the last block from outside (logs, another service).
+        ballast = small_work_dir / "ballast"
+        subprocess.run(["dd", "if=/dev/zero", f"of={ballast}", "bs=4k"], capture_output=True)
+        orch.publish(site.task("waits", source=None, datasets=None,
+                               command=["sh", "-c", "echo ok > /fem/output/ok"]))
+        beat = status.wait(accepting=False)
+        assert "the journal cannot be written" in beat["reason"], beat
+        assert "disk is full" in beat["reason"], beat
+        time.sleep(3)
+        orch.drain()
+        assert orch.events("waits") == []  # not journaled, so not acked: in the broker
+        assert lst.alive
+        ballast.unlink()
+        assert status.wait(accepting=True)["accepting"]
+        assert orch.wait_terminal("waits", timeout=120)["state"] == "COMPLETED"
+        events = orch.distinct_events("waits")
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert events[0]["state"] == "RECEIVED"
+        assert lst.alive
+        assert leftovers(site.node, small_work_dir) == NOTHING_LEFT
+    finally:
+        status.close()
