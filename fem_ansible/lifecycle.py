@@ -37,6 +37,7 @@ from .runner import (
     scan_cache_dir,
 )
 from .site_roles import roles_path
+from .sizes import format_bytes
 from .targets import Targets, control_dir, inventory_path, ssh_env
 from .transfer import Archive, upload
 
@@ -285,7 +286,8 @@ class _Execution(RunHooks):
             "image_digest": self.known["image_digest"],
             "source_commit": self.known["source_commit"],
         })
-        for key in ("fem_exit_code", "fem_timed_out", "fem_outputs_archive", "fem_logs_archive"):
+        for key in ("fem_exit_code", "fem_timed_out", "fem_oom_killed", "fem_outputs_archive",
+                    "fem_logs_archive"):
             if key in data:
                 self.result[key.removeprefix("fem_")] = data[key]
         self.journal.update(self.tid, result=self.result)
@@ -542,6 +544,13 @@ class _Execution(RunHooks):
             return self.emit("CANCELLED", "cancelled", exit_code=None,
                              error=_error("cancelled", "run", "cancelled by the orchestrator"),
                              **reports)
+        if self.result.get("oom_killed") and exit_code != 0:
+            # Not a bare 137: the kernel's OOM killer ended it, at the task's memory limit.
+            limit = format_bytes(self.task["resources"]["memory"])
+            message = (f"the kernel killed the container for memory (limit {limit}, exit "
+                       f"{exit_code})")
+            return self.emit("FAILED", message, exit_code=exit_code,
+                             error=_error("oom_killed", "run", message), **reports)
         if exit_code != 0:
             return self.emit("FAILED", f"the container exited with {exit_code}",
                              exit_code=exit_code,

@@ -129,3 +129,22 @@ def test_a_journal_that_cannot_be_written_loses_nothing_and_heals(site, small_wo
         assert leftovers(site.node, small_work_dir) == NOTHING_LEFT
     finally:
         status.close()
+
+
+def test_a_container_killed_for_memory_is_oom_killed_with_its_limit(site):
+    """Docker's State.OOMKilled.  Podman's module reports its own State.OOMKilled the same
+    way, but this machine's podman leaves it false for a container the kernel killed (exit
+    137): not asserted there."""
+    orch = site.orchestrator
+    site.listener()
+    tid = "oom"
+    # tail keeps a line that never ends in memory: it grows until the kernel kills it.
+    orch.publish(site.task(tid, source=None, datasets=None,
+                           command=["tail", "/dev/zero"],
+                           resources={"memory": "32Mi", "timeout_s": 120}))
+    final = orch.wait_terminal(tid, timeout=240)
+    assert final["state"] == "FAILED", final
+    assert final["error"]["code"] == "oom_killed", final
+    assert "32.0 MiB" in final["error"]["message"], final
+    assert final["exit_code"] == 137
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
