@@ -33,6 +33,7 @@ import requests
 
 from . import broker
 from .config import Config
+from .diskspace import below_floor
 from .errors import ConfigError
 from .policy import allowed
 from .sizes import format_bytes
@@ -442,6 +443,46 @@ def check_disk(config: Config) -> Iterator[Check]:
         yield ok("disk", detail)
 
 
+def check_floor(config: Config) -> Iterator[Check]:
+    """The work dir's free space against ``execution.min_free_bytes``: below it a running
+    listener takes no task (docs/operating.md, "When the node is unhealthy")."""
+    floor = config.execution.min_free_bytes
+    path = config.work_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    reason = below_floor(path, floor) if floor else None
+    if reason:
+        yield fail("disk floor", f"{reason}: the listener takes no task",
+                   "free space there (a listener resumes by itself), or lower "
+                   "execution.min_free_bytes")
+    else:
+        yield ok("disk floor", f"at least {format_bytes(floor)} free under the work dir "
+                 "(execution.min_free_bytes)")
+
+
+def check_journal(config: Config) -> Iterator[Check]:
+    """Whether the journal takes a write now; while it does not, a running listener takes
+    no task (and resumes by itself once it does)."""
+    from .journal import Journal
+
+    path = config.work_dir / "journal.sqlite"
+    if not path.is_file():
+        yield ok("journal", f"{path} (created on first run)")
+        return
+    try:
+        journal = Journal(path)
+        try:
+            journal.probe()
+        finally:
+            journal.close()
+    except OSError as e:
+        yield fail("journal", f"{path}: {e.strerror}",
+                   "free space on its file system, or make it writable by the service user; "
+                   "a running listener takes no task meanwhile and resumes by itself")
+    else:
+        yield ok("journal", f"{path} can be written")
+
+
 def check_clock(config: Config, clock: _Clock) -> Iterator[Check]:
     seen = set()
     for pattern in config.policy.uploads.allow:
@@ -483,7 +524,8 @@ def diagnose(config: Config) -> list[Check]:
         lambda: check_broker(config),
         lambda: check_engines(config), lambda: check_registries(config, clock),
         lambda: check_git(config), lambda: check_hosts(config),
-        lambda: check_disk(config), lambda: check_clock(config, clock)]
+        lambda: check_disk(config), lambda: check_floor(config),
+        lambda: check_journal(config), lambda: check_clock(config, clock)]
     results: list[Check] = []
     for step in steps:
         results.extend(step())

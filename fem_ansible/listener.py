@@ -42,6 +42,10 @@ RECONNECT_MAX_S = 30.0
 # each time it still fails (the journal's probe write, or the next message).
 FAULT_RETRY_MIN_S = 1.0
 FAULT_RETRY_MAX_S = 30.0
+# What may stop the node from taking tasks (docs/operating.md, "When the node is
+# unhealthy"): the journal refused a write, the work dir is below its free-space floor,
+# taking a task failed otherwise (the audit log refused a write).
+FAULT_CAUSES = ("journal", "disk", "intake")
 
 
 class Listener:

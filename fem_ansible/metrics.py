@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from . import __version__
 from .config import Config
 from .lifecycle import NodeObserver
+from .listener import FAULT_CAUSES
 from .schema import TERMINAL_STATES, event_time
 
 if TYPE_CHECKING:
@@ -65,6 +66,12 @@ class Metrics(NodeObserver):
               registry=r).set(config.execution.max_parallel)
         self.connected = Gauge("fem_broker_connected",
                                "1 while connected to the broker, else 0.", registry=r)
+        self.accepting = Gauge("fem_node_accepting",
+                               "1 while the node takes tasks (its status's accepting), else 0.",
+                               registry=r)
+        self.fault = Gauge("fem_node_fault", "1 while this fault of the node stops it from "
+                           "taking tasks (journal, disk, intake), else 0.", ["cause"],
+                           registry=r)
         self.unpublished = Gauge("fem_events_unpublished",
                                  "Events journaled and not yet confirmed by the broker.",
                                  registry=r)
@@ -117,6 +124,10 @@ class Metrics(NodeObserver):
         self.running.set_function(lambda: len(listener.running))
         self.connected.set_function(lambda: 1 if listener.connected else 0)
         self.unpublished.set_function(listener.journal.unpublished_count)
+        self.accepting.set_function(lambda: 1 if listener.accepting else 0)
+        for cause in FAULT_CAUSES:
+            self.fault.labels(cause).set_function(
+                lambda c=cause: 1 if c in listener.faults() else 0)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         """Serve ``/metrics`` on ``address:port`` from a daemon thread."""

@@ -14,6 +14,8 @@ import pika
 import pytest
 
 from tests.support.harness import AMQP_URL, NOTHING_LEFT, leftovers
+from tests.test_e2e_doctor import doctor, line
+from tests.test_e2e_metrics import free_port, scrape, value
 
 pytestmark = pytest.mark.e2e
 
@@ -101,10 +103,12 @@ def test_a_journal_that_cannot_be_written_loses_nothing_and_heals(site, small_wo
     orch = site.orchestrator
     status = NodeStatus(site.node)
     # No floor, and the audit log elsewhere: the journal is the first to meet the full disk.
-    lst = site.listener(site.config(
+    config = site.config(
         execution={"work_dir": str(small_work_dir), "shutdown_grace_s": 30,
                    "min_free_bytes": 0},
-        audit={"file": str(tmp_path / "audit.jsonl")}))
+        audit={"file": str(tmp_path / "audit.jsonl")})
+    port = free_port()
+    lst = site.listener(config, args=["--metrics-port", str(port)])
     try:
         status.wait(accepting=True)
         # The file system filled to the last block from outside (logs, another service).
@@ -115,13 +119,22 @@ def test_a_journal_that_cannot_be_written_loses_nothing_and_heals(site, small_wo
         beat = status.wait(accepting=False)
         assert "the journal cannot be written" in beat["reason"], beat
         assert "disk is full" in beat["reason"], beat
+        samples = scrape(port)
+        assert value(samples, "fem_node_accepting") == 0
+        assert value(samples, "fem_node_fault", cause="journal") == 1
+        assert value(samples, "fem_node_fault", cause="disk") == 0
+        code, lines = doctor(config)
+        assert code == 1 and "disk is full" in line(lines, "✗ journal:")
         time.sleep(3)
         orch.drain()
         assert orch.events("waits") == []  # not journaled, so not acked: in the broker
         assert lst.alive
         ballast.unlink()
-        assert status.wait(accepting=True)["accepting"]
+        assert "reason" not in status.wait(accepting=True)
         assert orch.wait_terminal("waits", timeout=120)["state"] == "COMPLETED"
+        samples = scrape(port)
+        assert value(samples, "fem_node_accepting") == 1
+        assert value(samples, "fem_node_fault", cause="journal") == 0
         events = orch.distinct_events("waits")
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         assert events[0]["state"] == "RECEIVED"

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from fem_ansible import schema
+from fem_ansible.doctor import check_floor
 from fem_ansible.events import node_heartbeat, task_event
 from fem_ansible.journal import Journal, JournalUnwritable
 from fem_ansible.listener import Listener
@@ -126,6 +127,14 @@ def test_the_work_dir_below_its_floor_stops_intake(make_config, monkeypatch):
         assert "free of" in reason and "below execution.min_free_bytes (1024.0 TiB)" in reason
     finally:
         listener.journal.close()
+
+
+def test_doctor_says_the_work_dir_is_below_its_floor(make_config):
+    config = make_config(execution={"min_free_bytes": "1024Ti"})
+    (check,) = check_floor(config)
+    assert check.status == "fail" and "below execution.min_free_bytes" in check.detail
+    (check,) = check_floor(make_config(execution={"min_free_bytes": "1Mi"}))
+    assert check.status == "ok"
 
 
 def test_the_node_status_says_why_it_is_not_accepting():
