@@ -431,6 +431,7 @@ class _Execution(RunHooks):
                     "attempt": self.rec.attempt,
                     "name": name,
                     "local_dir": str(pdd),
+                    "min_free_bytes": config.execution.min_free_bytes,
                 },
                 "fem_datasets": decision.datasets,
                 "fem_policy": decision.policy,

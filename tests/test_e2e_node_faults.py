@@ -98,6 +98,27 @@ def test_a_task_that_fills_the_disk_fails_and_frees_what_it_took(site, small_wor
     assert lst.alive
 
 
+def test_the_disk_watcher_stops_a_task_at_the_floor(site, small_work_dir):
+    """Written slowly, 1 MiB at a time: the executor's watcher sees the file system fall
+    below execution.min_free_bytes and stops the container before the disk is full."""
+    orch = site.orchestrator
+    lst = site.listener(site.config(execution={
+        "work_dir": str(small_work_dir), "shutdown_grace_s": 30, "min_free_bytes": "20Mi"}))
+    orch.publish(site.task("slow-fill", source=None, datasets=None, command=[
+        "sh", "-c", "i=0; while [ $i -lt 30 ]; do dd if=/dev/zero of=/fem/output/f$i bs=1M "
+        "count=1 2>/dev/null; i=$((i+1)); sleep 0.2; done; sleep 300"],
+        resources={"memory": "128Mi", "timeout_s": 300}))
+    final = orch.wait_terminal("slow-fill", timeout=120)
+    assert final["state"] == "FAILED" and final["error"]["code"] == "disk_full", final
+    assert final["error"]["stage"] == "run"
+    message = final["error"]["message"]
+    assert "below the node's floor of 20971520 bytes" in message, message
+    assert f"mounted at {small_work_dir}" in message, message
+    assert "STAGING_OUT" not in [e["state"] for e in orch.events("slow-fill")]
+    assert leftovers(site.node, small_work_dir) == NOTHING_LEFT
+    assert lst.alive
+
+
 def test_a_journal_that_cannot_be_written_loses_nothing_and_heals(site, small_work_dir,
                                                                  tmp_path):
     orch = site.orchestrator

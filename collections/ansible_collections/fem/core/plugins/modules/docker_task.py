@@ -153,7 +153,8 @@ logs:
   type: dict
 fem_error_code:
   description: C(limit_exceeded) when the module failed because O(watch_dirs) grew over
-    O(watch_bytes).
+    O(watch_bytes); C(disk_full) when their file system fell below O(min_free_bytes) or a
+    write found it full.
   returned: failure
   type: str
 stopped:
@@ -190,6 +191,7 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
 from ansible_collections.fem.core.plugins.module_utils.container import (
     parse_engine_time as parse_docker_time,
 )
+from ansible_collections.fem.core.plugins.module_utils.disk import FloorWatch, full_code
 
 try:
     import docker
@@ -253,6 +255,7 @@ class TaskRunner:
         self.api = self.client.api
         self.changed = False
         self.watch = OutputWatch(self.p)
+        self.floor = FloorWatch(self.p)
         self.over_limit = False
 
     def find(self):
@@ -340,7 +343,7 @@ class TaskRunner:
                         return state.get("ExitCode"), False
                     if time.time() < step_end - 1:
                         raise
-                if self.watch.exceeded():
+                if self.watch.exceeded() or self.floor.breached():
                     self.over_limit = True
                     break
                 remaining = started + timeout - time.time()
@@ -416,9 +419,12 @@ class TaskRunner:
         logs = self.collect_logs(info["Id"])
         with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
             out.write("null\n" if exit_code is None else f"{exit_code}\n")
-        if self.over_limit:
-            self.module.fail_json(changed=self.changed, timed_out=False, logs=logs,
-                                  **self.watch.failure(self.p["name"]))
+        if self.over_limit or (exit_code not in (0, None) and self.floor.breached()):
+            # Stopped for its size or the file system's floor; or it exited failing with
+            # the file system below the floor, which it most likely filled.
+            failure = (self.floor.failure(self.p["name"]) if self.floor.hit
+                       else self.watch.failure(self.p["name"]))
+            self.module.fail_json(changed=self.changed, timed_out=False, logs=logs, **failure)
         return {
             "changed": self.changed,
             "exit_code": exit_code,
@@ -472,7 +478,7 @@ def main():
             ValueError) as exc:
         module.fail_json(
             msg=f"Docker task {module.params['name']} failed: {exc}",
-            exception=traceback.format_exc(),
+            exception=traceback.format_exc(), **full_code(exc),
         )
 
 

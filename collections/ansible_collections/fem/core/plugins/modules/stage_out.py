@@ -59,10 +59,14 @@ archives:
   type: dict
 """
 
+import errno
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.fem.core.plugins.module_utils.disk import tree_bytes
+from ansible_collections.fem.core.plugins.module_utils.disk import DISK_FULL, tree_bytes
+
+# tar's message for ENOSPC (modules run in the C locale)
+ENOSPC_TEXT = os.strerror(errno.ENOSPC)
 
 ARCHIVES = (("outputs.tar.gz", "output"), ("logs.tar.gz", "logs"))
 
@@ -91,11 +95,14 @@ def main():
     for name, sub in ARCHIVES:
         final = os.path.join(dest, name)
         partial = final + ".partial"
-        module.run_command(
+        rc, out, err = module.run_command(
             ["tar", "--create", "--gzip", "--numeric-owner", "--file=" + partial,
-             "--directory=" + os.path.join(run_dir, sub), "."],
-            check_rc=True,
-        )
+             "--directory=" + os.path.join(run_dir, sub), "."])
+        if rc != 0:
+            # A full file system is the node's fault, not the task's (disk_full).
+            full = {"fem_error_code": DISK_FULL} if ENOSPC_TEXT in err else {}
+            module.fail_json(msg=f"Archiving {sub}/ failed (tar rc {rc}): {err.strip()}",
+                             rc=rc, stdout=out, stderr=err, **full)
         os.replace(partial, final)
         archives[name] = final
     module.exit_json(changed=True, output_bytes=size, archives=archives)
