@@ -38,7 +38,8 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
 def describe(path: str | os.PathLike[str]) -> str:
     """``path``'s file system and its figures: ``/var/lib/fem (on /var): 12.0 MiB free of
     40.0 MiB``; without figures when it cannot be examined."""
-    where = f"{path} (on {mount_point(path)})"
+    mount = mount_point(path)
+    where = str(path) if mount == Path(path).absolute() else f"{path} (on {mount})"
     try:
         st = os.statvfs(path)
     except OSError as e:

@@ -21,6 +21,7 @@ from typing import Any
 from . import fastpath, policy, schema
 from .audit import AuditLog
 from .config import Config
+from .diskspace import below_floor
 from .errors import RejectedError, TaskFailed
 from .events import task_event
 from .intake import Intake, Task
@@ -304,12 +305,21 @@ class _Execution(RunHooks):
             # An earlier listener process died in this task: whatever of its playbook still
             # runs is stopped first, so that two attempts never work side by side.
             kill_processes(f"{self.node.engine_name(self.tid)}.")
+            stage = {"RUNNING": "run", "STAGING_OUT": "stage_out"}.get(self.rec.state,
+                                                                      "stage_in")
+            full = below_floor(self.config.work_dir, max(self.config.execution.min_free_bytes, 1))
+            if full:
+                # Recovered on a file system below its floor (this task may well have filled
+                # it): what it took is removed first, so that the journal has room to end it,
+                # rather than wait for space nothing else would free.
+                self._free_disk()
+                message = f"recovered with {full}"
+                return self._end(self.emit("FAILED", message,
+                                           error=_error("disk_full", stage, message)))
             self.rec.attempt += 1
             self.journal.update(self.tid, attempt=self.rec.attempt)
             if self.rec.attempt > self.config.execution.max_attempts:
                 self._cleanup()
-                stage = {"RUNNING": "run", "STAGING_OUT": "stage_out"}.get(self.rec.state,
-                                                                          "stage_in")
                 return self._end(self.emit(
                     "FAILED", f"given up after {self.config.execution.max_attempts} attempts",
                     error=_error("interrupted", stage, "the listener was interrupted "

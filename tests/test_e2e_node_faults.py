@@ -119,6 +119,40 @@ def test_the_disk_watcher_stops_a_task_at_the_floor(site, small_work_dir):
     assert lst.alive
 
 
+def test_recovery_on_a_full_disk_does_not_crash_loop(site, small_work_dir, tmp_path):
+    """The listener killed under a running task, the disk filled meanwhile: the next one
+    starts, stays up, ends the task (freeing what it took) and takes tasks again."""
+    orch = site.orchestrator
+    status = NodeStatus(site.node)
+    config = site.config(
+        execution={"work_dir": str(small_work_dir), "shutdown_grace_s": 30,
+                   "min_free_bytes": "4Mi"},
+        audit={"file": str(tmp_path / "audit.jsonl")})
+    first = site.listener(config)
+    try:
+        orch.publish(site.task("long", source=None, datasets=None, command=[
+            "sh", "-c", "dd if=/dev/zero of=/fem/output/half bs=1M count=8; sleep 300"],
+            resources={"memory": "128Mi", "timeout_s": 300}))
+        orch.wait_state("long", "RUNNING", timeout=120)
+        first.kill9()
+        ballast = small_work_dir / "ballast"
+        subprocess.run(["dd", "if=/dev/zero", f"of={ballast}", "bs=4k"], capture_output=True)
+        second = site.listener(config, name="listener2.log")
+        final = orch.wait_terminal("long", timeout=120)
+        assert final["state"] == "FAILED" and final["error"]["code"] == "disk_full", final
+        assert "recovered with the work dir" in final["error"]["message"]
+        assert second.alive
+        ballast.unlink()
+        status.wait(accepting=True)
+        orch.publish(site.task("then", source=None, datasets=None,
+                               command=["sh", "-c", "echo ok > /fem/output/ok"]))
+        assert orch.wait_terminal("then", timeout=120)["state"] == "COMPLETED"
+        assert leftovers(site.node, small_work_dir) == NOTHING_LEFT
+        assert second.alive
+    finally:
+        status.close()
+
+
 def test_a_journal_that_cannot_be_written_loses_nothing_and_heals(site, small_work_dir,
                                                                  tmp_path):
     orch = site.orchestrator
