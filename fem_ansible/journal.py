@@ -160,6 +160,10 @@ def _open_error(path: Path, e: sqlite3.Error) -> OSError:
     service report in one line with what to do: a journal this user may read but not write
     (every command writes it: the listener, and `tasks` or `cancel` as another user), or a
     file that is no journal."""
+    with contextlib.suppress(OSError):
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            return OSError(errno.EROFS, f"Read-only file system (the journal's file system "
+                           f"is mounted read-only: {e})", str(path))
     if "readonly" in str(e) or not os.access(path, os.R_OK | os.W_OK):
         return PermissionError(errno.EACCES, f"Permission denied (this user may not read "
                                f"and write the journal: {e})", str(path))
