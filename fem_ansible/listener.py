@@ -24,7 +24,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from . import broker
+from . import broker, engine
 from .adapters import Adapter, AdapterFactory
 from .config import Config
 from .diskspace import below_floor
@@ -44,8 +44,9 @@ FAULT_RETRY_MIN_S = 1.0
 FAULT_RETRY_MAX_S = 30.0
 # What may stop the node from taking tasks (docs/operating.md, "When the node is
 # unhealthy"): the journal refused a write, the work dir is below its free-space floor,
-# taking a task failed otherwise (the audit log refused a write).
-FAULT_CAUSES = ("journal", "disk", "intake")
+# taking a task failed otherwise (the audit log refused a write), the local engine does not
+# answer.
+FAULT_CAUSES = ("journal", "disk", "intake", "engine")
 
 
 class Listener:
@@ -91,6 +92,8 @@ class Listener:
         # The inventory is read once, here, not in the connection thread at the first task:
         # a broken one stops the service at start as a config error (docs/hosts.md).
         _ = self.node.targets.inventory
+        if engine.watches_docker(self.config, self.node.targets):
+            threading.Thread(target=self._watch_engine, name="fem-engine", daemon=True).start()
         self._recover()
         delay = RECONNECT_MIN_S
         while not self._stop_now.is_set():
@@ -241,6 +244,14 @@ class Listener:
             self._retry_delay = FAULT_RETRY_MIN_S
         else:
             self._retry_later(now)
+
+    def _watch_engine(self) -> None:
+        """In a thread of its own (a look may take seconds): the local engine, every
+        :data:`~fem_ansible.engine.CHECK_S`."""
+        while True:
+            self.set_fault("engine", engine.docker_problem())
+            if self._stop_now.wait(engine.CHECK_S) or self._stopping.is_set():
+                return
 
     def _retry_later(self, now: float) -> None:
         self._retry_at = now + self._retry_delay

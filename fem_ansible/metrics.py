@@ -70,7 +70,7 @@ class Metrics(NodeObserver):
                                "1 while the node takes tasks (its status's accepting), else 0.",
                                registry=r)
         self.fault = Gauge("fem_node_fault", "1 while this fault of the node stops it from "
-                           "taking tasks (journal, disk, intake), else 0.", ["cause"],
+                           "taking tasks (journal, disk, intake, engine), else 0.", ["cause"],
                            registry=r)
         self.unpublished = Gauge("fem_events_unpublished",
                                  "Events journaled and not yet confirmed by the broker.",

@@ -14,6 +14,7 @@ import pika
 import pytest
 
 from tests.support.harness import AMQP_URL, NOTHING_LEFT, leftovers
+from tests.support.own_dockerd import OwnDockerd
 from tests.test_e2e_doctor import doctor, line
 from tests.test_e2e_metrics import free_port, scrape, value
 
@@ -216,3 +217,55 @@ def test_a_container_killed_for_memory_is_oom_killed_with_its_limit(site):
     assert "32.0 MiB" in final["error"]["message"], final
     assert final["exit_code"] == 137
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+@pytest.fixture(params=[False, True], ids=["no-live-restore", "live-restore"])
+def own_engine(request, tmp_path_factory, monkeypatch):
+    """A dockerd of the test's own, which the listener and its runs use (DOCKER_HOST), and
+    which the test may stop and start."""
+    engine = OwnDockerd(tmp_path_factory.mktemp("dockerd"), live_restore=request.param)
+    try:
+        engine.start()
+        monkeypatch.setenv("DOCKER_HOST", engine.host)
+        yield engine
+    finally:
+        engine.close()
+
+
+def test_the_engine_restarted_under_a_task_ends_it_once(site, own_engine):
+    orch = site.orchestrator
+    status = NodeStatus(site.node)
+    lst = site.listener()
+    try:
+        status.wait(accepting=True)
+        name = f"fem-{site.node}-eng"
+        orch.publish(site.task("eng", source=None, datasets=None, command=[
+            "sh", "-c", "sleep 20; echo done > /fem/output/done"],
+            resources={"memory": "128Mi", "timeout_s": 120}))
+        orch.wait_state("eng", "RUNNING", timeout=120)
+        deadline = time.monotonic() + 60
+        while "running" not in own_engine.docker(
+                "inspect", "-f", "{{.State.Status}}", name, check=False).stdout:
+            assert time.monotonic() < deadline, "the task's container never ran"
+            time.sleep(0.5)
+        own_engine.stop()
+        beat = status.wait(accepting=False, timeout=60)
+        assert "the Docker engine at" in beat["reason"] and "does not answer" in beat["reason"]
+        time.sleep(3)
+        own_engine.start()
+        final = orch.wait_terminal("eng", timeout=180)
+        if own_engine.live_restore:  # the container survived: the task carries on
+            assert final["state"] == "COMPLETED", final
+        else:
+            assert final["state"] == "FAILED", final
+            assert final["error"]["code"] == "engine_unavailable", final
+        status.wait(accepting=True, timeout=60)
+        time.sleep(2)
+        orch.drain()
+        terminal = [e for e in orch.distinct_events("eng")
+                    if e["state"] in ("COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED")]
+        assert len(terminal) == 1, terminal
+        assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+        assert lst.alive
+    finally:
+        status.close()
