@@ -423,6 +423,12 @@ def _host_line(host: str, result: dict[str, Any]) -> Check:
                     "install python3 there or set ansible_python_interpreter")
     if not engines:
         return fail(f"host {host}", detail, "install Docker or podman on the host")
+    if result.get("left"):
+        # A task that ended while its host was away could not clean up there.
+        return warn(f"host {host}", f"{detail}; task dirs there: {', '.join(result['left'])}",
+                    f"those of no running task (fem-ansible tasks) were left by a task that "
+                    f"ended while the host was away: remove them from {result['work_dir']}"
+                    "/tasks and their containers (named alike) from its engine")
     return ok(f"host {host}", detail)
 
 
