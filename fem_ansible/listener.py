@@ -75,8 +75,7 @@ class Listener:
         self._stop_now = threading.Event()
         self._connected = threading.Event()
         self._reload_lock = threading.Lock()
-        # Why the node takes no task now, by cause ("journal", "disk", "intake"); empty when
-        # it is healthy (docs/operating.md, "When the node is unhealthy").
+        # Why the node takes no task now, by cause (FAULT_CAUSES); empty when it is healthy.
         self._faults: dict[str, str] = {}
         self._fault_lock = threading.Lock()
         self._retry_at = 0.0
@@ -108,8 +107,7 @@ class Listener:
                 log.warning("broker connection lost (%s: %s); reconnecting in %.1fs",
                             type(e).__name__, e, delay)
             except sqlite3.Error as e:  # reading the journal failed: no reason to die
-                self.set_fault("journal", f"the journal cannot be read ({e})")
-                log.warning("the journal cannot be read (%s); reconnecting in %.1fs", e, delay)
+                log.error("the journal cannot be read (%s); reconnecting in %.1fs", e, delay)
             finally:
                 self._connected.clear()
                 self._close_connection()
@@ -235,7 +233,7 @@ class Listener:
         a journal or intake that failed works again (a write, with backoff)."""
         self.set_fault("disk", below_floor(self.config.work_dir,
                                            self.config.execution.min_free_bytes))
-        if not ({"journal", "intake"} & self._faults.keys()) or now < self._retry_at:
+        if not ({"journal", "intake"} & self.faults().keys()) or now < self._retry_at:
             return
         self.set_fault("intake", None)  # the next message tries again
         with contextlib.suppress(JournalUnwritable):
@@ -348,19 +346,30 @@ class Listener:
             log.exception("reading a control message failed; ignored")
             ch.basic_ack(method.delivery_tag)
             return
-        self.cancel(msg["task_id"])
+        try:
+            self.cancel(msg["task_id"])
+        except JournalUnwritable as e:
+            # A task running here is stopped all the same; one yet to come would not know
+            # of it (given back, the message would come straight back while the journal
+            # fails, spinning this thread).
+            log.error("cancel of %s not recorded for a task yet to arrive (%s); a task "
+                      "running here is stopped", msg["task_id"], e,
+                      extra={"task_id": msg["task_id"]})
         ch.basic_ack(method.delivery_tag)
 
     def cancel(self, tid: str) -> bool:
-        """Record a cancel (a task that comes later never starts) and stop the task when it
-        runs here; returns whether it did."""
-        self.journal.record_cancel(tid)
+        """Stop the task when it runs here and record the cancel (a task that comes later
+        never starts); returns whether it ran here.
+
+        :raises JournalUnwritable: the cancel could not be recorded (the task running here
+            is stopped all the same)."""
         self.node.audit.record("cancel_requested", tid)
         with self._lock:
             entry = self.running.get(tid)
         if entry is not None:
             log.info("cancelling task %s", tid, extra={"task_id": tid})
             entry[1].set()
+        self.journal.record_cancel(tid)
         return entry is not None
 
     def _dead_letter(self, body: bytes, props: Any, reason: str) -> None:

@@ -142,3 +142,20 @@ def test_the_node_status_says_why_it_is_not_accepting():
     assert beat["reason"] == "the journal cannot be written (full)"
     assert schema.schema_errors(schema.NODE_SCHEMA_ID, beat) == []
     assert "reason" not in node_heartbeat("n", "l1", 2, 0, True, "ignored")
+
+
+def test_a_cancel_the_journal_cannot_record_still_stops_the_task_here(make_config,
+                                                                      monkeypatch):
+    listener = Listener(make_config())
+    try:
+        stop = threading.Event()
+        listener.running["here"] = (None, stop)
+        Refusing(listener.journal, monkeypatch)
+        ch = Channel()
+        body = json.dumps({"schema": "fem.control/v1", "action": "cancel",
+                           "task_id": "here"}).encode()
+        listener._on_control(ch, SimpleNamespace(delivery_tag=3), SimpleNamespace(headers={}),
+                             body)
+        assert stop.is_set() and ch.calls == [("ack", 3)]
+    finally:
+        listener.journal.close()
