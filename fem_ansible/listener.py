@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -27,7 +28,7 @@ import pika.exceptions
 from . import broker, engine
 from .adapters import Adapter, AdapterFactory
 from .config import Config
-from .diskspace import below_floor
+from .diskspace import below_floor, free_bytes
 from .errors import ConfigError, RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal, JournalUnwritable
@@ -59,7 +60,7 @@ class Listener:
     def __init__(self, config: Config, observer: NodeObserver | None = None,
                  adapters: Sequence[AdapterFactory] = ()):
         self.config = config
-        self.journal = Journal(config.work_dir / "journal.sqlite")
+        self.journal = _open_journal(config.work_dir / "journal.sqlite")
         self.node = Node(config, self.journal, notify=self._notify, observer=observer,
                          run_datasets=self._run_datasets, run_secret_env=self._run_secret_env)
         self.pool = ThreadPoolExecutor(config.execution.max_parallel,
@@ -510,6 +511,32 @@ class Listener:
             adapter.close()
         self.pool.shutdown(wait=not self._stop_now.is_set(), cancel_futures=True)
         self.journal.close()
+
+
+# Below this much free space, a journal that cannot be opened is waited for (the file system
+# is full) rather than reported at once.
+FULL_BYTES = 1024**2
+
+
+def _open_journal(path: Path) -> Journal:
+    """The journal.  On a full file system SQLite cannot even open it (its WAL index takes a
+    page): it is tried again with backoff instead of ending the process, which a service
+    manager would restart into the same state (issue 28); any other failure is reported."""
+    delay = FAULT_RETRY_MIN_S
+    while True:
+        try:
+            return Journal(path)
+        except OSError as e:
+            try:
+                full = free_bytes(path.parent) < FULL_BYTES
+            except OSError:
+                full = False
+            if not full:
+                raise
+            log.error("the journal %s cannot be opened on a full file system (%s); trying "
+                      "again in %.0fs", path, e.strerror, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, FAULT_RETRY_MAX_S)
 
 
 def _internal(exc: Exception) -> RejectedError:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from tests.support.harness import AMQP_URL, NOTHING_LEFT, leftovers
+from tests.support.harness import AMQP_URL, NOTHING_LEFT, Listener, leftovers
 from tests.support.own_dockerd import OwnDockerd
 from tests.test_e2e_doctor import doctor, line
 from tests.test_e2e_metrics import free_port, scrape, value
@@ -152,6 +152,32 @@ def test_recovery_on_a_full_disk_does_not_crash_loop(site, small_work_dir, tmp_p
         assert second.alive
     finally:
         status.close()
+
+
+def test_a_listener_started_on_a_full_disk_waits_for_its_journal(site, small_work_dir,
+                                                                 tmp_path):
+    """Stopped cleanly (SQLite removed its WAL files), then the disk filled: SQLite cannot
+    open the journal.  The listener waits for it instead of exiting into a restart loop."""
+    config = site.config(
+        execution={"work_dir": str(small_work_dir), "shutdown_grace_s": 30,
+                   "min_free_bytes": 0},
+        audit={"file": str(tmp_path / "audit.jsonl")})
+    first = site.listener(config)
+    assert first.stop() == 0
+    ballast = small_work_dir / "ballast"
+    subprocess.run(["dd", "if=/dev/zero", f"of={ballast}", "bs=4k"], capture_output=True)
+    second = Listener(config, tmp_path / "listener2.log")
+    site.listeners.append(second)
+    second.start(wait_connected=False)
+    second.wait_for_log("cannot be opened on a full file system")
+    time.sleep(3)
+    assert second.alive
+    ballast.unlink()
+    second.wait_for_log("connected to the broker", timeout=90)
+    site.orchestrator.publish(site.task("then", source=None, datasets=None,
+                                        command=["sh", "-c", "echo ok > /fem/output/ok"]))
+    assert site.orchestrator.wait_terminal("then", timeout=120)["state"] == "COMPLETED"
+    assert second.alive
 
 
 def test_a_journal_that_cannot_be_written_loses_nothing_and_heals(site, small_work_dir,
