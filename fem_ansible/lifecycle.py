@@ -408,6 +408,7 @@ class _Execution(RunHooks):
         (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
         pdd.chmod(0o700)
         name = self.node.engine_name(self.tid)
+        image = parse_image(task["image"]["ref"])
         builtin = data_dir()
         if playbook:
             path = builtin / "playbooks" / playbook
@@ -441,12 +442,13 @@ class _Execution(RunHooks):
                     "attempt": self.rec.attempt,
                     "name": name,
                     "local_dir": str(pdd),
+                    "image_repositories": image.repo_digest_names,
                     "min_free_bytes": config.execution.min_free_bytes,
                 },
                 "fem_datasets": decision.datasets,
                 "fem_policy": decision.policy,
             },
-            secrets=self._secrets(),
+            secrets=self._secrets(image.registry),
             tags=tags or [],
             skip_tags=skip_tags or [],
             timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
@@ -458,12 +460,11 @@ class _Execution(RunHooks):
             ssh_control_dir=ssh_dir,
         )
 
-    def _secrets(self) -> dict[str, Any]:
-        """``fem_secrets``: credentials from the site config for this task's registry and git
-        host, and the real input URLs and headers (docs/roles.md)."""
+    def _secrets(self, registry: str) -> dict[str, Any]:
+        """``fem_secrets``: credentials from the site config for this task's ``registry`` and
+        git host, and the real input URLs and headers (docs/roles.md)."""
         config, task = self.config, self.task
         registry_auth = {}
-        registry = parse_image(task["image"]["ref"]).registry
         if registry in config.registries:
             cred = config.registries[registry]
             registry_auth[registry] = {"username": cred.username,
