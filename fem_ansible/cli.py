@@ -7,6 +7,7 @@ config error, 3 REJECTED or invalid.  This module is the only place that decides
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import sys
 from collections.abc import Iterator
@@ -90,6 +91,9 @@ def _os_error_fix(e: OSError) -> str:
                 "log dirs with the owners the service needs")
     if isinstance(e, FileNotFoundError):
         return "create it, or correct the path (in the config, or on the command line)"
+    if e.errno == errno.EROFS:
+        return ("remount its file system read-write (mount -o remount,rw), or move "
+                "execution.work_dir to one that is")
     return "correct the path or its file system, then try again"
 
 

@@ -121,6 +121,14 @@ class ExecutionConfig:
         "Journal, per-task run dirs (archives, logs, ansible artifacts), audit log.",
         default="/var/lib/fem-ansible",
     )
+    min_free_bytes: int = _doc(
+        "Free-space floor under `work_dir` (bytes or `512Mi`): below it the listener takes "
+        "no task (node status `accepting: false`, with the reason), and a running task whose "
+        "writes take the file system below it is stopped, FAILED `disk_full`; the reserve "
+        "lets the journal, the cleanup and the uploads of the tasks already there finish "
+        "(docs/operating.md, \"When the node is unhealthy\").",
+        default=256 * 1024**2,
+    )
     keep_runs: int = _doc(
         "Finished runs whose listener-side run dir is kept (oldest removed first).", default=20
     )
@@ -432,7 +440,7 @@ class Config:
 
 # Byte-sized fields accept `2Gi`-style strings; every other int field takes a plain integer.
 _BYTE_FIELDS = {"memory", "input_bytes", "source_bytes", "output_bytes", "log_bytes",
-                "max_message_bytes", "max_transfer_bytes"}
+                "max_message_bytes", "max_transfer_bytes", "min_free_bytes"}
 
 
 def _convert(value: Any, hint: Any, path: str) -> Any:

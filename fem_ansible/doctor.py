@@ -33,6 +33,7 @@ import requests
 
 from . import broker
 from .config import Config
+from .diskspace import below_floor
 from .errors import ConfigError
 from .policy import allowed
 from .sizes import format_bytes
@@ -449,6 +450,12 @@ def _host_line(host: str, result: dict[str, Any]) -> Check:
                     "install python3 there or set ansible_python_interpreter")
     if not engines:
         return fail(f"host {host}", detail, "install Docker or podman on the host")
+    if result.get("left"):
+        # A task that ended while its host was away could not clean up there.
+        return warn(f"host {host}", f"{detail}; task dirs there: {', '.join(result['left'])}",
+                    f"those of no running task (fem-ansible tasks) were left by a task that "
+                    f"ended while the host was away: remove them from {result['work_dir']}"
+                    "/tasks and their containers (named alike) from its engine")
     return ok(f"host {host}", detail)
 
 
@@ -473,6 +480,46 @@ def check_disk(config: Config) -> Iterator[Check]:
                    "policy.limits.{input,source,output,log}_bytes or execution.max_parallel")
     else:
         yield ok("disk", detail)
+
+
+def check_floor(config: Config) -> Iterator[Check]:
+    """The work dir's free space against ``execution.min_free_bytes``: below it a running
+    listener takes no task (docs/operating.md, "When the node is unhealthy")."""
+    floor = config.execution.min_free_bytes
+    path = config.work_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    reason = below_floor(path, floor) if floor else None
+    if reason:
+        yield fail("disk floor", f"{reason}: the listener takes no task",
+                   "free space there (a listener resumes by itself), or lower "
+                   "execution.min_free_bytes")
+    else:
+        yield ok("disk floor", f"at least {format_bytes(floor)} free under the work dir "
+                 "(execution.min_free_bytes)")
+
+
+def check_journal(config: Config) -> Iterator[Check]:
+    """Whether the journal takes a write now; while it does not, a running listener takes
+    no task (and resumes by itself once it does)."""
+    from .journal import Journal
+
+    path = config.work_dir / "journal.sqlite"
+    if not path.is_file():
+        yield ok("journal", f"{path} (created on first run)")
+        return
+    try:
+        journal = Journal(path)
+        try:
+            journal.probe()
+        finally:
+            journal.close()
+    except OSError as e:
+        yield fail("journal", f"{path}: {e.strerror}",
+                   "free space on its file system, or make it writable by the service user; "
+                   "a running listener takes no task meanwhile and resumes by itself")
+    else:
+        yield ok("journal", f"{path} can be written")
 
 
 def check_clock(config: Config, clock: _Clock) -> Iterator[Check]:
@@ -517,7 +564,8 @@ def diagnose(config: Config) -> list[Check]:
         lambda: check_broker(config),
         lambda: check_engines(config), lambda: check_registries(config, clock),
         lambda: check_git(config), lambda: check_hosts(config),
-        lambda: check_disk(config), lambda: check_clock(config, clock)]
+        lambda: check_disk(config), lambda: check_floor(config),
+        lambda: check_journal(config), lambda: check_clock(config, clock)]
     if config.legacy.enabled:
         from .legacy.preflight import check_legacy  # the legacy package imports this one
 

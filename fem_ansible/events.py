@@ -60,8 +60,9 @@ def routing_key(event: dict[str, Any]) -> str:
 
 
 def node_heartbeat(node_id: str, listener_id: str, max_parallel: int, running: int,
-                   accepting: bool) -> dict[str, Any]:
-    return {
+                   accepting: bool, reason: str | None = None) -> dict[str, Any]:
+    """The node status; ``reason`` says why it is not ``accepting`` (DESIGN.md §4)."""
+    beat = {
         "schema": NODE_SCHEMA_ID,
         "node_id": node_id,
         "listener_id": listener_id,
@@ -71,6 +72,9 @@ def node_heartbeat(node_id: str, listener_id: str, max_parallel: int, running: i
         "accepting": accepting,
         "ts": now_rfc3339(),
     }
+    if not accepting and reason:
+        beat["reason"] = reason
+    return beat
 
 
 def heartbeat_routing_key(node_id: str) -> str:

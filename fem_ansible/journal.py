@@ -16,24 +16,33 @@ readable by the service user only.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .schema import TERMINAL_STATES
+
+log = logging.getLogger(__name__)
 
 # Rejected messages kept for ``fem-ansible tasks``, and published REJECTED events of
 # messages refused before a ``task_id`` could be read (unsigned, oversized, not JSON): what
 # anyone who can write to the queue adds stays bounded (the audit log keeps every one).
 KEEP_REJECTIONS = 1000
+# A patient writer (a task's worker) tries a write the journal refused again after this
+# long, doubling up to the maximum, until it is written or the listener gives the task up.
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -72,7 +81,52 @@ CREATE TABLE IF NOT EXISTS cancels (
     task_id TEXT PRIMARY KEY,
     at      REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL
+);
 """
+
+
+class JournalUnwritable(OSError):
+    """The journal refused a write (a full disk, a read-only file system or file, an I/O
+    error): a fault of the node, not of the task or message being written, which heals when
+    the write succeeds again (docs/operating.md, "When the node is unhealthy").  An OSError
+    with the journal's path, so the command line says it in one line."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _write(method: Callable[Concatenate[Journal, _P], _R]
+           ) -> Callable[Concatenate[Journal, _P], _R]:
+    """A journal write: SQLite's and the OS's errors become :class:`JournalUnwritable` and
+    the journal's :attr:`Journal.fault`; in a :meth:`Journal.patient` thread the write is
+    tried again with backoff instead."""
+
+    @functools.wraps(method)
+    def write(self: Journal, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                result = method(self, *args, **kwargs)
+            except (sqlite3.OperationalError, OSError) as e:
+                err = JournalUnwritable(errno.EIO, f"the journal cannot be written ({e})",
+                                        str(self.path))
+                self._set_fault(err.strerror)
+                stop = getattr(self._patience, "stop", None)
+                if stop is None:
+                    raise err from e
+                log.warning("%s; trying again in %.0fs", err.strerror, delay)
+                if stop.wait(delay):
+                    raise err from e
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            self._set_fault(None)
+            return result
+
+    return write
 
 
 @dataclass
@@ -106,6 +160,10 @@ def _open_error(path: Path, e: sqlite3.Error) -> OSError:
     service report in one line with what to do: a journal this user may read but not write
     (every command writes it: the listener, and `tasks` or `cancel` as another user), or a
     file that is no journal."""
+    with contextlib.suppress(OSError):
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            return OSError(errno.EROFS, f"Read-only file system (the journal's file system "
+                           f"is mounted read-only: {e})", str(path))
     if "readonly" in str(e) or not os.access(path, os.R_OK | os.W_OK):
         return PermissionError(errno.EACCES, f"Permission denied (this user may not read "
                                f"and write the journal: {e})", str(path))
@@ -122,6 +180,11 @@ class Journal:
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
         self._lock = threading.Lock()
+        # Why the last write failed; None once one succeeded again.  ``on_fault`` is told
+        # of each change (the listener's node status), from the writing thread.
+        self.fault: str | None = None
+        self.on_fault: Callable[[str | None], None] = lambda reason: None
+        self._patience = threading.local()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False,
                                        isolation_level=None)
@@ -148,10 +211,37 @@ class Journal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A COMMIT the disk refused leaves the transaction open: it is rolled back,
+                # or the next BEGIN would fail on it.
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+
+    def _set_fault(self, reason: str | None) -> None:
+        if reason != self.fault:
+            self.fault = reason
+            if reason is None:
+                log.info("the journal can be written again")
+            self.on_fault(reason)
+
+    @contextmanager
+    def patient(self, stop: threading.Event) -> Iterator[None]:
+        """Within this block, this thread's writes the journal refuses are tried again with
+        backoff until they succeed, or :class:`JournalUnwritable` once ``stop`` is set: a
+        running task waits for its journal rather than lose its events."""
+        self._patience.stop = stop
+        try:
+            yield
+        finally:
+            self._patience.stop = None
+
+    @_write
+    def probe(self) -> None:
+        """A write that changes nothing else: whether the journal can be written now."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -178,6 +268,7 @@ class Journal:
                           json.loads(result), host, rec_at, upd_at, fin_at,
                           decision=json.loads(decision) if decision else None)
 
+    @_write
     def add_task(self, task_id: str, task: dict[str, Any], first_event: dict[str, Any],
                  decision: dict[str, Any] | None = None
                  ) -> tuple[TaskRecord | None, dict[str, Any] | None]:
@@ -199,6 +290,7 @@ class Journal:
             )
             return None, self._insert_event(db, task_id, first_event, now)
 
+    @_write
     def update(self, task_id: str, **fields: Any) -> None:
         """Set ``attempt``, ``stages_done``, ``result`` or ``host`` of a task."""
         allowed = {"attempt", "stages_done", "result", "host"}
@@ -300,6 +392,7 @@ class Journal:
             )
         return event
 
+    @_write
     def add_rejection(self, task_id: str | None, code: str, reasons: list[str],
                       event: dict[str, Any] | None) -> dict[str, Any] | None:
         """Record a rejected message and, when given, its REJECTED event, atomically.
@@ -324,6 +417,7 @@ class Journal:
                        "LIMIT 1 OFFSET ?)", (KEEP_REJECTIONS - 1,))
             return stored
 
+    @_write
     def append_event(self, task_id: str | None, event: dict[str, Any]) -> dict[str, Any]:
         """Store an event with the task's next ``seq``; returns it with its ``seq``."""
         with self._tx() as db:
@@ -350,10 +444,12 @@ class Journal:
             return self._db.execute("SELECT COUNT(*) FROM events WHERE published=0"
                                     ).fetchone()[0]
 
+    @_write
     def mark_published(self, event_id: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE events SET published=1 WHERE id=?", (event_id,))
 
+    @_write
     def republish(self, task_id: str, seq: int) -> None:
         """Queue an already published event to go out again (same ``seq`` and content)."""
         with self._tx() as db:
@@ -361,6 +457,7 @@ class Journal:
 
     # -- cancels -------------------------------------------------------------------------
 
+    @_write
     def record_cancel(self, task_id: str) -> None:
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO cancels (task_id, at) VALUES (?, ?)",

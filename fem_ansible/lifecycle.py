@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ from typing import Any
 from . import fastpath, policy, schema
 from .audit import AuditLog
 from .config import Config
+from .diskspace import below_floor
 from .errors import RejectedError, TaskFailed
 from .events import task_event
 from .intake import Intake, Task
@@ -37,6 +39,7 @@ from .runner import (
     scan_cache_dir,
 )
 from .site_roles import roles_path
+from .sizes import format_bytes
 from .targets import Targets, control_dir, inventory_path, ssh_env
 from .transfer import Archive, upload
 
@@ -309,8 +312,8 @@ class _Execution(RunHooks):
             "image_digest": self.known["image_digest"],
             "source_commit": self.known["source_commit"],
         })
-        for key in ("fem_exit_code", "fem_timed_out", "fem_stopped", "fem_outputs_archive",
-                    "fem_logs_archive"):
+        for key in ("fem_exit_code", "fem_timed_out", "fem_stopped", "fem_oom_killed",
+                    "fem_outputs_archive", "fem_logs_archive"):
             if key in data:
                 self.result[key.removeprefix("fem_")] = data[key]
         self.journal.update(self.tid, result=self.result)
@@ -327,12 +330,21 @@ class _Execution(RunHooks):
             # An earlier listener process died in this task: whatever of its playbook still
             # runs is stopped first, so that two attempts never work side by side.
             kill_processes(f"{self.node.engine_name(self.tid)}.")
+            stage = {"RUNNING": "run", "STAGING_OUT": "stage_out"}.get(self.rec.state,
+                                                                      "stage_in")
+            full = below_floor(self.config.work_dir, max(self.config.execution.min_free_bytes, 1))
+            if full:
+                # Recovered on a file system below its floor (this task may well have filled
+                # it): what it took is removed first, so that the journal has room to end it,
+                # rather than wait for space nothing else would free.
+                self._free_disk()
+                message = f"recovered with {full}"
+                return self._end(self.emit("FAILED", message,
+                                           error=_error("disk_full", stage, message)))
             self.rec.attempt += 1
             self.journal.update(self.tid, attempt=self.rec.attempt)
             if self.rec.attempt > self.config.execution.max_attempts:
                 self._cleanup()
-                stage = {"RUNNING": "run", "STAGING_OUT": "stage_out"}.get(self.rec.state,
-                                                                          "stage_in")
                 return self._end(self.emit(
                     "FAILED", f"given up after {self.config.execution.max_attempts} attempts",
                     error=_error("interrupted", stage, "the listener was interrupted "
@@ -408,8 +420,10 @@ class _Execution(RunHooks):
         return event
 
     def _spec(self, tags: list[str] | None = None, skip_tags: list[str] | None = None,
-              playbook: str | None = None) -> RunSpec:
-        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``)."""
+              playbook: str | None = None, private_data_dir: Path | None = None) -> RunSpec:
+        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``);
+        ``private_data_dir``: ansible-runner's files elsewhere than under the task's run
+        dir."""
         config, task = self.config, self.task
         # Decided once, at intake, and journaled with the task; a task journaled by an
         # earlier version without it is decided again.
@@ -435,7 +449,7 @@ class _Execution(RunHooks):
         return RunSpec(
             # Runs beside the main one (stop, cleanup) get their own private data dir:
             # ansible-runner runs sharing one corrupt each other's env/.
-            private_data_dir=pdd / "aux" / suffix if suffix else pdd,
+            private_data_dir=private_data_dir or (pdd / "aux" / suffix if suffix else pdd),
             # The marker of every process of the run; "." cannot occur in a task id.
             ident=ident,
             playbook=path,
@@ -454,6 +468,7 @@ class _Execution(RunHooks):
                     "name": name,
                     "local_dir": str(pdd),
                     "image_repositories": image.repo_digest_names,
+                    "min_free_bytes": config.execution.min_free_bytes,
                 },
                 "fem_datasets": decision.datasets,
                 "fem_policy": decision.policy,
@@ -545,9 +560,21 @@ class _Execution(RunHooks):
         """Run only the cleanup stage, after a playbook that was stopped midway."""
         run_playbook(self._spec(tags=["cleanup"]), RunHooks(), lambda: False)
 
+    def _free_disk(self) -> None:
+        """The work dir's file system filled during this task's run, which was stopped
+        before its own cleanup: what the task took is removed at once, so that the journal
+        has room for its terminal event.  The stopped run's artifacts go first; the
+        cleanup run keeps its own files in the system's temp dir, off the full file system."""
+        shutil.rmtree(self.node.run_dir(self.tid) / "artifacts", ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f"fem-{self.tid}-") as tmp:
+            run_playbook(self._spec(tags=["cleanup"], private_data_dir=Path(tmp)), RunHooks(),
+                         lambda: False)
+
     def _finish(self, outcome: RunResult) -> dict[str, Any]:
         """The terminal event: Ansible's verdict on the playbook first, then the uploads."""
         failure = outcome.failure
+        if failure is not None and failure.code == "disk_full" and outcome.status == "failed":
+            self._free_disk()
         if self.cancel.is_set() and outcome.status == "canceled":
             # The playbook was stopped before its own cleanup could run.
             self._cleanup()
@@ -581,6 +608,13 @@ class _Execution(RunHooks):
             return self.emit("CANCELLED", self._cancelled_by(), exit_code=None,
                              error=_error("cancelled", "run", self._cancelled_by()),
                              **reports)
+        if self.result.get("oom_killed") and exit_code != 0:
+            # Not a bare 137: the kernel's OOM killer ended it, at the task's memory limit.
+            limit = format_bytes(self.task["resources"]["memory"])
+            message = (f"the kernel killed the container for memory (limit {limit}, exit "
+                       f"{exit_code})")
+            return self.emit("FAILED", message, exit_code=exit_code,
+                             error=_error("oom_killed", "run", message), **reports)
         if exit_code != 0:
             return self.emit("FAILED", f"the container exited with {exit_code}",
                              exit_code=exit_code,

@@ -14,21 +14,24 @@ import contextlib
 import logging
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pika
 import pika.exceptions
 
-from . import broker
+from . import broker, engine
 from .adapters import Adapter, AdapterFactory
 from .config import Config
+from .diskspace import below_floor, free_bytes
 from .errors import ConfigError, RejectedError
 from .events import heartbeat_routing_key, node_heartbeat, routing_key
-from .journal import Journal
+from .journal import Journal, JournalUnwritable
 from .lifecycle import CancelRequest, Node, NodeObserver
 from .logs import reopen_log_files, task_context
 
@@ -36,6 +39,15 @@ log = logging.getLogger(__name__)
 
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
+# After a write of the intake failed, first look again after this long, then twice as long
+# each time it still fails (the journal's probe write, or the next message).
+FAULT_RETRY_MIN_S = 1.0
+FAULT_RETRY_MAX_S = 30.0
+# What may stop the node from taking tasks (docs/operating.md, "When the node is
+# unhealthy"): the journal refused a write, the work dir is below its free-space floor,
+# taking a task failed otherwise (the audit log refused a write), the local engine does not
+# answer.
+FAULT_CAUSES = ("journal", "disk", "intake", "engine")
 
 
 class Listener:
@@ -48,7 +60,7 @@ class Listener:
     def __init__(self, config: Config, observer: NodeObserver | None = None,
                  adapters: Sequence[AdapterFactory] = ()):
         self.config = config
-        self.journal = Journal(config.work_dir / "journal.sqlite")
+        self.journal = _open_journal(config.work_dir / "journal.sqlite")
         self.node = Node(config, self.journal, notify=self._notify, observer=observer,
                          run_datasets=self._run_datasets, run_secret_env=self._run_secret_env)
         self.pool = ThreadPoolExecutor(config.execution.max_parallel,
@@ -65,6 +77,13 @@ class Listener:
         self._connected = threading.Event()
         self._reload_lock = threading.Lock()
         self._told_unroutable = False
+        # Why the node takes no task now, by cause (FAULT_CAUSES); empty when it is healthy.
+        self._faults: dict[str, str] = {}
+        self._fault_lock = threading.Lock()
+        self._retry_at = 0.0
+        self._retry_delay = FAULT_RETRY_MIN_S
+        self._accepting_sent: bool | None = None
+        self.journal.on_fault = lambda reason: self.set_fault("journal", reason)
         self.adapters: list[Adapter] = [make(self) for make in adapters]
 
     # -- public --------------------------------------------------------------------------
@@ -74,6 +93,8 @@ class Listener:
         # The inventory is read once, here, not in the connection thread at the first task:
         # a broken one stops the service at start as a config error (docs/hosts.md).
         _ = self.node.targets.inventory
+        if engine.watches_docker(self.config, self.node.targets):
+            threading.Thread(target=self._watch_engine, name="fem-engine", daemon=True).start()
         self._recover()
         delay = RECONNECT_MIN_S
         while not self._stop_now.is_set():
@@ -82,6 +103,8 @@ class Listener:
             try:
                 self._serve()
                 delay = RECONNECT_MIN_S
+            except JournalUnwritable as e:  # not the broker's doing: the node degrades
+                log.warning("%s; reconnecting in %.1fs", e, delay)
             except (pika.exceptions.AMQPError, OSError) as e:
                 if self._connected.is_set():
                     log.warning("broker connection lost (%s); reconnecting in %.1fs",
@@ -93,6 +116,8 @@ class Listener:
                 else:
                     log.warning("broker: %s — %s; trying again in %.1fs",
                                 *broker.connect_failure(self.config, e), delay)
+            except sqlite3.Error as e:  # reading the journal failed: no reason to die
+                log.error("the journal cannot be read (%s); reconnecting in %.1fs", e, delay)
             finally:
                 self._connected.clear()
                 self._close_connection()
@@ -137,7 +162,9 @@ class Listener:
         while not self._stop_now.is_set():
             conn.process_data_events(time_limit=1)
             now = time.monotonic()
-            if now >= next_beat:
+            self._check_health(now)
+            if now >= next_beat or self._accepting_sent != self.accepting:
+                # Every heartbeat_s, and at once when accepting changes (DESIGN.md §2).
                 self._heartbeat()
                 next_beat = now + self.config.broker.heartbeat_s
             if self._stopping.is_set():
@@ -161,17 +188,89 @@ class Listener:
                 conn.close()
 
     def has_free_slot(self) -> bool:
-        """Whether a task launched now would run at once: not stopping, and fewer than
-        ``execution.max_parallel`` tasks held."""
-        return not self._stopping.is_set() and \
-            len(self.running) < self.config.execution.max_parallel
+        """Whether a task launched now would run at once: :attr:`accepting`, and fewer
+        than ``execution.max_parallel`` tasks held."""
+        return self.accepting and len(self.running) < self.config.execution.max_parallel
+
+    # -- the node's health ---------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """Takes tasks: not stopping, and no fault of the node (:meth:`set_fault`)."""
+        return not self._stopping.is_set() and not self._faults
+
+    @property
+    def reason(self) -> str | None:
+        """Why the node does not accept tasks; None while it does."""
+        if self._stopping.is_set():
+            return "the listener is stopping"
+        with self._fault_lock:
+            return "; ".join(self._faults.values()) or None
+
+    def faults(self) -> dict[str, str]:
+        """The node's faults now, by cause (the metrics, the tests)."""
+        with self._fault_lock:
+            return dict(self._faults)
+
+    def set_fault(self, cause: str, reason: str | None) -> None:
+        """Record (``reason``) or clear (None) a fault of the node; from any thread.  While
+        any is recorded the node consumes no task, and its status says why."""
+        with self._fault_lock:
+            if self._faults.get(cause) == reason:
+                return
+            if reason is None:
+                del self._faults[cause]
+            else:
+                self._faults[cause] = reason
+            healthy = not self._faults
+        if reason is None:
+            log.info("the node's %s fault is over%s", cause,
+                     "; taking tasks again" if healthy else "")
+        else:
+            log.error("not taking tasks: %s", reason)
+        self.call_on_connection(self._status_changed)
+
+    def _status_changed(self) -> None:
+        """On the connection thread: consume or not, and say so at once."""
+        self._update_consumer()
+        if self._accepting_sent != self.accepting:
+            self._heartbeat()
+        if self.journal.fault is None:
+            self.publish_pending()  # events whose publication the journal could not mark
+
+    def _check_health(self, now: float) -> None:
+        """About once a second: the work dir's free space against its floor, and whether
+        a journal or intake that failed works again (a write, with backoff)."""
+        self.set_fault("disk", below_floor(self.config.work_dir,
+                                           self.config.execution.min_free_bytes))
+        if not ({"journal", "intake"} & self.faults().keys()) or now < self._retry_at:
+            return
+        self.set_fault("intake", None)  # the next message tries again
+        with contextlib.suppress(JournalUnwritable):
+            self.journal.probe()
+        if self.journal.fault is None:
+            self._retry_delay = FAULT_RETRY_MIN_S
+        else:
+            self._retry_later(now)
+
+    def _watch_engine(self) -> None:
+        """In a thread of its own (a look may take seconds): the local engine, every
+        :data:`~fem_ansible.engine.CHECK_S`."""
+        while True:
+            self.set_fault("engine", engine.docker_problem())
+            if self._stop_now.wait(engine.CHECK_S) or self._stopping.is_set():
+                return
+
+    def _retry_later(self, now: float) -> None:
+        self._retry_at = now + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, FAULT_RETRY_MAX_S)
 
     def running_count(self) -> int:
         return len(self.running)
 
     def _update_consumer(self) -> None:
         """Consume tasks (and adapters' messages) only while a slot is free and the
-        listener is not stopping."""
+        node accepts tasks."""
         want = self.has_free_slot()
         for adapter in self.adapters:
             adapter.slots_changed(want)
@@ -186,6 +285,19 @@ class Listener:
             self._consumer_tag = None
 
     def _on_task(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        try:
+            self._take_task(ch, method, props, body)
+        except OSError as e:
+            # The journal (JournalUnwritable) or the audit log refused a write: nothing is
+            # acked that is not journaled; the message goes back to the broker, and the
+            # node takes no task until a write succeeds again.
+            if not isinstance(e, JournalUnwritable):
+                self.set_fault("intake", f"taking a task failed ({e})")
+            self._retry_later(time.monotonic())
+            ch.basic_nack(method.delivery_tag, requeue=True)
+            self._update_consumer()
+
+    def _take_task(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         if not self.has_free_slot():
             # An adapter's consumer took the last slot (or the listener began to stop) after
             # this message was delivered: back to the queue, for this listener once a slot
@@ -200,6 +312,8 @@ class Listener:
                         extra={"task_id": e.task_id})
             self._refuse_task(ch, method, props, body, e)
             return
+        except OSError:
+            raise  # the audit log could not be written: a fault of the node, not the message
         except Exception as e:  # a bug: the message still ends REJECTED, the consumer goes on
             log.exception("reading a message failed; rejected as invalid_message")
             err = _internal(e)
@@ -243,19 +357,31 @@ class Listener:
             log.exception("reading a control message failed; ignored")
             ch.basic_ack(method.delivery_tag)
             return
-        self.cancel(msg["task_id"], by=msg.get("by", "orchestrator"))
+        try:
+            self.cancel(msg["task_id"], by=msg.get("by", "orchestrator"))
+        except JournalUnwritable as e:
+            # A task running here is stopped all the same; one yet to come would not know
+            # of it (given back, the message would come straight back while the journal
+            # fails, spinning this thread).
+            log.error("cancel of %s not recorded for a task yet to arrive (%s); a task "
+                      "running here is stopped", msg["task_id"], e,
+                      extra={"task_id": msg["task_id"]})
         ch.basic_ack(method.delivery_tag)
 
     def cancel(self, tid: str, by: str = "orchestrator") -> bool:
-        """Record a cancel (a task that comes later never starts) and stop the task when it
-        runs here; returns whether it did.  ``by``: who asked (the CANCELLED event says)."""
-        self.journal.record_cancel(tid)
+        """Stop the task when it runs here and record the cancel (a task that comes later
+        never starts); returns whether it ran here.  ``by``: who asked (the CANCELLED event
+        says).
+
+        :raises JournalUnwritable: the cancel could not be recorded (the task running here
+            is stopped all the same)."""
         self.node.audit.record("cancel_requested", tid, by=by)
         with self._lock:
             entry = self.running.get(tid)
         if entry is not None:
             log.info("cancelling task %s", tid, extra={"task_id": tid})
             entry[1].request(by)
+        self.journal.record_cancel(tid)
         return entry is not None
 
     def _dead_letter(self, body: bytes, props: Any, reason: str) -> None:
@@ -268,7 +394,13 @@ class Listener:
         )
 
     def publish_pending(self) -> None:
-        """Publish journaled events in order, each marked once the broker confirmed it."""
+        """Publish journaled events in order, each marked once the broker confirmed it;
+        while the journal cannot mark them, they wait (published again later, same ``seq``
+        and content, as after a crash)."""
+        with contextlib.suppress(JournalUnwritable):
+            self._publish_pending()
+
+    def _publish_pending(self) -> None:
         ch = self._events_ch
         while ch is not None and ch.is_open:
             batch = self.journal.unpublished()
@@ -295,9 +427,11 @@ class Listener:
                      routing_key(event), extra={"task_id": event["task_id"]})
 
     def _heartbeat(self) -> None:
+        accepting = self.accepting
         beat = node_heartbeat(self.config.node_id, self.config.listener_id,
                               self.config.execution.max_parallel, len(self.running),
-                              not self._stopping.is_set())
+                              accepting, self.reason)
+        self._accepting_sent = accepting
         broker.publish_json(self._events_ch, broker.EVENTS_EXCHANGE,
                             heartbeat_routing_key(self.config.node_id), beat, mandatory=False)
 
@@ -310,7 +444,9 @@ class Listener:
 
     def _work(self, task_id: str, cancel: threading.Event) -> None:
         try:
-            with task_context(task_id):
+            # A journal write refused is tried again until it succeeds (or the listener
+            # stops): the task's events wait for its journal, never lost.
+            with task_context(task_id), self.journal.patient(self.node.abandon):
                 event = self.node.execute(task_id, cancel)
             for adapter in self.adapters:
                 adapter.finished(task_id, event)
@@ -398,6 +534,32 @@ class Listener:
             adapter.close()
         self.pool.shutdown(wait=not self._stop_now.is_set(), cancel_futures=True)
         self.journal.close()
+
+
+# Below this much free space, a journal that cannot be opened is waited for (the file system
+# is full) rather than reported at once.
+FULL_BYTES = 1024**2
+
+
+def _open_journal(path: Path) -> Journal:
+    """The journal.  On a full file system SQLite cannot even open it (its WAL index takes a
+    page): it is tried again with backoff instead of ending the process, which a service
+    manager would restart into the same state (issue 28); any other failure is reported."""
+    delay = FAULT_RETRY_MIN_S
+    while True:
+        try:
+            return Journal(path)
+        except OSError as e:
+            try:
+                full = free_bytes(path.parent) < FULL_BYTES
+            except OSError:
+                full = False
+            if not full:
+                raise
+            log.error("the journal %s cannot be opened on a full file system (%s); trying "
+                      "again in %.0fs", path, e.strerror, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, FAULT_RETRY_MAX_S)
 
 
 def _internal(exc: Exception) -> RejectedError:

@@ -11,7 +11,6 @@ operator needs is in docs/operating.md.
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from . import __version__
 from .config import Config
 from .doctor import disk_need
 from .lifecycle import NodeObserver
+from .listener import FAULT_CAUSES
 from .schema import TERMINAL_STATES, event_time
 
 if TYPE_CHECKING:
@@ -68,6 +68,12 @@ class Metrics(NodeObserver):
               registry=r).set(config.execution.max_parallel)
         self.connected = Gauge("fem_broker_connected",
                                "1 while connected to the broker, else 0.", registry=r)
+        self.accepting = Gauge("fem_node_accepting",
+                               "1 while the node takes tasks (its status's accepting), else 0.",
+                               registry=r)
+        self.fault = Gauge("fem_node_fault", "1 while this fault of the node stops it from "
+                           "taking tasks (journal, disk, intake, engine), else 0.", ["cause"],
+                           registry=r)
         self.unpublished = Gauge("fem_events_unpublished",
                                  "Events journaled and not yet confirmed by the broker.",
                                  registry=r)
@@ -76,8 +82,6 @@ class Metrics(NodeObserver):
                                "Free space of the work dir's file system.", registry=r)
         Gauge("fem_disk_need_bytes", "Space max_parallel tasks at the policy's limits may "
               "take in the work dir.", registry=r).set(disk_need(config))
-        self.journal_writable = Gauge("fem_journal_writable", "1 while this listener may "
-                                      "write its journal file and dir, else 0.", registry=r)
         self._lock = threading.Lock()
         # task id -> (stage or None, when it entered it, when it was received)
         self._open: dict[str, tuple[str | None, float, float | None]] = {}
@@ -129,9 +133,10 @@ class Metrics(NodeObserver):
         self.unpublished.set_function(listener.journal.unpublished_count)
         journal = listener.journal.path
         self.disk_free.set_function(lambda: shutil.disk_usage(journal.parent).free)
-        self.journal_writable.set_function(
-            lambda: 1 if os.access(journal, os.W_OK) and os.access(journal.parent, os.W_OK)
-            else 0)
+        self.accepting.set_function(lambda: 1 if listener.accepting else 0)
+        for cause in FAULT_CAUSES:
+            self.fault.labels(cause).set_function(
+                lambda c=cause: 1 if c in listener.faults() else 0)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         """Serve ``/metrics`` on ``address:port`` from a daemon thread."""

@@ -59,6 +59,12 @@ FEM_RUN = o(
             elements="str",
             required=True,
         ),
+        "min_free_bytes": o(
+            "int",
+            "The node's free-space floor (C(execution.min_free_bytes)): an executor stops a "
+            "container whose writes take the file system of the task's dir below it "
+            "(C(fem_error_code=disk_full)).",
+        ),
     },
 )
 FEM_NODE_ID = o("str", "This node's id.", required=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 import ansible_runner
 
-from . import fastpath, unsafe, vault
+from . import diskspace, fastpath, unsafe, vault
 from .errors import ConfigError
 from .fastpath import data_dir, derived_cache
 from .verdict import Failure, PlayWatcher
@@ -364,17 +364,30 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         cancel_callback=on_cancel,
     )
     runner.config.env = confine_env(runner.config.env, envvars)
-    runner.run()
-    # Whatever ended the run, nothing of it may outlive it.
-    kill_processes(spec.ident)
-    if spec.ssh_control_dir is not None:
-        from .targets import stop_masters
+    full: OSError | None = None
+    try:
+        runner.run()
+    except OSError as e:
+        # ansible-runner could not write the run's output to its artifacts: the file
+        # system is full (a task filled it, or something else did).  The run is over.
+        if not diskspace.is_full(e):
+            raise
+        full = e
+    finally:
+        # Whatever ended the run, nothing of it may outlive it.
+        kill_processes(spec.ident)
+        if spec.ssh_control_dir is not None:
+            from .targets import stop_masters
 
-        stop_masters(spec.ssh_control_dir)
-        shutil.rmtree(spec.ssh_control_dir, ignore_errors=True)
+            stop_masters(spec.ssh_control_dir)
+            shutil.rmtree(spec.ssh_control_dir, ignore_errors=True)
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
               time.monotonic() - started)
     rc = runner.rc or 0
+    if full is not None:
+        return RunResult("failed", rc, watcher.reports, watcher.node_fault(
+            "disk_full", f"the run's output could not be written ({full.strerror}): "
+            f"{diskspace.describe(pdd)}"))
     return RunResult(runner.status, rc, watcher.reports, watcher.verdict(runner.status, rc))
 
 

@@ -222,6 +222,12 @@ ERROR_CODES = [
     # issue 18: a task stopped for passing a disk limit while it ran (output_bytes); an
     # addition to DESIGN.md §4's codes (docs/decisions.md)
     "limit_exceeded",
+    # issue 28: the node's own resources failed under a task (DESIGN.md §4): its file
+    # system filled, the engine went away with its container, the kernel killed it for
+    # memory
+    "disk_full",
+    "engine_unavailable",
+    "oom_killed",
 ]
 
 EVENT_SCHEMA: dict[str, Any] = {
@@ -278,6 +284,7 @@ NODE_SCHEMA: dict[str, Any] = {
         "max_parallel": {"type": "integer"},
         "running": {"type": "integer"},
         "accepting": {"type": "boolean"},
+        "reason": {"type": "string"},
         "ts": {"type": "string"},
     },
 }

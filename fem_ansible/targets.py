@@ -327,12 +327,15 @@ def stop_masters(control_dir: Path) -> None:
 _HOST_PROBE = """\
 import json, os, shutil, sys
 p = {work_dir!r}
+tasks = os.path.join(p, "tasks")
+left = sorted(n for n in os.listdir(tasks) if n.startswith({prefix!r})) \
+    if os.path.isdir(tasks) else []
 while not os.path.exists(p):
     p = os.path.dirname(p)
 print("FEM-HOST " + json.dumps({{
     "python": sys.version.split()[0], "free": shutil.disk_usage(p).free,
     "docker": os.path.exists("/var/run/docker.sock") or bool(shutil.which("docker")),
-    "podman": bool(shutil.which("podman"))}}))
+    "podman": bool(shutil.which("podman")), "left": left}}))
 """
 
 
@@ -348,19 +351,22 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
     ControlPath dir (the caller ends its masters, :func:`stop_masters`).
 
     :returns: ``{host, reachable, python, engines{docker, podman}, work_dir, free_bytes,
-        message}``: ``reachable`` False (and the rest None) when Ansible could not connect;
-        ``python`` None when the interpreter did not run; ``free_bytes`` is the free space
-        of the host's fem work dir, or of its nearest existing parent.
+        left, message}``: ``reachable`` False (and the rest None) when Ansible could not
+        connect; ``python`` None when the interpreter did not run; ``free_bytes`` is the
+        free space of the host's fem work dir, or of its nearest existing parent; ``left``
+        the run dirs of this node's tasks there (``tasks/fem-<node_id>-<task_id>``): a
+        task's, or what a task that ended while the host was away left (issue 28).
     """
     import base64
 
     from .runner import ansible_env, passed_env
 
     work_dir = inventory.work_dir(host, config.execution.work_dir)
-    probe = base64.b64encode(_HOST_PROBE.format(work_dir=work_dir).encode()).decode()
+    probe = base64.b64encode(_HOST_PROBE.format(
+        work_dir=work_dir, prefix=f"fem-{config.node_id}-").encode()).decode()
     result: dict[str, Any] = {"host": host, "reachable": False, "python": None,
                               "engines": None, "work_dir": work_dir, "free_bytes": None,
-                              "message": ""}
+                              "left": None, "message": ""}
     # The probe is one `raw` call: Ansible's own strategy. Under fem.core.mitogen_linear an
     # ad-hoc `raw` to a host with `ansible_connection: local` went over SSH instead (as the
     # service user, whose shell is nologin, doctor then failed on a healthy host: issue 20).
@@ -386,7 +392,7 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
         result["message"] = f"python did not run: {out[-500:]}"
         return result
     facts, _ = json.JSONDecoder().raw_decode(out[at + len("FEM-HOST "):])
-    result.update(python=facts["python"], free_bytes=facts["free"],
+    result.update(python=facts["python"], free_bytes=facts["free"], left=facts["left"],
                   engines={"docker": facts["docker"], "podman": facts["podman"]},
                   message="ok")
     return result

@@ -172,6 +172,11 @@ class PlayWatcher:
         detail = f": {self._error_line}" if self._error_line else ""
         return self._fallback(f"ansible-playbook failed (rc {rc}){detail}")
 
+    def node_fault(self, code: str, message: str) -> Failure:
+        """The failure of a run the node itself ended in the stage it was in, whatever
+        Ansible would have said: its file system filled (``disk_full``)."""
+        return Failure(self._error_stage(), code, message[:MAX_MESSAGE])
+
     def _failed_for_good(self, failures: int) -> Failure | None:
         """The first failure that was not rescued, of ``failures`` that were not."""
         if failures <= 0:

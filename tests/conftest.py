@@ -78,6 +78,7 @@ def site(tmp_path, fem_env):
         node = node_id
         orchestrator = orch
         work_dir = tmp_path / "work"
+        listeners = created  # started by listener(), stopped at the end
 
         def task(self, task_id, **overrides):
             """The sample task, uploading under ``/<node id>/<task id>/``."""

@@ -142,3 +142,26 @@ def test_install_service_refuses_names_and_paths_that_would_add_unit_directives(
         assert done.exit_code == 2 and fragment in done.output, (extra, done.output)
         assert "Traceback" not in done.output
     assert not any(tmp_path.iterdir())
+
+
+def test_a_journal_on_a_read_only_file_system_is_one_line_for_each_command(make_config,
+                                                                            tmp_path):
+    """`tasks`, `cancel` and `listen` on a journal whose file system is mounted read-only
+    (issue 28): one line saying so and what to do, exit 2, no traceback."""
+    make_config(broker={"url": "amqp://guest:guest@127.0.0.1:5672/%2F"})
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "fem-ro", str(work)], check=True)
+    try:
+        Journal(work / "journal.sqlite").close()
+        subprocess.run(["mount", "-o", "remount,ro", str(work)], check=True)
+        config = str(tmp_path / "config.yml")
+        runs = [CliRunner().invoke(main, [*args, "--config", config])
+                for args in (["tasks"], ["cancel", "t1"], ["listen"])]
+    finally:
+        subprocess.run(["umount", str(work)], check=False)
+    for done in runs:
+        assert done.exit_code == 2, done.output
+        (line,) = done.output.splitlines()
+        assert f"{work / 'journal.sqlite'}: Read-only file system" in line, line
+        assert "remount" in line

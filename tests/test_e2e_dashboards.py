@@ -143,7 +143,7 @@ def test_a_real_prometheus_answers_the_dashboard_and_rules(site, prometheus, tmp
         query(base, expr)
     # the panels that need no traffic have data, the alerts are quiet on a healthy node
     for expr in ("sum(fem_task_slots)", "min(fem_broker_connected)",
-                 "min(fem_journal_writable)", "min(fem_disk_free_bytes)"):
+                 '1 - max(fem_node_fault{cause="journal"})', "min(fem_disk_free_bytes)"):
         assert query(base, expr)["result"][0]["value"][1] != "0", expr
     rules = requests.get(f"{base}/api/v1/rules", timeout=10).json()["data"]["groups"]
     loaded = [r for g in rules for r in g["rules"]]

@@ -10,6 +10,8 @@ python3, and the archives come back to the listener by ``fetch``.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -19,6 +21,7 @@ from fem_ansible.targets import Inventory, check_host, inventory_path
 from tests.support import ssh
 from tests.support.archives import tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.test_e2e_doctor import doctor, line
 
 pytestmark = pytest.mark.e2e
 
@@ -132,3 +135,39 @@ def test_unknown_target_and_missing_executor_role_are_rejected(site, ssh_site):
     ghost = orch.wait_terminal("ghost-exec")
     assert nowhere["state"] == "REJECTED" and "execution.inventory" in nowhere["error"]["message"]
     assert ghost["state"] == "REJECTED" and "fem_executor_ghost" in ghost["error"]["message"]
+
+
+def test_a_host_that_goes_away_mid_task_ends_it_once_within_its_bound(site, ssh_site):
+    """Issue 28: the host's sshd stopped, its sessions with it, while the task's container
+    runs there: one terminal event, not COMPLETED, well within the task's timeout plus the
+    playbook's margin (no hang), and the listener takes tasks again."""
+    orch = site.orchestrator
+    hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, target="ssh-a")
+    lst = site.listener(config)
+    orch.publish(site.task("host-away", source=None, datasets=None, command=[
+        "sh", "-c", "sleep 40; echo done > /fem/output/done"],
+        resources={"memory": "128Mi", "timeout_s": 120}))
+    orch.wait_state("host-away", "RUNNING", timeout=180)
+    name = f"fem-{site.node}-host-away"
+    deadline = time.monotonic() + 60
+    while subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", name],
+                         capture_output=True, text=True).stdout.strip() != "true":
+        assert time.monotonic() < deadline, "the task's container never ran"
+        time.sleep(0.5)
+    gone = time.monotonic()
+    hosts["ssh-a"].stop(sessions=True)
+    final = orch.wait_terminal("host-away", timeout=120 + 60)
+    assert time.monotonic() - gone < 120 + 60
+    assert final["state"] == "FAILED", final
+    assert "unreachable" in final["error"]["message"], final
+    time.sleep(2)
+    orch.drain()
+    terminal = [e for e in orch.distinct_events("host-away")
+                if e["state"] in ("COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED")]
+    assert len(terminal) == 1, terminal
+    assert lst.alive
+    # Back again: doctor lists what the task left there (it could not clean up).
+    hosts["ssh-a"].start()
+    _code, lines = doctor(config)
+    assert f"task dirs there: {name}" in line(lines, "! host ssh-a:")
+    subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True)

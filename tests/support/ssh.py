@@ -96,7 +96,12 @@ class SshHost:
         raise AssertionError(f"sshd on {self.address}:{self.port} did not start:\n"
                              f"{self.log.read_text() if self.log.exists() else ''}")
 
-    def stop(self) -> None:
+    def stop(self, sessions: bool = False) -> None:
+        """Stop the sshd; with ``sessions``, also its open sessions (the host went away)."""
+        if sessions and self.proc is not None and self.proc.poll() is None:
+            for pid in _descendants(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -108,6 +113,18 @@ class SshHost:
     def leftovers(self) -> list[str]:
         """What fem left in this host's work dir."""
         return sorted(str(p.relative_to(self.work_dir)) for p in self.work_dir.rglob("*"))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process started by ``pid``, directly or not (an sshd's sessions and theirs)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        children = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True,
+                                  text=True).stdout.split()
+        found += map(int, children)
+        todo += map(int, children)
+    return found
 
 
 def inventory(path: Path, hosts: dict[str, SshHost], group: str = "compute") -> Path:

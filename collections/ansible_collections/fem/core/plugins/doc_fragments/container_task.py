@@ -122,4 +122,12 @@ options:
       - Largest total size of O(watch_dirs); past it the container is stopped and the module
         fails with C(fem_error_code=limit_exceeded). Not watched when omitted.
     type: int
+  min_free_bytes:
+    description:
+      - The node's free-space floor on the file system of the first of O(watch_dirs),
+        looked at with their size; below it the container is stopped and the module fails
+        with C(fem_error_code=disk_full), the file system and its figures in C(msg). A
+        container that exits non-zero with the file system below the floor fails the same
+        way. Not watched when omitted.
+    type: int
 """

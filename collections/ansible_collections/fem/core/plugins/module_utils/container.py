@@ -74,6 +74,7 @@ CONTAINER_OPTIONS = {
     "network_mode": {"type": "str", "default": "none"},
     "watch_dirs": {"type": "list", "elements": "path", "default": []},
     "watch_bytes": {"type": "int"},
+    "min_free_bytes": {"type": "int"},
 }
 # What a module needs to run a container: a limit left out would be no limit.
 LIMIT_OPTIONS = ("pids_limit", "memory", "cpus")

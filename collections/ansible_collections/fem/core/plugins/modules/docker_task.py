@@ -43,6 +43,10 @@ description:
     fine.
   - Talks to the engine through the Docker SDK for Python (C(docker)); C(DOCKER_HOST) and
     friends are honoured.
+  - An engine that stops answering while the container runs (restarted) is asked again
+    every second until the task's timeout. A container it kept running (live-restore) is
+    waited for as before; one it did not keep fails the module with
+    RV(fem_error_code=engine_unavailable).
 options:
   image:
     description:
@@ -156,7 +160,9 @@ logs:
   type: dict
 fem_error_code:
   description: C(limit_exceeded) when the module failed because O(watch_dirs) grew over
-    O(watch_bytes).
+    O(watch_bytes); C(disk_full) when their file system fell below O(min_free_bytes) or a
+    write found it full; C(engine_unavailable) when the engine went away while the
+    container ran and did not keep it (docker_task).
   returned: failure
   type: str
 stopped:
@@ -199,6 +205,7 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
 from ansible_collections.fem.core.plugins.module_utils.container import (
     parse_engine_time as parse_docker_time,
 )
+from ansible_collections.fem.core.plugins.module_utils.disk import FloorWatch, full_code
 
 try:
     import docker
@@ -207,8 +214,18 @@ try:
     from docker.types import DeviceRequest, LogConfig, Mount
 except ImportError:
     DOCKER_IMPORT_ERROR = traceback.format_exc()
+    ENGINE_GONE = ()
 else:
     DOCKER_IMPORT_ERROR = None
+    # What an engine call raises when the engine goes away under it (stopped, restarted).
+    ENGINE_GONE = (requests.exceptions.ConnectionError,
+                   requests.exceptions.ChunkedEncodingError)
+
+# The error code of a task whose engine went away and did not keep its container.
+ENGINE_UNAVAILABLE = "engine_unavailable"
+# Seconds between two tries to reach an engine that stopped answering.
+ENGINE_RETRY_S = 1
+
 
 def host_config_kwargs(params):
     """The engine's host settings for a task container, from the module's parameters.
@@ -265,7 +282,34 @@ class TaskRunner:
         self.api = self.client.api
         self.changed = False
         self.watch = OutputWatch(self.p)
+        # The engine failed the wait or stopped answering since the container was last
+        # seen running: if it is not running when the engine answers, the engine ended it.
+        self.engine_lost = False
+        self.floor = FloorWatch(self.p)
         self.over_limit = False
+
+    def steady(self, deadline, call, *args, **kwargs):
+        """``call(*args, **kwargs)``, an engine call; while the engine does not answer
+        (restarted under the task) it is tried again every ENGINE_RETRY_S until it does,
+        or the module fails C(engine_unavailable) at ``deadline``."""
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except ENGINE_GONE as exc:
+                self.engine_lost = True
+                if time.time() >= deadline:
+                    self.module.fail_json(
+                        msg=f"Docker task {self.p['name']}: the engine did not answer again "
+                            f"before the task's timeout ({exc})",
+                        fem_error_code=ENGINE_UNAVAILABLE, changed=self.changed)
+                time.sleep(ENGINE_RETRY_S)
+
+    def engine_state(self, container_id, deadline):
+        """The container's state, asked until the engine answers (:meth:`steady`)."""
+        state = self.steady(deadline, self.api.inspect_container, container_id)["State"]
+        if state.get("Running"):
+            self.engine_lost = False  # it survived (live-restore)
+        return state
 
     def find(self):
         try:
@@ -328,7 +372,9 @@ class TaskRunner:
     def start(self, container_id):
         self.api.start(container_id)
         self.changed = True
-        return self.api.inspect_container(container_id)
+        # Started: from here an engine that goes away is waited for (steady).
+        return self.steady(time.time() + self.p["timeout"], self.api.inspect_container,
+                           container_id)
 
     def wait(self, info):
         """Wait for the rest of the timeout; stop at it. Return (exit_code, timed_out)."""
@@ -344,15 +390,16 @@ class TaskRunner:
                 try:
                     result = self.api.wait(container_id, timeout=step)
                     return result.get("StatusCode"), False
-                except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                    # The HTTP read timeout is how a step ends; anything else that breaks
-                    # the wait early is an engine problem.
-                    state = self.api.inspect_container(container_id)["State"]
+                except (requests.exceptions.ReadTimeout, *ENGINE_GONE):
+                    # The HTTP read timeout is how a step ends; a wait broken early is the
+                    # engine's trouble (stopping, restarting): waited out (engine_state).
+                    if time.time() < step_end - 1:
+                        self.engine_lost = True
+                        time.sleep(ENGINE_RETRY_S)
+                    state = self.engine_state(container_id, started + timeout)
                     if not state.get("Running"):
                         return state.get("ExitCode"), False
-                    if time.time() < step_end - 1:
-                        raise
-                if self.watch.exceeded():
+                if self.watch.exceeded() or self.floor.breached():
                     self.over_limit = True
                     break
                 remaining = started + timeout - time.time()
@@ -425,13 +472,27 @@ class TaskRunner:
             info = self.start(info["Id"])
         with StopRequest(self.p["stop_file"], lambda: self.stop()["stopped"]) as request:
             exit_code, timed_out = self.wait(info)
-        info = self.api.inspect_container(info["Id"])
-        logs = self.collect_logs(info["Id"])
+        # An engine that goes away now (it stopped the container as it went) is waited for.
+        started = parse_docker_time(info["State"].get("StartedAt")) or time.time()
+        deadline = started + self.p["timeout"] + self.p["api_timeout"]
+        info = self.steady(deadline, self.api.inspect_container, info["Id"])
+        logs = self.steady(deadline, self.collect_logs, info["Id"])
+        if self.engine_lost:
+            # The engine went away while the container ran, and did not keep it (no
+            # live-restore): its exit is the engine's doing, not the task's.
+            self.module.fail_json(
+                msg=f"Docker task {self.p['name']}: the engine went away while the container "
+                    f"ran and did not keep it running (exit {exit_code}; live-restore off?)",
+                fem_error_code=ENGINE_UNAVAILABLE, changed=self.changed, logs=logs,
+                timed_out=False)
         with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
             out.write("null\n" if exit_code is None else f"{exit_code}\n")
-        if self.over_limit:
-            self.module.fail_json(changed=self.changed, timed_out=False, logs=logs,
-                                  **self.watch.failure(self.p["name"]))
+        if self.over_limit or (exit_code not in (0, None) and self.floor.breached()):
+            # Stopped for its size or the file system's floor; or it exited failing with
+            # the file system below the floor, which it most likely filled.
+            failure = (self.floor.failure(self.p["name"]) if self.floor.hit
+                       else self.watch.failure(self.p["name"]))
+            self.module.fail_json(changed=self.changed, timed_out=False, logs=logs, **failure)
         return {
             "changed": self.changed,
             "exit_code": exit_code,
@@ -487,7 +548,7 @@ def main():
             ValueError) as exc:
         module.fail_json(
             msg=f"Docker task {module.params['name']} failed: {exc}",
-            exception=traceback.format_exc(),
+            exception=traceback.format_exc(), **full_code(exc),
         )
 
 

@@ -145,7 +145,8 @@ logs:
   type: dict
 fem_error_code:
   description: C(limit_exceeded) when the module failed because O(watch_dirs) grew over
-    O(watch_bytes).
+    O(watch_bytes); C(disk_full) when their file system fell below O(min_free_bytes) or a
+    write found it full.
   returned: failure
   type: str
 stopped:
@@ -187,6 +188,7 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
     write_capped,
     write_env_file,
 )
+from ansible_collections.fem.core.plugins.module_utils.disk import FloorWatch, full_code
 
 _RUNNING = ("running", "paused", "stopping")
 _NOT_STARTED = ("created", "configured", "initialized")
@@ -204,6 +206,7 @@ class PodmanTask:
         self.p = module.params
         self.changed = False
         self.watch = OutputWatch(self.p)
+        self.floor = FloorWatch(self.p)
         self.over_limit = False
 
     def podman(self, *args, timeout=None, check=True):
@@ -275,7 +278,7 @@ class PodmanTask:
                     return self.find()["State"].get("ExitCode"), False
                 except subprocess.TimeoutExpired:
                     pass
-                if self.watch.exceeded():
+                if self.watch.exceeded() or self.floor.breached():
                     self.over_limit = True
                     break
                 remaining = started + timeout - time.time()
@@ -358,9 +361,12 @@ class PodmanTask:
         logs = self.collect_logs(info["Id"])
         with open(os.path.join(self.p["log_dir"], "exit_code"), "w") as out:
             out.write("null\n" if exit_code is None else f"{exit_code}\n")
-        if self.over_limit:
-            self.module.fail_json(changed=self.changed, timed_out=False, logs=logs,
-                                  **self.watch.failure(self.p["name"]))
+        if self.over_limit or (exit_code not in (0, None) and self.floor.breached()):
+            # Stopped for its size or the file system's floor; or it exited failing with
+            # the file system below the floor, which it most likely filled.
+            failure = (self.floor.failure(self.p["name"]) if self.floor.hit
+                       else self.watch.failure(self.p["name"]))
+            self.module.fail_json(changed=self.changed, timed_out=False, logs=logs, **failure)
         return {
             "changed": self.changed,
             "exit_code": exit_code,
@@ -412,7 +418,7 @@ def main():
         module.exit_json(**task.run())
     except (PodmanError, subprocess.SubprocessError, ValueError, OSError) as exc:
         module.fail_json(msg=f"Podman task {module.params['name']} failed: {exc}",
-                         exception=traceback.format_exc())
+                         exception=traceback.format_exc(), **full_code(exc))
 
 
 if __name__ == "__main__":

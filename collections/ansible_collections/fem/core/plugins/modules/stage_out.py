@@ -60,7 +60,8 @@ skipped:
   returned: success
   type: int
 fem_error_code:
-  description: C(limit_exceeded) when the output is over O(output_bytes).
+  description: C(limit_exceeded) when the output is over O(output_bytes); C(disk_full) when
+    an archive cannot be written for want of space.
   returned: failure
   type: str
 archives:
@@ -73,7 +74,11 @@ import contextlib
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.fem.core.plugins.module_utils.disk import LIMIT_EXCEEDED, usage
+from ansible_collections.fem.core.plugins.module_utils.disk import (
+    LIMIT_EXCEEDED,
+    full_code,
+    usage,
+)
 from ansible_collections.fem.core.plugins.module_utils.tree import archive
 
 ARCHIVES = (("outputs.tar.gz", "output"), ("logs.tar.gz", "logs"))
@@ -108,8 +113,9 @@ def main():
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
+            # A full file system is the node's fault, not the task's (disk_full).
             module.fail_json(msg=f"The archive {name} of the task's {sub}/ cannot be made: "
-                                 f"{exc}", output_bytes=size)
+                                 f"{exc}", output_bytes=size, **full_code(exc))
         os.replace(partial, final)
         archives[name] = final
     module.exit_json(changed=True, output_bytes=size, archives=archives, skipped=skipped)
