@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import fastpath, policy, schema
+from . import fastpath, naming, policy, schema
 from .audit import AuditLog
 from .config import Config
 from .errors import RejectedError, TaskFailed
@@ -31,7 +31,7 @@ from .runner import (
     RunSpec,
     collections_view,
     data_dir,
-    kill_processes,
+    kill_task_processes,
     run_playbook,
     scan_cache_dir,
 )
@@ -209,8 +209,9 @@ class Node:
         for tid in self.journal.finished_beyond(self.config.execution.keep_runs):
             shutil.rmtree(self.run_dir(tid), ignore_errors=True)
 
-    def engine_name(self, task_id: str) -> str:
-        return f"fem-{self.config.node_id}-{task_id}"
+    def object_name(self, task_id: str) -> str:
+        """The name of the task's container, Slurm job, run dir and processes' marker."""
+        return naming.object_name(self.config.node_id, task_id, naming.TASK)
 
 
 class _Execution(RunHooks):
@@ -300,7 +301,7 @@ class _Execution(RunHooks):
         if resumed:
             # An earlier listener process died in this task: whatever of its playbook still
             # runs is stopped first, so that two attempts never work side by side.
-            kill_processes(f"{self.node.engine_name(self.tid)}.")
+            kill_task_processes(self.node.object_name(self.tid))
             self.rec.attempt += 1
             self.journal.update(self.tid, attempt=self.rec.attempt)
             if self.rec.attempt > self.config.execution.max_attempts:
@@ -392,7 +393,7 @@ class _Execution(RunHooks):
         pdd = self.node.run_dir(self.tid)
         (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
         pdd.chmod(0o700)
-        name = self.node.engine_name(self.tid)
+        name = self.node.object_name(self.tid)
         builtin = data_dir()
         if playbook:
             path = builtin / "playbooks" / playbook
@@ -409,7 +410,7 @@ class _Execution(RunHooks):
             # Runs beside the main one (stop, cleanup) get their own private data dir:
             # ansible-runner runs sharing one corrupt each other's env/.
             private_data_dir=pdd / "aux" / suffix if suffix else pdd,
-            # The marker of every process of the run; "." cannot occur in a task id.
+            # The marker of every process of the run; "." cannot occur in a name.
             ident=ident,
             playbook=path,
             inventory=inventory,
@@ -420,13 +421,11 @@ class _Execution(RunHooks):
             extravars={
                 "fem_task": schema.public_task(task),
                 "fem_node_id": config.node_id,
-                "fem_run": {
-                    # The host's own work dir (inventory var fem_work_dir, docs/hosts.md).
-                    "dir": f"{self.node.targets.work_dir(host)}/tasks/{name}",
-                    "attempt": self.rec.attempt,
-                    "name": name,
-                    "local_dir": str(pdd),
-                },
+                # The host's own work dir: inventory var fem_work_dir, docs/hosts.md.
+                "fem_run": naming.fem_run(
+                    config.node_id, task, decision.policy, decision.datasets,
+                    host_work_dir=self.node.targets.work_dir(host), attempt=self.rec.attempt,
+                    local_dir=str(pdd)),
                 "fem_datasets": decision.datasets,
                 "fem_policy": decision.policy,
             },

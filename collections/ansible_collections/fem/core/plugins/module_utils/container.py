@@ -44,6 +44,9 @@ CONTAINER_OPTIONS = {
     # Laid over env; hidden from the module's logged arguments and results (a legacy token).
     "secret_env": {"type": "dict", "default": {}, "no_log": True},
     "labels": {"type": "dict", "default": {}},
+    # Named by the listener, like the task's container (fem_ansible/naming.py): never made
+    # from the task's name here, where another task's container may be called that.
+    "accounts_name": {"type": "str"},
     "mounts": {
         "type": "list",
         "elements": "dict",
@@ -174,28 +177,20 @@ def account_files(tar_bytes):
     return files
 
 
-def accounts_name(name):
-    """The name of the container that reads the image's account files for the task
-    container ``name``: named after it, so that the task's cleanup (``state=absent``)
-    removes it too when a module was killed before it could."""
-    return f"{name}-accounts"
-
-
 def label_args(labels):
     """``labels`` as an engine CLI's ``--label key=value`` arguments."""
     return [arg for key, value in sorted(labels.items())
             for arg in ("--label", f"{key}={value}")]
 
 
-def cli_account_files(run, runtime, image, name, labels):
+def cli_account_files(run, runtime, image, container, labels):
     """The image's account files through an engine's CLI (``docker`` or ``podman``): a
-    container (:func:`accounts_name` of ``name``, with the task's ``labels``) created and
-    never started, copied from, removed.  ``run(argv)`` returns the command's stdout as
-    bytes, None when it failed.
+    container named ``container`` (the task's ``accounts_name``, with its ``labels``)
+    created and never started, copied from, removed.  ``run(argv)`` returns the command's
+    stdout as bytes, None when it failed.
 
     :raises ValueError: when the engine cannot create the container.
     """
-    container = accounts_name(name)
     run([runtime, "rm", "--force", container])  # one a killed module left behind
     created = run([runtime, "create", "--name", container, *label_args(labels), "--network",
                    "none", "--entrypoint", NEVER_STARTED, "--", image])

@@ -35,7 +35,7 @@ description:
     O(stop_grace)), which is how a task is cancelled. The run waiting for it then collects
     it as exited.
   - With O(state=absent) it removes the container (killing it if it runs, with its anonymous
-    volumes), the never-started C(<name>-accounts) container that reads the image's account
+    volumes), the never-started O(accounts_name) container that reads the image's account
     files if a killed module left it, and the named O(volumes); objects already gone are
     fine.
   - Talks to the engine through the Docker SDK for Python (C(docker)); C(DOCKER_HOST) and
@@ -101,7 +101,8 @@ author:
 EXAMPLES = r"""
 - name: Run the task container
   fem.core.docker_task:
-    name: fem-node1-task42
+    name: fem-node1-task42-5ac623931b04083beed07f01ae6e5e04
+    accounts_name: fem-node1-task42-accounts-06f752a721ec802f64bfd59b7ee6d0f7
     image: registry.example.org/lab/train:1.2
     command: [python, train.py]
     labels: {fem.node_id: node1, fem.task_id: task42}
@@ -179,7 +180,6 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
     NEVER_STARTED,
     OutputWatch,
     account_files,
-    accounts_name,
     check_limits,
     effective_user,
     engine_log_bytes,
@@ -278,7 +278,7 @@ class TaskRunner:
 
     def image_accounts(self):
         """The image's account files, from a container created and never started."""
-        name = accounts_name(self.p["name"])
+        name = self.p["accounts_name"]
         self.remove_container(name)  # one a killed module left behind
         created = self.api.create_container(
             image=self.p["image"], entrypoint=[NEVER_STARTED], network_disabled=True,
@@ -395,8 +395,8 @@ class TaskRunner:
     def remove(self):
         """Remove the container (killed if running, anonymous volumes too), the one that
         read the image's accounts if a killed run left it, and the volumes."""
-        removed = [name for name in (self.p["name"], accounts_name(self.p["name"]))
-                   if self.remove_container(name)]
+        removed = [name for name in (self.p["name"], self.p["accounts_name"])
+                   if name and self.remove_container(name)]
         for volume in self.p["volumes"]:
             try:
                 self.api.remove_volume(volume, force=True)
@@ -452,8 +452,8 @@ def main():
             "api_timeout": {"type": "int", "default": 60},
         },
         required_if=[
-            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes",
-                                  *LIMIT_OPTIONS)),
+            ("state", "present", ("image", "accounts_name", "fallback_user", "timeout",
+                                  "log_dir", "log_bytes", *LIMIT_OPTIONS)),
         ],
         supports_check_mode=True,
     )
