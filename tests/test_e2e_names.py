@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fem_ansible import naming
 from tests.support.archives import tar_members, uploaded_file
 from tests.support.harness import NOTHING_LEFT, leftovers
 
@@ -80,6 +81,15 @@ def test_two_tasks_whose_joined_names_meet_share_no_scratch(site):
         "sh", "-c", "echo secret-of-s1 > /scratch/s1.txt; " + WAIT_GO +
         "; ls -A /scratch > /fem/output/scratch.txt"]))
     first = wait_running(site.node, "s1")
+    # Named and labelled by the rule: the container and the volume of its scratch.
+    assert first["Name"] == "/" + naming.object_name(site.node, "s1", naming.TASK)
+    assert first["Config"]["Labels"]["fem.purpose"] == naming.TASK
+    (volume,) = [m["Name"] for m in first["Mounts"] if m["Destination"] == "/scratch"]
+    assert volume == naming.object_name(site.node, "s1", naming.SCRATCH, "x-y")
+    made = json.loads(subprocess.run(["docker", "volume", "inspect", volume],
+                                     capture_output=True, text=True, check=True).stdout)[0]
+    assert made["Labels"] == {"fem.node_id": site.node, "fem.task_id": "s1",
+                              "fem.purpose": naming.SCRATCH}
     orch.publish(site.task("s1-x", scratch=[{"name": "y", "mount": "/scratch"}], command=[
         "sh", "-c", "ls -A /scratch > /fem/output/scratch.txt; cat /scratch/* "
         ">> /fem/output/scratch.txt; echo planted > /scratch/planted.txt; true"]))

@@ -200,7 +200,8 @@ def test_cli_account_files_read_the_image_through_the_docker_cli(toor_image):
     assert container.effective_user("toor", FALLBACK, files) == FALLBACK
     (argv,) = made
     assert argv[argv.index("--name") + 1] == reader
-    assert argv[argv.index("--label") + 1] == "fem.task_id=t1"
+    labels = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--label"]
+    assert labels == ["fem.purpose=accounts", "fem.task_id=t1"]
     assert docker("ps", "-aq", "--filter", f"name={reader}").stdout == ""
 
 

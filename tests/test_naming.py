@@ -12,12 +12,18 @@ import sys
 import uuid
 
 import pytest
+import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fem_ansible import naming, runner
+from fem_ansible.fastpath import data_dir
 from fem_ansible.schema import NAME_PATTERN, NODE_ID_PATTERN, TASK_ID_PATTERN
 
+sys.path.insert(0, str(data_dir() / "collections"))
+from ansible_collections.fem.core.plugins.module_utils import container
+
+ROLES = data_dir() / "roles"
 # Docker's rule for container and volume names (daemon/names: RestrictedNamePattern);
 # podman's is the same.
 ENGINE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
@@ -94,6 +100,16 @@ def test_a_short_name_keeps_the_ids_readable():
         "fem-node1-task42-accounts-")
     assert naming.object_name("node1", "t", naming.SCRATCH, "a.b").startswith(
         "fem-node1-t-scratch-a_b-")
+
+
+def test_the_purpose_labels_are_the_purposes_of_the_names():
+    """fem.core stamps fem.purpose on what it creates (it runs on hosts, without
+    fem_ansible): the same words as the names'."""
+    assert (container.TASK_PURPOSE, container.ACCOUNTS_PURPOSE) == (naming.TASK,
+                                                                    naming.ACCOUNTS)
+    scratch = yaml.safe_load((ROLES / "fem_volumes/tasks/scratch.yml").read_text())
+    assert scratch[0]["community.docker.docker_volume"]["labels"][
+        container.PURPOSE_LABEL] == naming.SCRATCH
 
 
 def test_an_unknown_purpose_is_refused():

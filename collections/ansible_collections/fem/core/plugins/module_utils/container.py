@@ -177,6 +177,18 @@ def account_files(tar_bytes):
     return files
 
 
+# What a task's object is for, beside the task's own labels (fem.node_id, fem.task_id), so a
+# sweep selects by exact labels; the values are fem_ansible/naming.py's purposes.
+PURPOSE_LABEL = "fem.purpose"
+TASK_PURPOSE = "task"
+ACCOUNTS_PURPOSE = "accounts"
+
+
+def object_labels(labels, purpose):
+    """The task's ``labels`` as engines take them (strings), with the object's ``purpose``."""
+    return {**{k: str(v) for k, v in labels.items()}, PURPOSE_LABEL: purpose}
+
+
 def label_args(labels):
     """``labels`` as an engine CLI's ``--label key=value`` arguments."""
     return [arg for key, value in sorted(labels.items())
@@ -192,7 +204,8 @@ def cli_account_files(run, runtime, image, container, labels):
     :raises ValueError: when the engine cannot create the container.
     """
     run([runtime, "rm", "--force", container])  # one a killed module left behind
-    created = run([runtime, "create", "--name", container, *label_args(labels), "--network",
+    created = run([runtime, "create", "--name", container,
+                   *label_args(object_labels(labels, ACCOUNTS_PURPOSE)), "--network",
                    "none", "--entrypoint", NEVER_STARTED, "--", image])
     if created is None:
         raise ValueError(f"cannot read the user accounts of image {image}")
@@ -299,7 +312,7 @@ def run_argv(runtime, p, user, env_file=None, create=False):
     verb = ["create"] if create else ["run", "--rm"]
     argv = [runtime, *verb, "--name", p["name"], "--user", user,
             "--network", p["network_mode"], "--ipc", "private"]
-    argv += label_args(p["labels"])
+    argv += label_args(object_labels(p["labels"], TASK_PURPOSE))
     if p["read_only"]:
         argv.append("--read-only")
     for cap in p["cap_drop"]:

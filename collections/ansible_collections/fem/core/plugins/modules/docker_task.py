@@ -175,9 +175,11 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.fem.core.plugins.module_utils.container import (
     ACCOUNT_FILES,
+    ACCOUNTS_PURPOSE,
     CONTAINER_OPTIONS,
     LIMIT_OPTIONS,
     NEVER_STARTED,
+    TASK_PURPOSE,
     OutputWatch,
     account_files,
     check_limits,
@@ -185,6 +187,7 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
     engine_log_bytes,
     nano_cpus,
     needs_accounts,
+    object_labels,
     write_capped,
 )
 from ansible_collections.fem.core.plugins.module_utils.container import (
@@ -271,18 +274,13 @@ class TaskRunner:
             )
         return config.get("User") or ""
 
-    def labels(self):
-        """The task's labels as the engine takes them (strings), on its container and on the
-        one that reads the image's accounts."""
-        return {k: str(v) for k, v in self.p["labels"].items()}
-
     def image_accounts(self):
         """The image's account files, from a container created and never started."""
         name = self.p["accounts_name"]
         self.remove_container(name)  # one a killed module left behind
         created = self.api.create_container(
             image=self.p["image"], entrypoint=[NEVER_STARTED], network_disabled=True,
-            name=name, labels=self.labels())
+            name=name, labels=object_labels(self.p["labels"], ACCOUNTS_PURPOSE))
         files = {}
         try:
             for path in ACCOUNT_FILES:
@@ -306,7 +304,7 @@ class TaskRunner:
             command=p["command"],
             working_dir=p["workdir"] or None,
             environment={k: str(v) for k, v in {**p["env"], **p["secret_env"]}.items()},
-            labels=self.labels(),
+            labels=object_labels(p["labels"], TASK_PURPOSE),
             user=user,
             host_config=self.api.create_host_config(**host_config_kwargs(p)),
         )

@@ -85,7 +85,8 @@ options:
     type: dict
     default: {}
   labels:
-    description: Container labels.
+    description: The task's labels (C(fem.node_id), C(fem.task_id)), on its container and on
+      the O(accounts_name) container, each with C(fem.purpose) V(task) or V(accounts).
     type: dict
     default: {}
   accounts_name:
