@@ -4,7 +4,7 @@ shapes, which of them each built-in role reads, and the roles' own settings.
 Everything about those shapes is made from here, so none can drift from another:
 
 - every built-in role's ``meta/argument_specs.yml`` (:func:`argument_specs_text`);
-- the ``fem_task`` field table of docs/roles.md (:func:`fem_task_table`);
+- the ``fem_task`` and ``fem_run`` field tables of docs/roles.md (:func:`fields_table`);
 
 and tests/test_role_contract.py holds the rest to it: the task JSON Schema has exactly these
 ``fem_task`` fields (less the secrets that go to ``fem_secrets``), the normal form
@@ -50,7 +50,8 @@ FEM_RUN = o(
             "str",
             "The name of the task's container, Slurm job and run dir: a readable "
             "C(fem-<node_id>-<task_id>) (cut at 64 characters), C(-), and 32 hex digits of "
-            "a digest of the exact ids. Never a prefix of another object's name to select by.",
+            "a digest of the exact ids (docs/roles.md, \"Object names\"); selected by exactly "
+            "this name, never by a prefix.",
             required=True,
         ),
         "accounts_container": o(
@@ -81,8 +82,7 @@ FEM_RUN = o(
             elements="dict",
             required=True,
             options={
-                "type": o("str", "C(bind) or C(volume).", required=True,
-                          choices=["bind", "volume"]),
+                "type": o("str", "Mount type.", required=True, choices=["bind", "volume"]),
                 "source": o("str", "Host path or volume name.", required=True),
                 "target": o("str", "Container path.", required=True),
                 "read_only": o("bool", "Mounted read-only.", required=True),
@@ -562,16 +562,21 @@ def _fields(options: dict[str, Any], prefix: str) -> list[tuple[str, dict[str, A
     return rows
 
 
+# The extra-vars docs/roles.md shows field by field.
+TABLES = {"fem_task": TASK_FULL, "fem_run": FEM_RUN["options"]}
+
+
 def fem_task_fields() -> list[tuple[str, dict[str, Any]]]:
     """Every field of ``fem_task`` as ``(path, spec)``, depth first; list items as
     ``name[].field``."""
     return _fields(TASK_FULL, "")
 
 
-def fem_task_table() -> str:
-    """The ``fem_task`` table of docs/roles.md."""
+def fields_table(var: str) -> str:
+    """The table of docs/roles.md of extra-var ``var`` (one of :data:`TABLES`), field by
+    field."""
     lines = ["| field | type | meaning |", "|---|---|---|"]
-    for path, spec in fem_task_fields():
+    for path, spec in _fields(TABLES[var], ""):
         kind = spec["type"] + (f" of {spec['elements']}" if "elements" in spec else "")
         extra = ""
         if "choices" in spec:
