@@ -359,7 +359,7 @@ ROLES = {
         {
             "fem_run": FEM_RUN,
             "fem_node_id": FEM_NODE_ID,
-            "fem_task": fem_task({"task_id", "inputs", "scratch"}),
+            "fem_task": fem_task({"task_id", "inputs"}),
             "fem_secrets": fem_secrets({"inputs"}),
             "fem_policy": FEM_POLICY,
             "fem_volumes_download_timeout": o(
