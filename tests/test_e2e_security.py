@@ -390,7 +390,7 @@ def test_running_container_is_hardened_and_audit_survives_kill_9(site):
         "/fem/data": (data_dir, False),
     }
     assert {k: v for k, v in cfg["Labels"].items() if k.startswith("fem.")} == {
-        "fem.node_id": site.node, "fem.task_id": tid}
+        "fem.node_id": site.node, "fem.task_id": tid, "fem.purpose": "task"}
 
     listener.kill9()
     lines = (site.work_dir / "audit.jsonl").read_bytes()
