@@ -10,9 +10,12 @@ which should not pay for the configuration's imports.
 from __future__ import annotations
 
 import importlib
+from functools import cache
+from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+DISTRIBUTION = "fem-ansible"
 
 _EXPORTS = {
     "Config": "config", "load_config": "config",
@@ -21,6 +24,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    __version__: str
     from .config import Config, load_config
     from .errors import ConfigError, FemError, PolicyViolation, RejectedError, TaskFailed
 
@@ -36,7 +40,28 @@ __all__ = [
 ]
 
 
+@cache
+def _version() -> str:
+    """The installed distribution's version, so that after an upgrade ``--version``, the
+    ``fem_info`` metric and the heartbeat say what ``pip show`` says.  A source tree run
+    without an install has no metadata: its ``pyproject.toml`` says the version then.
+    Read on first use, not at import: Ansible runs import this package."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        project = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return str(tomllib.loads(project.read_text(encoding="utf-8"))["project"]["version"])
+    except (OSError, KeyError, ValueError):
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        return _version()
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

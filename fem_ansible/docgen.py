@@ -137,8 +137,8 @@ def message_reference() -> str:
     out = [GENERATED.format(src="the JSON Schemas in fem_ansible/schema.py"), "",
            "# Message reference", "",
            "Every message is a UTF-8 JSON object; unknown fields are an error. What the "
-           "fields mean is in DESIGN.md §3 to §5; this page is what the validator enforces. "
-           "`fem-ansible schema` prints the schemas themselves, also in "
+           "fields mean is in [DESIGN.md](../DESIGN.md) §3 to §5; this page is what the "
+           "validator enforces. `fem-ansible schema` prints the schemas themselves, also in "
            "[schemas/](../schemas/).", ""]
     for sid, schema in SCHEMAS.items():
         out += ["", f"## `{sid}` — {schema.get('title', '')}", "",

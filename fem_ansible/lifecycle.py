@@ -394,6 +394,7 @@ class _Execution(RunHooks):
         (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
         pdd.chmod(0o700)
         name = self.node.object_name(self.tid)
+        image = parse_image(task["image"]["ref"])
         builtin = data_dir()
         if playbook:
             path = builtin / "playbooks" / playbook
@@ -421,15 +422,19 @@ class _Execution(RunHooks):
             extravars={
                 "fem_task": schema.public_task(task),
                 "fem_node_id": config.node_id,
-                # The host's own work dir: inventory var fem_work_dir, docs/hosts.md.
-                "fem_run": naming.fem_run(
-                    config.node_id, task, decision.policy, decision.datasets,
-                    host_work_dir=self.node.targets.work_dir(host), attempt=self.rec.attempt,
-                    local_dir=str(pdd)),
+                "fem_run": {
+                    # Names, dirs (on the host's own work dir: inventory var fem_work_dir,
+                    # docs/hosts.md) and mounts; the image's repository as engines spell it.
+                    **naming.fem_run(
+                        config.node_id, task, decision.policy, decision.datasets,
+                        host_work_dir=self.node.targets.work_dir(host),
+                        attempt=self.rec.attempt, local_dir=str(pdd)),
+                    "image_repositories": image.repo_digest_names,
+                },
                 "fem_datasets": decision.datasets,
                 "fem_policy": decision.policy,
             },
-            secrets=self._secrets(),
+            secrets=self._secrets(image.registry),
             tags=tags or [],
             skip_tags=skip_tags or [],
             timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
@@ -441,12 +446,11 @@ class _Execution(RunHooks):
             ssh_control_dir=ssh_dir,
         )
 
-    def _secrets(self) -> dict[str, Any]:
-        """``fem_secrets``: credentials from the site config for this task's registry and git
-        host, and the real input URLs and headers (docs/roles.md)."""
+    def _secrets(self, registry: str) -> dict[str, Any]:
+        """``fem_secrets``: credentials from the site config for this task's ``registry`` and
+        git host, and the real input URLs and headers (docs/roles.md)."""
         config, task = self.config, self.task
         registry_auth = {}
-        registry = parse_image(task["image"]["ref"]).registry
         if registry in config.registries:
             cred = config.registries[registry]
             registry_auth[registry] = {"username": cred.username,

@@ -61,7 +61,7 @@ def scratch_is_volume(policy: dict[str, Any]) -> bool:
     """Whether the task's scratch dirs are mounted as engine volumes: on Docker, unless the
     task runs as a Slurm job, whose compute node's engine is not the one that would hold
     the volume; podman and Slurm bind the dirs."""
-    return policy.get("engine", "docker") == "docker" and policy["executor"] != "slurm"
+    return policy["engine"] == "docker" and policy["executor"] != "slurm"
 
 
 def fem_run(node_id: str, task: dict[str, Any], policy: dict[str, Any],

@@ -127,7 +127,8 @@ def decide(task: dict[str, Any], config: Config,
     if not allowed(task["executor"], pol.executors.allow):
         found.append(("policy.executors", f"executor {task['executor']!r} is not allowed"))
     ref = task["image"]["ref"]
-    if pol.images.require_digest and parse_image(ref).digest is None:
+    image = parse_image(ref)
+    if pol.images.require_digest and image.digest is None:
         found.append(("policy.images.require_digest", f"{ref} is not pinned by digest"))
     if not glob_match(ref, [image_pattern(p) for p in pol.images.allow]):
         found.append(("policy.images", f"{ref} is not in the allow-list"))
@@ -194,7 +195,7 @@ def decide(task: dict[str, Any], config: Config,
             "slurm": dict(asdict(config.execution.slurm)),
             "engine": engine,
             # Site settings: whether podman checks TLS for the image's registry.
-            "podman": {"tls_verify": parse_image(ref).registry
+            "podman": {"tls_verify": image.registry
                        not in {r.lower() for r in config.execution.podman.insecure_registries}},
         },
         datasets=datasets,

@@ -37,6 +37,19 @@ class ImageRef:
     def repository(self) -> str:
         return f"{self.registry}/{self.path}"
 
+    @property
+    def repo_digest_names(self) -> list[str]:
+        """The repository as engines spell it in an image's repo digests: the normal form
+        (podman; Docker for other registries), then the short forms Docker lists for its
+        own hub (``library/busybox``, ``busybox``), so that ``fem_image`` finds the digest
+        of what it pulled without parsing the reference again."""
+        names = [self.repository]
+        if self.registry == DEFAULT_REGISTRY:
+            names.append(self.path)
+            if self.path.startswith("library/"):
+                names.append(self.path.removeprefix("library/"))
+        return names
+
     def __str__(self) -> str:
         if self.digest:
             return f"{self.repository}@{self.digest}"

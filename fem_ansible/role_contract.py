@@ -93,6 +93,14 @@ FEM_RUN = o(
             "The listener-side run dir; stage-out puts the archives in its C(archives/).",
             required=True,
         ),
+        "image_repositories": o(
+            "list",
+            "The task image's repository (its reference without tag or digest) as engines "
+            "spell it in repo digests: the normal form, then Docker's short forms for "
+            "docker.io.",
+            elements="str",
+            required=True,
+        ),
     },
 )
 FEM_NODE_ID = o("str", "This node's id.", required=True)
@@ -269,8 +277,9 @@ FEM_POLICY = o(
         "engine": o(
             "str",
             "Engine that pulls, runs and removes the task's container (C(podman) for the "
-            "podman executor, the Slurm runtime for Slurm, else C(docker)); absent means docker.",
+            "podman executor, the Slurm runtime for Slurm, else C(docker)).",
             choices=["docker", "podman"],
+            required=True,
         ),
         "podman": o(
             "dict",

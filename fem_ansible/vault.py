@@ -1,8 +1,9 @@
 """Secrets for roles, in an Ansible Vault file whose password never touches disk.
 
 ansible-runner writes extra-vars given as arguments into the artifacts dir and onto the
-command line (see shared/reference), so secrets go another way: a vars file encrypted with a
-one-off password (Vault 1.2 format, AES256), answered to ansible-playbook's prompt in memory.
+command line (``artifacts/<ident>/command``, SECURITY.md), so secrets go another way: a
+vars file encrypted with a one-off password (Vault 1.2 format, AES256), answered to
+ansible-playbook's prompt in memory.
 Encryption is done here with ``cryptography`` rather than by importing Ansible, which would
 cost the listener tens of MiB of memory for one function.
 """

@@ -1,5 +1,5 @@
 """The legacy protocol as the real orchestrator speaks it (issue 19), end to end: a client
-written from the facts file's wire format drives a real ``fem-ansible listen`` whose site
+written from the wire format of docs/legacy.md drives a real ``fem-ansible listen`` whose site
 catalogue (``legacy.tools``) maps tools onto tasks; the tasks run on the real engine."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.support.legacy_orchestrator import LegacyOrchestrator, legacy_body
 pytestmark = pytest.mark.e2e
 
 TOKEN = "tok-3f9a1c77e2"  # 14 characters: the tool checks only the length it sees
-# What Kaapana's fem-adapter prints on success (facts file §1, "Reply content").
+# What Kaapana's fem-adapter prints on success (docs/legacy.md, "The reply to submit_run").
 KAAPANA_COMMAND = (
     "sh -c 'test ${#FEM_TOKEN} -eq 14 && echo done > /sandbox/result.txt"
     " && printf \"{\\\"status\\\": \\\"success\\\", \\\"execution_id\\\": \\\"%s\\\","

@@ -195,8 +195,8 @@ def test_source_url_forms():
 
 
 def reassemble(parts: list[dict]) -> bytes:
-    """The orchestrator's way (facts file §1 Reply): chunks kept by index, the data strings
-    joined in index order, base64-decoded once, sha256 checked."""
+    """The orchestrator's way (docs/legacy.md, "Wire protocol"): chunks kept by index, the
+    data strings joined in index order, base64-decoded once, sha256 checked."""
     start = parts[0]
     assert start["type"] == "chunk_start"
     chunks = {p["index"]: p["data"] for p in parts[1:] if p["type"] == "chunk"}

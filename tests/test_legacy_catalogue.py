@@ -114,7 +114,7 @@ def test_init_legacy_writes_a_catalogue_that_loads_once_uncommented(tmp_path):
 
 
 def test_health_has_the_real_records_keys_and_formats(make_config, tmp_path):
-    """Facts file §1 "Health check" ([NB] DT4HDemo2025 cell 30)."""
+    """The real records' keys ([NB] DT4HDemo2025 cell 30; docs/legacy.md, "The other actions")."""
     import re
 
     from fem_ansible.legacy.health import health

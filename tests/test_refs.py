@@ -22,6 +22,21 @@ def test_image_normal_form(ref, normal):
 
 
 @pytest.mark.parametrize(
+    ("ref", "names"),
+    [
+        ("busybox", ["docker.io/library/busybox", "library/busybox", "busybox"]),
+        ("docker.io/org/app:1", ["docker.io/org/app", "org/app"]),
+        (f"127.0.0.1:5000/fem/busybox@{DIGEST}", ["127.0.0.1:5000/fem/busybox"]),
+        ("reg.example.org/library/x:1", ["reg.example.org/library/x"]),
+    ],
+)
+def test_the_repository_as_engines_spell_it_in_repo_digests(ref, names):
+    """What fem_image matches an image's repo digests against (fem_run.image_repositories):
+    Docker lists its own hub's images by their short names, every other one in full."""
+    assert parse_image(ref).repo_digest_names == names
+
+
+@pytest.mark.parametrize(
     "ref", ["", " busybox", "Busybox", "a/b@sha256:12", "a:b:c", "-x", "a//b", "x@md5:" + "a" * 32]
 )
 def test_bad_image_refs(ref):

@@ -1,8 +1,8 @@
 """The site's tool catalogue (``legacy.tools``): what a ``submit_run`` of a tool may run.
 
 The real client does not run an image the message names: its site maps the request onto a
-launch template, ``json_launcher.json``, whose ``%%placeholders%%`` it fills (facts file §1
-"Execution").  ``legacy.tools`` is our equivalent: per ``tool_id`` (``*`` for any other) the
+launch template, ``json_launcher.json``, whose ``%%placeholders%%`` it fills (docs/legacy.md,
+[K]).  ``legacy.tools`` is our equivalent: per ``tool_id`` (``*`` for any other) the
 task template the site allows.  The message only fills placeholders, as data, into argv
 words and env values (never a shell); the task that results then goes through the same
 schema and policy as any task.  The ``token`` reaches the launch only as a secret env var.
@@ -33,7 +33,7 @@ from .taskinfo import (
 DEFAULT_TOOL = "*"
 TOKEN = "%%token%%"
 TASK_COMMAND = "TASK_COMMAND"
-# The real client's placeholders (facts file §1 "Execution"); task_info's own entries too.
+# The real client's placeholders (docs/legacy.md, [K]); task_info's own entries too.
 PLACEHOLDERS = ("execution_id", "task_id", "user_id", "node_name", "sandbox_host",
                 "sandbox_fem", "data_path", "token", TASK_COMMAND, "api_base_url")
 DATA_PREFIX = "legacy-data"

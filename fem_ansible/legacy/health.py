@@ -1,7 +1,7 @@
 """The node's health check (the original's ``pre_checks``), as an action and as the tool
-``health-check``, with the keys and formats of the real records (facts file §1 "Health
-check", [NB] DT4HDemo2025 cell 30); docs/legacy.md says which values are deliberately
-withheld."""
+``health-check``, with the keys and formats of the real records ([NB] DT4HDemo2025 cell
+30); docs/legacy.md, "The other actions", gives its source and says which values are
+deliberately withheld."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Reading a legacy message: the 9 ``|``-separated fields, each as data only.
 
 ``task_info`` and ``parametric_args`` are Python literals read with ``ast.literal_eval``
-(never ``eval``, which the original uses), ``execution`` is JSON (facts file §1 "Request").
+(never ``eval``, which the original uses), ``execution`` is JSON (docs/legacy.md, "Wire
+protocol").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The existing FEM-orchestrator's side of the legacy protocol, written from
-/work/shared/reference/legacy-protocol-facts.md §1 (not from fem_ansible's encoder).
+the public sources docs/legacy.md lists ("Wire protocol"), not from fem_ansible's encoder.
 
 Request: default exchange, ``routing_key=<node_name>``, ``reply_to`` an exclusive
 server-named queue, ``correlation_id=str(uuid4())``, body the 9 ``|``-separated fields with

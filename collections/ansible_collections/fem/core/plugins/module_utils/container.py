@@ -333,7 +333,8 @@ def run_argv(runtime, p, user, env_file=None, create=False):
         argv += (["--gpus", str(p["gpus"])] if runtime.endswith("docker")
                  else ["--device", "nvidia.com/gpu=all"])
     if runtime.endswith("podman"):
-        # Podman's default ulimits may exceed the node's hard limits (machine-facts.md).
+        # Podman's default ulimits may exceed the host's hard limits, and its run then fails
+        # (seen on this project's development VMs; docs/roles.md, known limits).
         argv += ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
     for mount in p["mounts"]:
         argv += ["--mount", _mount_arg(mount)]
