@@ -4,7 +4,8 @@ action it records.
 A sysadmin must be able to answer, months later, "what ran here, on whose word, with which
 data, and where did its results go?" without trusting the orchestrator's records.  Lines
 are appended with ``O_APPEND`` and one ``write`` each, so a crash leaves no torn line; they
-hold ids, digests, rules and redacted URLs, never a secret or a byte of data.
+hold ids, digests, rules and redacted URLs, never a secret or a byte of data.  A line goes
+to the file at the configured path even after logrotate moved the old one away.
 """
 
 from __future__ import annotations
@@ -45,8 +46,22 @@ class AuditLog:
                            "task_id": task_id, **fields}, sort_keys=False) + "\n"
         data = line.encode()
         with self._lock:
+            self._follow_rename()
             os.write(self._fd, data)
             os.fsync(self._fd)
+
+    def _follow_rename(self) -> None:
+        """Write to the file at :attr:`path`, as the listener's log does: logrotate moves the
+        old one away, and the SIGHUP that follows may never come (no systemd as PID 1, a
+        failing postrotate), which left decisions in ``audit.jsonl.1`` (issue 31)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        now = os.fstat(self._fd)
+        if st is None or (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            fd, self._fd = self._fd, self._open()
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:

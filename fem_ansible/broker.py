@@ -7,11 +7,14 @@ not thread-safe); other threads reach it only through ``add_callback_threadsafe`
 from __future__ import annotations
 
 import json
+import shlex
 import ssl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pika
+import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from .config import Config
@@ -59,6 +62,48 @@ def connection_parameters(config: Config) -> pika.URLParameters:
 
 def connect(config: Config) -> pika.BlockingConnection:
     return pika.BlockingConnection(connection_parameters(config))
+
+
+def where(config: Config) -> str:
+    """``user@host:port`` of ``broker.url``, for messages (never the password)."""
+    url = urlsplit(config.broker.url)
+    user = url.username or "guest"
+    return f"{user}@{url.hostname}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
+
+
+def reason(e: BaseException) -> str:
+    """What went wrong, from the innermost error pika wraps (a socket's ``Connection
+    refused``, the broker's close reason): pika's own message is often empty."""
+    for _ in range(5):
+        inner = [*(getattr(e, "exceptions", None) or ()), getattr(e, "exception", None),
+                 *e.args]
+        inner = [x for x in inner if isinstance(x, BaseException)]
+        if not inner:
+            break
+        e = inner[0]
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    if getattr(e, "reply_text", None):  # closed by the broker: its words
+        return f"{e.reply_text} ({e.reply_code})"  # type: ignore[attr-defined]
+    return str(e).strip() or type(e).__name__
+
+
+def connect_failure(config: Config, e: BaseException) -> tuple[str, str]:
+    """``(what, fix)`` when connecting failed: ``doctor``'s line and the listener's."""
+    url = urlsplit(config.broker.url)
+    if isinstance(e, pika.exceptions.ProbableAuthenticationError |
+                  pika.exceptions.AuthenticationError):
+        return (f"login refused for {where(config)}",
+                "correct the user and password in broker.url "
+                "(rabbitmqctl authenticate_user USER PASSWORD tells which is wrong)")
+    if isinstance(e, pika.exceptions.ProbableAccessDeniedError):
+        vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
+        return (f"{where(config)}: no access to the virtual host {vhost!r}",
+                f"rabbitmqctl set_permissions -p {shlex.quote(vhost)} "
+                f"{shlex.quote(url.username or 'guest')} '^fem\\..*' '^fem\\..*' "
+                "'^fem\\..*', or correct the virtual host in broker.url")
+    return (f"could not connect to {where(config)}: {reason(e)}",
+            "start RabbitMQ, open the port, or correct broker.url")
 
 
 def declare_topology(channel: BlockingChannel, config: Config) -> Names:

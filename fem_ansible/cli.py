@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
+from .config import CONFIG_ENV, DEFAULT_CONFIG_PATH, ENV_PREFIX, Config, load_config
 from .errors import ConfigError, RejectedError
 from .logs import setup_logging, task_context
 
@@ -150,6 +150,7 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
     """Run one task (fem.task/v1 JSON) here without a broker, printing its events."""
     setup_logging(log_format, level="WARNING")
     config = _config(config_path, scrub=True)
+    _not_as_root_in(config.work_dir)
     body = _read_file(task_file)
     from .display import Progress, format_event
     from .journal import Journal
@@ -185,6 +186,29 @@ def run(config_path: str, log_format: str, task_file: str) -> None:
     sys.exit(STATE_EXIT.get(final.get("state", "FAILED"), EXIT_FAILED))
 
 
+def _not_as_root_in(work_dir: Path) -> None:
+    """``run`` as root in a work dir that is another user's (the service's) would leave
+    files there that the service cannot change (journal, run dirs): refused, with the
+    command to use instead (issue 31)."""
+    import os
+    import pwd
+
+    try:
+        owner = work_dir.stat().st_uid
+    except FileNotFoundError:
+        return
+    if os.geteuid() != 0 or owner == 0:
+        return
+    try:
+        user = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        user = str(owner)
+    click.echo(f"fem-ansible: not as root: {work_dir} is {user}'s, and root would leave files "
+               f"there that {user} cannot change — run it as that user: "
+               f"runuser -u {user} -- fem-ansible run …", err=True)
+    sys.exit(EXIT_USAGE)
+
+
 @contextlib.contextmanager
 def _local_intake(config: Config) -> Iterator[Intake]:
     """The intake ``listen`` uses, for a file on this machine (``validate``, ``submit``):
@@ -203,16 +227,17 @@ def _local_intake(config: Config) -> Iterator[Intake]:
 
 
 def _check_file(config: Config, body: bytes) -> Task:
-    """``body`` through :func:`_local_intake`; a rejection is printed, one reason a line,
-    and exits 3."""
+    """``body`` through :func:`_local_intake`; its problems are printed, a heading per
+    error code and one reason a line, and exit 3."""
     with _local_intake(config) as intake:
-        try:
+        problems = intake.problems(body)
+        if not problems:
             return intake.read(body, None, signed=False)
-        except RejectedError as e:
+        for e in problems:
             click.echo(f"invalid ({e.code}):")
             for reason in e.reasons:
                 click.echo(f"  {reason}")
-            sys.exit(EXIT_REJECTED)
+        sys.exit(EXIT_REJECTED)
 
 
 @main.command()
@@ -234,7 +259,12 @@ def doctor(config_path: str) -> None:
     try:
         config = load_config(config_path)
     except ConfigError as e:
-        click.echo(f"✗ config: {e} — correct {config_path} (docs/configuration.md)")
+        # an override's error starts with its variable's name: the file is not to blame
+        variable = str(e).split(":", 1)[0]
+        fix = (f"correct or unset {variable} in this environment (the service's: its unit's "
+               "Environment=)" if variable.startswith(ENV_PREFIX)
+               else f"correct {config_path} (docs/configuration.md)")
+        click.echo(f"✗ config: {e} — {fix}")
         sys.exit(EXIT_USAGE)
     click.echo(f"✓ config: {config_path}, node {config.node_id}, listener {config.listener_id}")
     from .doctor import diagnose
@@ -380,12 +410,17 @@ def tasks(config_path: str, task_id: str | None, limit: int, as_json: bool) -> N
         if rec is None:
             lines = [f"task {task_id}: REJECTED", *rejection_detail(rejected)]
         else:
-            lines = task_detail(rec, config) + rejection_detail(rejected)
+            from .logs import listener_log_files
+
+            lines = (task_detail(rec, config, listener_log_files(config_path))
+                     + rejection_detail(rejected))
     elif as_json:
         click.echo(json.dumps([task_summary(r) for r in journal.recent(limit)], indent=2))
         return
     else:
-        lines = task_table(journal.recent(limit))
+        recent = journal.recent(limit)
+        lines = task_table(recent, errors=journal.errors(
+            [r.task_id for r in recent if r.finished_at and not r.rejection]))
     for line in lines:
         click.echo(line)
 
@@ -437,5 +472,6 @@ def install_service(user: str, group: str | None, work_dir: str, config_dir: str
     if not changed:
         click.echo("nothing to do: user, dirs, unit and logrotate snippet are as they should be")
     elif not dry_run:
-        click.echo("next: fem-ansible init --dir " + str(layout.config_dir) + " …, then "
+        click.echo("next: fem-ansible init --node-id NODE_ID --dir " + str(layout.config_dir)
+                   + " …, then "
                    "systemctl daemon-reload && systemctl enable --now fem-ansible")

@@ -9,13 +9,14 @@ full path, because a typo in a security policy must never silently fall back to 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
 import socket
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -294,6 +295,11 @@ class HttpConfig:
     retry_backoff_s: float = _doc(
         "First wait between upload tries; doubled each try, at most 30 s.", default=1.0
     )
+    transfer_timeout_s: int = _doc(
+        "Longest time one upload may take, all its tries and waits included: a server that "
+        "answers slowly, even a byte at a time, cannot hold a slot longer; past it the task "
+        "fails `stage_out_failed`.", default=3600
+    )
 
 
 @dataclass(frozen=True)
@@ -477,7 +483,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     for key in data:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"unknown config key {where!r}")
+            raise ConfigError(f"unknown config key {where!r}{_did_you_mean(key, fields)}")
     kwargs = {}
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name
@@ -491,6 +497,15 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
+def _did_you_mean(key: object, names: Iterable[str], variable: str | None = None) -> str:
+    """`` (did you mean `max_parallel`?)`` for a misspelt key (issue 31); for an override
+    the variable's name, ``variable`` being its part before the key."""
+    close = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.7)
+    if not close:
+        return ""
+    return f" (did you mean `{close[0] if variable is None else variable + close[0].upper()}`?)"
+
+
 def _model_path(keys: list[str], variable: str) -> None:
     """Check that ``keys`` name a key of the config model, so that an override of a key
     that does not exist is an error naming the variable, not only the key."""
@@ -501,7 +516,9 @@ def _model_path(keys: list[str], variable: str) -> None:
         if dataclasses.is_dataclass(hint):
             names = {f.name for f in dataclasses.fields(hint)}
             if key not in names:
-                raise ConfigError(f"{variable}: unknown config key {'.'.join(keys[:i + 1])!r}")
+                raise ConfigError(f"{variable}: unknown config key {'.'.join(keys[:i + 1])!r}"
+                                  + _did_you_mean(key, names, ENV_PREFIX + "".join(
+                                      f"{k.upper()}__" for k in keys[:i])))
             hint = typing.get_type_hints(hint)[key]
         elif typing.get_origin(hint) is dict:
             hint = typing.get_args(hint)[1]
@@ -601,6 +618,8 @@ def _check(config: Config) -> None:
         if getattr(owner, name) < 1:
             section = "broker" if owner is config.broker else "execution"
             raise ConfigError(f"{section}.{name}: must be at least 1")
+    if config.http.transfer_timeout_s < 1:
+        raise ConfigError("http.transfer_timeout_s: must be at least 1")
     if ex.keep_runs < 0:
         raise ConfigError("execution.keep_runs: must not be negative")
     for name in ex.collections:

@@ -62,8 +62,12 @@ def stage_timings(events: list[dict[str, Any]]) -> dict[str, float]:
     return spent
 
 
-def task_table(records: list[TaskRecord], now: float | None = None) -> list[str]:
+def task_table(records: list[TaskRecord], now: float | None = None,
+               errors: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """``errors``: the terminal events' errors by task id (:meth:`Journal.errors`), shown
+    after the exit code as a rejection's code and reasons are."""
     now = now or time.time()
+    errors = errors or {}
     lines = [f"{'TASK':<36} {'STATE':<11} {'ATT':>3} {'HOST':<12} {'RECEIVED':<19} "
              f"{'DURATION':>9} {'EXIT':>4}"]
     for rec in records:
@@ -77,6 +81,8 @@ def task_table(records: list[TaskRecord], now: float | None = None) -> list[str]
             attempt, host = str(rec.attempt), rec.host or "-"
             tail = (f"{duration((rec.finished_at or now) - rec.received_at):>9} "
                     f"{'' if code is None else code:>4}")
+            if error := errors.get(rec.task_id):
+                tail += f" {error['code']}: {error.get('message') or ''}"[:200]
         lines.append(f"{rec.task_id:<36} {rec.state:<11} {attempt:>3} {host:<12} "
                      f"{started:<19} {tail}")
     return lines
@@ -113,8 +119,9 @@ def task_summary(rec: TaskRecord, with_events: bool = False) -> dict[str, Any]:
     return summary
 
 
-def task_detail(rec: TaskRecord, config: Config) -> list[str]:
-    """One task: its state, its events, the time per stage, and where its logs are."""
+def task_detail(rec: TaskRecord, config: Config, log_files: list[str]) -> list[str]:
+    """One task: its state, its events, the time per stage, and where its logs are
+    (``log_files``: those of the listeners running with this config)."""
     lines = [f"task {rec.task_id}: {rec.state}, attempt {rec.attempt}, host {rec.host or '-'}"]
     lines += [format_event(e) for e in rec.events]
     timings = stage_timings(rec.events)
@@ -138,9 +145,12 @@ def task_detail(rec: TaskRecord, config: Config) -> list[str]:
                      f"{config.execution.keep_runs} runs, execution.keep_runs)")
     lines.append(f"  audit log         {config.audit_file} (lines with \"task_id\": "
                  f"\"{rec.task_id}\")")
-    # the unit install-service writes logs there (listen --log-file); without it, stderr
-    lines.append(f"  listener log      grep {rec.task_id} /var/log/fem-ansible/listener.log "
-                 "(or journalctl -u fem-ansible)")
+    for path in log_files:
+        lines.append(f"  listener log      grep {rec.task_id} {path}")
+    if not log_files:
+        lines.append(f"  listener log      journalctl -u fem-ansible | grep {rec.task_id} (no "
+                     "listener of this config runs with --log-file now: its log was that "
+                     "file, else stderr)")
     return lines
 
 

@@ -194,6 +194,44 @@ def check_policy(config: Config) -> Iterator[Check]:
                                      for n in _ALLOW_LISTS) + " allowed")
 
 
+def check_roles(config: Config) -> Iterator[Check]:
+    """The site's roles path, and the role each executor the policy allows runs with: a
+    missing one would reject each of its tasks (issue 31)."""
+    from .errors import PolicyViolation
+    from .runner import data_dir
+    from .site_roles import check_executor, find_role, roles_path
+
+    builtin = data_dir() / "roles"
+    site = [Path(p) for p in roles_path(config) if Path(p) != builtin]
+    site_roles = sorted({r.name for p in site if p.is_dir() for r in p.iterdir()
+                         if (r / "tasks").is_dir()})
+    replaced = [r for r in site_roles if (builtin / r).is_dir()]
+    if site:
+        yield ok("roles", f"execution.roles_path {', '.join(map(str, site))}: "
+                 f"{len(site_roles)} role(s)"
+                 + (f", replacing built-in {', '.join(replaced)}" if replaced else "")
+                 + "; then the built-in roles")
+    else:
+        yield ok("roles", "the built-in roles only (execution.roles_path is empty)")
+    # Every executor a task may name: the allow-list's names, and those its globs match
+    # among the executor roles there are.
+    allow = config.policy.executors.allow
+    there = {r.name.removeprefix("fem_executor_") for p in [*site, builtin] if p.is_dir()
+             for r in p.glob("fem_executor_*")}
+    names = {n for n in allow if not GLOB & set(n)} | {n for n in there if allowed(n, allow)}
+    for name in sorted(names | {config.execution.default_executor}):
+        try:
+            check_executor({"executor": name, "task_id": None}, config)
+        except PolicyViolation as e:
+            yield fail(f"executor {name}", e.violations[0][1],
+                       f"put a role fem_executor_{name} on execution.roles_path, or remove "
+                       f"{name} from policy.executors.allow")
+            continue
+        role = find_role(f"fem_executor_{name}", config)
+        yield ok(f"executor {name}", f"role {role}"
+                 + (" (built-in)" if role and role.parent == builtin else " (the site's)"))
+
+
 def check_signatures(config: Config) -> Iterator[Check]:
     mode = config.security.signature.mode
     if mode == "none":
@@ -203,14 +241,7 @@ def check_signatures(config: Config) -> Iterator[Check]:
         yield ok("signatures", f"mode {mode}")
 
 
-def _broker_where(config: Config) -> str:
-    url = urlsplit(config.broker.url)
-    user = url.username or "guest"
-    return f"{user}@{url.hostname}:{url.port or (5671 if url.scheme == 'amqps' else 5672)}"
-
-
 def check_broker(config: Config) -> Iterator[Check]:
-    where = _broker_where(config)
     params = broker.connection_parameters(config)
     params.connection_attempts = 1
     params.retry_delay = 0
@@ -218,23 +249,11 @@ def check_broker(config: Config) -> Iterator[Check]:
     params.stack_timeout = NET_TIMEOUT_S * 2
     try:
         conn = pika.BlockingConnection(params)
-    except (pika.exceptions.ProbableAuthenticationError,
-            pika.exceptions.AuthenticationError) as e:
-        yield fail("broker", f"login refused for {where} ({type(e).__name__})",
-                   "correct the user and password in broker.url "
-                   "(rabbitmqctl authenticate_user USER PASSWORD tells which is wrong)")
-        return
-    except pika.exceptions.ProbableAccessDeniedError:
-        yield fail("broker", f"{where}: no access to the virtual host",
-                   "rabbitmqctl set_permissions -p VHOST USER '^fem\\..*' '^fem\\..*' "
-                   "'^fem\\..*'")
-        return
     except (pika.exceptions.AMQPError, OSError) as e:
-        yield fail("broker", f"cannot connect to {where}: {type(e).__name__} {e}".rstrip(),
-                   "start RabbitMQ, open the port, or correct broker.url")
+        yield fail("broker", *broker.connect_failure(config, e))
         return
     try:
-        yield ok("broker", f"logged in as {where}")
+        yield ok("broker", f"logged in as {broker.where(config)}")
         yield from _check_topology(conn, config)
     finally:
         if conn.is_open:
@@ -378,11 +397,13 @@ def check_hosts(config: Config) -> Iterator[Check]:
     import tempfile
 
     from .runner import collections_view
-    from .targets import Inventory, check_host, inventory_path
+    from .targets import Inventory, check_host, inventory_path, stop_masters
 
     path = inventory_path(config)
     # The collections runs see (inventory and connection plugins among them), in a view of
-    # doctor's own that goes with it: doctor creates nothing in the work dir.
+    # doctor's own that goes with it: doctor creates nothing in the work dir.  Its SSH
+    # masters have their sockets there too and die with it: one left in ~/.ansible/cp
+    # answered the next doctor without the host key being checked again (issue 31).
     with tempfile.TemporaryDirectory(prefix="fem-doctor-") as tmp:
         try:
             collections = collections_view(Path(tmp), tuple(config.execution.collections))
@@ -403,8 +424,13 @@ def check_hosts(config: Config) -> Iterator[Check]:
             yield fail(f"target {name}", f"not a host or group of {path}",
                        "add it to the inventory or remove it from policy.targets.allow / "
                        "execution.target")
-        for host in hosts:
-            yield _host_line(host, check_host(config, host, inventory, collections, timeout_s=30))
+        try:
+            for host in hosts:
+                yield _host_line(host, check_host(config, host, inventory, collections,
+                                                  timeout_s=30,
+                                                  control_dir=Path(tmp) / "ssh"))
+        finally:
+            stop_masters(Path(tmp) / "ssh")
 
 
 def _host_line(host: str, result: dict[str, Any]) -> Check:
@@ -425,14 +451,20 @@ def _host_line(host: str, result: dict[str, Any]) -> Check:
     return ok(f"host {host}", detail)
 
 
+def disk_need(config: Config) -> int:
+    """The work dir's space that ``max_parallel`` tasks at the policy's limits may take (the
+    metrics' ``fem_disk_need_bytes`` too)."""
+    limits = config.policy.limits
+    return config.execution.max_parallel * (
+        limits.input_bytes + limits.output_bytes + 2 * limits.log_bytes)
+
+
 def check_disk(config: Config) -> Iterator[Check]:
     path = config.work_dir
     while not path.exists() and path != path.parent:
         path = path.parent
     free = shutil.disk_usage(path).free
-    limits = config.policy.limits
-    need = config.execution.max_parallel * (
-        limits.input_bytes + limits.output_bytes + 2 * limits.log_bytes)
+    need = disk_need(config)
     detail = (f"{format_bytes(free)} free in {path}; {config.execution.max_parallel} task(s) "
               f"at the policy's limits need {format_bytes(need)}")
     if free < need:
@@ -479,7 +511,8 @@ def diagnose(config: Config) -> list[Check]:
     clock = _Clock()
     steps: list[Callable[[], Iterator[Check]]] = [
         lambda: check_paths(config), lambda: check_ansible(config),
-        lambda: check_policy(config), lambda: check_signatures(config),
+        lambda: check_policy(config), lambda: check_roles(config),
+        lambda: check_signatures(config),
         lambda: check_broker(config),
         lambda: check_engines(config), lambda: check_registries(config, clock),
         lambda: check_git(config), lambda: check_hosts(config),

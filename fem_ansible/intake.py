@@ -114,12 +114,33 @@ class Intake:
             (:func:`fem_ansible.policy.decide`), never from a message.
         :raises RejectedError: as :meth:`read`.
         """
-        ex = self.config.execution
-        task = schema.read_task(value, default_executor=ex.default_executor,
-                                default_target=ex.target,
-                                resource_defaults=self.config.resource_defaults())
+        task = self._read_schema(value)
         policy.check_addressing(task, self.config)
         return Task.of(task, self.decide(task, run_datasets), key_id)
+
+    def _read_schema(self, value: Any) -> dict[str, Any]:
+        ex = self.config.execution
+        return schema.read_task(value, default_executor=ex.default_executor,
+                                default_target=ex.target,
+                                resource_defaults=self.config.resource_defaults())
+
+    def problems(self, body: bytes) -> list[RejectedError]:
+        """The sysadmin's own file (``validate``, ``submit``; no signature), checked as
+        :meth:`read` does, but past a wrong ``node_id`` or an expired ``not_after`` on to the
+        policy, so that one try lists every problem (issue 31).  Empty: :meth:`read` accepts
+        it.  A message refused before its schema was read has one problem: its step's."""
+        try:
+            task = self._read_schema(self._open(body, None, False, lambda key_id: None)[1])
+        except RejectedError as e:
+            return [e]
+        found = []
+        for step in (lambda: policy.check_addressing(task, self.config),
+                     lambda: self.decide(task)):
+            try:
+                step()
+            except RejectedError as e:
+                found.append(e)
+        return found
 
     def decide(self, task: dict[str, Any], run_datasets: Mapping[str, str] | None = None
                ) -> policy.Decision:

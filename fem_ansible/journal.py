@@ -233,6 +233,21 @@ class Journal:
         records = [self._record(r) for r in rows] + [self._rejection(r) for r in rejected]
         return sorted(records, key=lambda r: r.received_at, reverse=True)[:limit]
 
+    def errors(self, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The ``error`` (code, message) of each task's terminal event, for the ended ones
+        of ``task_ids`` that have one: ``fem-ansible tasks`` shows it beside FAILED."""
+        terminal = sorted(TERMINAL_STATES)
+        rows = []
+        with self._lock:
+            for at in range(0, len(task_ids), 500):  # SQLite's bound on ? in one statement
+                chunk = task_ids[at:at + 500]
+                rows += self._db.execute(
+                    f"SELECT task_id, body FROM events WHERE task_id IN "
+                    f"({','.join('?' * len(chunk))}) AND state IN "
+                    f"({','.join('?' * len(terminal))})", (*chunk, *terminal)).fetchall()
+        found = {tid: json.loads(body).get("error") for tid, body in rows}
+        return {tid: error for tid, error in found.items() if error}
+
     def rejections(self, task_id: str) -> list[TaskRecord]:
         """The rejected messages that carried ``task_id``, oldest first."""
         with self._lock:

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 STOP_RETRY_S = 2.0
 # Room for ansible itself above the container's own timeout before the playbook is killed.
 PLAYBOOK_MARGIN_S = 600
+# Longest upload of each archive of a run a cancel stopped (its logs are still sent).
+STOPPED_UPLOAD_S = 60.0
 
 
 class NodeObserver:
@@ -473,7 +475,8 @@ class _Execution(RunHooks):
 
         A cancel while the container runs stops the container instead, through the
         executor's ``stop`` entry point; the play then goes on to stage out its logs.  A
-        cancel during stage-out lets the play finish."""
+        cancel in stage-in or stage-out stops the play at once (issue 26: a slow stage-out
+        held the slot); one in the last steps (``done``, ``cleanup``) lets them end."""
         if self.node.abandon.is_set():
             return True
         if not self.cancel.is_set():
@@ -483,7 +486,9 @@ class _Execution(RunHooks):
                 self._stopper = threading.Thread(target=self._stop_container, daemon=True)
                 self._stopper.start()
             return False
-        return self._stage not in ("stage_out", "done", "cleanup")
+        if self._stage == "stage_out" and self._stopper is not None:
+            return False  # staging out the logs of the run the cancel stopped
+        return self._stage not in ("done", "cleanup")
 
     def _stop_container(self) -> None:
         """Stop the container until the play has left the run stage: a cancel that arrives
@@ -519,6 +524,9 @@ class _Execution(RunHooks):
         try:
             reports = self._upload()
         except TaskFailed as e:
+            if e.code == "cancelled":  # the cancel came during the uploads
+                return self.emit("CANCELLED", "cancelled", error=_error(
+                    e.code, e.stage, "cancelled by the orchestrator during the uploads"))
             return self.emit("FAILED", e.message, exit_code=exit_code,
                              error=_error(e.code, e.stage, e.message))
         if timed_out:
@@ -540,7 +548,9 @@ class _Execution(RunHooks):
 
     def _upload(self) -> dict[str, Any]:
         """Upload the archives the playbook brought back; an archive already uploaded (by an
-        earlier attempt) is not uploaded again."""
+        earlier attempt) is not uploaded again.  A cancel stops them at once, but for the
+        outputs and logs of a run it stopped: those get ``STOPPED_UPLOAD_S`` each."""
+        stopped = self._stopper is not None
         uploaded = self.result.setdefault("uploaded", {})
         reports: dict[str, Any] = {}
         for kind in ("outputs", "logs"):
@@ -559,7 +569,10 @@ class _Execution(RunHooks):
                                        sha256=archive.sha256)
                 upload(archive, target, self.config.http,
                        progress=lambda sent, k=kind, total=archive.size:
-                       self.node.observer.on_upload(self.tid, k, sent, total))
+                       self.node.observer.on_upload(self.tid, k, sent, total),
+                       cancel=None if stopped else self.cancel,
+                       timeout_s=min(self.config.http.transfer_timeout_s, STOPPED_UPLOAD_S)
+                       if stopped else None)
                 uploaded[kind] = True
                 self.journal.update(self.tid, result=self.result)
             reports[kind] = archive.report(target["url"] if target else None)

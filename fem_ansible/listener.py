@@ -64,6 +64,7 @@ class Listener:
         self._stop_now = threading.Event()
         self._connected = threading.Event()
         self._reload_lock = threading.Lock()
+        self._told_unroutable = False
         self.adapters: list[Adapter] = [make(self) for make in adapters]
 
     # -- public --------------------------------------------------------------------------
@@ -82,8 +83,16 @@ class Listener:
                 self._serve()
                 delay = RECONNECT_MIN_S
             except (pika.exceptions.AMQPError, OSError) as e:
-                log.warning("broker connection lost (%s: %s); reconnecting in %.1fs",
-                            type(e).__name__, e, delay)
+                if self._connected.is_set():
+                    log.warning("broker connection lost (%s); reconnecting in %.1fs",
+                                broker.reason(e), delay)
+                elif self._connection is not None:
+                    log.warning("broker: setting up node %s's exchanges and queues failed "
+                                "(%s); trying again in %.1fs", self.config.node_id,
+                                broker.reason(e), delay)
+                else:
+                    log.warning("broker: %s — %s; trying again in %.1fs",
+                                *broker.connect_failure(self.config, e), delay)
             finally:
                 self._connected.clear()
                 self._close_connection()
@@ -268,9 +277,21 @@ class Listener:
                 try:
                     broker.publish_json(ch, broker.EVENTS_EXCHANGE, routing_key(event), event)
                 except pika.exceptions.UnroutableError:
-                    log.warning("event %s had no queue bound to receive it",
-                                routing_key(event), extra={"task_id": event["task_id"]})
+                    self._unroutable(event)
                 self.journal.mark_published(event_id)
+
+    def _unroutable(self, event: dict[str, Any]) -> None:
+        """One line per event no queue received (pika's own is silenced: logs.py); none per
+        event where the legacy protocol is served, whose orchestrator reads its replies,
+        not events: one line the first time, then nothing (issue 31)."""
+        if not self.config.legacy.enabled:
+            log.warning("event %s had no queue bound to receive it", routing_key(event),
+                        extra={"task_id": event["task_id"]})
+        elif not self._told_unroutable:
+            self._told_unroutable = True
+            log.info("event %s had no queue bound to receive it: as expected when only the "
+                     "legacy protocol's orchestrator listens; not logged again for each event",
+                     routing_key(event), extra={"task_id": event["task_id"]})
 
     def _heartbeat(self) -> None:
         beat = node_heartbeat(self.config.node_id, self.config.listener_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -88,7 +89,10 @@ def setup_logging(fmt: str = "text", level: str = "INFO", path: str | None = Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # A failed connection, a lost one, a channel the broker closed, a returned message:
+    # pika logs each at length (tracebacks, several lines a failure) and raises or returns
+    # it, and fem-ansible logs what it caught, in one line with what to do (issue 31).
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def reopen_log_files() -> None:
@@ -96,3 +100,32 @@ def reopen_log_files() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.handlers.WatchedFileHandler):
             handler.reopenIfNeeded()
+
+
+def listener_log_files(config_path: str) -> list[str]:
+    """The ``--log-file`` of each ``fem-ansible listen`` running here with the config file
+    ``config_path``, for ``fem-ansible tasks ID`` to point at the log in use (issue 31).
+
+    Read from the processes' command lines, which any user may read; a listener without
+    ``--config`` reads the default config, one without ``--log-file`` logs to stderr.
+    """
+    from .config import DEFAULT_CONFIG_PATH
+
+    mine = os.path.realpath(config_path)
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        at = next((i for i, arg in enumerate(argv[:3]) if arg == "listen" and i > 0 and
+                   os.path.basename(argv[i - 1]) in ("fem-ansible", "fem_ansible")), None)
+        if at is None or "--log-file" not in argv[at:-1]:
+            continue
+        option = dict(zip(argv[at + 1::2], argv[at + 2::2], strict=False))
+        if os.path.realpath(option.get("--config", DEFAULT_CONFIG_PATH)) == mine:
+            found.append(option["--log-file"])
+    return sorted(set(found))

@@ -11,6 +11,8 @@ operator needs is in docs/operating.md.
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from . import __version__
 from .config import Config
+from .doctor import disk_need
 from .lifecycle import NodeObserver
 from .schema import TERMINAL_STATES, event_time
 
@@ -68,6 +71,13 @@ class Metrics(NodeObserver):
         self.unpublished = Gauge("fem_events_unpublished",
                                  "Events journaled and not yet confirmed by the broker.",
                                  registry=r)
+        # What contrib/prometheus-rules.yml alerts on before tasks fail for it.
+        self.disk_free = Gauge("fem_disk_free_bytes",
+                               "Free space of the work dir's file system.", registry=r)
+        Gauge("fem_disk_need_bytes", "Space max_parallel tasks at the policy's limits may "
+              "take in the work dir.", registry=r).set(disk_need(config))
+        self.journal_writable = Gauge("fem_journal_writable", "1 while this listener may "
+                                      "write its journal file and dir, else 0.", registry=r)
         self._lock = threading.Lock()
         # task id -> (stage or None, when it entered it, when it was received)
         self._open: dict[str, tuple[str | None, float, float | None]] = {}
@@ -117,6 +127,11 @@ class Metrics(NodeObserver):
         self.running.set_function(lambda: len(listener.running))
         self.connected.set_function(lambda: 1 if listener.connected else 0)
         self.unpublished.set_function(listener.journal.unpublished_count)
+        journal = listener.journal.path
+        self.disk_free.set_function(lambda: shutil.disk_usage(journal.parent).free)
+        self.journal_writable.set_function(
+            lambda: 1 if os.access(journal, os.W_OK) and os.access(journal.parent, os.W_OK)
+            else 0)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         """Serve ``/metrics`` on ``address:port`` from a daemon thread."""

@@ -374,6 +374,10 @@ ROLES = {
             "fem_volumes_download_timeout": o(
                 "int", "Timeout in seconds of each input download request.", default=60
             ),
+            "fem_volumes_download_deadline": o(
+                "int", "Seconds each input download may take in all, however slowly the "
+                "server answers.", default=3600
+            ),
             "fem_volumes_writable_mode": o(
                 "str",
                 "Mode of output/ and scratch/<name>/; they must be writable by the container "
@@ -389,6 +393,10 @@ ROLES = {
             "fem_task": fem_task({"image"}),
             "fem_secrets": fem_secrets({"registry_auth"}),
             "fem_policy": FEM_POLICY,
+            "fem_image_pull_timeout": o(
+                "int", "Seconds a pull may take in all (the task's C(timeout)); the engine's "
+                "own timeout bounds each API read only.", default=1800
+            ),
         },
     ),
     "fem_source": (
@@ -412,6 +420,10 @@ ROLES = {
                 "bool",
                 "Accept an unknown SSH host key of the source host (C(accept_newhostkey)).",
                 default=False,
+            ),
+            "fem_source_timeout": o(
+                "int", "Seconds the checkout (clone, checkout, submodules) may take in all; "
+                "git is killed then.", default=1800
             ),
         },
     ),

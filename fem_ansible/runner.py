@@ -368,6 +368,9 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     # Whatever ended the run, nothing of it may outlive it.
     kill_processes(spec.ident)
     if spec.ssh_control_dir is not None:
+        from .targets import stop_masters
+
+        stop_masters(spec.ssh_control_dir)
         shutil.rmtree(spec.ssh_control_dir, ignore_errors=True)
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
               time.monotonic() - started)

@@ -13,6 +13,7 @@ It does not start the service: enabling a service is the sysadmin's decision.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import grp
 import os
 import pwd
@@ -111,7 +112,8 @@ def unit_text(layout: ServiceLayout, engine_group: bool) -> str:
 
 def logrotate_text(layout: ServiceLayout) -> str:
     """Weekly rotation of the listener's log and the audit log, kept a year; SIGHUP makes
-    the listener reopen both (docs/operating.md).  ``su``: the dirs belong to the service
+    the listener reopen both at once, and without it (no systemd) both follow the rename
+    at their next line (docs/operating.md).  ``su``: the dirs belong to the service
     user, and logrotate refuses to work in a dir writable by another user without it."""
     return (
         "# written by `fem-ansible install-service`; edits are overwritten by it\n"
@@ -186,7 +188,8 @@ def _gid(group: str) -> int:
 
 
 def _file(steps: _Steps, path: Path, text: str) -> None:
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
+    old = path.read_text(encoding="utf-8") if path.is_file() else None
+    if old == text:
         return
 
     def write() -> None:
@@ -197,6 +200,11 @@ def _file(steps: _Steps, path: Path, text: str) -> None:
         os.replace(tmp, path)
 
     steps.change(f"{'update' if path.exists() else 'write'} {path}", write)
+    if steps.dry_run:  # what it would write: the whole file, or how it would change
+        lines = (text.splitlines() if old is None else list(difflib.unified_diff(
+            old.splitlines(), text.splitlines(), str(path), f"{path} (new)", lineterm="")))
+        for line in lines:
+            steps.echo(f"    {line}")
 
 
 def install_service(layout: ServiceLayout, *, dry_run: bool = False,
@@ -212,7 +220,8 @@ def install_service(layout: ServiceLayout, *, dry_run: bool = False,
     if not _exists(grp.getgrnam, layout.group):
         steps.run(f"add system group {layout.group}", ["groupadd", "--system", layout.group])
     if not _exists(pwd.getpwnam, layout.user):
-        steps.run(f"add system user {layout.user} (home {layout.work_dir})",
+        steps.run(f"add system user {layout.user} (home {layout.work_dir}"
+                  + (f", in group {ENGINE_GROUP})" if engine_group else ")"),
                   ["useradd", "--system", "--gid", layout.group, "--home-dir",
                    str(layout.work_dir), "--no-create-home", "--shell", "/usr/sbin/nologin",
                    *(["--groups", ENGINE_GROUP] if engine_group else []), layout.user])

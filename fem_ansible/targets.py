@@ -16,6 +16,7 @@ of the group before it fails (:meth:`Targets.retry_host`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -304,6 +305,20 @@ def control_dir(config: Config, ident: str) -> Path:
     return parent / name
 
 
+def stop_masters(control_dir: Path) -> None:
+    """End the SSH masters whose sockets are in ``control_dir`` (``ssh -O exit``).
+
+    A master outlives the run that started it for ``ControlPersist``, and the ``FEM_JOB_ID``
+    marker does not find it: ssh writes its process title over its environment.
+    """
+    if not control_dir.is_dir():
+        return
+    for socket_path in control_dir.iterdir():
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "master"],
+                           capture_output=True, timeout=10, check=False)
+
+
 # Run on the host by its own Python: what a task needs there, as one JSON line.
 _HOST_PROBE = """\
 import json, os, shutil, sys
@@ -318,14 +333,15 @@ print("FEM-HOST " + json.dumps({{
 
 
 def check_host(config: Config, host: str, inventory: Inventory, collections: Path,
-               timeout_s: int = 60) -> dict[str, Any]:
+               timeout_s: int = 60, control_dir: Path | None = None) -> dict[str, Any]:
     """Check one inventory host the way tasks reach it, for ``fem-ansible doctor``.
 
     One ad-hoc ``raw`` call over the host's own connection settings (the listener's SSH
     settings and the host's ``ansible_*`` variables, a connection plugin from
     ``collections`` too), running the host's ``ansible_python_interpreter`` (default
     ``/usr/bin/python3``).  ``inventory`` is the one read with ``collections`` (read once
-    for all hosts: each read is a second of ``ansible-inventory``).
+    for all hosts: each read is a second of ``ansible-inventory``).  ``control_dir``: the SSH
+    ControlPath dir (the caller ends its masters, :func:`stop_masters`).
 
     :returns: ``{host, reachable, python, engines{docker, podman}, work_dir, free_bytes,
         message}``: ``reachable`` False (and the rest None) when Ansible could not connect;
@@ -345,7 +361,7 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
     # ad-hoc `raw` to a host with `ansible_connection: local` went over SSH instead (as the
     # service user, whose shell is nologin, doctor then failed on a healthy host: issue 20).
     env = {**passed_env(), **ansible_env("fem-doctor", "linear", collections),
-           **ssh_env(config)}
+           **ssh_env(config, control_dir)}
     command = ("{{ ansible_python_interpreter | default('/usr/bin/python3') }} -c "
                f"'import base64; exec(base64.b64decode(\"{probe}\"))'")
     try:

@@ -191,8 +191,8 @@ class PlayWatcher:
 
 def _result_message(res: dict[str, Any]) -> str:
     """Ansible's message of a failed result: ``msg`` (an include's ``reason``; a ``no_log``
-    task's ``censored``), with the command's stderr when ``msg`` does not say it; of a
-    loop, the first failed item's."""
+    task's ``censored``), with the command's stderr when ``msg`` does not say it, else its
+    exit code; of a loop, the first failed item's."""
     items = res.get("results")
     if isinstance(items, list):
         failed = [i for i in items if isinstance(i, dict) and i.get("failed")]
@@ -202,6 +202,10 @@ def _result_message(res: dict[str, Any]) -> str:
     stderr = str(res.get("stderr") or "").strip()
     if stderr and stderr not in msg:
         return f"{msg}: {stderr}" if msg else stderr
+    rc = res.get("rc")
+    if not stderr and isinstance(rc, int) and rc and str(rc) not in msg:
+        # a command that failed silently: "non-zero return code" alone (issue 31)
+        return f"{msg} (exit code {rc})" if msg else f"exit code {rc}"
     return msg
 
 

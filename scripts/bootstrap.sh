@@ -2,7 +2,7 @@
 # Installs what fem-ansible's tests and demo need on a Debian 12 machine, idempotently:
 #   Debian packages (only those missing): docker.io docker-registry busybox-static git
 #     openssh-server curl iproute2 util-linux slurm-wlm munge apache2-utils openssl
-#     python3-docker systemd podman
+#     python3-docker systemd podman prometheus
 #   .venv (python3.11) with `pip install -e '.[test]'`, redone only when pyproject.toml changed.
 # Silent on success; a failure prints the end of the log that tells why.
 # FEMDEV_PYTHON=/path/to/python3.11 chooses the interpreter for a new .venv.
@@ -36,8 +36,11 @@ show_log() {
 # SSH hosts of tests/test_e2e_hosts.py use as ansible_python_interpreter, as a remote host would.
 # systemd: systemd-analyze verifies contrib/fem-ansible.service (tests/test_contrib.py).
 # podman: the engine of the podman executor (fem_executor_podman, tests/test_e2e_podman.py).
+# prometheus (brings promtool): contrib/prometheus-rules.yml checked and unit-tested, and a
+# Prometheus of the test's own querying contrib/grafana-dashboard.json's expressions against
+# a running listener (tests/test_e2e_dashboards.py).
 APT_PACKAGES=(docker.io docker-registry busybox-static git openssh-server curl iproute2 util-linux
-  slurm-wlm munge apache2-utils openssl python3-docker systemd podman)
+  slurm-wlm munge apache2-utils openssl python3-docker systemd podman prometheus)
 
 missing_packages() { # prints the packages of "$@" that are not installed
   local pkg status

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The main job, end to end: installs and starts what is missing, writes a demo site config,
-# starts `fem-ansible listen` in the background, submits examples/sample-task.json through
-# RabbitMQ as an orchestrator would (`fem-ansible submit --wait` prints the events), stops the
-# listener and shows where the uploaded outputs are.
+# starts `fem-ansible listen` in the background, submits examples/sample-task.json (its URLs
+# those of the services: scripts/demo-task.sh) through RabbitMQ as an orchestrator would
+# (`fem-ansible submit --wait` prints the events), stops the listener and shows where the
+# uploaded outputs are.
 # Exit status: that of `fem-ansible submit --wait` (0 = COMPLETED).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 DEMO=$ROOT/.fem-dev/demo
-TASK=$ROOT/examples/sample-task.json
 CONFIG=$DEMO/config.yml
 FEM=$ROOT/.venv/bin/fem-ansible
 
@@ -23,6 +23,9 @@ scripts/services.sh start
 # shellcheck source=/dev/null
 source "$ROOT/.fem-dev/env"
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+
+# The sample task, pointed at the services' ports (FEMDEV_*_PORT may have moved them).
+TASK=$DEMO/task.json
 
 # A fresh demo node each time: the journal would otherwise answer a re-sent task_id with its
 # old result instead of running it again (DESIGN.md §5).
@@ -55,6 +58,8 @@ YAML
 
 # Stale messages for node `demo` from an interrupted earlier demo would run first.
 rabbitmqctl -q purge_queue fem.tasks.demo >/dev/null 2>&1 || true
+
+scripts/demo-task.sh >"$TASK"
 
 rm -f "$FEM_TEST_UPLOAD_DIR/demo/sample-task-1/"*.tar.gz
 "$FEM" listen --config "$CONFIG" >"$DEMO/listener.log" 2>&1 &

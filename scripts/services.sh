@@ -64,9 +64,12 @@ upload_answers() {
   curl -s --max-time 3 "$UPLOAD_URL/_control/health" 2>/dev/null | grep -q fem-upload-server
 }
 git_answers() { tcp_open "$GIT_PORT"; }
+port_pid() { # port_pid PORT: the pid listening on PORT, if ss can tell
+  ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2 || true
+}
 port_owner() { # port_owner PORT: "pid=… cmd" of the listener, for messages
   local pid
-  pid=$(ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2)
+  pid=$(port_pid "$1")
   if [[ -n $pid ]]; then
     echo "pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-160)"
   else
@@ -446,16 +449,20 @@ cmd_status() {
     line rabbitmq down "$HOST:$AMQP_PORT"
     ok=3
   fi
-  local name probe addr
+  local name probe addr port owner
   for name in registry git-daemon upload; do
     case $name in
-    registry) probe=registry_answers addr=$REGISTRY ;;
-    git-daemon) probe=git_answers addr=$HOST:$GIT_PORT ;;
-    upload) probe=upload_answers addr=$UPLOAD_URL ;;
+    registry) probe=registry_answers addr=$REGISTRY port=$REGISTRY_PORT ;;
+    git-daemon) probe=git_answers addr=$HOST:$GIT_PORT port=$GIT_PORT ;;
+    upload) probe=upload_answers addr=$UPLOAD_URL port=$UPLOAD_PORT ;;
     esac
     pid=$(our_pid "$name" || true)
-    if [[ -n $pid ]] && $probe; then
+    # the pid beside the address is the one listening on the port just checked
+    owner=$(port_pid "$port")
+    if [[ -n $pid ]] && $probe && [[ -z $owner || $owner == "$pid" ]]; then
       line "$name" up "$addr, pid $pid"
+    elif [[ -n $owner ]] && $probe; then
+      line "$name" up "$addr, pid $owner (not started by services.sh${pid:+; its $name, pid $pid, does not listen on $port})"
     elif [[ -n $pid ]]; then
       line "$name" starting "$addr, pid $pid"
       ok=3

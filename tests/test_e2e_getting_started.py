@@ -17,6 +17,10 @@ policy": the test writes a policy allowing the test services.
 - ``systemctl daemon-reload && systemctl enable --now``: systemd is not PID 1 here, so the
   unit install-service wrote is started as systemd would: its ExecStart as its User and
   Group with the user's groups (without --metrics-port: another test may hold the port).
+
+The guide's prose edits are made as it says: the policy, signatures on (mode hmac, a key
+readable by the service's group), a task.json naming its node, and a new ``task_id`` before
+``submit``.  docs/operating.md's Upgrades step 3 (``init`` of a fresh example) is run too.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fem_ansible.signatures import HEADER, sign_hmac
 from tests.support.dists import build, checkout_after_demo
 from tests.support.harness import AMQP_URL, REPO, site_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.guide]
 
 GUIDE = REPO / "docs" / "getting-started.md"
+OPERATING = REPO / "docs" / "operating.md"
 
 
 def guide_commands() -> list[str]:
@@ -113,15 +119,26 @@ class Node:
             assert time.monotonic() < deadline, "the service did not connect"
             time.sleep(0.2)
 
+    KEY = b"the orchestrator's key"
+
     def edit_policy(self, fem_env: dict[str, str], task: dict) -> None:
-        """The guide's "edit the policy": the test services, a dataset, the work dir that
-        install-service made (the guide's is the default)."""
+        """The guide's "edit the policy" and "turn on signatures": the test services, a
+        dataset, the work dir that install-service made (the guide's is the default), an
+        hmac key readable by the service's group; the task names its node (§4)."""
         config_path = Path(self.path("/etc/fem-ansible/config.yml"))
         config = yaml.safe_load(config_path.read_text())
         allowed = yaml.safe_load(site_config(self.base, fem_env, self.node_id).read_text())
         config["policy"] = allowed["policy"]
         config.setdefault("execution", {})["work_dir"] = self.path("/var/lib/fem-ansible")
+        key = Path(self.path("/etc/fem-ansible/orchestrator.key"))
+        key.write_bytes(self.KEY)
+        shutil.chown(key, "root", self.user)
+        key.chmod(0o640)
+        config["security"] = {"signature": {"mode": "hmac", "key_file": str(key)}}
         config_path.write_text(yaml.safe_dump(config))
+        self.write_task({**task, "node_id": self.node_id})
+
+    def write_task(self, task: dict) -> None:
         (self.home / "task.json").write_text(json.dumps(task))
         (self.home / "task.json").chmod(0o644)
 
@@ -162,22 +179,32 @@ def test_getting_started_runs_as_written(node, site):
             continue
         if " doctor " in command:
             node.edit_policy(site.env, task)
+        if " submit " in command:  # "give task.json a new task_id first"
+            node.write_task({**task, "node_id": site.node, "task_id": "guide-submit"})
         done = node.sh(node.adapt(command))
         verb = re.search(r"fem-ansible ([a-z-]+)", command)
         if verb:
             outputs[verb.group(1)] = done.stdout
 
-    assert {"install-service", "init", "doctor", "validate", "run", "tasks"} <= set(outputs)
+    assert {"install-service", "init", "doctor", "validate", "run", "submit",
+            "tasks"} <= set(outputs)
     doctor = outputs["doctor"]
-    assert "✗" not in doctor and "✓ policy:" in doctor, doctor
+    assert "✗" not in doctor and "✓ policy:" in doctor and "✓ signatures: mode hmac" in doctor
     assert "valid: task guide-run" in outputs["validate"]
     ran = outputs["run"].splitlines()
     assert ran[-1].split()[1] == "COMPLETED", ran
+    assert outputs["submit"].splitlines()[-1].split()[1] == "COMPLETED", outputs["submit"]
     listed = outputs["tasks"]
-    assert "guide-run" in listed and "COMPLETED" in listed
+    assert "guide-run" in listed and "guide-submit" in listed and "COMPLETED" in listed
 
-    # the service the guide started takes the orchestrator's tasks
-    site.orchestrator.publish(site.task("guide-service"))
+    # docs/operating.md, Upgrades step 3: a fresh example config to compare with
+    (upgrade,) = re.findall(r"`(fem-ansible init [^`]*)`", OPERATING.read_text())
+    node.sh(node.adapt(upgrade.replace("/tmp/x", f"{node.base}/tmp-x")))
+    assert (node.base / "tmp-x" / "config.yml").is_file()
+
+    # the service the guide started takes the orchestrator's tasks, signed
+    body = json.dumps(site.task("guide-service", node_id=site.node)).encode()
+    site.orchestrator.publish(body, {HEADER: sign_hmac(body, node.KEY)})
     assert site.orchestrator.wait_terminal("guide-service", timeout=300)["state"] == \
         "COMPLETED"
     assert node.listener is not None

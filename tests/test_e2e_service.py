@@ -68,13 +68,18 @@ def test_install_service_makes_a_user_and_unit_the_listener_runs_as(svc_root, si
     venv_for_another_user(base / "venv")
     dry = install(base, user, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert f"would add system user {user}" in dry.stdout
+    assert f"would add system user {user} (home {base}/lib, in group docker)" in dry.stdout
+    # what it would write, line by line (issue 31)
+    assert f"would write {base}/systemd/fem-ansible.service" in dry.stdout
+    assert f"    ExecStart={base}/venv/bin/fem-ansible listen" in dry.stdout
+    assert f"    {base}/log/*.log {base}/lib/audit.jsonl {{" in dry.stdout
     assert not (base / "lib").exists() and not (base / "systemd").exists()
     with pytest.raises(KeyError):
         pwd.getpwnam(user)
 
     done = install(base, user)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert f"add system user {user} (home {base}/lib, in group docker)" in done.stdout
     entry = pwd.getpwnam(user)
     assert entry.pw_dir == str(base / "lib") and entry.pw_shell == "/usr/sbin/nologin"
     assert user in grp.getgrnam("docker").gr_mem

@@ -194,6 +194,24 @@ def test_validate_says_what_listen_says(make_config, make_intake, tmp_path):
     assert len(expected.reasons) == 3
 
 
+def test_validate_lists_the_policy_problems_past_a_wrong_node(make_config, tmp_path):
+    """``listen`` stops at a wrong ``node_id`` (the contract's order); ``validate`` goes on
+    to the policy so that one try lists every problem (issue 31: the sample task showed its
+    policy problems only once its node_id was fixed)."""
+    make_config(security={"signature": {"mode": "hmac", "key_file": str(tmp_path / "k")}})
+    (tmp_path / "k").write_bytes(KEY)
+    task_file = tmp_path / "task.json"
+    task_file.write_bytes(body(network="host", resources={"memory": "64Gi"}))
+    out = CliRunner().invoke(main, ["validate", "--config", str(tmp_path / "config.yml"),
+                                    str(task_file)])
+    assert out.exit_code == 3, out.output
+    assert out.output.splitlines() == [
+        "invalid (wrong_node):", "  signed tasks must name their node_id",
+        "invalid (policy_violation):",
+        "  policy.networks: network 'host' is not allowed",
+        "  policy.limits.memory: asks 64 GiB, the limit is 2 GiB"], out.output
+
+
 def test_submit_checks_first_unless_told_not_to(make_config, tmp_path):
     make_config()
     task_file = tmp_path / "task.json"

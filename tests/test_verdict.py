@@ -151,3 +151,18 @@ def test_a_no_log_failure_says_so_and_nothing_more():
         "res": {"censored": censored, "changed": False},
     }) == Failure("stage_in", "input_failed",
                   f"fem_image: Write the registry credentials: {censored}")
+
+
+def test_a_command_failing_without_stderr_gives_its_exit_code():
+    """Ansible says "non-zero return code" and nothing else when a command fails silently;
+    the recorded events keep no ``rc``, a real run's do (issue 31)."""
+    run = json.loads(json.dumps(RECORDED["stage_out_failed"]))
+    for event in run["events"]:
+        if event["event"] == "runner_on_failed":
+            event["event_data"]["res"]["rc"] = 3
+    watcher = PlayWatcher(Seen())
+    for event in run["events"]:
+        watcher.event(event)
+    assert watcher.verdict(run["status"], run["rc"]) == Failure(
+        "stage_out", "stage_out_failed",
+        "site_stage_out: Archive the outputs: non-zero return code (exit code 3)")

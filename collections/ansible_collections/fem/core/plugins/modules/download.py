@@ -53,6 +53,13 @@ options:
     description: Seconds without progress before the download fails.
     type: int
     default: 60
+  deadline:
+    description:
+      - Seconds the whole download may take, the wait for the answer included; past it the
+        connection is shut and the download fails. A server that sends a byte every few
+        seconds never trips O(timeout), which bounds each read only.
+    type: int
+    default: 3600
   ca_file:
     description: CA bundle to verify https servers with; default the system's.
     type: path
@@ -80,10 +87,14 @@ sha256:
   type: str
 """
 
+import contextlib
 import hashlib
+import http.client
 import os
+import socket
 import ssl
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 
@@ -98,6 +109,72 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         raise urllib.error.HTTPError(req.full_url, code, "redirect refused", headers, fp)
 
 
+class Deadline:
+    """Shuts the download's sockets down once ``seconds`` have passed, which wakes a read
+    blocked on them (a timer thread cannot raise in the reading one)."""
+
+    def __init__(self, seconds):
+        self.seconds, self.expired, self._socks = seconds, False, []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+
+    def watch(self, sock):
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                shut(sock)
+
+    def _expire(self):
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                shut(sock)
+
+    def connection(self, base):
+        """``base`` (an http.client connection class) telling this deadline its socket."""
+        deadline = self
+
+        class Watched(base):
+            def connect(self):
+                super().connect()
+                deadline.watch(self.sock)
+
+        return Watched
+
+
+def shut(sock):
+    # The plain socket's shutdown, also under TLS, whose state is the reading thread's.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class WatchedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(self.deadline.connection(http.client.HTTPConnection), req)
+
+
+class WatchedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline, context):
+        super().__init__(context=context)
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(self.deadline.connection(http.client.HTTPSConnection), req,
+                            context=self._context)
+
+
 def main():
     module = AnsibleModule(
         argument_spec={
@@ -107,6 +184,7 @@ def main():
             "sha256": {"type": "str"},
             "max_bytes": {"type": "int", "required": True},
             "timeout": {"type": "int", "default": 60},
+            "deadline": {"type": "int", "default": 3600},
             "ca_file": {"type": "path"},
             "total_dir": {"type": "path"},
         },
@@ -115,10 +193,13 @@ def main():
     p = module.params
     if not p["url"].lower().startswith(("http://", "https://")):
         module.fail_json(msg="only http and https inputs can be downloaded")
+    if p["deadline"] < 1:
+        module.fail_json(msg=f"Invalid deadline {p['deadline']}: at least 1 second")
     context = ssl.create_default_context(cafile=p["ca_file"])
+    deadline = Deadline(p["deadline"])
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}), NoRedirect(),
-        urllib.request.HTTPSHandler(context=context),
+        WatchedHTTP(deadline), WatchedHTTPS(deadline, context),
     )
     request = urllib.request.Request(p["url"], headers=p["headers"])
     name = os.path.basename(p["dest"])
@@ -129,8 +210,10 @@ def main():
         what = f"the inputs with {name} are"
     digest, size = hashlib.sha256(), 0
     fd, partial = tempfile.mkstemp(prefix=".download-", dir=os.path.dirname(p["dest"]))
+    late = f"input {name}: not downloaded within {p['deadline']}s"
     try:
-        with os.fdopen(fd, "wb") as out, opener.open(request, timeout=p["timeout"]) as resp:
+        with deadline, os.fdopen(fd, "wb") as out, \
+                opener.open(request, timeout=p["timeout"]) as resp:
             while True:
                 chunk = resp.read(CHUNK)
                 if not chunk:
@@ -141,6 +224,8 @@ def main():
                                          f"{p['max_bytes']} bytes (policy.limits.input_bytes)")
                 digest.update(chunk)
                 out.write(chunk)
+        if deadline.expired:  # a body without a length just ends when its socket is shut
+            module.fail_json(msg=late)
         if p["sha256"] and digest.hexdigest() != p["sha256"].lower():
             module.fail_json(msg=f"input {name}: sha256 {digest.hexdigest()} is not the "
                                  f"expected {p['sha256']}")
@@ -148,8 +233,9 @@ def main():
         os.replace(partial, p["dest"])
     except urllib.error.HTTPError as e:
         module.fail_json(msg=f"input {name}: HTTP {e.code} ({e.msg}); redirects are not followed")
-    except (urllib.error.URLError, OSError) as e:
-        module.fail_json(msg=f"input {name}: download failed: {getattr(e, 'reason', e)}")
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        module.fail_json(msg=late if deadline.expired else
+                         f"input {name}: download failed: {getattr(e, 'reason', e)}")
     finally:
         if os.path.exists(partial):
             os.unlink(partial)

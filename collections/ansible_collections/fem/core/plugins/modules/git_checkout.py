@@ -63,6 +63,13 @@ options:
   umask:
     description: Octal umask of the git processes (and so of the files they write).
     type: str
+  timeout:
+    description:
+      - Seconds all of the module's git commands may take together; past it git and every
+        process it started are killed (C(timeout) of coreutils) and the module fails.
+        A server that sends a byte every few seconds is stopped by nothing else.
+    type: int
+    default: 1800
 attributes:
   check_mode:
     support: none
@@ -96,10 +103,12 @@ before:
   type: str
 """
 
+import math
 import os
 import re
 import shlex
 import shutil
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -148,6 +157,7 @@ def main():
             "accept_newhostkey": {"type": "bool", "default": False},
             "ssh_opts": {"type": "str"},
             "umask": {"type": "str"},
+            "timeout": {"type": "int", "default": 1800},
         },
         supports_check_mode=False,
     )
@@ -159,6 +169,9 @@ def main():
         module.fail_json(msg=f"Invalid repository {repo!r}")
     if depth < 0:
         module.fail_json(msg=f"Invalid depth {depth}")
+    if p["timeout"] < 1:
+        module.fail_json(msg=f"Invalid timeout {p['timeout']}: at least 1 second")
+    end = time.monotonic() + p["timeout"]
     if p["umask"] is not None:
         try:
             os.umask(int(p["umask"], 8))
@@ -171,10 +184,17 @@ def main():
     os.mkdir(home, 0o700)
     env = git_env(shlex.join(ssh), home)
     git = module.get_bin_path("git", required=True)
+    timeout = module.get_bin_path("timeout", required=True)
 
     def run(*args, cwd=None):
-        rc, out, err = module.run_command([git, *HARDENING, *args], cwd=cwd,
-                                          environ_update=env)
+        # timeout(1) signals git's whole process group (git-remote-*, ssh), then kills it.
+        left = max(1, math.ceil(end - time.monotonic()))
+        rc, out, err = module.run_command(
+            [timeout, "--kill-after=5", str(left), git, *HARDENING, *args], cwd=cwd,
+            environ_update=env)
+        if rc in (124, 137) and time.monotonic() >= end:
+            module.fail_json(msg=f"git {args[0]} did not end within the {p['timeout']}s "
+                                 "the checkout may take", rc=rc, cmd=shlex.join(["git", *args]))
         if rc != 0:
             module.fail_json(msg=f"git {args[0]} failed: {(err or out).strip()}", rc=rc,
                              cmd=shlex.join(["git", *args]))
