@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import fastpath, policy, schema
+from . import fastpath, naming, policy, schema
 from .audit import AuditLog
 from .config import Config
 from .diskspace import below_floor
@@ -34,7 +34,7 @@ from .runner import (
     RunSpec,
     collections_view,
     data_dir,
-    kill_processes,
+    kill_task_processes,
     run_playbook,
     scan_cache_dir,
 )
@@ -234,8 +234,9 @@ class Node:
         for tid in self.journal.finished_beyond(self.config.execution.keep_runs):
             shutil.rmtree(self.run_dir(tid), ignore_errors=True)
 
-    def engine_name(self, task_id: str) -> str:
-        return f"fem-{self.config.node_id}-{task_id}"
+    def object_name(self, task_id: str) -> str:
+        """The name of the task's container, Slurm job, run dir and processes' marker."""
+        return naming.object_name(self.config.node_id, task_id, naming.TASK)
 
 
 class _Execution(RunHooks):
@@ -329,7 +330,7 @@ class _Execution(RunHooks):
         if resumed:
             # An earlier listener process died in this task: whatever of its playbook still
             # runs is stopped first, so that two attempts never work side by side.
-            kill_processes(f"{self.node.engine_name(self.tid)}.")
+            kill_task_processes(self.node.object_name(self.tid))
             stage = {"RUNNING": "run", "STAGING_OUT": "stage_out"}.get(self.rec.state,
                                                                       "stage_in")
             full = below_floor(self.config.work_dir, max(self.config.execution.min_free_bytes, 1))
@@ -432,7 +433,7 @@ class _Execution(RunHooks):
         pdd = self.node.run_dir(self.tid)
         (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
         pdd.chmod(0o700)
-        name = self.node.engine_name(self.tid)
+        name = self.node.object_name(self.tid)
         image = parse_image(task["image"]["ref"])
         builtin = data_dir()
         if playbook:
@@ -450,7 +451,7 @@ class _Execution(RunHooks):
             # Runs beside the main one (stop, cleanup) get their own private data dir:
             # ansible-runner runs sharing one corrupt each other's env/.
             private_data_dir=private_data_dir or (pdd / "aux" / suffix if suffix else pdd),
-            # The marker of every process of the run; "." cannot occur in a task id.
+            # The marker of every process of the run; "." cannot occur in a name.
             ident=ident,
             playbook=path,
             inventory=inventory,
@@ -462,11 +463,12 @@ class _Execution(RunHooks):
                 "fem_task": schema.public_task(task),
                 "fem_node_id": config.node_id,
                 "fem_run": {
-                    # The host's own work dir (inventory var fem_work_dir, docs/hosts.md).
-                    "dir": self._host_run_dir(),
-                    "attempt": self.rec.attempt,
-                    "name": name,
-                    "local_dir": str(pdd),
+                    # Names, dirs (on the host's own work dir: inventory var fem_work_dir,
+                    # docs/hosts.md) and mounts; the image's repository as engines spell it.
+                    **naming.fem_run(
+                        config.node_id, task, decision.policy, decision.datasets,
+                        host_work_dir=self.node.targets.work_dir(host),
+                        attempt=self.rec.attempt, local_dir=str(pdd)),
                     "image_repositories": image.repo_digest_names,
                     "min_free_bytes": config.execution.min_free_bytes,
                 },
@@ -488,7 +490,7 @@ class _Execution(RunHooks):
     def _host_run_dir(self) -> str:
         """``fem_run.dir``: the task's work dir on the host it runs on."""
         host = self.known["host"]
-        return f"{self.node.targets.work_dir(host)}/tasks/{self.node.engine_name(self.tid)}"
+        return naming.run_dir(self.node.targets.work_dir(host), self.node.object_name(self.tid))
 
     def _secrets(self, registry: str) -> dict[str, Any]:
         """``fem_secrets``: credentials from the site config for this task's ``registry`` and

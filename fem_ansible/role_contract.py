@@ -4,7 +4,7 @@ shapes, which of them each built-in role reads, and the roles' own settings.
 Everything about those shapes is made from here, so none can drift from another:
 
 - every built-in role's ``meta/argument_specs.yml`` (:func:`argument_specs_text`);
-- the ``fem_task`` field table of docs/roles.md (:func:`fem_task_table`);
+- the ``fem_task`` and ``fem_run`` field tables of docs/roles.md (:func:`fields_table`);
 
 and tests/test_role_contract.py holds the rest to it: the task JSON Schema has exactly these
 ``fem_task`` fields (less the secrets that go to ``fem_secrets``), the normal form
@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from . import schema
+
 
 def o(type_: str, desc: str, **kw: Any) -> dict[str, Any]:
     """One option of an argument spec."""
@@ -34,17 +36,57 @@ def o(type_: str, desc: str, **kw: Any) -> dict[str, Any]:
 
 FEM_RUN = o(
     "dict",
-    "The task's run: work dir on the target host, attempt, engine object name, "
-    "listener-side run dir.",
+    "The task's run, laid out by the listener (fem_ansible/naming.py): its object names, "
+    "its dirs on the target host, its container mounts, the listener-side run dir.",
     required=True,
     options={
-        "dir": o("str", "The task's work dir on the target host.", required=True),
+        "dir": o(
+            "str",
+            "The task's work dir on the target host, C(<work dir>/tasks/<name>).",
+            required=True,
+        ),
         "attempt": o("int", "Attempt number, from 1.", required=True),
         "name": o(
             "str",
-            "C(fem-<node_id>-<task_id>), the name and name prefix of every engine object "
-            "of the task.",
+            "The name of the task's container, Slurm job and run dir: a readable "
+            "C(fem-<node_id>-<task_id>) (cut at 64 characters), C(-), and 32 hex digits of "
+            "a digest of the exact ids (docs/roles.md, \"Object names\"); selected by exactly "
+            "this name, never by a prefix.",
             required=True,
+        ),
+        "accounts_container": o(
+            "str",
+            "The name of the never-started container that reads the image's account files.",
+            required=True,
+        ),
+        "scratch": o(
+            "list",
+            "The task's scratch, in the order of C(fem_task.scratch).",
+            elements="dict",
+            required=True,
+            options={
+                "name": o("str", "The scratch's name in the task.", required=True),
+                "mount": o("str", "Container path.", required=True),
+                "dir": o("str", "Its dir on the target host, in the run dir.", required=True),
+                "volume": o(
+                    "str",
+                    "The engine volume bound to C(dir) that the container mounts (Docker), "
+                    "or null: the container binds C(dir) (podman, Slurm).",
+                ),
+            },
+        ),
+        "mounts": o(
+            "list",
+            "Every mount of the task's container, as the executor modules take them: input, "
+            "source (when there is one), output, the datasets, the scratch.",
+            elements="dict",
+            required=True,
+            options={
+                "type": o("str", "Mount type.", required=True, choices=["bind", "volume"]),
+                "source": o("str", "Host path or volume name.", required=True),
+                "target": o("str", "Container path.", required=True),
+                "read_only": o("bool", "Mounted read-only.", required=True),
+            },
         ),
         "local_dir": o(
             "str",
@@ -112,7 +154,8 @@ TASK_FULL = {
                 required=True
             ),
             "version": o("str", "Branch, tag or commit; null for the remote HEAD."),
-            "mount": o("str", "Container path of the checkout (read-only).", default="/fem/src"),
+            "mount": o("str", "Container path of the checkout (read-only).",
+                       default=schema.SOURCE_MOUNT),
         },
     ),
     "command": o("list", "Argument vector, or null for the image's command.", elements="str"),
@@ -150,7 +193,7 @@ TASK_FULL = {
         "dict",
         "Where the task writes its outputs.",
         options={
-            "path": o("str", "Container path of the output dir.", default="/fem/output"),
+            "path": o("str", "Container path of the output dir.", default=schema.OUTPUT_PATH),
             "upload": o("dict", "Where the listener uploads the outputs archive, or null.",
                         options=UPLOAD),
         },
@@ -322,9 +365,7 @@ def fem_secrets(read: set[str]) -> dict[str, Any]:
 EXECUTOR = {
     "fem_run": FEM_RUN,
     "fem_node_id": FEM_NODE_ID,
-    "fem_task": fem_task(
-        {"task_id", "image", "source", "command", "workdir", "env", "scratch", "outputs"}
-    ),
+    "fem_task": fem_task({"task_id", "image", "command", "workdir", "env"}),
     "fem_datasets": FEM_DATASETS,
     "fem_policy": FEM_POLICY,
 }
@@ -335,7 +376,7 @@ ROLES = {
         {
             "fem_run": FEM_RUN,
             "fem_node_id": FEM_NODE_ID,
-            "fem_task": fem_task({"task_id", "inputs", "scratch"}),
+            "fem_task": fem_task({"task_id", "inputs"}),
             "fem_secrets": fem_secrets({"inputs"}),
             "fem_policy": FEM_POLICY,
             "fem_volumes_download_timeout": o(
@@ -444,7 +485,6 @@ ROLES = {
         "Remove the task's container, scratch volumes and run directory.",
         {
             "fem_run": FEM_RUN,
-            "fem_task": fem_task({"scratch"}),
             "fem_policy": FEM_POLICY,
             "fem_cleanup_keep_run_dir": o(
                 "bool",
@@ -552,16 +592,21 @@ def _fields(options: dict[str, Any], prefix: str) -> list[tuple[str, dict[str, A
     return rows
 
 
+# The extra-vars docs/roles.md shows field by field.
+TABLES = {"fem_task": TASK_FULL, "fem_run": FEM_RUN["options"]}
+
+
 def fem_task_fields() -> list[tuple[str, dict[str, Any]]]:
     """Every field of ``fem_task`` as ``(path, spec)``, depth first; list items as
     ``name[].field``."""
     return _fields(TASK_FULL, "")
 
 
-def fem_task_table() -> str:
-    """The ``fem_task`` table of docs/roles.md."""
+def fields_table(var: str) -> str:
+    """The table of docs/roles.md of extra-var ``var`` (one of :data:`TABLES`), field by
+    field."""
     lines = ["| field | type | meaning |", "|---|---|---|"]
-    for path, spec in fem_task_fields():
+    for path, spec in _fields(TABLES[var], ""):
         kind = spec["type"] + (f" of {spec['elements']}" if "elements" in spec else "")
         extra = ""
         if "choices" in spec:

@@ -391,36 +391,49 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     return RunResult(runner.status, rc, watcher.reports, watcher.verdict(runner.status, rc))
 
 
-def _marked_pids(marker_prefix: str) -> list[int]:
-    """Processes whose ``FEM_JOB_ID`` starts with ``marker_prefix``."""
-    marker = f"FEM_JOB_ID={marker_prefix}".encode()
+# How a run's processes are marked (ansible_env).
+_MARKER = b"FEM_JOB_ID="
+
+
+def _marked_pids(matches: Callable[[str], bool]) -> list[int]:
+    """Processes whose ``FEM_JOB_ID`` ``matches``."""
     pids = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if any(v.startswith(marker) for v in f.read().split(b"\0")):
-                    pids.append(int(entry.name))
+                environ = f.read().split(b"\0")
         except OSError:
             continue
+        if any(v.startswith(_MARKER) and matches(v[len(_MARKER):].decode(errors="replace"))
+               for v in environ):
+            pids.append(int(entry.name))
     return pids
 
 
 def terminate_processes(ident: str, grace_s: float = 3.0) -> None:
-    """SIGTERM every process of a run (ansible cleans up its workers on SIGTERM), then
-    SIGKILL what is left after ``grace_s``."""
-    for pid in _marked_pids(ident):
+    """SIGTERM every process of the run ``ident`` (ansible cleans up its workers on
+    SIGTERM), then SIGKILL what is left after ``grace_s``."""
+    for pid in _marked_pids(ident.__eq__):
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while _marked_pids(ident) and time.monotonic() < deadline:
+    while _marked_pids(ident.__eq__) and time.monotonic() < deadline:
         time.sleep(0.1)
     kill_processes(ident)
 
 
-def kill_processes(marker_prefix: str) -> None:
-    """SIGKILL every process whose marker starts with ``marker_prefix``."""
-    for pid in _marked_pids(marker_prefix):
+def kill_processes(ident: str) -> None:
+    """SIGKILL every process of the run ``ident`` (exactly that marker)."""
+    for pid in _marked_pids(ident.__eq__):
+        _signal(pid, signal.SIGKILL)
+
+
+def kill_task_processes(name: str) -> None:
+    """SIGKILL every process of every run of the task whose object name is ``name``: those
+    whose marker is ``<name>.<anything>`` (a name has no ".", naming.NAME_PATTERN), never
+    another task's whose name merely starts like it."""
+    for pid in _marked_pids(lambda marker: marker.partition(".")[0] == name):
         _signal(pid, signal.SIGKILL)
 
 

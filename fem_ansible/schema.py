@@ -336,7 +336,10 @@ _VALIDATORS = {k: _Validator(v) for k, v in SCHEMAS.items()}
 
 # Container paths a task may never mount over: the engine's and the hardening's own.
 _RESERVED_PATHS = ("/proc", "/sys", "/dev", "/tmp")
+# Where a task's inputs are mounted, and its checkout and output dir unless it says.
 INPUT_MOUNT = "/fem/input"
+SOURCE_MOUNT = "/fem/src"
+OUTPUT_PATH = "/fem/output"
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -545,7 +548,7 @@ def _normalise(msg: dict[str, Any], default_executor: str, default_target: str,
         source = {
             "repo": _source_repo(src["repo"]),
             "version": src.get("version"),
-            "mount": _container_path(src.get("mount", "/fem/src"), "source/mount"),
+            "mount": _container_path(src.get("mount", SOURCE_MOUNT), "source/mount"),
         }
         mounts["source/mount"] = source["mount"]
     inputs = []
@@ -570,7 +573,7 @@ def _normalise(msg: dict[str, Any], default_executor: str, default_target: str,
         for i, d in enumerate(msg.get(kind, [])):
             mounts[f"{kind}/{i}/mount"] = _container_path(d["mount"], f"{kind}/{i}/mount")
     outputs = msg.get("outputs", {})
-    out_path = _container_path(outputs.get("path", "/fem/output"), "outputs/path")
+    out_path = _container_path(outputs.get("path", OUTPUT_PATH), "outputs/path")
     mounts["outputs/path"] = out_path
     _check_disjoint(mounts)
     uploads = {}

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.support.archives import tar_members, uploaded_file
-from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.support.harness import NOTHING_LEFT, leftovers, task_name
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +73,7 @@ def test_tasks_run_on_podman(podman_site):
     logs = tar_members(uploaded_file(env, final["logs"]["url"]))
     assert b"task-done" in logs["stdout.log"] and logs["exit_code"] == b"0\n"
     # podman, not Docker, ran it, once.
-    assert len(podman_starts(f"fem-{site.node}-{tid}", since)) == 1
+    assert len(podman_starts(task_name(site.node, tid), since)) == 1
 
     failed = orch.wait_terminal("podman-exit-3")
     assert failed["state"] == "FAILED" and failed["exit_code"] == 3, orch.events("podman-exit-3")
@@ -95,7 +95,7 @@ def test_cancel_stops_the_podman_container(podman_site):
     site, orch = podman_site, podman_site.orchestrator
     site.listener(site.podman_config)
     tid = "podman-cancel"
-    name = f"fem-{site.node}-{tid}"
+    name = task_name(site.node, tid)
     orch.publish(site.task(tid, executor="podman", command=["sh", "-c", "echo begun; sleep 300"]))
     orch.wait_state(tid, "RUNNING")
     deadline = time.monotonic() + 120

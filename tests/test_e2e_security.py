@@ -22,7 +22,7 @@ import yaml
 
 from fem_ansible.signatures import sign_hmac
 from tests.support.archives import tar_entries, tar_members, uploaded_file
-from tests.support.harness import NOTHING_LEFT, Orchestrator, leftovers
+from tests.support.harness import NOTHING_LEFT, Orchestrator, leftovers, task_name
 from tests.support.secure_services import ProcessSampler, auth_registry, tls_broker
 from tests.support.services import upload_requests
 
@@ -351,7 +351,7 @@ def test_running_container_is_hardened_and_audit_survives_kill_9(site):
     killed with SIGKILL, and the audit log keeps whole lines in the order of the decisions."""
     env, orch = site.env, site.orchestrator
     tid = "hardened"
-    name = f"fem-{site.node}-{tid}"
+    name = task_name(site.node, tid)
     go = site.work_dir / "tasks" / name / "output" / "go"
     # Runs until the test lets it finish, whatever the timing.
     task = site.task(tid, command=["sh", "-c", "id; until [ -e /fem/output/go ]; do sleep 0.2;"
@@ -390,7 +390,7 @@ def test_running_container_is_hardened_and_audit_survives_kill_9(site):
         "/fem/data": (data_dir, False),
     }
     assert {k: v for k, v in cfg["Labels"].items() if k.startswith("fem.")} == {
-        "fem.node_id": site.node, "fem.task_id": tid}
+        "fem.node_id": site.node, "fem.task_id": tid, "fem.purpose": "task"}
 
     listener.kill9()
     lines = (site.work_dir / "audit.jsonl").read_bytes()

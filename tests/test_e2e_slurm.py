@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import slurm
 from tests.support.archives import tar_members, uploaded_file
-from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.support.harness import NOTHING_LEFT, leftovers, task_name
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,7 @@ def test_tasks_run_as_slurm_jobs(slurm_site):
     assert progress and all("Slurm job" in e["message"] for e in progress), events
     (job_id,) = job_ids(events)
     job = scontrol(job_id)
-    name = f"fem-{site.node}-slurm-ok"
+    name = task_name(site.node, "slurm-ok")
     assert job["JobName"] == name and job["JobState"] == "COMPLETED"
     assert job["ExitCode"] == "0:0"
     assert final["source_commit"] == env["FEM_TEST_GIT_COMMIT"]
@@ -112,7 +112,7 @@ def test_tasks_run_as_slurm_jobs(slurm_site):
     assert b"waiting" in tar_members(uploaded_file(env, timed_out["logs"]["url"]))["stdout.log"]
 
     for tid in ("slurm-ok", "slurm-exit-3", "slurm-timeout"):
-        assert active_jobs(f"fem-{site.node}-{tid}") == []
+        assert active_jobs(task_name(site.node, tid)) == []
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
@@ -130,7 +130,7 @@ def test_cancel_while_running_leaves_no_job_and_no_container(slurm_site):
     assert [e["state"] for e in orch.events(tid)][-2:] == ["STAGING_OUT", "CANCELLED"]
     (job_id,) = job_ids(orch.events(tid))
     assert scontrol(job_id)["JobState"] == "CANCELLED"
-    assert active_jobs(f"fem-{site.node}-{tid}") == []
+    assert active_jobs(task_name(site.node, tid)) == []
     logs = tar_members(uploaded_file(site.env, final["logs"]["url"]))
     assert b"started" in logs["stdout.log"]
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
@@ -139,7 +139,7 @@ def test_cancel_while_running_leaves_no_job_and_no_container(slurm_site):
 def test_listener_killed_while_the_job_runs_finds_it_again(slurm_site):
     site, orch = slurm_site, slurm_site.orchestrator
     tid = "slurm-restart"
-    name = f"fem-{site.node}-{tid}"
+    name = task_name(site.node, tid)
     since = subprocess.run(["date", "+%s"], capture_output=True, text=True,
                            check=True).stdout.strip()
     listener = site.listener(site.slurm_config)

@@ -118,13 +118,16 @@ def run_module(module: str, tmp_path: Path, **args: Any) -> tuple[int, dict[str,
 def task(tmp_path: Path):
     """Arguments of one docker_task run in ``tmp_path`` (output/ bound rw), removed after."""
     name = f"fem-test-{uuid.uuid4().hex[:10]}"
+    # The caller names the accounts reader (fem-ansible: naming.object_name), no module
+    # derives it from the task's name.
+    reader = f"fem-test-{uuid.uuid4().hex[:10]}"
     (tmp_path / "logs").mkdir()
     output = tmp_path / "output"
     output.mkdir(mode=0o777)
     output.chmod(0o777)
 
     def args(**overrides: Any) -> dict[str, Any]:
-        base = {"name": name, "image": "127.0.0.1:5000/fem/busybox:1",
+        base = {"name": name, "accounts_name": reader, "image": "127.0.0.1:5000/fem/busybox:1",
                 "fallback_user": FALLBACK, "timeout": 120, "stop_grace": 1,
                 "log_dir": str(tmp_path / "logs"), "log_bytes": 1 << 20,
                 "mounts": [{"source": str(output), "target": "/fem/output",
@@ -133,7 +136,7 @@ def task(tmp_path: Path):
         return base
 
     yield args
-    docker("rm", "-f", name, check=False)
+    docker("rm", "-f", name, reader, check=False)
 
 
 def test_docker_a_name_mapped_to_uid_0_runs_as_the_fallback(toor_image, task, tmp_path):
@@ -157,25 +160,25 @@ def test_podman_a_name_mapped_to_uid_0_runs_as_the_fallback(fem_env, tmp_path):
     (ctx / "Dockerfile").write_text(
         f"FROM {fem_env['FEM_TEST_IMAGE']}\nCOPY passwd group /etc/\nUSER toor\n")
     tag = f"localhost/fem-test/toor:{uuid.uuid4().hex[:8]}"
-    name = f"fem-test-{uuid.uuid4().hex[:10]}"
+    name, leftover = (f"fem-test-{uuid.uuid4().hex[:10]}" for _ in range(2))
     subprocess.run(["podman", "build", "--tls-verify=false", "-q", "-t", tag, str(ctx)],
                    capture_output=True, check=True, timeout=300)
     (tmp_path / "logs").mkdir()
     try:
-        rc, result = run_module("podman_task", tmp_path, name=name, image=tag,
-                                command=["id", "-u"], fallback_user=FALLBACK, timeout=120,
-                                log_dir=str(tmp_path / "logs"), log_bytes=1 << 20, **LIMITS)
+        rc, result = run_module("podman_task", tmp_path, name=name, accounts_name=leftover,
+                                image=tag, command=["id", "-u"], fallback_user=FALLBACK,
+                                timeout=120, log_dir=str(tmp_path / "logs"), log_bytes=1 << 20,
+                                **LIMITS)
         assert rc == 0 and result["user"] == FALLBACK, result
         assert (tmp_path / "logs" / "stdout.log").read_text().strip() == "65534"
         # A leftover reader of the accounts (a killed run's) goes with the task's cleanup.
-        leftover = container.accounts_name(name)
         subprocess.run(["podman", "create", "--name", leftover, "--entrypoint",
                         container.NEVER_STARTED, tag], capture_output=True, check=True)
-        rc, result = run_module("podman_task", tmp_path, name=name, image=tag,
-                                state="absent", log_dir=str(tmp_path / "logs"))
+        rc, result = run_module("podman_task", tmp_path, name=name, accounts_name=leftover,
+                                image=tag, state="absent", log_dir=str(tmp_path / "logs"))
         assert rc == 0 and set(result["removed"]) == {name, leftover}, result
     finally:
-        subprocess.run(["podman", "rm", "-f", name, container.accounts_name(name)],
+        subprocess.run(["podman", "rm", "-f", name, leftover],
                        capture_output=True, check=False)
         subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, check=False)
 
@@ -185,8 +188,7 @@ def test_cli_account_files_read_the_image_through_the_docker_cli(toor_image):
         done = subprocess.run(argv, capture_output=True, check=False)
         return done.stdout if done.returncode == 0 else None
 
-    name = f"fem-test-{uuid.uuid4().hex[:10]}"
-    reader = container.accounts_name(name)
+    reader = f"fem-test-{uuid.uuid4().hex[:10]}"
     # One a killed module left behind (no label) is replaced, then removed.
     docker("create", "--name", reader, "--entrypoint", container.NEVER_STARTED, toor_image)
     made = []
@@ -196,23 +198,24 @@ def test_cli_account_files_read_the_image_through_the_docker_cli(toor_image):
             made.append(argv)
         return stdout_or_none(argv)
 
-    files = container.cli_account_files(recording, "docker", toor_image, name,
+    files = container.cli_account_files(recording, "docker", toor_image, reader,
                                         {"fem.task_id": "t1"})
     assert files == {"/etc/passwd": PASSWD, "/etc/group": GROUP}
     assert container.effective_user("toor", FALLBACK, files) == FALLBACK
     (argv,) = made
     assert argv[argv.index("--name") + 1] == reader
-    assert argv[argv.index("--label") + 1] == "fem.task_id=t1"
+    labels = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--label"]
+    assert labels == ["fem.purpose=accounts", "fem.task_id=t1"]
     assert docker("ps", "-aq", "--filter", f"name={reader}").stdout == ""
 
 
 def test_docker_cleanup_removes_the_accounts_container_a_killed_run_left(
         toor_image, task, tmp_path):
-    """The never-started container that reads the image's accounts is named after the task's
-    container: one a killed module left behind is replaced by the next run and removed by
-    the task's cleanup (state=absent), never left on the engine."""
+    """The never-started container that reads the image's accounts has the name it is given
+    (accounts_name): one a killed module left behind is replaced by the next run and removed
+    by the task's cleanup (state=absent), never left on the engine."""
     args = task(image=toor_image, command=["id", "-u"])
-    leftover = container.accounts_name(args["name"])
+    leftover = args["accounts_name"]
     docker("create", "--name", leftover, "--entrypoint", container.NEVER_STARTED, toor_image)
     rc, result = run_module("docker_task", tmp_path, **args)
     assert rc == 0 and result["user"] == FALLBACK, result

@@ -24,7 +24,6 @@ DATA_DATASET = "legacy-data"
 INPUT_DATASET = "legacy-input"
 # Where the files pushed by receive_files are mounted, read-only, in every legacy task.
 RECEIVED_MOUNT = "/fem/received"
-SOURCE_MOUNT = "/fem/src"
 _SITE_VAR = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)$")
 PLACEHOLDER = re.compile(r"%%([A-Za-z0-9_]+)%%")
 _DIGEST = re.compile(r"^(sha256:)?([a-f0-9]{64})$")
@@ -111,9 +110,9 @@ def _source(source_code: Any) -> dict[str, str] | None:
     if not words:
         return None
     if len(words) == 1:
-        return {"repo": words[0], "mount": SOURCE_MOUNT}
+        return {"repo": words[0], "mount": schema.SOURCE_MOUNT}
     if len(words) == 3 and words[1] in ("--branch", "-b"):
-        return {"repo": words[0], "version": words[2], "mount": SOURCE_MOUNT}
+        return {"repo": words[0], "version": words[2], "mount": schema.SOURCE_MOUNT}
     raise RejectedError("task_info/source_code/url: only '<url> [--branch <name>]' is allowed")
 
 

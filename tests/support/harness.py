@@ -22,6 +22,7 @@ import pika
 import pika.exceptions
 import yaml
 
+from fem_ansible import naming
 from fem_ansible.schema import TERMINAL_STATES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +32,11 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 def new_node_id() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+def task_name(node_id: str, task_id: str) -> str:
+    """The name of a task's container, Slurm job and run dir (fem_ansible.naming)."""
+    return naming.object_name(node_id, task_id, naming.TASK)
 
 
 def site_config(tmp_path: Path, env: dict[str, str], node_id: str, **overrides: Any) -> Path:

@@ -48,9 +48,17 @@ options:
     type: dict
     default: {}
   labels:
-    description: Container labels.
+    description: The task's labels (C(fem.node_id), C(fem.task_id)), on its container and on
+      the O(accounts_name) container, each with C(fem.purpose) V(task) or V(accounts).
     type: dict
     default: {}
+  accounts_name:
+    description:
+      - Name of the never-started container that reads the image's account files when its
+        user is a name; removed with O(state=absent) if a killed module left it.
+      - Required with O(state=present); given by the caller (fem-ansible names every object
+        of a task), never derived from O(name).
+    type: str
   mounts:
     description: Bind mounts and named volumes.
     type: list

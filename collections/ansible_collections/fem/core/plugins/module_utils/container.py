@@ -51,6 +51,9 @@ CONTAINER_OPTIONS = {
     # Laid over env; hidden from the module's logged arguments and results (a legacy token).
     "secret_env": {"type": "dict", "default": {}, "no_log": True},
     "labels": {"type": "dict", "default": {}},
+    # Named by the listener, like the task's container (fem_ansible/naming.py): never made
+    # from the task's name here, where another task's container may be called that.
+    "accounts_name": {"type": "str"},
     "mounts": {
         "type": "list",
         "elements": "dict",
@@ -208,11 +211,16 @@ def account_files(tar_bytes):
     return files
 
 
-def accounts_name(name):
-    """The name of the container that reads the image's account files for the task
-    container ``name``: named after it, so that the task's cleanup (``state=absent``)
-    removes it too when a module was killed before it could."""
-    return f"{name}-accounts"
+# What a task's object is for, beside the task's own labels (fem.node_id, fem.task_id), so a
+# sweep selects by exact labels; the values are fem_ansible/naming.py's purposes.
+PURPOSE_LABEL = "fem.purpose"
+TASK_PURPOSE = "task"
+ACCOUNTS_PURPOSE = "accounts"
+
+
+def object_labels(labels, purpose):
+    """The task's ``labels`` as engines take them (strings), with the object's ``purpose``."""
+    return {**{k: str(v) for k, v in labels.items()}, PURPOSE_LABEL: purpose}
 
 
 def label_args(labels):
@@ -221,17 +229,17 @@ def label_args(labels):
             for arg in ("--label", f"{key}={value}")]
 
 
-def cli_account_files(run, runtime, image, name, labels):
+def cli_account_files(run, runtime, image, container, labels):
     """The image's account files through an engine's CLI (``docker`` or ``podman``): a
-    container (:func:`accounts_name` of ``name``, with the task's ``labels``) created and
-    never started, copied from, removed.  ``run(argv)`` returns the command's stdout as
-    bytes, None when it failed.
+    container named ``container`` (the task's ``accounts_name``, with its ``labels``)
+    created and never started, copied from, removed.  ``run(argv)`` returns the command's
+    stdout as bytes, None when it failed.
 
     :raises ValueError: when the engine cannot create the container.
     """
-    container = accounts_name(name)
     run([runtime, "rm", "--force", container])  # one a killed module left behind
-    created = run([runtime, "create", "--name", container, *label_args(labels), "--network",
+    created = run([runtime, "create", "--name", container,
+                   *label_args(object_labels(labels, ACCOUNTS_PURPOSE)), "--network",
                    "none", "--entrypoint", NEVER_STARTED, "--", image])
     if created is None:
         raise ValueError(f"cannot read the user accounts of image {image}")
@@ -386,7 +394,7 @@ def run_argv(runtime, p, user, env_file=None, create=False):
     verb = ["create"] if create else ["run", "--rm"]
     argv = [runtime, *verb, "--name", p["name"], "--user", user,
             "--network", p["network_mode"], "--ipc", "private", *init_args(runtime)]
-    argv += label_args(p["labels"])
+    argv += label_args(object_labels(p["labels"], TASK_PURPOSE))
     if p["read_only"]:
         argv.append("--read-only")
     for cap in p["cap_drop"]:

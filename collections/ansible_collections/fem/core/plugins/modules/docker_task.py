@@ -38,7 +38,7 @@ description:
     O(stop_grace)), which is how a task is cancelled. The run waiting for it then collects
     it as exited.
   - With O(state=absent) it removes the container (killing it if it runs, with its anonymous
-    volumes), the never-started C(<name>-accounts) container that reads the image's account
+    volumes), the never-started O(accounts_name) container that reads the image's account
     files if a killed module left it, and the named O(volumes); objects already gone are
     fine.
   - Talks to the engine through the Docker SDK for Python (C(docker)); C(DOCKER_HOST) and
@@ -108,7 +108,8 @@ author:
 EXAMPLES = r"""
 - name: Run the task container
   fem.core.docker_task:
-    name: fem-node1-task42
+    name: fem-node1-task42-5ac623931b04083beed07f01ae6e5e04
+    accounts_name: fem-node1-task42-accounts-06f752a721ec802f64bfd59b7ee6d0f7
     image: registry.example.org/lab/train:1.2
     command: [python, train.py]
     labels: {fem.node_id: node1, fem.task_id: task42}
@@ -187,19 +188,21 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.fem.core.plugins.module_utils.container import (
     ACCOUNT_FILES,
+    ACCOUNTS_PURPOSE,
     CONTAINER_OPTIONS,
     LIMIT_OPTIONS,
     NEVER_STARTED,
     STOP_EXIT_CODES,
+    TASK_PURPOSE,
     OutputWatch,
     StopRequest,
     account_files,
-    accounts_name,
     check_limits,
     effective_user,
     engine_log_bytes,
     nano_cpus,
     needs_accounts,
+    object_labels,
     write_capped,
 )
 from ansible_collections.fem.core.plugins.module_utils.container import (
@@ -327,18 +330,13 @@ class TaskRunner:
             )
         return config.get("User") or ""
 
-    def labels(self):
-        """The task's labels as the engine takes them (strings), on its container and on the
-        one that reads the image's accounts."""
-        return {k: str(v) for k, v in self.p["labels"].items()}
-
     def image_accounts(self):
         """The image's account files, from a container created and never started."""
-        name = accounts_name(self.p["name"])
+        name = self.p["accounts_name"]
         self.remove_container(name)  # one a killed module left behind
         created = self.api.create_container(
             image=self.p["image"], entrypoint=[NEVER_STARTED], network_disabled=True,
-            name=name, labels=self.labels())
+            name=name, labels=object_labels(self.p["labels"], ACCOUNTS_PURPOSE))
         files = {}
         try:
             for path in ACCOUNT_FILES:
@@ -362,7 +360,7 @@ class TaskRunner:
             command=p["command"],
             working_dir=p["workdir"] or None,
             environment={k: str(v) for k, v in {**p["env"], **p["secret_env"]}.items()},
-            labels=self.labels(),
+            labels=object_labels(p["labels"], TASK_PURPOSE),
             user=user,
             host_config=self.api.create_host_config(**host_config_kwargs(p)),
         )
@@ -454,8 +452,8 @@ class TaskRunner:
     def remove(self):
         """Remove the container (killed if running, anonymous volumes too), the one that
         read the image's accounts if a killed run left it, and the volumes."""
-        removed = [name for name in (self.p["name"], accounts_name(self.p["name"]))
-                   if self.remove_container(name)]
+        removed = [name for name in (self.p["name"], self.p["accounts_name"])
+                   if name and self.remove_container(name)]
         for volume in self.p["volumes"]:
             try:
                 self.api.remove_volume(volume, force=True)
@@ -528,8 +526,8 @@ def main():
             "api_timeout": {"type": "int", "default": 60},
         },
         required_if=[
-            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes",
-                                  *LIMIT_OPTIONS)),
+            ("state", "present", ("image", "accounts_name", "fallback_user", "timeout",
+                                  "log_dir", "log_bytes", *LIMIT_OPTIONS)),
         ],
         supports_check_mode=True,
     )

@@ -42,7 +42,7 @@ description:
   - A non-zero exit code is a result, not a failure.
   - With O(state=stopped) it stops the container if it runs; with O(state=absent) it
     removes the container (killing it if it runs, with its anonymous volumes), the
-    never-started C(<name>-accounts) container that reads the image's account files if a
+    never-started O(accounts_name) container that reads the image's account files if a
     killed module left it, and the named O(volumes); objects already gone are fine.
 options:
   image:
@@ -97,7 +97,8 @@ author:
 EXAMPLES = r"""
 - name: Run the task container on podman
   fem.core.podman_task:
-    name: fem-node1-task42
+    name: fem-node1-task42-5ac623931b04083beed07f01ae6e5e04
+    accounts_name: fem-node1-task42-accounts-06f752a721ec802f64bfd59b7ee6d0f7
     image: registry.example.org/lab/train:1.2
     command: [python, train.py]
     labels: {fem.node_id: node1, fem.task_id: task42}
@@ -179,7 +180,6 @@ from ansible_collections.fem.core.plugins.module_utils.container import (
     STOP_EXIT_CODES,
     OutputWatch,
     StopRequest,
-    accounts_name,
     cli_account_files,
     effective_user,
     needs_accounts,
@@ -248,7 +248,7 @@ class PodmanTask:
         files = None
         if needs_accounts(image_user):
             files = cli_account_files(self.stdout_or_none, p["executable"], p["image"],
-                                      p["name"], p["labels"])
+                                      p["accounts_name"], p["labels"])
         user = effective_user(image_user, p["fallback_user"], files)
         fd, env_file = tempfile.mkstemp(prefix=".env-", dir=p["log_dir"])
         os.close(fd)
@@ -338,8 +338,8 @@ class PodmanTask:
             self.podman("rm", "--force", "--volumes", "--time", str(self.p["stop_grace"]),
                         self.p["name"], timeout=self.p["stop_grace"] + self.p["api_timeout"])
             removed.append(self.p["name"])
-        accounts = accounts_name(self.p["name"])
-        if self.inspect("container", accounts) is not None:  # left by a killed run
+        accounts = self.p["accounts_name"]
+        if accounts and self.inspect("container", accounts) is not None:  # a killed run's
             self.podman("rm", "--force", accounts)
             removed.append(accounts)
         for volume in self.p["volumes"]:
@@ -402,8 +402,8 @@ def main():
             "api_timeout": {"type": "int", "default": 60},
         },
         required_if=[
-            ("state", "present", ("image", "fallback_user", "timeout", "log_dir", "log_bytes",
-                                  *LIMIT_OPTIONS)),
+            ("state", "present", ("image", "accounts_name", "fallback_user", "timeout",
+                                  "log_dir", "log_bytes", *LIMIT_OPTIONS)),
         ],
         supports_check_mode=True,
     )

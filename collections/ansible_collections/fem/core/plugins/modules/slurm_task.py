@@ -86,9 +86,16 @@ options:
     type: dict
     default: {}
   labels:
-    description: Container labels.
+    description: The task's labels (C(fem.node_id), C(fem.task_id)), on its container and on
+      the O(accounts_name) container, each with C(fem.purpose) V(task) or V(accounts).
     type: dict
     default: {}
+  accounts_name:
+    description:
+      - Name of the never-started container that reads the image's account files on the
+        login node's engine when the image's user is a name. Required with
+        O(state=submitted); given by the caller, never derived from O(name).
+    type: str
   mounts:
     description: Bind mounts and named volumes, as for M(fem.core.docker_task).
     type: list
@@ -201,9 +208,10 @@ author:
 EXAMPLES = r"""
 - name: Submit the task's job
   fem.core.slurm_task:
-    name: fem-node1-task42
+    name: fem-node1-task42-5ac623931b04083beed07f01ae6e5e04
     state: submitted
-    run_dir: /shared/fem/tasks/fem-node1-task42
+    accounts_name: fem-node1-task42-accounts-06f752a721ec802f64bfd59b7ee6d0f7
+    run_dir: /shared/fem/tasks/fem-node1-task42-5ac623931b04083beed07f01ae6e5e04
     image: registry.example.org/lab/train:1.2
     command: [python, train.py]
     fallback_user: "65534:65534"
@@ -426,8 +434,8 @@ class SlurmTask:
         image_user = self.image_user()
         files = None
         if needs_accounts(image_user):
-            files = cli_account_files(stdout_or_none, p["runtime"], p["image"], p["name"],
-                                      p["labels"])
+            files = cli_account_files(stdout_or_none, p["runtime"], p["image"],
+                                      p["accounts_name"], p["labels"])
         user = effective_user(image_user, p["fallback_user"], files)
         env_file = self.path("env")
         write_env_file(env_file, p["env"])
@@ -573,8 +581,8 @@ def main():
     module = AnsibleModule(
         argument_spec=spec,
         required_if=[
-            ("state", "submitted", ("image", "fallback_user", "timeout", "log_bytes",
-                                    *LIMIT_OPTIONS)),
+            ("state", "submitted", ("image", "accounts_name", "fallback_user", "timeout",
+                                    "log_bytes", *LIMIT_OPTIONS)),
             ("state", "present", ("timeout", "log_dir", "log_bytes")),
         ],
         supports_check_mode=True,
