@@ -14,7 +14,6 @@ import logging
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -260,6 +259,8 @@ class _Execution(RunHooks):
         self._stage: str | None = None
         self._stopper: threading.Thread | None = None
         self._stopper_lock = threading.Lock()
+        # Set once the task playbook is over: the stopper's loop ends at once.
+        self._play_over = threading.Event()
         if isinstance(cancel, CancelRequest):
             cancel.on_request(self._start_stopper)
         # The state of the last event, which a progress event repeats.
@@ -551,12 +552,22 @@ class _Execution(RunHooks):
                 (Path(self._host_run_dir()) / "stop").touch(mode=0o600)
         while self._stage == "run":
             log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
-            result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(), lambda: False)
+            # Ended by the runner as soon as the play is over: nothing left to stop then.
+            result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(),
+                                  self._play_over.is_set)
             if result.failure is not None and self._stage == "run":
                 # (once the play has left the run stage its end also ends this stop run)
                 log.warning("%s: stopping the container failed: %s", self.tid,
                             result.failure.message, extra={"task_id": self.tid})
-            time.sleep(STOP_RETRY_S)
+            if self._play_over.wait(STOP_RETRY_S):
+                return
+
+    def _end_stopper(self) -> None:
+        """The play is over: a stop run still under way is ended (its runner polls
+        ``_play_over``) before the terminal event, so that nothing of the task outlives it."""
+        self._play_over.set()
+        if self._stopper is not None:
+            self._stopper.join()
 
     def _cleanup(self) -> None:
         """Run only the cleanup stage, after a playbook that was stopped midway."""
@@ -574,6 +585,7 @@ class _Execution(RunHooks):
 
     def _finish(self, outcome: RunResult) -> dict[str, Any]:
         """The terminal event: Ansible's verdict on the playbook first, then the uploads."""
+        self._end_stopper()
         failure = outcome.failure
         if failure is not None and failure.code == "disk_full" and outcome.status == "failed":
             self._free_disk()

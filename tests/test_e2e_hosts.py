@@ -20,7 +20,7 @@ from fem_ansible.runner import collections_view
 from fem_ansible.targets import Inventory, check_host, inventory_path
 from tests.support import ssh
 from tests.support.archives import tar_members, uploaded_file
-from tests.support.harness import NOTHING_LEFT, leftovers
+from tests.support.harness import NOTHING_LEFT, leftovers, task_name
 from tests.test_e2e_doctor import doctor, line
 
 pytestmark = pytest.mark.e2e
@@ -148,7 +148,7 @@ def test_a_host_that_goes_away_mid_task_ends_it_once_within_its_bound(site, ssh_
         "sh", "-c", "sleep 40; echo done > /fem/output/done"],
         resources={"memory": "128Mi", "timeout_s": 120}))
     orch.wait_state("host-away", "RUNNING", timeout=180)
-    name = f"fem-{site.node}-host-away"
+    name = task_name(site.node, "host-away")
     deadline = time.monotonic() + 60
     while subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", name],
                          capture_output=True, text=True).stdout.strip() != "true":

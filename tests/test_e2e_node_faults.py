@@ -13,7 +13,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from tests.support.harness import AMQP_URL, NOTHING_LEFT, Listener, leftovers
+from tests.support.harness import AMQP_URL, NOTHING_LEFT, Listener, leftovers, task_name
 from tests.support.own_dockerd import OwnDockerd
 from tests.test_e2e_doctor import doctor, line
 from tests.test_e2e_metrics import free_port, scrape, value
@@ -264,7 +264,7 @@ def test_the_engine_restarted_under_a_task_ends_it_once(site, own_engine):
     lst = site.listener()
     try:
         status.wait(accepting=True)
-        name = f"fem-{site.node}-eng"
+        name = task_name(site.node, "eng")
         orch.publish(site.task("eng", source=None, datasets=None, command=[
             "sh", "-c", "sleep 20; echo done > /fem/output/done"],
             resources={"memory": "128Mi", "timeout_s": 120}))
