@@ -40,6 +40,7 @@ from .runner import (
 )
 from .site_roles import roles_path
 from .sizes import format_bytes
+from .stages import STATE_STAGE, Stage
 from .targets import Targets, control_dir, inventory_path, ssh_env
 from .transfer import Archive, upload
 
@@ -257,7 +258,7 @@ class _Execution(RunHooks):
         }
         self.stages_done = list(rec.stages_done)
         self.result = dict(rec.result)
-        self._stage: str | None = None
+        self._stage: Stage | None = None
         self._stopper: threading.Thread | None = None
         self._stopper_lock = threading.Lock()
         if isinstance(cancel, CancelRequest):
@@ -278,30 +279,30 @@ class _Execution(RunHooks):
         self.node.notify()
         return stored
 
-    def _stage_done(self, stage: str) -> None:
+    def _stage_done(self, stage: Stage) -> None:
         if stage not in self.stages_done:
             self.stages_done.append(stage)
             self.journal.update(self.tid, stages_done=self.stages_done)
 
     # RunHooks (called from ansible-runner's thread) ----------------------------------------
 
-    def on_stage(self, stage: str) -> None:
+    def on_stage(self, stage: Stage) -> None:
         # A marker of the main block: the stage before it ended well, since a failure that
         # was not rescued sends the play to cleanup (always) past every marker left.  The
         # cleanup marker is reached whatever happened before it.
-        if stage != "cleanup" and self._stage not in (None, "cleanup", "done"):
+        if stage != Stage.CLEANUP and self._stage not in (None, Stage.CLEANUP, Stage.DONE):
             self._stage_done(self._stage)
         self._stage = stage
-        if stage == "done":
-            self._stage_done("stage_out")
-        elif stage == "run":
+        if stage == Stage.DONE:
+            self._stage_done(Stage.STAGE_OUT)
+        elif stage == Stage.RUN:
             self.node.audit.record(
                 "run", self.tid, host=self.known["host"], image=self.task["image"]["ref"],
                 image_digest=self.known["image_digest"],
                 source_commit=self.known["source_commit"],
                 datasets=[d["name"] for d in self.task["datasets"]], attempt=self.rec.attempt)
             self.emit("RUNNING", f"running {self.task['image']['ref']}")
-        elif stage == "stage_out":
+        elif stage == Stage.STAGE_OUT:
             self.emit("STAGING_OUT", "archiving outputs and logs")
 
     def on_report(self, data: dict[str, Any]) -> None:
@@ -331,8 +332,7 @@ class _Execution(RunHooks):
             # An earlier listener process died in this task: whatever of its playbook still
             # runs is stopped first, so that two attempts never work side by side.
             kill_task_processes(self.node.object_name(self.tid))
-            stage = {"RUNNING": "run", "STAGING_OUT": "stage_out"}.get(self.rec.state,
-                                                                      "stage_in")
+            stage = STATE_STAGE.get(self.rec.state, Stage.STAGE_IN)
             full = below_floor(self.config.work_dir, max(self.config.execution.min_free_bytes, 1))
             if full:
                 # Recovered on a file system below its floor (this task may well have filled
@@ -362,7 +362,7 @@ class _Execution(RunHooks):
         if host is None:
             return self._end(self.emit(
                 "FAILED", f"no inventory host for target {self.task['target']}",
-                error=_error("input_failed", "stage_in",
+                error=_error("input_failed", Stage.STAGE_IN,
                              f"target {self.task['target']} has no host in the inventory")))
         self.known["host"] = host
         self.journal.update(self.tid, host=host)
@@ -373,13 +373,13 @@ class _Execution(RunHooks):
 
     def _attempt(self, resumed: bool) -> dict[str, Any]:
         """The attempt on the host it holds, from the stage the journal says is next."""
-        if "stage_out" in self.stages_done:
+        if Stage.STAGE_OUT in self.stages_done:
             # Only the uploads and the terminal event were left to do.
             self._cleanup()
             return self._end(self._finish(RunResult("successful", 0, {}, None)))
         if resumed and not self.stages_done:
             self._cleanup()  # what a broken stage-in left is removed before it is redone
-        if "stage_in" not in self.stages_done:
+        if Stage.STAGE_IN not in self.stages_done:
             self.emit("STAGING_IN", "preparing volumes, image and source")
         outcome = self._run_task_playbook()
         if self.node.abandon.is_set() and outcome.status == "canceled":
@@ -392,7 +392,7 @@ class _Execution(RunHooks):
         picked was unreachable before anything was done there (Targets.retry_host)."""
         tried: list[str] = []
         while True:
-            spec = self._spec(skip_tags=[s for s in self.stages_done if s != "stage_out"])
+            spec = self._spec(skip_tags=[s for s in self.stages_done if s != Stage.STAGE_OUT])
             outcome = run_playbook(spec, self, self._should_stop)
             if self._stage is None and outcome.status == "successful":
                 log.warning("%s: the playbook %s marked no stage (set_stats fem_stage): no "
@@ -525,17 +525,17 @@ class _Execution(RunHooks):
             return True
         if not self.cancel.is_set():
             return False
-        if self._stage == "run":
+        if self._stage == Stage.RUN:
             self._start_stopper()
             return False
-        if self._stage == "stage_out" and self._stopper is not None:
+        if self._stage == Stage.STAGE_OUT and self._stopper is not None:
             return False  # staging out the logs of the run the cancel stopped
-        return self._stage not in ("done", "cleanup")
+        return self._stage not in (Stage.DONE, Stage.CLEANUP)
 
     def _start_stopper(self) -> None:
         """Stop the container, once, if the play is in the run stage."""
         with self._stopper_lock:
-            if self._stage == "run" and self._stopper is None and self.cancel.is_set():
+            if self._stage == Stage.RUN and self._stopper is None and self.cancel.is_set():
                 self._stopper = threading.Thread(target=self._stop_container, daemon=True)
                 self._stopper.start()
 
@@ -549,10 +549,10 @@ class _Execution(RunHooks):
         if self.node.targets.is_local(self.known["host"]):
             with contextlib.suppress(OSError):  # not there yet: the playbook asks again
                 (Path(self._host_run_dir()) / "stop").touch(mode=0o600)
-        while self._stage == "run":
+        while self._stage == Stage.RUN:
             log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
             result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(), lambda: False)
-            if result.failure is not None and self._stage == "run":
+            if result.failure is not None and self._stage == Stage.RUN:
                 # (once the play has left the run stage its end also ends this stop run)
                 log.warning("%s: stopping the container failed: %s", self.tid,
                             result.failure.message, extra={"task_id": self.tid})
@@ -560,7 +560,7 @@ class _Execution(RunHooks):
 
     def _cleanup(self) -> None:
         """Run only the cleanup stage, after a playbook that was stopped midway."""
-        run_playbook(self._spec(tags=["cleanup"]), RunHooks(), lambda: False)
+        run_playbook(self._spec(tags=[Stage.CLEANUP]), RunHooks(), lambda: False)
 
     def _free_disk(self) -> None:
         """The work dir's file system filled during this task's run, which was stopped
@@ -569,7 +569,7 @@ class _Execution(RunHooks):
         cleanup run keeps its own files in the system's temp dir, off the full file system."""
         shutil.rmtree(self.node.run_dir(self.tid) / "artifacts", ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f"fem-{self.tid}-") as tmp:
-            run_playbook(self._spec(tags=["cleanup"], private_data_dir=Path(tmp)), RunHooks(),
+            run_playbook(self._spec(tags=[Stage.CLEANUP], private_data_dir=Path(tmp)), RunHooks(),
                          lambda: False)
 
     def _finish(self, outcome: RunResult) -> dict[str, Any]:
@@ -581,13 +581,13 @@ class _Execution(RunHooks):
             # The playbook was stopped before its own cleanup could run.
             self._cleanup()
             return self.emit("CANCELLED", self._cancelled_by(),
-                             error=_error("cancelled", "run", self._cancelled_by()))
+                             error=_error("cancelled", Stage.RUN, self._cancelled_by()))
         if outcome.status == "timeout":
             self._cleanup()
         if failure is not None:
             return self.emit("FAILED", failure.message,
                              error=_error(failure.code, failure.stage, failure.message))
-        self._stage_done("stage_out")
+        self._stage_done(Stage.STAGE_OUT)
         exit_code = self.result.get("exit_code")
         timed_out = bool(self.result.get("timed_out"))
         try:
@@ -601,14 +601,14 @@ class _Execution(RunHooks):
         if timed_out:
             limit = self.task["resources"]["timeout_s"]
             return self.emit("TIMED_OUT", f"stopped after {limit}s", exit_code=None,
-                             error=_error("timeout", "run", f"ran longer than {limit}s"),
+                             error=_error("timeout", Stage.RUN, f"ran longer than {limit}s"),
                              **reports)
         # A tool that exited by itself before the stop reached it ends by its exit code, as
         # if no stop had been asked (DESIGN.md); an executor that does not report
         # fem_stopped (Slurm) is taken as stopped.
         if self.cancel.is_set() and self.result.get("stopped", True):
             return self.emit("CANCELLED", self._cancelled_by(), exit_code=None,
-                             error=_error("cancelled", "run", self._cancelled_by()),
+                             error=_error("cancelled", Stage.RUN, self._cancelled_by()),
                              **reports)
         if self.result.get("oom_killed") and exit_code != 0:
             # Not a bare 137: the kernel's OOM killer ended it, at the task's memory limit.
@@ -616,11 +616,11 @@ class _Execution(RunHooks):
             message = (f"the kernel killed the container for memory (limit {limit}, exit "
                        f"{exit_code})")
             return self.emit("FAILED", message, exit_code=exit_code,
-                             error=_error("oom_killed", "run", message), **reports)
+                             error=_error("oom_killed", Stage.RUN, message), **reports)
         if exit_code != 0:
             return self.emit("FAILED", f"the container exited with {exit_code}",
                              exit_code=exit_code,
-                             error=_error("execution_failed", "run",
+                             error=_error("execution_failed", Stage.RUN,
                                           f"the container exited with {exit_code}"),
                              **reports)
         return self.emit("COMPLETED", "completed", exit_code=0, **reports)
@@ -640,7 +640,7 @@ class _Execution(RunHooks):
             path = where.get("path")
             if not path or not Path(path).is_file():
                 raise TaskFailed(f"the {kind} archive was not brought back",
-                                 code="stage_out_failed", stage="stage_out")
+                                 code="stage_out_failed", stage=Stage.STAGE_OUT)
             archive = Archive.of(path)
             target = self.task[kind]["upload"]
             if kind == "logs" and not self.config.policy.share_logs:

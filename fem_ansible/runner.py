@@ -36,6 +36,7 @@ import ansible_runner
 from . import diskspace, fastpath, unsafe, vault
 from .errors import ConfigError
 from .fastpath import data_dir, derived_cache
+from .stages import Stage
 from .verdict import Failure, PlayWatcher
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class RunResult:
 class RunHooks:
     """Callbacks a run calls from ansible-runner's thread; all optional."""
 
-    def on_stage(self, stage: str) -> None:
+    def on_stage(self, stage: Stage) -> None:
         """The play entered a stage: a marker (docs/roles.md, "Stages") named it."""
 
     def on_report(self, data: dict[str, Any]) -> None:
