@@ -10,6 +10,7 @@ done by the playbook's roles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import tempfile
@@ -376,7 +377,7 @@ class _Execution(RunHooks):
         if Stage.STAGE_OUT in self.stages_done:
             # Only the uploads and the terminal event were left to do.
             self._cleanup()
-            return self._end(self._finish(RunResult("successful", 0, {}, None)))
+            return self._end(self._finish(RunResult("successful", 0, None)))
         if resumed and not self.stages_done:
             self._cleanup()  # what a broken stage-in left is removed before it is redone
         if Stage.STAGE_IN not in self.stages_done:
@@ -420,16 +421,21 @@ class _Execution(RunHooks):
         self.node.prune_runs()
         return event
 
+    @functools.cached_property
+    def decision(self) -> policy.Decision:
+        """Decided once, at intake, and journaled with the task; a task journaled by an
+        earlier version without it is decided again, once for the attempt, when its first
+        run is made."""
+        if self.rec.decision:
+            return policy.Decision(**self.rec.decision)
+        return policy.decide(self.task, self.config, self.node.run_datasets(self.task))
+
     def _spec(self, tags: list[str] | None = None, skip_tags: list[str] | None = None,
               playbook: str | None = None, private_data_dir: Path | None = None) -> RunSpec:
         """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``);
         ``private_data_dir``: ansible-runner's files elsewhere than under the task's run
         dir."""
-        config, task = self.config, self.task
-        # Decided once, at intake, and journaled with the task; a task journaled by an
-        # earlier version without it is decided again.
-        decision = (policy.Decision(**self.rec.decision) if self.rec.decision
-                    else policy.decide(task, config, self.node.run_datasets(task)))
+        config, task, decision = self.config, self.task, self.decision
         pdd = self.node.run_dir(self.tid)
         (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
         pdd.chmod(0o700)

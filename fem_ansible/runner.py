@@ -150,14 +150,12 @@ class RunResult:
     Attributes:
         status: ansible-runner's (``successful``, ``failed``, ``timeout``, ``canceled``).
         rc: ansible-playbook's exit code.
-        reports: what roles reported with ``set_stats`` (docs/roles.md).
         failure: None when Ansible says the run succeeded, else why it failed
             (:mod:`fem_ansible.verdict`).
     """
 
     status: str
     rc: int
-    reports: dict[str, Any]
     failure: Failure | None
 
 
@@ -386,10 +384,10 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
               time.monotonic() - started)
     rc = runner.rc or 0
     if full is not None:
-        return RunResult("failed", rc, watcher.reports, watcher.node_fault(
+        return RunResult("failed", rc, watcher.node_fault(
             "disk_full", f"the run's output could not be written ({full.strerror}): "
             f"{diskspace.describe(pdd)}"))
-    return RunResult(runner.status, rc, watcher.reports, watcher.verdict(runner.status, rc))
+    return RunResult(runner.status, rc, watcher.verdict(runner.status, rc))
 
 
 # How a run's processes are marked (ansible_env).

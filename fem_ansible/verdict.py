@@ -85,7 +85,6 @@ class PlayWatcher:
 
     def __init__(self, hooks: StageHooks):
         self.hooks = hooks
-        self.reports: dict[str, Any] = {}
         self.stage: Stage | None = None
         self._code = STAGE_CODES[Stage.STAGE_IN]
         self._pending: list[Failure] = []  # failures of the main block since its last marker
@@ -121,7 +120,6 @@ class PlayWatcher:
         if data.get("fem_stage") in tuple(Stage):
             self._marker(Stage(data["fem_stage"]), data.get("fem_error_code"))
         if report:
-            self.reports.update(report)
             self.hooks.on_report(report)
 
     def _marker(self, stage: Stage, code: Any) -> None:
