@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import fastpath, naming, policy, schema
+from . import fastpath, naming, policy, runspec
 from .audit import AuditLog
 from .config import Config
 from .diskspace import below_floor
@@ -28,29 +28,25 @@ from .errors import RejectedError, TaskFailed
 from .events import task_event
 from .intake import Intake, Task
 from .journal import Journal, TaskRecord
-from .refs import parse_image, redact_url, split_url
+from .refs import redact_url
 from .runner import (
     RunHooks,
     RunResult,
     RunSpec,
     collections_view,
-    data_dir,
     kill_task_processes,
     run_playbook,
     scan_cache_dir,
 )
-from .site_roles import roles_path
 from .sizes import format_bytes
 from .stages import STATE_STAGE, Stage
-from .targets import Targets, control_dir, inventory_path, ssh_env
+from .targets import Targets
 from .transfer import Archive, upload
 
 log = logging.getLogger(__name__)
 
 # How often a cancel stops the container again while the play is still in the run stage.
 STOP_RETRY_S = 2.0
-# Room for ansible itself above the container's own timeout before the playbook is killed.
-PLAYBOOK_MARGIN_S = 600
 # Longest upload of each archive of a run a cancel stopped (its logs are still sent).
 STOPPED_UPLOAD_S = 60.0
 
@@ -432,93 +428,16 @@ class _Execution(RunHooks):
 
     def _spec(self, tags: list[str] | None = None, skip_tags: list[str] | None = None,
               playbook: str | None = None, private_data_dir: Path | None = None) -> RunSpec:
-        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``);
-        ``private_data_dir``: ansible-runner's files elsewhere than under the task's run
-        dir."""
-        config, task, decision = self.config, self.task, self.decision
-        pdd = self.node.run_dir(self.tid)
-        (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
-        pdd.chmod(0o700)
-        name = self.node.object_name(self.tid)
-        image = parse_image(task["image"]["ref"])
-        builtin = data_dir()
-        if playbook:
-            path = builtin / "playbooks" / playbook
-        elif config.execution.playbook:
-            path = Path(config.execution.playbook).absolute()
-        else:
-            path = builtin / "playbooks" / "task.yml"
-        suffix = "-".join(tags or []) or (playbook or "").removesuffix(".yml")
-        ident = f"{name}.a{self.rec.attempt}" + (f"-{suffix}" if suffix else "")
-        ssh_dir = control_dir(config, ident)
-        host = self.known["host"]
-        inventory = inventory_path(config)
-        return RunSpec(
-            # Runs beside the main one (stop, cleanup) get their own private data dir:
-            # ansible-runner runs sharing one corrupt each other's env/.
-            private_data_dir=private_data_dir or (pdd / "aux" / suffix if suffix else pdd),
-            # The marker of every process of the run; "." cannot occur in a name.
-            ident=ident,
-            playbook=path,
-            inventory=inventory,
-            limit=host,
-            roles_path=roles_path(config),
-            collections=self.node.collections,
-            scan_cache=self.node.scan_cache,
-            extravars={
-                "fem_task": schema.public_task(task),
-                "fem_node_id": config.node_id,
-                "fem_run": {
-                    # Names, dirs (on the host's own work dir: inventory var fem_work_dir,
-                    # docs/hosts.md) and mounts; the image's repository as engines spell it.
-                    **naming.fem_run(
-                        config.node_id, task, decision.policy, decision.datasets,
-                        host_work_dir=self.node.targets.work_dir(host),
-                        attempt=self.rec.attempt, local_dir=str(pdd)),
-                    "image_repositories": image.repo_digest_names,
-                    "min_free_bytes": config.execution.min_free_bytes,
-                },
-                "fem_datasets": decision.datasets,
-                "fem_policy": decision.policy,
-            },
-            secrets=self._secrets(image.registry),
-            tags=tags or [],
-            skip_tags=skip_tags or [],
-            timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
-            env=ssh_env(config, ssh_dir),
-            # Mitogen's start (multiplexer, then the host's interpreter: ~1.8 s here) pays
-            # for itself over the task playbook's module calls, not in the one-call stop
-            # and cleanup runs, where it would only delay a cancel (docs/decisions.md).
-            strategy=config.execution.strategy if not (playbook or tags) else "linear",
-            ssh_control_dir=ssh_dir,
-        )
+        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``)
+        on the host it holds now (:func:`fem_ansible.runspec.build`)."""
+        return runspec.build(self.node, self.rec, self.decision, self.known["host"],
+                             tags=tags, skip_tags=skip_tags, playbook=playbook,
+                             private_data_dir=private_data_dir)
 
     def _host_run_dir(self) -> str:
         """``fem_run.dir``: the task's work dir on the host it runs on."""
         host = self.known["host"]
         return naming.run_dir(self.node.targets.work_dir(host), self.node.object_name(self.tid))
-
-    def _secrets(self, registry: str) -> dict[str, Any]:
-        """``fem_secrets``: credentials from the site config for this task's ``registry`` and
-        git host, and the real input URLs and headers (docs/roles.md)."""
-        config, task = self.config, self.task
-        registry_auth = {}
-        if registry in config.registries:
-            cred = config.registries[registry]
-            registry_auth[registry] = {"username": cred.username,
-                                       "password": _read_secret(cred.password_file)}
-        git = None
-        if task["source"]:
-            host = split_url(task["source"]["repo"]).hostname or ""
-            if host in config.sources:
-                cred = config.sources[host]
-                git = {"username": cred.username, "token": _read_secret(cred.token_file)}
-        return {
-            "registry_auth": registry_auth,
-            "git": git,
-            "inputs": [{"url": i["url"], "headers": i["headers"]} for i in task["inputs"]],
-            "env": dict(self.node.run_secret_env(task)),
-        }
 
     def _should_stop(self) -> bool:
         """Polled by the runner about once a second: should the playbook be killed?
@@ -669,7 +588,3 @@ class _Execution(RunHooks):
 
 def _error(code: str, stage: str, message: str) -> dict[str, str]:
     return {"code": code, "stage": stage, "message": message}
-
-
-def _read_secret(path: str) -> str:
-    return Path(path).read_text(encoding="utf-8").strip()
