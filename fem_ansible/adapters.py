@@ -2,7 +2,7 @@
 
 An adapter serves another wire protocol on the listener's broker connection and runs its
 tasks through the same journal and worker slots.  It sees the listener only through
-:class:`Host`, a small public surface, and the listener sees it only through
+:class:`ListenerSurface`, a small public surface, and the listener sees it only through
 :class:`Adapter`; neither module imports the other (``fem-ansible listen`` composes them).
 """
 
@@ -19,9 +19,10 @@ if TYPE_CHECKING:
     from .lifecycle import Node
 
 
-class Host(Protocol):
-    """What the listener offers an adapter.  Every method but :meth:`call_on_connection`
-    and :meth:`running_count` must be called on the connection thread."""
+class ListenerSurface(Protocol):
+    """What the listener offers an adapter: the listener itself, not an inventory host.
+    Every method but :meth:`call_on_connection` and :meth:`running_count` must be called on
+    the connection thread."""
 
     config: Config
     node: Node
@@ -71,4 +72,4 @@ class Adapter(Protocol):
         """The listener is shutting down."""
 
 
-AdapterFactory = Callable[[Host], Adapter]
+AdapterFactory = Callable[[ListenerSurface], Adapter]

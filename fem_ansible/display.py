@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from . import stages
 from .config import Config
 from .journal import TaskRecord
 from .lifecycle import NodeObserver
@@ -20,9 +21,8 @@ from .logs import one_line
 from .schema import TERMINAL_STATES, event_time
 from .sizes import format_bytes
 
-# The stage a task is in while in each state (DESIGN.md §4); RECEIVED is the wait for a slot.
-STATE_STAGE = {"RECEIVED": "waiting", "STAGING_IN": "stage_in", "RUNNING": "run",
-               "STAGING_OUT": "stage_out"}
+# The stage a task is in while in each state, RECEIVED being the wait for a slot.
+STATE_STAGE = {"RECEIVED": "waiting", **stages.STATE_STAGE}
 
 
 def format_event(event: dict[str, Any]) -> str:
@@ -128,7 +128,7 @@ def task_detail(rec: TaskRecord, config: Config, log_files: list[str]) -> list[s
     if timings:
         total = (rec.finished_at or time.time()) - rec.received_at
         parts = [f"{stage} {duration(timings[stage])}"
-                 for stage in ("waiting", "stage_in", "run", "stage_out") if stage in timings]
+                 for stage in STATE_STAGE.values() if stage in timings]
         lines.append(f"time: {', '.join(parts)}; total {duration(total)}")
     run_dir = config.work_dir / "runs" / rec.task_id
     lines.append("logs:")

@@ -51,7 +51,7 @@ OUTPUTS: dict[str, Callable[[str], str]] = {
        lambda _, doc=doc: json.dumps(doc, indent=2) + "\n" for sid, doc in SCHEMAS.items()},
     **{f"roles/{role}/meta/argument_specs.yml":
        lambda _, role=role: role_contract.argument_specs_text(role)
-       for role in role_contract.ROLES},
+       for role in [*role_contract.ROLES, *role_contract.INTERNAL]},
 }
 
 _SECTIONS = {

@@ -10,6 +10,7 @@ done by the playbook's roles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import fastpath, naming, policy, schema
+from . import fastpath, naming, policy, runspec
 from .audit import AuditLog
 from .config import Config
 from .diskspace import below_floor
@@ -26,28 +27,25 @@ from .errors import RejectedError, TaskFailed
 from .events import task_event
 from .intake import Intake, Task
 from .journal import Journal, TaskRecord
-from .refs import parse_image, redact_url, split_url
+from .refs import redact_url
 from .runner import (
     RunHooks,
     RunResult,
     RunSpec,
     collections_view,
-    data_dir,
     kill_task_processes,
     run_playbook,
     scan_cache_dir,
 )
-from .site_roles import roles_path
 from .sizes import format_bytes
-from .targets import Targets, control_dir, inventory_path, ssh_env
+from .stages import STATE_STAGE, Stage
+from .targets import Targets
 from .transfer import Archive, upload
 
 log = logging.getLogger(__name__)
 
 # How often a cancel stops the container again while the play is still in the run stage.
 STOP_RETRY_S = 2.0
-# Room for ansible itself above the container's own timeout before the playbook is killed.
-PLAYBOOK_MARGIN_S = 600
 # Longest upload of each archive of a run a cancel stopped (its logs are still sent).
 STOPPED_UPLOAD_S = 60.0
 
@@ -256,7 +254,7 @@ class _Execution(RunHooks):
         }
         self.stages_done = list(rec.stages_done)
         self.result = dict(rec.result)
-        self._stage: str | None = None
+        self._stage: Stage | None = None
         self._stopper: threading.Thread | None = None
         self._stopper_lock = threading.Lock()
         # Set once the task playbook is over: the stopper's loop ends at once.
@@ -279,30 +277,30 @@ class _Execution(RunHooks):
         self.node.notify()
         return stored
 
-    def _stage_done(self, stage: str) -> None:
+    def _stage_done(self, stage: Stage) -> None:
         if stage not in self.stages_done:
             self.stages_done.append(stage)
             self.journal.update(self.tid, stages_done=self.stages_done)
 
     # RunHooks (called from ansible-runner's thread) ----------------------------------------
 
-    def on_stage(self, stage: str) -> None:
+    def on_stage(self, stage: Stage) -> None:
         # A marker of the main block: the stage before it ended well, since a failure that
         # was not rescued sends the play to cleanup (always) past every marker left.  The
         # cleanup marker is reached whatever happened before it.
-        if stage != "cleanup" and self._stage not in (None, "cleanup", "done"):
+        if stage != Stage.CLEANUP and self._stage not in (None, Stage.CLEANUP, Stage.DONE):
             self._stage_done(self._stage)
         self._stage = stage
-        if stage == "done":
-            self._stage_done("stage_out")
-        elif stage == "run":
+        if stage == Stage.DONE:
+            self._stage_done(Stage.STAGE_OUT)
+        elif stage == Stage.RUN:
             self.node.audit.record(
                 "run", self.tid, host=self.known["host"], image=self.task["image"]["ref"],
                 image_digest=self.known["image_digest"],
                 source_commit=self.known["source_commit"],
                 datasets=[d["name"] for d in self.task["datasets"]], attempt=self.rec.attempt)
             self.emit("RUNNING", f"running {self.task['image']['ref']}")
-        elif stage == "stage_out":
+        elif stage == Stage.STAGE_OUT:
             self.emit("STAGING_OUT", "archiving outputs and logs")
 
     def on_report(self, data: dict[str, Any]) -> None:
@@ -332,8 +330,7 @@ class _Execution(RunHooks):
             # An earlier listener process died in this task: whatever of its playbook still
             # runs is stopped first, so that two attempts never work side by side.
             kill_task_processes(self.node.object_name(self.tid))
-            stage = {"RUNNING": "run", "STAGING_OUT": "stage_out"}.get(self.rec.state,
-                                                                      "stage_in")
+            stage = STATE_STAGE.get(self.rec.state, Stage.STAGE_IN)
             full = below_floor(self.config.work_dir, max(self.config.execution.min_free_bytes, 1))
             if full:
                 # Recovered on a file system below its floor (this task may well have filled
@@ -363,7 +360,7 @@ class _Execution(RunHooks):
         if host is None:
             return self._end(self.emit(
                 "FAILED", f"no inventory host for target {self.task['target']}",
-                error=_error("input_failed", "stage_in",
+                error=_error("input_failed", Stage.STAGE_IN,
                              f"target {self.task['target']} has no host in the inventory")))
         self.known["host"] = host
         self.journal.update(self.tid, host=host)
@@ -374,13 +371,13 @@ class _Execution(RunHooks):
 
     def _attempt(self, resumed: bool) -> dict[str, Any]:
         """The attempt on the host it holds, from the stage the journal says is next."""
-        if "stage_out" in self.stages_done:
+        if Stage.STAGE_OUT in self.stages_done:
             # Only the uploads and the terminal event were left to do.
             self._cleanup()
-            return self._end(self._finish(RunResult("successful", 0, {}, None)))
+            return self._end(self._finish(RunResult("successful", 0, None)))
         if resumed and not self.stages_done:
             self._cleanup()  # what a broken stage-in left is removed before it is redone
-        if "stage_in" not in self.stages_done:
+        if Stage.STAGE_IN not in self.stages_done:
             self.emit("STAGING_IN", "preparing volumes, image and source")
         outcome = self._run_task_playbook()
         if self.node.abandon.is_set() and outcome.status == "canceled":
@@ -393,7 +390,7 @@ class _Execution(RunHooks):
         picked was unreachable before anything was done there (Targets.retry_host)."""
         tried: list[str] = []
         while True:
-            spec = self._spec(skip_tags=[s for s in self.stages_done if s != "stage_out"])
+            spec = self._spec(skip_tags=[s for s in self.stages_done if s != Stage.STAGE_OUT])
             outcome = run_playbook(spec, self, self._should_stop)
             if self._stage is None and outcome.status == "successful":
                 log.warning("%s: the playbook %s marked no stage (set_stats fem_stage): no "
@@ -421,99 +418,27 @@ class _Execution(RunHooks):
         self.node.prune_runs()
         return event
 
+    @functools.cached_property
+    def decision(self) -> policy.Decision:
+        """Decided once, at intake, and journaled with the task; a task journaled by an
+        earlier version without it is decided again, once for the attempt, when its first
+        run is made."""
+        if self.rec.decision:
+            return policy.Decision(**self.rec.decision)
+        return policy.decide(self.task, self.config, self.node.run_datasets(self.task))
+
     def _spec(self, tags: list[str] | None = None, skip_tags: list[str] | None = None,
               playbook: str | None = None, private_data_dir: Path | None = None) -> RunSpec:
-        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``);
-        ``private_data_dir``: ansible-runner's files elsewhere than under the task's run
-        dir."""
-        config, task = self.config, self.task
-        # Decided once, at intake, and journaled with the task; a task journaled by an
-        # earlier version without it is decided again.
-        decision = (policy.Decision(**self.rec.decision) if self.rec.decision
-                    else policy.decide(task, config, self.node.run_datasets(task)))
-        pdd = self.node.run_dir(self.tid)
-        (pdd / "archives").mkdir(parents=True, exist_ok=True, mode=0o700)
-        pdd.chmod(0o700)
-        name = self.node.object_name(self.tid)
-        image = parse_image(task["image"]["ref"])
-        builtin = data_dir()
-        if playbook:
-            path = builtin / "playbooks" / playbook
-        elif config.execution.playbook:
-            path = Path(config.execution.playbook).absolute()
-        else:
-            path = builtin / "playbooks" / "task.yml"
-        suffix = "-".join(tags or []) or (playbook or "").removesuffix(".yml")
-        ident = f"{name}.a{self.rec.attempt}" + (f"-{suffix}" if suffix else "")
-        ssh_dir = control_dir(config, ident)
-        host = self.known["host"]
-        inventory = inventory_path(config)
-        return RunSpec(
-            # Runs beside the main one (stop, cleanup) get their own private data dir:
-            # ansible-runner runs sharing one corrupt each other's env/.
-            private_data_dir=private_data_dir or (pdd / "aux" / suffix if suffix else pdd),
-            # The marker of every process of the run; "." cannot occur in a name.
-            ident=ident,
-            playbook=path,
-            inventory=inventory,
-            limit=host,
-            roles_path=roles_path(config),
-            collections=self.node.collections,
-            scan_cache=self.node.scan_cache,
-            extravars={
-                "fem_task": schema.public_task(task),
-                "fem_node_id": config.node_id,
-                "fem_run": {
-                    # Names, dirs (on the host's own work dir: inventory var fem_work_dir,
-                    # docs/hosts.md) and mounts; the image's repository as engines spell it.
-                    **naming.fem_run(
-                        config.node_id, task, decision.policy, decision.datasets,
-                        host_work_dir=self.node.targets.work_dir(host),
-                        attempt=self.rec.attempt, local_dir=str(pdd)),
-                    "image_repositories": image.repo_digest_names,
-                    "min_free_bytes": config.execution.min_free_bytes,
-                },
-                "fem_datasets": decision.datasets,
-                "fem_policy": decision.policy,
-            },
-            secrets=self._secrets(image.registry),
-            tags=tags or [],
-            skip_tags=skip_tags or [],
-            timeout_s=task["resources"]["timeout_s"] + PLAYBOOK_MARGIN_S,
-            env=ssh_env(config, ssh_dir),
-            # Mitogen's start (multiplexer, then the host's interpreter: ~1.8 s here) pays
-            # for itself over the task playbook's module calls, not in the one-call stop
-            # and cleanup runs, where it would only delay a cancel (docs/decisions.md).
-            strategy=config.execution.strategy if not (playbook or tags) else "linear",
-            ssh_control_dir=ssh_dir,
-        )
+        """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``)
+        on the host it holds now (:func:`fem_ansible.runspec.build`)."""
+        return runspec.build(self.node, self.rec, self.decision, self.known["host"],
+                             tags=tags, skip_tags=skip_tags, playbook=playbook,
+                             private_data_dir=private_data_dir)
 
     def _host_run_dir(self) -> str:
         """``fem_run.dir``: the task's work dir on the host it runs on."""
         host = self.known["host"]
         return naming.run_dir(self.node.targets.work_dir(host), self.node.object_name(self.tid))
-
-    def _secrets(self, registry: str) -> dict[str, Any]:
-        """``fem_secrets``: credentials from the site config for this task's ``registry`` and
-        git host, and the real input URLs and headers (docs/roles.md)."""
-        config, task = self.config, self.task
-        registry_auth = {}
-        if registry in config.registries:
-            cred = config.registries[registry]
-            registry_auth[registry] = {"username": cred.username,
-                                       "password": _read_secret(cred.password_file)}
-        git = None
-        if task["source"]:
-            host = split_url(task["source"]["repo"]).hostname or ""
-            if host in config.sources:
-                cred = config.sources[host]
-                git = {"username": cred.username, "token": _read_secret(cred.token_file)}
-        return {
-            "registry_auth": registry_auth,
-            "git": git,
-            "inputs": [{"url": i["url"], "headers": i["headers"]} for i in task["inputs"]],
-            "env": dict(self.node.run_secret_env(task)),
-        }
 
     def _should_stop(self) -> bool:
         """Polled by the runner about once a second: should the playbook be killed?
@@ -526,17 +451,17 @@ class _Execution(RunHooks):
             return True
         if not self.cancel.is_set():
             return False
-        if self._stage == "run":
+        if self._stage == Stage.RUN:
             self._start_stopper()
             return False
-        if self._stage == "stage_out" and self._stopper is not None:
+        if self._stage == Stage.STAGE_OUT and self._stopper is not None:
             return False  # staging out the logs of the run the cancel stopped
-        return self._stage not in ("done", "cleanup")
+        return self._stage not in (Stage.DONE, Stage.CLEANUP)
 
     def _start_stopper(self) -> None:
         """Stop the container, once, if the play is in the run stage."""
         with self._stopper_lock:
-            if self._stage == "run" and self._stopper is None and self.cancel.is_set():
+            if self._stage == Stage.RUN and self._stopper is None and self.cancel.is_set():
                 self._stopper = threading.Thread(target=self._stop_container, daemon=True)
                 self._stopper.start()
 
@@ -550,12 +475,12 @@ class _Execution(RunHooks):
         if self.node.targets.is_local(self.known["host"]):
             with contextlib.suppress(OSError):  # not there yet: the playbook asks again
                 (Path(self._host_run_dir()) / "stop").touch(mode=0o600)
-        while self._stage == "run":
+        while self._stage == Stage.RUN:
             log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
             # Ended by the runner as soon as the play is over: nothing left to stop then.
             result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(),
                                   self._play_over.is_set)
-            if result.failure is not None and self._stage == "run":
+            if result.failure is not None and self._stage == Stage.RUN:
                 # (once the play has left the run stage its end also ends this stop run)
                 log.warning("%s: stopping the container failed: %s", self.tid,
                             result.failure.message, extra={"task_id": self.tid})
@@ -571,7 +496,7 @@ class _Execution(RunHooks):
 
     def _cleanup(self) -> None:
         """Run only the cleanup stage, after a playbook that was stopped midway."""
-        run_playbook(self._spec(tags=["cleanup"]), RunHooks(), lambda: False)
+        run_playbook(self._spec(tags=[Stage.CLEANUP]), RunHooks(), lambda: False)
 
     def _free_disk(self) -> None:
         """The work dir's file system filled during this task's run, which was stopped
@@ -580,7 +505,7 @@ class _Execution(RunHooks):
         cleanup run keeps its own files in the system's temp dir, off the full file system."""
         shutil.rmtree(self.node.run_dir(self.tid) / "artifacts", ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f"fem-{self.tid}-") as tmp:
-            run_playbook(self._spec(tags=["cleanup"], private_data_dir=Path(tmp)), RunHooks(),
+            run_playbook(self._spec(tags=[Stage.CLEANUP], private_data_dir=Path(tmp)), RunHooks(),
                          lambda: False)
 
     def _finish(self, outcome: RunResult) -> dict[str, Any]:
@@ -593,13 +518,13 @@ class _Execution(RunHooks):
             # The playbook was stopped before its own cleanup could run.
             self._cleanup()
             return self.emit("CANCELLED", self._cancelled_by(),
-                             error=_error("cancelled", "run", self._cancelled_by()))
+                             error=_error("cancelled", Stage.RUN, self._cancelled_by()))
         if outcome.status == "timeout":
             self._cleanup()
         if failure is not None:
             return self.emit("FAILED", failure.message,
                              error=_error(failure.code, failure.stage, failure.message))
-        self._stage_done("stage_out")
+        self._stage_done(Stage.STAGE_OUT)
         exit_code = self.result.get("exit_code")
         timed_out = bool(self.result.get("timed_out"))
         try:
@@ -613,14 +538,14 @@ class _Execution(RunHooks):
         if timed_out:
             limit = self.task["resources"]["timeout_s"]
             return self.emit("TIMED_OUT", f"stopped after {limit}s", exit_code=None,
-                             error=_error("timeout", "run", f"ran longer than {limit}s"),
+                             error=_error("timeout", Stage.RUN, f"ran longer than {limit}s"),
                              **reports)
         # A tool that exited by itself before the stop reached it ends by its exit code, as
         # if no stop had been asked (DESIGN.md); an executor that does not report
         # fem_stopped (Slurm) is taken as stopped.
         if self.cancel.is_set() and self.result.get("stopped", True):
             return self.emit("CANCELLED", self._cancelled_by(), exit_code=None,
-                             error=_error("cancelled", "run", self._cancelled_by()),
+                             error=_error("cancelled", Stage.RUN, self._cancelled_by()),
                              **reports)
         if self.result.get("oom_killed") and exit_code != 0:
             # Not a bare 137: the kernel's OOM killer ended it, at the task's memory limit.
@@ -628,11 +553,11 @@ class _Execution(RunHooks):
             message = (f"the kernel killed the container for memory (limit {limit}, exit "
                        f"{exit_code})")
             return self.emit("FAILED", message, exit_code=exit_code,
-                             error=_error("oom_killed", "run", message), **reports)
+                             error=_error("oom_killed", Stage.RUN, message), **reports)
         if exit_code != 0:
             return self.emit("FAILED", f"the container exited with {exit_code}",
                              exit_code=exit_code,
-                             error=_error("execution_failed", "run",
+                             error=_error("execution_failed", Stage.RUN,
                                           f"the container exited with {exit_code}"),
                              **reports)
         return self.emit("COMPLETED", "completed", exit_code=0, **reports)
@@ -652,7 +577,7 @@ class _Execution(RunHooks):
             path = where.get("path")
             if not path or not Path(path).is_file():
                 raise TaskFailed(f"the {kind} archive was not brought back",
-                                 code="stage_out_failed", stage="stage_out")
+                                 code="stage_out_failed", stage=Stage.STAGE_OUT)
             archive = Archive.of(path)
             target = self.task[kind]["upload"]
             if kind == "logs" and not self.config.policy.share_logs:
@@ -675,7 +600,3 @@ class _Execution(RunHooks):
 
 def _error(code: str, stage: str, message: str) -> dict[str, str]:
     return {"code": code, "stage": stage, "message": message}
-
-
-def _read_secret(path: str) -> str:
-    return Path(path).read_text(encoding="utf-8").strip()

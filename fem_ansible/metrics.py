@@ -23,12 +23,11 @@ from .doctor import disk_need
 from .lifecycle import NodeObserver
 from .listener import FAULT_CAUSES
 from .schema import TERMINAL_STATES, event_time
+from .stages import STATE_STAGE
 
 if TYPE_CHECKING:
     from .listener import Listener
 
-# The stage a task is in from the moment it enters each state.
-STATE_STAGE = {"STAGING_IN": "stage_in", "RUNNING": "run", "STAGING_OUT": "stage_out"}
 # Buckets from seconds (a cached image) to a day (a long training run).
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 

@@ -534,6 +534,30 @@ STOP = {
 }
 
 
+# Internal roles: no ``main``, only the entry points the built-in roles import (``tasks_from``),
+# each validating what its importer passes; the contract vars were validated by the
+# importer's own entry point.
+INTERNAL = {
+    "fem_container": {
+        "run": (
+            "Run the task's container on the engine fem_executor_docker or "
+            "fem_executor_podman names, report fem_exit_code, fem_timed_out, fem_stopped and "
+            "fem_oom_killed.",
+            {
+                "fem_container_engine": o(
+                    "str", "The engine whose module runs the container.", required=True,
+                    choices=["docker", "podman"],
+                ),
+                "fem_container_api_timeout": o(
+                    "int", "Seconds an engine call may take (the wait for the container "
+                    "excepted): the importing executor's setting.", required=True,
+                ),
+            },
+        ),
+    },
+}
+
+
 class _Dumper(yaml.SafeDumper):
     """Block style, indented lists, no anchors: the layout ansible-lint and people read."""
 
@@ -546,6 +570,10 @@ class _Dumper(yaml.SafeDumper):
 
 def argument_specs(role: str) -> dict[str, Any]:
     """The ``meta/argument_specs.yml`` document of built-in role ``role``."""
+    if role in INTERNAL:
+        return {"argument_specs": {
+            entry: {"short_description": short, "options": copy.deepcopy(opts)}
+            for entry, (short, opts) in INTERNAL[role].items()}}
     short, opts = ROLES[role]
     options = copy.deepcopy(opts)
     for v in options.values():

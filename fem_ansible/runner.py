@@ -36,6 +36,7 @@ import ansible_runner
 from . import diskspace, fastpath, unsafe, vault
 from .errors import ConfigError
 from .fastpath import data_dir, derived_cache
+from .stages import Stage
 from .verdict import Failure, PlayWatcher
 
 log = logging.getLogger(__name__)
@@ -149,21 +150,19 @@ class RunResult:
     Attributes:
         status: ansible-runner's (``successful``, ``failed``, ``timeout``, ``canceled``).
         rc: ansible-playbook's exit code.
-        reports: what roles reported with ``set_stats`` (docs/roles.md).
         failure: None when Ansible says the run succeeded, else why it failed
             (:mod:`fem_ansible.verdict`).
     """
 
     status: str
     rc: int
-    reports: dict[str, Any]
     failure: Failure | None
 
 
 class RunHooks:
     """Callbacks a run calls from ansible-runner's thread; all optional."""
 
-    def on_stage(self, stage: str) -> None:
+    def on_stage(self, stage: Stage) -> None:
         """The play entered a stage: a marker (docs/roles.md, "Stages") named it."""
 
     def on_report(self, data: dict[str, Any]) -> None:
@@ -385,10 +384,10 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
               time.monotonic() - started)
     rc = runner.rc or 0
     if full is not None:
-        return RunResult("failed", rc, watcher.reports, watcher.node_fault(
+        return RunResult("failed", rc, watcher.node_fault(
             "disk_full", f"the run's output could not be written ({full.strerror}): "
             f"{diskspace.describe(pdd)}"))
-    return RunResult(runner.status, rc, watcher.reports, watcher.verdict(runner.status, rc))
+    return RunResult(runner.status, rc, watcher.verdict(runner.status, rc))
 
 
 # How a run's processes are marked (ansible_env).

@@ -29,19 +29,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .schema import ERROR_CODES
+from .stages import Stage
 
-# The stages a marker may name, in the order the task playbook enters them.
-MARKED_STAGES = ("stage_in", "run", "stage_out", "done", "cleanup")
 # The error code of a failure in each stage when neither its marker nor the failed task says.
 STAGE_CODES = {
-    "stage_in": "input_failed",
-    "run": "execution_failed",
-    "stage_out": "stage_out_failed",
-    "done": "stage_out_failed",
-    "cleanup": "stage_out_failed",
+    Stage.STAGE_IN: "input_failed",
+    Stage.RUN: "execution_failed",
+    Stage.STAGE_OUT: "stage_out_failed",
+    Stage.DONE: "stage_out_failed",
+    Stage.CLEANUP: "stage_out_failed",
 }
 # The stage of the task's error (DESIGN.md §4 knows intake, stage_in, run and stage_out).
-ERROR_STAGES = {"done": "stage_out", "cleanup": "stage_out"}
+ERROR_STAGES = {Stage.DONE: Stage.STAGE_OUT, Stage.CLEANUP: Stage.STAGE_OUT}
 # Codes a failed task (``fem_error_code`` in its result) or a marker may give: any code of
 # the contract but those of intake and those the listener itself decides.
 TASK_ERROR_CODES = frozenset(ERROR_CODES) - {
@@ -71,7 +70,7 @@ class Failure:
 
 
 class StageHooks(Protocol):
-    def on_stage(self, stage: str) -> None: ...
+    def on_stage(self, stage: Stage) -> None: ...
 
     def on_report(self, data: dict[str, Any]) -> None: ...
 
@@ -86,9 +85,8 @@ class PlayWatcher:
 
     def __init__(self, hooks: StageHooks):
         self.hooks = hooks
-        self.reports: dict[str, Any] = {}
-        self.stage: str | None = None
-        self._code = STAGE_CODES["stage_in"]
+        self.stage: Stage | None = None
+        self._code = STAGE_CODES[Stage.STAGE_IN]
         self._pending: list[Failure] = []  # failures of the main block since its last marker
         self._cleanup: list[Failure] = []  # failures in the cleanup stage
         self._unreachable: Failure | None = None
@@ -105,7 +103,7 @@ class PlayWatcher:
                 self._set_stats(stats["data"])
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
             failed = self._failed(data, unreachable=False)
-            (self._cleanup if self.stage == "cleanup" else self._pending).append(failed)
+            (self._cleanup if self.stage == Stage.CLEANUP else self._pending).append(failed)
         elif kind == "runner_on_unreachable":
             # Nothing runs on the host after it, not even `always`: the last one is the one.
             self._unreachable = self._failed(data, unreachable=True)
@@ -119,17 +117,16 @@ class PlayWatcher:
 
     def _set_stats(self, data: dict[str, Any]) -> None:
         report = {k: v for k, v in data.items() if k not in ("fem_stage", "fem_error_code")}
-        if data.get("fem_stage") in MARKED_STAGES:
-            self._marker(data["fem_stage"], data.get("fem_error_code"))
+        if data.get("fem_stage") in tuple(Stage):
+            self._marker(Stage(data["fem_stage"]), data.get("fem_error_code"))
         if report:
-            self.reports.update(report)
             self.hooks.on_report(report)
 
-    def _marker(self, stage: str, code: Any) -> None:
-        if stage != "cleanup":
+    def _marker(self, stage: Stage, code: Any) -> None:
+        if stage != Stage.CLEANUP:
             # The main block went on: every failure before this marker was rescued.
             self._pending.clear()
-            self._main_done = stage == "done"
+            self._main_done = stage == Stage.DONE
         self._code = code if code in TASK_ERROR_CODES else STAGE_CODES[stage]
         if stage != self.stage:
             self.stage = stage
@@ -147,7 +144,7 @@ class PlayWatcher:
                        message[:MAX_MESSAGE], unreachable)
 
     def _error_stage(self) -> str:
-        stage = self.stage or "stage_in"  # before any marker the listener is staging in
+        stage = self.stage or Stage.STAGE_IN  # before any marker the listener is staging in
         return ERROR_STAGES.get(stage, stage)
 
     def verdict(self, status: str, rc: int) -> Failure | None:

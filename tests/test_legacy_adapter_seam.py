@@ -69,9 +69,9 @@ def test_a_submit_run_waits_for_a_slot_held_and_control_actions_pass_it(make_con
     config = make_config(legacy={"enabled": True, "sandbox_path": str(tmp_path / "sb")})
     verifier = SimpleNamespace(verify=lambda body, header: None)
     node = SimpleNamespace(audit=audit, intake=SimpleNamespace(verifier=verifier))
-    host = SimpleNamespace(config=config, node=node, journal=None,
-                           has_free_slot=lambda: free[0])
-    adapter = LegacyAdapter(host)
+    listener = SimpleNamespace(config=config, node=node, journal=None,
+                               has_free_slot=lambda: free[0])
+    adapter = LegacyAdapter(listener)
     ch = Channel()
     adapter._ch, adapter._conn = ch, Conn()
     adapter._submit = lambda c, m, p, msg: calls.append(("submit", m.delivery_tag))

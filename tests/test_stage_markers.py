@@ -99,15 +99,19 @@ MARKERS = ["Literal marker", "Marker in rescue", "Registered marker", "Quiet mar
 class _Stages(RunHooks):
     def __init__(self) -> None:
         self.stages: list[str] = []
+        self.reports: dict[str, Any] = {}
 
     def on_stage(self, stage: str) -> None:
         self.stages.append(stage)
 
+    def on_report(self, data: dict[str, Any]) -> None:
+        self.reports.update(data)
 
-def _run(tmp_path: Path, name: str, off: str) -> tuple[RunResult, list[str], list[str],
+
+def _run(tmp_path: Path, name: str, off: str) -> tuple[RunResult, _Stages, list[str],
                                                          list[dict[str, Any]]]:
     """One run of PLAYBOOK under the fast path (``off``: the groups left out): its result,
-    the stages it entered, the tasks forked for, and its events."""
+    the stages it entered and what it reported, the tasks forked for, and its events."""
     probe = tmp_path / "probe"
     probe.mkdir(exist_ok=True)
     (probe / "sitecustomize.py").write_text(FORK_LOG)
@@ -132,7 +136,7 @@ def _run(tmp_path: Path, name: str, off: str) -> tuple[RunResult, list[str], lis
     events = sorted((json.loads(p.read_text())
                      for p in (pdd / "artifacts" / spec.ident / "job_events").iterdir()),
                     key=lambda e: e["counter"])
-    return result, hooks.stages, forks.read_text().splitlines(), events
+    return result, hooks, forks.read_text().splitlines(), events
 
 
 # What differs between any two runs: ids and times (``res`` is compared without its times).
@@ -151,16 +155,16 @@ def _shape(events: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]
 
 @pytest.mark.e2e
 def test_markers_fork_no_worker_and_the_run_is_the_same(tmp_path: Path):
-    fast, fast_stages, fast_forks, fast_events = _run(tmp_path, "fast", "")
-    stock, stock_stages, stock_forks, stock_events = _run(tmp_path, "stock", "markers")
+    fast, fast_hooks, fast_forks, fast_events = _run(tmp_path, "fast", "")
+    stock, stock_hooks, stock_forks, stock_events = _run(tmp_path, "stock", "markers")
 
     assert stock_forks == MARKERS[:1] + IN_WORKERS[:2] + MARKERS[1:] + IN_WORKERS[2:]
     assert fast_forks == IN_WORKERS
     assert _shape(fast_events) == _shape(stock_events)
-    for result, stages in ((fast, fast_stages), (stock, stock_stages)):
+    for result, hooks in ((fast, fast_hooks), (stock, stock_hooks)):
         assert (result.status, result.rc, result.failure) == ("successful", 0, None)
-        assert result.reports == {"twice": 4, "note": [1, True, None]}
-        assert stages == ["stage_in", "run", "stage_out", "done"]
+        assert hooks.reports == {"twice": 4, "note": [1, True, None]}
+        assert hooks.stages == ["stage_in", "run", "stage_out", "done"]
     stats = next(e for e in fast_events if e["event"] == "playbook_on_stats")["event_data"]
     assert (stats["rescued"], stats["failures"], stats["skipped"]) == (
         {"localhost": 1}, {}, {"localhost": 1})

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from fem_ansible.stages import Stage
 from fem_ansible.verdict import Failure, PlayWatcher
 
 RECORDED = json.loads(
@@ -166,3 +168,23 @@ def test_a_command_failing_without_stderr_gives_its_exit_code():
     assert watcher.verdict(run["status"], run["rc"]) == Failure(
         "stage_out", "stage_out_failed",
         "site_stage_out: Archive the outputs: non-zero return code (exit code 3)")
+
+
+def test_the_task_playbooks_markers_are_exactly_the_stages():
+    """playbooks/task.yml writes its markers as YAML literals: they name every Stage, in
+    the order of the enum, and nothing else, so that neither can change without the other."""
+    play = yaml.safe_load((Path(__file__).parents[1] / "playbooks" / "task.yml").read_text())
+
+    def markers(tasks: list[dict[str, Any]]) -> list[str]:
+        found = []
+        for task in tasks:
+            for section in ("block", "rescue", "always"):
+                found += markers(task.get(section) or [])
+            stats = task.get("ansible.builtin.set_stats") or {}
+            if "fem_stage" in (stats.get("data") or {}):
+                found.append(stats["data"]["fem_stage"])
+        return found
+
+    found = [m for task_list in play for m in markers(task_list["tasks"])]
+    assert list(dict.fromkeys(found)) == [str(stage) for stage in Stage]
+    assert all(isinstance(m, str) and m in tuple(Stage) for m in found)

@@ -26,7 +26,7 @@ import pika
 import pika.exceptions
 
 from .. import broker
-from ..adapters import Host
+from ..adapters import ListenerSurface
 from ..config import Config
 from ..errors import ConfigError, PolicyViolation, RejectedError
 from ..intake import Task
@@ -56,7 +56,8 @@ HELD_REFRESH_S = 600.0
 
 
 class LegacyAdapter:
-    """The legacy queue, served for a listener through its :class:`~fem_ansible.adapters.Host`.
+    """The legacy queue, served for a listener through its
+    :class:`~fem_ansible.adapters.ListenerSurface`.
 
     Everything broker-side runs on the listener's connection thread: reading a message,
     journaling a ``submit_run``, publishing replies, acking.  The ``submit_run`` task then
@@ -66,9 +67,9 @@ class LegacyAdapter:
     files and ask the engine), which hands the reply and the ack back to the connection.
     """
 
-    def __init__(self, host: Host):
-        self.host = host
-        self.config: Config = host.config
+    def __init__(self, listener: ListenerSurface):
+        self.listener = listener
+        self.config: Config = listener.config
         legacy = self.config.legacy
         if not legacy.sandbox_path or not os.path.isabs(legacy.sandbox_path):
             raise ConfigError("legacy.sandbox_path: an absolute path is required when "
@@ -80,8 +81,8 @@ class LegacyAdapter:
         if legacy.prefetch < 2:
             raise ConfigError("legacy.prefetch: must be at least 2 (a held submit_run and "
                               "a control action)")
-        self.node = host.node
-        self.journal = host.journal
+        self.node = listener.node
+        self.journal = listener.journal
         self.queue = legacy.queue or self.config.node_id
         self.sandbox_root = Path(legacy.sandbox_path)
         self.records_dir = self.config.work_dir / "legacy"
@@ -182,10 +183,10 @@ class LegacyAdapter:
     def _drain(self) -> None:
         """Launch held ``submit_run``s, oldest first, while a slot is free."""
         if self._draining:
-            return  # host.launch calls back here: the loop below goes on
+            return  # listener.launch calls back here: the loop below goes on
         self._draining = True
         try:
-            while self._held and self.host.has_free_slot():
+            while self._held and self.listener.has_free_slot():
                 ch, method, props, msg = self._held.popleft()
                 if ch.is_open:
                     self._guarded(ch, method, props, msg, lambda c=ch, m=method, p=props,
@@ -274,7 +275,7 @@ class LegacyAdapter:
                                rule=getattr(err, "rule", None), reason=err.message)
         if action == SUBMIT:
             self.node.reject(err)
-            self.host.publish_pending()
+            self.listener.publish_pending()
         self._reply(ch, props, error_result(msg, self.config.node_id, err, action,
                                               record=self._record))
         ch.basic_ack(method.delivery_tag)
@@ -343,7 +344,7 @@ class LegacyAdapter:
             self._save(rec)
         _event, existing = self.node.accept(accepted)
         if existing is not None:
-            self.host.publish_pending()
+            self.listener.publish_pending()
             if existing.terminal:
                 if rec["reply"] is None:
                     err = RejectedError(f"task {tid} already ran here", task_id=tid)
@@ -354,7 +355,7 @@ class LegacyAdapter:
             return
         if launch.secret_env:
             self._secret_env[tid] = launch.secret_env
-        self.host.launch(tid)
+        self.listener.launch(tid)
         ch.basic_ack(method.delivery_tag)
 
     def finished(self, task_id: str, event: dict[str, Any]) -> None:
@@ -391,7 +392,7 @@ class LegacyAdapter:
             rec.update(reply=reply, replied=False)
             self._save(rec)
         self.prune()
-        self.host.call_on_connection(self.flush)
+        self.listener.call_on_connection(self.flush)
 
     def _result(self, event: dict[str, Any], logs: Path | None) -> Any:
         """The tool's stdout as JSON (the original's contract), else its text; an error of
@@ -491,7 +492,7 @@ class LegacyAdapter:
             finally:
                 done.set()
 
-        self.host.call_on_connection(run)
+        self.listener.call_on_connection(run)
         if not done.wait(timeout):
             raise ConnectionError("the broker connection did not take the answer")
 
@@ -583,7 +584,7 @@ class LegacyAdapter:
         if rec is not None and rec.terminal:
             return self._base(msg, execution_id=eid, task_id=tid, cancel="already_finished",
                               state=rec.state)
-        running = self.host.cancel(tid)
+        running = self.listener.cancel(tid)
         return self._base(msg, execution_id=eid, task_id=tid,
                           cancel="stopping" if running or rec else "recorded",
                           state=rec.state if rec else None)
