@@ -11,12 +11,14 @@ import json
 import logging
 import shlex
 import ssl
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pika
+import pika.data
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
@@ -27,6 +29,12 @@ DLX_EXCHANGE = "fem.dlx"
 CONTROL_EXCHANGE = "fem.control"
 EVENTS_EXCHANGE = "fem.events"
 REJECT_REASON_HEADER = "x-fem-reject-reason"
+# Said instead of a refused message's own headers when they would not fit: the dead-lettered
+# copy's header frame must fit in one frame (the broker's frame_max, 128 KiB by default) with
+# ours added, or the broker closes the connection and the message, never acked, comes back
+# after every reconnect (review of issue 26).
+DROPPED_HEADERS_HEADER = "x-fem-headers-dropped"
+DEAD_LETTER_HEADERS_MAX = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -158,3 +166,38 @@ def expecting_not_found() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(keep)
+
+
+def dead_letter_headers(headers: Any, reason: str) -> dict[str, Any]:
+    """The headers a refused message is dead-lettered with: its own (for the operator who
+    looks at it) while they encode in :data:`DEAD_LETTER_HEADERS_MAX` bytes, else a note of
+    their size; and the reason."""
+    own = dict(headers) if isinstance(headers, dict) else {}
+    try:
+        size: int | None = pika.data.encode_table([], own)
+    except Exception:  # what pika decoded may not encode again (a bare 2**64 timestamp)
+        size = None
+    if size is None or size > DEAD_LETTER_HEADERS_MAX:
+        own = {DROPPED_HEADERS_HEADER: f"{size if size is not None else 'unencodable'} "
+                                       "bytes of headers left out"}
+    own[REJECT_REASON_HEADER] = reason
+    return own
+
+
+def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
+    """pika's ``data.decode_value``, but a timestamp Python's datetime cannot hold (year past
+    9999, or past what the platform's time functions take) is its integer of seconds: pika
+    raises there while reading the frame, which tears the connection down, and the message,
+    never delivered, never acked, comes back after every reconnect (review of issue 26)."""
+    try:
+        return _PIKA_DECODE_VALUE(encoded, offset)
+    except (OverflowError, OSError, ValueError):
+        if encoded[offset:offset + 1] != b"T":
+            raise
+        return struct.unpack_from(">Q", encoded, offset + 1)[0], offset + 9
+
+
+_PIKA_DECODE_VALUE = pika.data.decode_value
+# pika's decode_table and decode_value find decode_value as a module global at each call
+# (a public name of pika's; tests/test_e2e_intake.py fails if it stops serving).
+pika.data.decode_value = _decode_value

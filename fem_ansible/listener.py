@@ -385,12 +385,10 @@ class Listener:
         return entry is not None
 
     def _dead_letter(self, body: bytes, props: Any, reason: str) -> None:
-        headers = dict(props.headers) if isinstance(props.headers, dict) else {}
-        headers[broker.REJECT_REASON_HEADER] = reason
         self._events_ch.basic_publish(
             broker.DLX_EXCHANGE, self.config.node_id, body,
             pika.BasicProperties(content_type=props.content_type, delivery_mode=2,
-                                 headers=headers),
+                                 headers=broker.dead_letter_headers(props.headers, reason)),
         )
 
     def publish_pending(self) -> None:

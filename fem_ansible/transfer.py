@@ -274,7 +274,9 @@ def upload(archive: Archive, target: dict[str, Any], http: HttpConfig,
                     break
                 if 400 <= resp.status_code < 500 and resp.status_code not in (408, 425, 429):
                     break
-            except requests.RequestException as e:
+            except (requests.RequestException, UnicodeError) as e:
+                # UnicodeError: a URL or header the HTTP client cannot encode (intake refuses
+                # them; one journaled by an older version must still end the task)
                 last = type(e).__name__
             if attempt == retries or watch.fire():
                 break

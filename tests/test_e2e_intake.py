@@ -6,10 +6,13 @@ crashed it, then a valid task, which completes; and rejected messages in
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import time
 from typing import Any
 
+import pika
+import pika.data
 import pytest
 
 from fem_ansible.signatures import sign_hmac
@@ -86,3 +89,45 @@ def test_crashing_messages_are_rejected_and_the_listener_goes_on(site, tmp_path)
     lines = out.splitlines()
     assert sum(" REJECTED " in line for line in lines) == 3, out
     assert any(line.startswith("valid-after ") and "COMPLETED" in line for line in lines), out
+
+
+class _Stamp(int):
+    """An AMQP timestamp header of any value (pika itself only encodes datetimes)."""
+
+
+def test_headers_the_broker_or_python_cannot_take_back_do_not_stop_intake(site, tmp_path,
+                                                                          monkeypatch):
+    """Review of issue 26: an unsigned message with headers just under the broker's frame
+    limit (its dead-lettered copy, one header more, was over it: the broker closed the
+    connection) or with a timestamp past datetime's range (pika failed reading the frame)
+    came back after every reconnect, and no task was taken again."""
+    encode_value = pika.data.encode_value
+
+    def encode(pieces: list[bytes], value: Any) -> int:
+        if isinstance(value, _Stamp):
+            pieces.append(struct.pack(">cQ", b"T", int(value)))
+            return 9
+        return encode_value(pieces, value)
+
+    monkeypatch.setattr(pika.data, "encode_value", encode)
+    orch = site.orchestrator
+    key_file = tmp_path / "hmac.key"
+    key_file.write_bytes(KEY)
+    key_file.chmod(0o600)
+    config = site.config(security={"signature": {"mode": "hmac", "key_file": str(key_file)}})
+    listener = site.listener(config)
+    orch.publish(b"x", headers={"pad": "A" * 131000})
+    orch.publish(b"y", headers={"ts": _Stamp(2**62)})
+    publish_control(orch, b"z", {"ts": _Stamp(2**62)})
+    body = json.dumps(site.task("after-headers", node_id=site.node)).encode()
+    orch.publish(body, headers={"x-fem-signature": sign_hmac(body, KEY)})
+
+    final = orch.wait_terminal("after-headers")
+    assert final["state"] == "COMPLETED", (final, listener.tail())
+    assert listener.alive
+    dead = wait_dead_letters(orch, 2)
+    by_body = {body: headers for headers, body in dead}
+    assert by_body[b"x"]["x-fem-reject-reason"] == "signature_invalid"
+    assert "pad" not in by_body[b"x"] and "x-fem-headers-dropped" in by_body[b"x"]
+    assert by_body[b"y"]["ts"] == 2**62, by_body[b"y"]
+    assert "broker connection lost" not in listener.log.read_text(errors="replace")
