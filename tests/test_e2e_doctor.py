@@ -45,8 +45,10 @@ def test_doctor_healthy_node(site):
     assert code == 0, "\n".join(lines)
     assert not [x for x in lines if x.startswith("✗")]
     for prefix in ("✓ config:", "✓ work dir:", "✓ ansible:", "✓ broker: logged in as guest@",
-                   "✓ topology:", "✓ engine docker: Docker", "✓ registry 127.0.0.1:5000:",
-                   "✓ git 127.0.0.1:9418:", "✓ host localhost:", "✓ disk:", "✓ clock:",
+                   "✓ topology:", "✓ engine docker: Docker",
+                   f"✓ registry {site.env['FEM_TEST_REGISTRY']}:",
+                   f"✓ git {site.env['FEM_TEST_GIT_BASE_URL'].removeprefix('git://')}:",
+                   "✓ host localhost:", "✓ disk:", "✓ clock:",
                    "✓ dataset cohort:", "✓ roles: the built-in roles only",
                    "✓ executor docker: role "):
         line(lines, prefix)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.harness import NOTHING_LEFT, leftovers
 from tests.support.legacy_orchestrator import LegacyOrchestrator, legacy_body
+from tests.support.services import load_env
 
 pytestmark = pytest.mark.e2e
 
@@ -30,8 +31,8 @@ SCRIPT = (
 def task_info(**extra):
     info = {
         "_id": "sandbox-writer", "name": "writer", "author": "test", "version": "1",
-        "image": {"label": "x", "repository": "127.0.0.1:5000/fem", "name": "busybox",
-                  "tag": "1", "hash": "image_hash_value"},
+        "image": {"label": "x", "repository": f"{load_env()['FEM_TEST_REGISTRY']}/fem",
+                  "name": "busybox", "tag": "1", "hash": "image_hash_value"},
         "port_mappings": [], "var_envs": {"SITE": "$SITE_NAME"},
         "volumes": [{"host_path": "$SANDBOX_PATH/%%user_id%%/%%execution_id%%",
                      "container_path": "/sandbox"},
