@@ -168,10 +168,10 @@ def expecting_not_found() -> Iterator[None]:
         logger.removeFilter(keep)
 
 
-def dead_letter_headers(headers: Any, reason: str) -> dict[str, Any]:
+def dead_letter_headers(headers: Any, code: str) -> dict[str, Any]:
     """The headers a refused message is dead-lettered with: its own (for the operator who
     looks at it) while they encode in :data:`DEAD_LETTER_HEADERS_MAX` bytes, else a note of
-    their size; and the reason."""
+    their size; and the rejection's ``code``."""
     own = dict(headers) if isinstance(headers, dict) else {}
     try:
         size: int | None = pika.data.encode_table([], own)
@@ -180,7 +180,7 @@ def dead_letter_headers(headers: Any, reason: str) -> dict[str, Any]:
     if size is None or size > DEAD_LETTER_HEADERS_MAX:
         own = {DROPPED_HEADERS_HEADER: f"{size if size is not None else 'unencodable'} "
                                        "bytes of headers left out"}
-    own[REJECT_REASON_HEADER] = reason
+    own[REJECT_REASON_HEADER] = code
     return own
 
 
