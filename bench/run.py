@@ -12,6 +12,7 @@ endpoint.  A benchmark is not a test: nothing here fails on a slow number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fem_ansible import runner, targets  # noqa: E402
+from fem_ansible import cgroups, runner, targets  # noqa: E402
 from tests.support import ssh  # noqa: E402
 from tests.support.harness import Listener, Orchestrator, site_config  # noqa: E402
 from tests.support.services import ensure_services, upload_requests  # noqa: E402
@@ -146,27 +147,39 @@ class Bench:
     # -- the five measures -----------------------------------------------------------------
 
     def overhead(self) -> None:
-        """The default (execution.strategy mitogen) and stock Ansible (linear), each against
-        the shell script; and two controls: the script's steps as a plain playbook, under
-        stock Ansible and under fem-ansible's settings, which is what any playbook run per
-        task costs.  Interleaved so that all of them see the same machine."""
+        """The default (execution.strategy mitogen, a resident Ansible), the same with every
+        run started cold, and stock Ansible (linear), each against the shell script, with
+        the controller CPU a task takes (everything the listener started: its runs, the
+        resident Ansible, Mitogen's and Ansible's processes; not the engine's); and two
+        controls: the script's steps as a plain playbook, under stock Ansible and under
+        fem-ansible's settings, which is what any playbook run per task costs.  Interleaved
+        so that all of them see the same machine."""
         runs = 1 if self.quick else 7
-        lanes = {}
-        for strategy in ("mitogen", "linear"):
+        variants = {"mitogen": {"strategy": "mitogen"},
+                    "cold": {"strategy": "mitogen", "resident_ansible": False},
+                    "linear": {"strategy": "linear"}}
+        lanes, groups = {}, {}
+        for name, execution in variants.items():
             node = f"bench{uuid.uuid4().hex[:6]}"
-            lanes[strategy] = (node, *self.listener(node, strategy=strategy))
-        fem: dict[str, list[float]] = {strategy: [] for strategy in lanes}
+            groups[name] = lane_cgroup(node)
+            with started_in(groups[name]):
+                lanes[name] = (node, *self.listener(node, **execution))
+        fem: dict[str, list[float]] = {name: [] for name in lanes}
+        cpu: dict[str, list[float]] = {name: [] for name in lanes}
+        first = {name: 0.0 for name in lanes}
         plain: dict[str, list[float]] = {"stock": [], "fem": []}
         base = []
         try:
-            for node, lst, orch in lanes.values():
-                self.fem_once(lst, orch, node, "warm")
+            for name, (node, lst, orch) in lanes.items():
+                first[name] = self.fem_once(lst, orch, node, "warm")
             for settings in plain:
                 self.plain("warm", settings)
             self.baseline("warm")
             for i in range(runs):
-                for strategy, (node, lst, orch) in lanes.items():
-                    fem[strategy].append(self.fem_once(lst, orch, node, f"o{i}"))
+                for name, (node, lst, orch) in lanes.items():
+                    used = cgroup_cpu_s(groups[name])
+                    fem[name].append(self.fem_once(lst, orch, node, f"o{i}"))
+                    cpu[name].append(cgroup_cpu_s(groups[name]) - used)
                 for settings, times in plain.items():
                     times.append(self.plain(f"o{i}", settings))
                 base.append(self.baseline(f"o{i}"))
@@ -174,9 +187,16 @@ class Bench:
             for _node, lst, orch in lanes.values():
                 lst.stop()
                 orch.close()
-        for strategy, label in (("mitogen", ""), ("linear", ", strategy linear")):
-            self.row(f"overhead: trivial task{label} (s)", f"{median(fem[strategy]):.2f}",
-                     f"{median(base):.2f}", median(fem[strategy]) / median(base), "≤ 2.0")
+            for group in groups.values():
+                remove_cgroup(group)
+        for name, label in (("mitogen", ""), ("cold", ", resident Ansible off"),
+                            ("linear", ", strategy linear")):
+            self.row(f"overhead: trivial task{label} (s)", f"{median(fem[name]):.2f}",
+                     f"{median(base):.2f}", median(fem[name]) / median(base), "≤ 2.0")
+            self.row(f"controller CPU: trivial task{label} (CPU-s)", f"{median(cpu[name]):.2f}",
+                     "-", None, "≤ 1.0")
+            self.row(f"first task after start{label} (s)", f"{first[name]:.2f}",
+                     f"{median(base):.2f}", first[name] / median(base), "(no slower)")
         for settings, label in (("stock", "stock Ansible"), ("fem", "fem's settings")):
             self.row(f"control: plain playbook, {label} (s)",
                      f"{median(plain[settings]):.2f}", f"{median(base):.2f}",
@@ -358,6 +378,45 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def lane_cgroup(name: str) -> Path:
+    """A cgroup (v2) of the bench's own, for one listener and everything it starts (a forked
+    run's CPU is not the listener's: the resident Ansible reaps it)."""
+    root = cgroups.base()
+    if root is None:
+        raise SystemExit("the bench needs a writable cgroup v2 (root) to count CPU")
+    group = root.parent / f"fem-bench-{name}"
+    group.mkdir()
+    return group
+
+
+@contextlib.contextmanager
+def started_in(group: Path) -> Iterator[None]:
+    """Processes started meanwhile begin in ``group`` (this process moves there and back)."""
+    own = cgroups.base()
+    assert own is not None
+    cgroups.join(group)
+    try:
+        yield
+    finally:
+        cgroups.join(own.parent)
+
+
+def remove_cgroup(group: Path) -> None:
+    """``group`` and the groups its listener made, once their processes have ended."""
+    for path in sorted(group.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_dir():
+            cgroups.remove(path)
+    cgroups.remove(group)
+
+
+def cgroup_cpu_s(group: Path) -> float:
+    """CPU seconds used so far by the processes of ``group`` and its sub-groups."""
+    for line in (group / "cpu.stat").read_text().splitlines():
+        if line.startswith("usage_usec "):
+            return int(line.split()[1]) / 1e6
+    raise RuntimeError(f"{group}/cpu.stat has no usage_usec")
 
 
 def cpu_s(pid: int, children: bool = False) -> float:

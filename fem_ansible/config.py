@@ -156,6 +156,15 @@ class ExecutionConfig:
         "start: one warning, and runs use Mitogen's own `mitogen_linear` (or `linear`).",
         default="mitogen",
     )
+    resident_ansible: bool = _doc(
+        "Fork each run from a resident Ansible (one per distinct Ansible environment, "
+        "started with the first run that needs it) instead of starting Ansible cold: "
+        "imports and set-up once, not per run. Each run is still a new process in a cgroup "
+        "of its own, killed with the run; it needs a writable cgroup v2 (root, or systemd's "
+        "`Delegate=yes`), else one warning and runs start cold (docs/decisions.md, \"A "
+        "resident Ansible\").",
+        default=True,
+    )
     collections: list[str] = _doc(
         "Ansible collections (`namespace.name`, installed as Python packages, e.g. by the "
         "`ansible` package) that site roles, inventory or connection plugins use besides "

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import fastpath, naming, policy, runspec
+from . import fastpath, naming, policy, resident, runspec
 from .audit import AuditLog
 from .config import Config
 from .diskspace import below_floor
@@ -32,6 +32,7 @@ from .runner import (
     RunHooks,
     RunResult,
     RunSpec,
+    ServerLost,
     collections_view,
     kill_task_processes,
     run_playbook,
@@ -117,6 +118,10 @@ class Node:
         # not a failed task later.
         self.collections = collections_view(config.work_dir, tuple(config.execution.collections))
         self.scan_cache = scan_cache_dir(config.work_dir)
+        # Runs are forked from resident Ansibles, where runs can have cgroups.
+        self.resident = (resident.Servers(config.work_dir)
+                         if config.execution.resident_ansible and resident.available()
+                         else None)
         if config.execution.strategy == "mitogen":  # its one warning, if any, now
             fastpath.start_check()
         # Where tasks run: the inventory's hosts, and this listener's count per host.
@@ -217,10 +222,18 @@ class Node:
 
     def execute(self, task_id: str, cancel: threading.Event | None = None) -> dict[str, Any]:
         """Run an accepted task to its terminal event (which it returns)."""
-        rec = self.journal.get(task_id)
-        if rec is None:
-            raise KeyError(task_id)
-        return _Execution(self, rec, cancel or threading.Event()).run()
+        cancel = cancel or threading.Event()
+        while True:
+            rec = self.journal.get(task_id)
+            if rec is None:
+                raise KeyError(task_id)
+            try:
+                return _Execution(self, rec, cancel).run()
+            except ServerLost as e:
+                # Recovered as after a kill -9 of the listener: from the journal, as a new
+                # attempt (its processes already killed with their cgroup).
+                log.warning("%s: %s; the task is recovered", task_id, e,
+                            extra={"task_id": task_id})
 
     def run_dir(self, task_id: str) -> Path:
         return self.runs_dir / task_id

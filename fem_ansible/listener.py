@@ -512,12 +512,16 @@ class Listener:
             target=self.reload, name="fem-reload", daemon=True).start())
 
     def reload(self) -> None:
-        """SIGHUP (docs/operating.md): reopen the log and audit files (logrotate moved them)
-        and read the inventory again (a host added); running tasks are not disturbed.  Site
+        """SIGHUP (docs/operating.md): reopen the log and audit files (logrotate moved them),
+        replace the resident Ansibles (an Ansible or plugin upgraded in place) and read the
+        inventory again (a host added); running tasks are not disturbed.  Site
         roles need nothing here: intake looks them up on the roles path for every task."""
         with self._reload_lock:
             reopen_log_files()
             self.node.audit.reopen()
+            if self.node.resident is not None:
+                # Runs going on finish on the servers they started on.
+                self.node.resident.replace()
             try:
                 hosts = len(self.node.targets.reload_inventory().hostvars)
             except ConfigError as e:
@@ -531,6 +535,8 @@ class Listener:
         for adapter in self.adapters:
             adapter.close()
         self.pool.shutdown(wait=not self._stop_now.is_set(), cancel_futures=True)
+        if self.node.resident is not None:
+            self.node.resident.close()
         self.journal.close()
 
 

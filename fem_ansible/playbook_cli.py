@@ -1,5 +1,7 @@
 """The ``ansible-playbook`` the listener runs: Ansible's own command, started with
-``python -P -m fem_ansible.playbook_cli <ansible-playbook arguments>``.
+``python -P -m fem_ansible.playbook_cli <ansible-playbook arguments>``, or forked from the
+resident Ansible (fem_ansible.resident_server), which calls :func:`prepare` once and
+:func:`run` in each run.
 
 Why not the installed ``ansible-playbook`` itself: on every start Ansible parses the routing
 metadata of ansible.builtin (``ansible/config/ansible_builtin_runtime.yml``, 9000 lines of
@@ -32,6 +34,10 @@ from fem_ansible.fastpath import derived_cache, patches
 
 _PARSER = f"ansible {ansible_version} PyYAML {yaml.__version__} {yaml.__with_libyaml__}".encode()
 
+#: How the listener starts this command cold: the resident Ansible runs only commands that
+#: start so (fem_ansible.runner.playbook_command).
+MODULE = "fem_ansible.playbook_cli"
+
 
 def cached_routing(parse: Callable[[bytes | str, Any], Mapping]) -> Callable[..., Mapping]:
     """Ansible's ``_meta_yml_to_dict`` (``parse``) with its results kept between runs: the
@@ -48,16 +54,23 @@ def cached_routing(parse: Callable[[bytes | str, Any], Mapping]) -> Callable[...
     return meta_yml_to_dict
 
 
-def main() -> None:
-    """Run ``ansible-playbook`` with this process's arguments."""
+def prepare() -> None:
+    """Patch what this process's runs share (the routing metadata cache), once."""
     finder: Any = _collection_finder
     if "routing" not in patches.off() and not patches.missing(["routing"]):
         finder._meta_yml_to_dict = cached_routing(finder._meta_yml_to_dict)
+
+
+def run(args: list[str]) -> int:
+    """``ansible-playbook`` with ``args``; its exit code."""
     from ansible.cli.playbook import main as ansible_playbook
 
-    sys.argv[0] = str(Path(sys.executable).parent / "ansible-playbook")
+    sys.argv = [str(Path(sys.executable).parent / "ansible-playbook"), *args]
     try:
-        sys.exit(ansible_playbook())
+        ansible_playbook()  # exits: Ansible's cli_executor ends in sys.exit
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     finally:
         # At exit CPython's finalization collects garbage over every object still alive
         # (Ansible's whole heap) only to free memory that the exit returns anyway, while
@@ -66,6 +79,12 @@ def main() -> None:
         # temporary files) and freeing by reference count run as before, and cycles left
         # at exit, the only thing not freed, are not promised their __del__ at exit.
         gc.freeze()
+
+
+def main() -> None:
+    """Run ``ansible-playbook`` with this process's arguments."""
+    prepare()
+    sys.exit(run(sys.argv[1:]))
 
 
 if __name__ == "__main__":

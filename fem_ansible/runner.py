@@ -7,8 +7,10 @@ play is in, what roles reported with ``set_stats``) and ends with Ansible's own 
 the run (docs/roles.md).
 
 ansible-runner's own cancel and timeout leave orphans (ansible-core's workers call
-``setsid()``), so every process of a run carries ``FEM_JOB_ID`` in its environment and is
-swept by that marker when a run is stopped.
+``setsid()``), so every process of a run is in the run's own cgroup (fem_ansible.cgroups)
+and carries ``FEM_JOB_ID`` in its environment, and is killed with its group (or, where
+there are no cgroups, found by that marker) when a run is stopped.  Where a resident
+Ansible serves the run's environment (fem_ansible.resident), the run is forked from it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from typing import Any
 
 import ansible_runner
 
-from . import diskspace, fastpath, unsafe, vault
+from . import cgroups, diskspace, fastpath, unsafe, vault
 from .errors import ConfigError
 from .fastpath import data_dir, derived_cache
+from .resident import CLIENT, Servers
+from .resident_client import LOST_RC
 from .stages import Stage
 from .verdict import Failure, PlayWatcher
 
@@ -123,6 +127,7 @@ class RunSpec:
             between runs (:func:`scan_cache_dir`).
         ssh_control_dir: the run's own SSH ControlPath dir, removed after the run: SSH
             masters live as long as the run that started them (docs/hosts.md).
+        resident: the listener's resident Ansible servers; None: every run starts cold.
     """
 
     private_data_dir: Path
@@ -141,6 +146,12 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
     strategy: str = "linear"
     ssh_control_dir: Path | None = None
+    resident: Servers | None = None
+
+
+class ServerLost(Exception):
+    """The resident Ansible serving a run died during it: the run was killed with its
+    cgroup, and its task is left to recovery as after a ``kill -9`` of the listener."""
 
 
 @dataclass(frozen=True)
@@ -339,6 +350,9 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     started = time.monotonic()
     envvars = {**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
                **spec.env}
+    group = cgroups.create(spec.ident)
+    if group is not None:
+        envvars[cgroups.ENV] = str(group)
     # ansible_runner.run is init_runner + run(); between them the run's environment, which
     # ansible-runner starts from the listener's, is confined (PASSED_ENV).
     runner = ansible_runner.interface.init_runner(
@@ -363,6 +377,14 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         cancel_callback=on_cancel,
     )
     runner.config.env = confine_env(runner.config.env, envvars)
+    if group is not None:
+        # The run's first process is the client (resident_client.py), now that the run's
+        # environment is final: it joins the group, then is forked from a resident Ansible
+        # or becomes the cold command.
+        cold = runner.config.command
+        runner.config.command = (
+            spec.resident.command(runner.config.env, cold) if spec.resident is not None
+            else [sys.executable, "-I", "-S", str(CLIENT), "-", *cold])
     full: OSError | None = None
     try:
         runner.run()
@@ -375,6 +397,8 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     finally:
         # Whatever ended the run, nothing of it may outlive it.
         kill_processes(spec.ident)
+        if group is not None:
+            cgroups.remove(group)
         if spec.ssh_control_dir is not None:
             from .targets import stop_masters
 
@@ -383,6 +407,9 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
               time.monotonic() - started)
     rc = runner.rc or 0
+    if (rc == LOST_RC and spec.resident is not None
+            and spec.resident.lost(runner.config.env)):
+        raise ServerLost(f"the resident Ansible serving run {spec.ident} died during it")
     if full is not None:
         return RunResult("failed", rc, watcher.node_fault(
             "disk_full", f"the run's output could not be written ({full.strerror}): "
@@ -414,6 +441,9 @@ def _marked_pids(matches: Callable[[str], bool]) -> list[int]:
 def terminate_processes(ident: str, grace_s: float = 3.0) -> None:
     """SIGTERM every process of the run ``ident`` (ansible cleans up its workers on
     SIGTERM), then SIGKILL what is left after ``grace_s``."""
+    root = cgroups.base()
+    if root is not None and (root / ident).is_dir():
+        cgroups.terminate(root / ident, grace_s)
     for pid in _marked_pids(ident.__eq__):
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
@@ -423,7 +453,10 @@ def terminate_processes(ident: str, grace_s: float = 3.0) -> None:
 
 
 def kill_processes(ident: str) -> None:
-    """SIGKILL every process of the run ``ident`` (exactly that marker)."""
+    """SIGKILL every process of the run ``ident`` (its cgroup, and exactly that marker)."""
+    root = cgroups.base()
+    if root is not None:
+        cgroups.kill(root / ident)
     for pid in _marked_pids(ident.__eq__):
         _signal(pid, signal.SIGKILL)
 
@@ -431,7 +464,9 @@ def kill_processes(ident: str) -> None:
 def kill_task_processes(name: str) -> None:
     """SIGKILL every process of every run of the task whose object name is ``name``: those
     whose marker is ``<name>.<anything>`` (a name has no ".", naming.NAME_PATTERN), never
-    another task's whose name merely starts like it."""
+    another task's whose name merely starts like it; and their cgroups."""
+    for group in cgroups.of_task(name):
+        cgroups.remove(group)
     for pid in _marked_pids(lambda marker: marker.partition(".")[0] == name):
         _signal(pid, signal.SIGKILL)
 

@@ -90,6 +90,7 @@ def build(node: Node, rec: TaskRecord, decision: Decision, host: str, *,
         # and cleanup runs, where it would only delay a cancel (docs/decisions.md).
         strategy=config.execution.strategy if not (playbook or tags) else "linear",
         ssh_control_dir=ssh_dir,
+        resident=node.resident,
     )
 
 

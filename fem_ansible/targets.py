@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ConfigError, PolicyViolation
+from .sockdir import socket_dir
 
 log = logging.getLogger(__name__)
 
@@ -288,25 +288,10 @@ _CONTROL_DIR_MAX = 72
 
 
 def control_dir(config: Config, ident: str) -> Path:
-    """A run's own SSH ControlPath dir, which the run's end removes with its masters.
-
-    ``<work_dir>/ssh/<hash>``, or, when the work dir's path is too long for a socket path,
-    ``<tmp>/fem-ssh-<uid>/<hash>`` (a dir of this user only, mode 0700).
-    """
-    import hashlib
-    import tempfile
-
-    name = hashlib.sha256(f"{config.work_dir}/{ident}".encode()).hexdigest()[:12]
-    path = config.work_dir / "ssh" / name
-    if len(str(path)) <= _CONTROL_DIR_MAX:
-        return path
-    parent = Path(tempfile.gettempdir()) / f"fem-ssh-{os.getuid()}"
-    parent.mkdir(mode=0o700, exist_ok=True)
-    st = parent.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ConfigError(f"{parent} is not this user's private dir: SSH control sockets "
-                          f"cannot go there; use a shorter execution.work_dir")
-    return parent / name
+    """A run's own SSH ControlPath dir, which the run's end removes with its masters:
+    ``<work_dir>/ssh/<hash>`` or, when the work dir's path is too long for a socket path,
+    ``<tmp>/fem-ssh-<uid>/<hash>`` (fem_ansible.sockdir)."""
+    return socket_dir(config.work_dir, "ssh", ident, _CONTROL_DIR_MAX)
 
 
 def stop_masters(control_dir: Path) -> None:

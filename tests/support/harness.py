@@ -22,7 +22,7 @@ import pika
 import pika.exceptions
 import yaml
 
-from fem_ansible import naming
+from fem_ansible import cgroups, naming
 from fem_ansible.schema import TERMINAL_STATES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -266,7 +266,7 @@ class Orchestrator:
 
 def leftovers(node_id: str, work_dir: Path) -> dict[str, list[str]]:
     """Everything a node's tasks may have left: containers and volumes (docker, podman),
-    target dirs, processes."""
+    target dirs, processes, the runs' cgroups."""
     label = f"label=fem.node_id={node_id}"
     containers = subprocess.run(["docker", "ps", "-aq", "--filter", label],
                                 capture_output=True, text=True, check=True).stdout.split()
@@ -294,8 +294,11 @@ def leftovers(node_id: str, work_dir: Path) -> dict[str, list[str]]:
             continue
         if any(e.startswith(f"FEM_JOB_ID=fem-{node_id}-".encode()) for e in environ):
             procs.append(entry.name)
+    root = cgroups.base()
+    groups = sorted(g.name for g in root.iterdir()
+                    if g.name.startswith(f"fem-{node_id}-")) if root else []
     return {"containers": sorted(set(containers) | set(named)), "volumes": volumes,
-            "dirs": dirs, "processes": procs}
+            "dirs": dirs, "processes": procs, "cgroups": groups}
 
 
-NOTHING_LEFT = {"containers": [], "volumes": [], "dirs": [], "processes": []}
+NOTHING_LEFT = {"containers": [], "volumes": [], "dirs": [], "processes": [], "cgroups": []}

@@ -1,0 +1,365 @@
+"""The resident Ansible: a process that has imported Ansible, Mitogen and what a run
+imports, and forks one ``ansible-playbook`` per run (docs/decisions.md, "A resident
+Ansible"; fem_ansible.resident starts and replaces it).
+
+Why: a cold ``ansible-playbook`` spends a third of a trivial task's controller CPU on
+importing and setting up Ansible before any work (bench/RESULTS.md).  A fork starts from a
+process that did all that once.
+
+What keeps runs apart, by construction:
+
+- The server never runs a playbook, a strategy or a plugin: what it holds is imported code,
+  nothing of a run (no inventory, vault secret, host connection or module state).  Each run
+  is a fresh fork that ends with its run.
+- Each run is in its own cgroup (fem_ansible.cgroups), joined right after the fork, before
+  anything of the run happens: the run's workers, Mitogen's interpreters and what modules
+  start are in it, and stopping the run kills it.
+- A run gets the client's stdio (the pty ansible-runner reads), working dir, argv and
+  environment; Ansible's settings are read again from that environment.  The server serves
+  only runs whose environment equals its own outside the per-run variables
+  (fem_ansible.resident_client.PER_RUN): what Ansible fixes at import is the same.
+- When the client's connection closes before the run ends (ansible-runner's cancel or
+  timeout killed it), the run's cgroup is killed.
+- The server stops taking runs (and exits once its runs have ended) when any file it
+  imported changes (an upgrade, a changed plugin), on SIGTERM, after :data:`MAX_RUNS` runs
+  or above :data:`MAX_RSS` of memory; the listener then starts a new one.
+
+Standard library, this package and Ansible only; started by fem_ansible.resident as
+``python -P -m fem_ansible.resident_server <socket> <listener pid>`` with the runs'
+environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fem_ansible import cgroups, playbook_cli
+from fem_ansible.resident_client import LOST_RC, server_key
+
+#: Runs after which a server hands over to a new one (a bound on what a long life could
+#: gather, though a server keeps nothing of its runs).
+MAX_RUNS = 500
+#: Resident memory above which a server hands over to a new one.
+MAX_RSS = 1024 * 1024**2
+
+# What a run imports besides ansible.cli.playbook, taken in once (a missing one is skipped:
+# it only costs its import in each run).
+PRELOAD = (
+    "ansible.cli.playbook", "ansible.executor.playbook_executor",
+    "ansible.executor.task_queue_manager", "ansible.executor.task_executor",
+    "ansible.executor.process.worker", "ansible.executor.module_common",
+    "ansible.playbook", "ansible.playbook.play", "ansible.playbook.role",
+    "ansible.playbook.role.include", "ansible.playbook.task_include",
+    "ansible.playbook.included_file", "ansible.playbook.role_include",
+    "ansible.vars.manager", "ansible.inventory.manager", "ansible.parsing.dataloader",
+    "ansible.parsing.vault", "ansible.template", "ansible.plugins.strategy",
+    "ansible.plugins.strategy.linear", "ansible.plugins.callback",
+    "ansible.plugins.action", "ansible.plugins.connection.local",
+    "ansible.plugins.connection.ssh", "ansible.plugins.inventory.yaml",
+    "ansible.plugins.inventory.ini", "ansible.plugins.vars.host_group_vars",
+    "ansible.plugins.cache.jsonfile", "ansible.plugins.filter.core",
+    "ansible.plugins.test.core", "ansible.modules",
+    "mitogen.core", "mitogen.parent", "mitogen.service", "mitogen.unix", "mitogen.utils",
+    "mitogen.fork", "mitogen.select", "ansible_mitogen.strategy", "ansible_mitogen.process",
+    "ansible_mitogen.connection", "ansible_mitogen.mixins", "ansible_mitogen.planner",
+    "ansible_mitogen.services", "ansible_mitogen.loaders", "ansible_mitogen.utils",
+)
+
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)
+
+
+@dataclass
+class _Run:
+    pid: int
+    pidfd: int
+    conn: socket.socket
+    group: Path | None
+
+
+@dataclass
+class _Request:
+    """What a run's child takes from its client."""
+
+    args: list[str]
+    env: dict[str, str]
+    cwd: str
+    fds: list[int]
+
+
+def _preload() -> list[str]:
+    playbook_cli.prepare()
+    skipped = []
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # a module that fails here is imported per run
+            skipped.append(name)
+    return skipped
+
+
+def _fingerprint() -> dict[str, tuple[int, int]]:
+    """Every file the server imported code from, with its mtime and size."""
+    files = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path:
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                files[path] = (st.st_mtime_ns, st.st_size)
+    return files
+
+
+def _changed(files: dict[str, tuple[int, int]]) -> str | None:
+    for path, seen in files.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return path
+        if (st.st_mtime_ns, st.st_size) != seen:
+            return path
+    return None
+
+
+def _rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _read_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    conn.settimeout(10)
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+    if len(data) < 4:
+        raise ValueError("short request")
+    size = int.from_bytes(data[:4], "big")
+    body = data[4:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ValueError("request cut short")
+        body += chunk
+    conn.settimeout(None)
+    return json.loads(body), fds
+
+
+class Server:
+    """One resident Ansible serving the runs whose environment key is its own."""
+
+    def __init__(self, path: str, listener: int) -> None:
+        self.path = path
+        self.listener = listener
+        self.key = server_key(dict(os.environ))
+        self.pid = os.getpid()
+        self.runs: dict[int, _Run] = {}
+        self.count = 0
+        self.retiring: str | None = None
+        self.files = _fingerprint()
+        self.group_base = cgroups.base()
+        self.selector = selectors.DefaultSelector()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound under a temporary name and renamed: a client connects to a listening
+        # server or to none (and goes cold).
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        self.sock.bind(tmp)
+        self.sock.listen(64)
+        os.rename(tmp, path)
+        self.inode = os.stat(path).st_ino
+        self.selector.register(self.sock, selectors.EVENT_READ, "accept")
+
+    def retire(self, why: str) -> None:
+        """Take no more runs; the process exits once its runs have ended."""
+        if self.retiring:
+            return
+        self.retiring = why
+        print(f"retiring: {why}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        self.selector.unregister(self.sock)
+        self.sock.close()
+
+    def serve(self) -> _Request | None:
+        """Serve until retired and idle (returns None), or, in a forked child, return its
+        run's request."""
+        stop = {"flag": ""}
+        for signum in _SIGNALS[:2]:
+            signal.signal(signum, lambda s, _f: stop.update(flag=signal.Signals(s).name))
+        while not (self.retiring and not self.runs):
+            if stop["flag"]:
+                self.retire(stop["flag"])
+            if os.getppid() != self.listener:
+                self.retire("the listener is gone")
+            for key, _mask in self.selector.select(timeout=1.0):
+                if key.data == "accept":
+                    request = self._accept()
+                    if request is not None:
+                        return request
+                elif isinstance(key.data, tuple):
+                    self._ended(*key.data)
+        return None
+
+    def _accept(self) -> _Request | None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return None
+        try:
+            uid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            if int.from_bytes(uid[4:8], sys.byteorder) != os.getuid():
+                raise ValueError("another user")
+            message, fds = _read_request(conn)
+        except (OSError, ValueError) as e:
+            print(f"a request refused: {e}", file=sys.stderr, flush=True)
+            conn.close()
+            return None
+        why = self._refusal(message, fds)
+        if why:
+            for fd in fds:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps({"cold": why}).encode() + b"\n")
+            conn.close()
+            return None
+        group = message["env"].get(cgroups.ENV)
+        gc.collect()
+        gc.freeze()  # the child's copy of the heap stays shared: collections skip it
+        pid = os.fork()
+        if pid == 0:
+            self._become_child(conn)
+            return _Request(message["command"][4:], message["env"], message["cwd"], fds)
+        for fd in fds:
+            os.close(fd)
+        self.count += 1
+        pidfd = os.pidfd_open(pid)
+        run = _Run(pid, pidfd, conn, Path(group) if group else None)
+        self.runs[pid] = run
+        self.selector.register(pidfd, selectors.EVENT_READ, (pid, False))
+        self.selector.register(conn, selectors.EVENT_READ, (pid, True))
+        if self.count >= MAX_RUNS:
+            self.retire(f"{self.count} runs served")
+        return None
+
+    def _refusal(self, message: dict[str, Any], fds: list[int]) -> str | None:
+        """Why this server does not run the request (the client then runs it cold)."""
+        if self.retiring:
+            return f"the resident Ansible is being replaced ({self.retiring})"
+        changed = _changed(self.files)
+        if changed:
+            self.retire(f"{changed} changed")
+            return "installed Ansible code changed; a new resident Ansible starts"
+        if len(fds) != 3:
+            return "no stdio received"
+        command = message.get("command") or []
+        if command[:4] != [sys.executable, "-P", "-m", playbook_cli.MODULE]:
+            return "not fem-ansible's ansible-playbook"
+        env = message.get("env") or {}
+        if server_key(env) != self.key:
+            return "its Ansible environment is not the resident one's"
+        group = env.get(cgroups.ENV)
+        if self.group_base is None or not group or Path(group).parent != self.group_base:
+            return "it has no cgroup of its own"
+        return None
+
+    def _become_child(self, conn: socket.socket) -> None:
+        """In the child: nothing of the server stays open or in charge."""
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.selector.close()
+        self.sock.close()
+        conn.close()
+        for run in self.runs.values():
+            os.close(run.pidfd)
+            run.conn.close()
+
+    def _ended(self, pid: int, client_gone: bool) -> None:
+        run = self.runs.get(pid)
+        if run is None:
+            return
+        if client_gone:
+            # The client ended first (ansible-runner's cancel or timeout): so does the run.
+            if run.group is not None:
+                cgroups.kill(run.group)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+        with contextlib.suppress(OSError):
+            run.conn.sendall(json.dumps({"rc": rc if rc >= 0 else 128 - rc}).encode() + b"\n")
+        self.selector.unregister(run.pidfd)
+        self.selector.unregister(run.conn)
+        os.close(run.pidfd)
+        run.conn.close()
+        del self.runs[pid]
+        if _rss() > MAX_RSS:
+            self.retire(f"{_rss() // 1024**2} MiB resident")
+
+
+def _run_child(request: _Request) -> int:
+    """In the forked child: become the run (its cgroup first, then its stdio, directory,
+    environment and Ansible's settings from it) and run the playbook."""
+    group = Path(request.env[cgroups.ENV])
+    try:
+        cgroups.join(group)
+    except OSError as e:
+        os.write(request.fds[2], f"fem-ansible: cannot join {group}: {e}\n".encode())
+        return LOST_RC
+    os.setsid()
+    for target, fd in enumerate(request.fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
+    _refresh_settings()
+    return playbook_cli.run(request.args)
+
+
+def _refresh_settings() -> None:
+    """Ansible's settings (``ansible.constants``) read again, from the run's environment:
+    the server read them from its own at import; the per-run variables differ."""
+    from ansible import constants
+
+    for setting in constants.config.get_configuration_definitions():
+        constants.set_constant(setting, constants.config.get_config_value(
+            setting, variables=vars(constants)))
+
+
+def main(argv: list[str]) -> int:
+    path, listener = argv[1], int(argv[2])
+    skipped = _preload()
+    if skipped:
+        print(f"not preloaded (imported per run): {', '.join(skipped)}", file=sys.stderr,
+              flush=True)
+    server = Server(path, listener)
+    print(f"ready: {len(server.files)} files imported, key {server.key}", file=sys.stderr,
+          flush=True)
+    started = time.monotonic()
+    request = server.serve()
+    if request is None:
+        print(f"exiting after {server.count} runs in {time.monotonic() - started:.0f}s",
+              file=sys.stderr, flush=True)
+        return 0
+    return _run_child(request)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,32 @@
+"""Directories for Unix sockets, short enough for one (a socket path has at most 107 bytes).
+
+SSH ControlPath sockets (fem_ansible.targets) and the resident Ansible's
+(fem_ansible.resident) live under the work dir when its path is short, else in a private
+dir of this user's under the system's temp dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def socket_dir(work_dir: Path, kind: str, key: str, max_len: int) -> Path:
+    """``<work_dir>/<kind>/<hash>``, or, when that is longer than ``max_len``,
+    ``<tmp>/fem-<kind>-<uid>/<hash>`` (a dir of this user only, mode 0700); the hash is of
+    the work dir and ``key``.  Not made here."""
+    name = hashlib.sha256(f"{work_dir}/{key}".encode()).hexdigest()[:12]
+    path = work_dir / kind / name
+    if len(str(path)) <= max_len:
+        return path
+    parent = Path(tempfile.gettempdir()) / f"fem-{kind}-{os.getuid()}"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    st = parent.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(f"{parent} is not this user's private dir: {kind} sockets "
+                          f"cannot go there; use a shorter execution.work_dir")
+    return parent / name

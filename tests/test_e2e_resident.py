@@ -1,0 +1,309 @@
+"""The resident Ansible end to end (issue 30): runs are forked from it, and still isolated
+from each other: concurrent, each in its own cgroup, no module state carried from one task
+to the next, a changed module file run anew, a cancel that leaves no process behind, and a
+server killed mid-run that costs its task nothing but a new attempt.
+
+Through a real listener, broker, engine, registry, git daemon and upload endpoint; the site
+adds a probe role to a copy of the built-in task playbook, as a sysadmin would (its own
+module in the role's library).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fem_ansible import cgroups
+from tests.support.harness import NOTHING_LEFT, leftovers, task_name
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+
+MODULE = '''\
+#!/usr/bin/python
+"""The site's probe: what process and cgroup a module call of this run is in, how many
+calls this interpreter has seen (kept where module code can keep anything: on a module
+that is never reloaded), and which version of this file ran."""
+import os
+import subprocess
+import sys
+
+from ansible.module_utils.basic import AnsibleModule
+
+VERSION = "{version}"
+
+
+def ancestors():
+    out, pid = [], os.getpid()
+    while pid > 1:
+        with open(f"/proc/{{pid}}/cmdline", "rb") as f:
+            out.append(f.read().replace(b"\\0", b" ").decode(errors="replace"))
+        with open(f"/proc/{{pid}}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def main():
+    module = AnsibleModule(argument_spec={{"sleep": {{"type": "str", "default": "0"}},
+                                          "started": {{"type": "path"}}}})
+    sys.site_probe_calls = getattr(sys, "site_probe_calls", 0) + 1
+    if module.params["started"]:
+        open(module.params["started"], "w").close()
+    if module.params["sleep"] != "0":
+        subprocess.run(["sleep", module.params["sleep"]], check=True)
+    with open("/proc/self/cgroup") as f:
+        group = [line[3:].strip() for line in f if line.startswith("0::")][0]
+    module.exit_json(changed=False, calls=sys.site_probe_calls, version=VERSION, cgroup=group,
+                     ancestors=ancestors())
+
+
+main()
+'''
+
+TASKS = '''\
+---
+- name: Probe this run
+  site_probe:
+    sleep: "{{ site_probe_sleep[fem_task.task_id] | default('0') }}"
+    started: "{{ site_probe_dir }}/{{ fem_task.task_id }}.started"
+  register: site_probe_first
+
+- name: Probe it again
+  site_probe: {}
+  register: site_probe_second
+
+- name: Keep what the probes saw
+  ansible.builtin.copy:
+    content: "{{ {'first': site_probe_first, 'second': site_probe_second} | to_json }}"
+    dest: "{{ site_probe_dir }}/{{ fem_task.task_id }}.json"
+    mode: "0644"
+'''
+
+
+def write_probe_role(roles: Path, probes: Path, sleeps: dict[str, str],
+                     version: str = "v1") -> None:
+    role = roles / "site_probe"
+    for sub in ("tasks", "defaults", "library"):
+        (role / sub).mkdir(parents=True, exist_ok=True)
+    (role / "tasks" / "main.yml").write_text(TASKS)
+    (role / "defaults" / "main.yml").write_text(yaml.safe_dump(
+        {"site_probe_dir": str(probes), "site_probe_sleep": sleeps}))
+    write_module(role, version)
+
+
+def write_module(role: Path, version: str) -> None:
+    path = role / "library" / "site_probe.py"
+    path.write_text(MODULE.format(version=version))
+    stamp = time.time() + 2  # a new mtime even within the file system's granularity
+    os.utime(path, (stamp, stamp))
+
+
+def probe_playbook(tmp_path: Path) -> Path:
+    """The built-in task playbook with the site's probe first in stage-in."""
+    plays = yaml.safe_load((REPO / "playbooks" / "task.yml").read_text())
+    block = plays[0]["tasks"][0]["block"]
+    block.insert(1, {"name": "Probe the run (site)", "ansible.builtin.include_role":
+                     {"name": "site_probe"}, "tags": ["stage_in"]})
+    path = tmp_path / "site-playbooks" / "task.yml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(plays, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def probed(site, tmp_path):
+    """A site whose task playbook runs the probe role; returns a function starting its
+    listener with more execution settings and the sleeps of task ids."""
+    roles, probes = tmp_path / "site-roles", tmp_path / "probes"
+    probes.mkdir()
+    playbook = probe_playbook(tmp_path)
+
+    def start(sleeps: dict[str, str] | None = None, **execution):
+        write_probe_role(roles, probes, sleeps or {})
+        config = site.config(execution={"work_dir": str(site.work_dir),
+                                        "playbook": str(playbook),
+                                        "roles_path": [str(roles)], **execution})
+        return site.listener(config)
+
+    start.roles, start.probes = roles, probes
+    return start
+
+
+def probe(probes: Path, tid: str) -> dict:
+    return json.loads((probes / f"{tid}.json").read_text())
+
+
+def forked(result: dict) -> bool:
+    """Whether the module call's run was forked from a resident Ansible."""
+    return any("fem_ansible.resident_server" in cmd for cmd in result["ancestors"])
+
+
+def wait_for(path: Path, listener, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared:\n{listener.tail()}"
+        assert listener.alive, listener.tail()
+        time.sleep(0.1)
+
+
+def test_runs_forked_from_the_resident_ansible_keep_nothing_of_each_other(site, probed):
+    """Task after task on one listener: the second run is forked; module state starts
+    afresh in each (a count kept in the interpreter is 1, 2 in every run, never 3); a module file
+    changed between tasks runs its new code; each call is in its run's own cgroup."""
+    listener = probed()
+    orch = site.orchestrator
+    results = {}
+    for tid, version in (("first", "v1"), ("second", "v2"), ("third", "v2")):
+        write_module(probed.roles / "site_probe", version)
+        orch.publish(site.task(tid))
+        done = orch.wait_terminal(tid)
+        assert done["state"] == "COMPLETED", (done, listener.tail())
+        results[tid] = probe(probed.probes, tid)
+    for tid, version in (("first", "v1"), ("second", "v2"), ("third", "v2")):
+        first, second = results[tid]["first"], results[tid]["second"]
+        assert (first["calls"], second["calls"]) == (1, 2), (tid, results[tid])
+        assert first["version"] == version, (tid, first)
+        group = Path(first["cgroup"])
+        assert group.parent.name == "fem-runs", first["cgroup"]
+        assert group.name.startswith(task_name(site.node, tid) + "."), first["cgroup"]
+        assert not (cgroups.mount() / group.relative_to("/")).exists()
+    # The first run started cold while the server started; later ones were forked.
+    assert forked(results["second"]["first"]) and forked(results["third"]["first"]), \
+        listener.tail()
+    assert "starting a resident Ansible" in listener.log.read_text()
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_concurrent_runs_do_not_wait_for_each_other(site, probed):
+    """Two tasks at once, each sleeping 2 s in its container: their sleeps overlap (a
+    shared interpreter would run one after the other)."""
+    listener = probed(max_parallel=2)
+    orch = site.orchestrator
+    warm = site.task("warm")
+    orch.publish(warm)
+    assert orch.wait_terminal("warm")["state"] == "COMPLETED", listener.tail()
+    stamp = ("cut -d' ' -f1 /proc/uptime > /fem/output/start && sleep 2"
+             " && cut -d' ' -f1 /proc/uptime > /fem/output/end")
+    for tid in ("left", "right"):
+        orch.publish(site.task(tid, command=["sh", "-c", stamp]))
+    spans = {}
+    for tid in ("left", "right"):
+        done = orch.wait_terminal(tid)
+        assert done["state"] == "COMPLETED", (done, listener.tail())
+        assert forked(probe(probed.probes, tid)["first"]), listener.tail()
+        from tests.support.archives import tar_members, uploaded_file
+
+        files = tar_members(uploaded_file(site.env, done["outputs"]["url"]))
+        spans[tid] = (float(files["start"]), float(files["end"]))
+    (a0, a1), (b0, b1) = spans["left"], spans["right"]
+    assert a0 < b1 and b0 < a1, spans
+
+
+def test_a_cancel_during_a_module_call_leaves_no_process(site, probed):
+    """A cancel while a module of a forked run waits on a child process: the run's cgroup
+    is killed, nothing of the run is left on the host."""
+    listener = probed(sleeps={"slow": "61.7"})
+    orch = site.orchestrator
+    orch.publish(site.task("warm"))
+    assert orch.wait_terminal("warm")["state"] == "COMPLETED", listener.tail()
+    orch.publish(site.task("slow"))
+    wait_for(probed.probes / "slow.started", listener)
+    time.sleep(0.5)  # the module is in its child's wait
+    assert sleeping("61.7"), "the probe's sleep is not running"
+    orch.cancel("slow")
+    done = orch.wait_terminal("slow")
+    assert done["state"] == "CANCELLED", done
+    assert not sleeping("61.7")
+    name = task_name(site.node, "slow")
+    assert not [g for g in cgroups.base().iterdir() if g.name.startswith(name + ".")]
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_a_server_killed_mid_run_costs_its_task_one_attempt(site, probed):
+    """``kill -9`` of the resident Ansible while it serves a run: the run is killed with its
+    cgroup and the task recovered, as after a ``kill -9`` of the listener: one terminal
+    event."""
+    listener = probed(sleeps={"victim": "4"})
+    orch = site.orchestrator
+    orch.publish(site.task("warm"))
+    assert orch.wait_terminal("warm")["state"] == "COMPLETED", listener.tail()
+    orch.publish(site.task("victim"))
+    wait_for(probed.probes / "victim.started", listener)
+    servers = resident_servers(listener.proc.pid)
+    assert servers, listener.tail()
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    (probed.probes / "victim.started").unlink()
+    done = orch.wait_terminal("victim")
+    assert done["state"] == "COMPLETED", (done, listener.tail())
+    terminal = [e for e in orch.events("victim")
+                if e["state"] in {"COMPLETED", "FAILED", "CANCELLED"}]
+    assert len(terminal) == 1, terminal
+    log = listener.log.read_text()
+    assert "died during it; the task is recovered" in log, listener.tail()
+    assert probe(probed.probes, "victim")["first"]["calls"] == 1
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_with_the_resident_ansible_off_runs_start_cold(site, probed):
+    """``execution.resident_ansible: false``: no server, every run its own Ansible, still
+    in its own cgroup."""
+    listener = probed(resident_ansible=False)
+    orch = site.orchestrator
+    for tid in ("one", "two"):
+        orch.publish(site.task(tid))
+        assert orch.wait_terminal(tid)["state"] == "COMPLETED", listener.tail()
+        result = probe(probed.probes, tid)["first"]
+        assert not forked(result)
+        assert Path(result["cgroup"]).parent.name == "fem-runs"
+    assert not resident_servers(listener.proc.pid)
+    assert "resident Ansible" not in listener.log.read_text()
+
+
+def sleeping(seconds: str) -> bool:
+    done = subprocess.run(["pgrep", "-f", f"^sleep {seconds}$"], capture_output=True,
+                          check=False)
+    return done.returncode == 0
+
+
+def resident_servers(listener: int) -> list[int]:
+    """The resident Ansible servers of the listener ``listener`` (its children: the runs
+    they fork have the same command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if b"fem_ansible.resident_server" in cmd and parent == listener:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_client_runs_cold_where_no_server_listens(tmp_path):
+    """The client alone (no server socket): it joins no group it is not given and becomes the
+    cold command, with its exit code."""
+    client = REPO / "fem_ansible" / "resident_client.py"
+    script = textwrap.dedent("""\
+        import os, sys
+        print(os.environ.get("FEM_RUN_CGROUP", "none"), sys.argv[1:])
+        sys.exit(7)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(client), str(tmp_path), sys.executable, "-c", script,
+         "a"],
+        capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, check=False)
+    assert done.returncode == 7, done
+    assert "none ['a']" in done.stdout
