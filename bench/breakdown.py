@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 import uuid
@@ -42,7 +41,7 @@ def job_events(work_dir: Path, task_id: str) -> tuple[Path, list[dict]]:
 
 
 def measure(tasks: int) -> dict[str, Any]:
-    from run import Bench, cpu_s
+    from run import Bench
 
     bench = Bench(quick=True)
     node = f"bd{uuid.uuid4().hex[:6]}"
@@ -55,11 +54,11 @@ def measure(tasks: int) -> dict[str, Any]:
     try:
         bench.fem_once(lst, orch, node, "warm")
         for i in range(tasks):
-            cpu0 = cpu_s(lst.proc.pid, children=True)
+            cpu0 = bench.cpu(node)
             t0 = time.time()
             total = bench.fem_once(lst, orch, node, f"m{i}")
             add("published to COMPLETED (s)", total)
-            add("controller CPU (s)", cpu_s(lst.proc.pid, children=True) - cpu0)
+            add("controller CPU (s)", bench.cpu(node) - cpu0)
             _, events = job_events(bench.tmp / node / "work", f"m{i}")
             at = {e["event"]: created(e) for e in reversed(events)}  # each one's first
             first_task = at["playbook_on_task_start"]
@@ -79,7 +78,7 @@ def measure(tasks: int) -> dict[str, Any]:
     finally:
         lst.stop()
         orch.close()
-        shutil.rmtree(bench.tmp, ignore_errors=True)
+        bench.close()
     return out
 
 

@@ -8,11 +8,12 @@ Runs a warm-up task and one measured task through a real listener (the benchmark
 services and task), then prints, in seconds from the task's publication, when each event
 was published, when ansible-playbook wrote its first and last event and when ansible-runner
 finished, and each playbook task's own duration from the run's job events; then the CPU
-the task cost on the controller (the listener's reaped children: ansible-playbook, its
-workers, module interpreters) against the shell script's.  The table "Where the time goes"
-in bench/RESULTS.md is read off this.  ``--without GROUP`` leaves out a patch group of the
-fast path (fem.core's ``plugin_utils/fastpath.py``, ``FEMCORE_FASTPATH_OFF``);
-bench/pairs.py measures each one's gain with it.  The listener runs with ``PYTHONUNBUFFERED=1``, as
+the task cost on the controller (everything the listener started, in its cgroup:
+ansible-playbook, its workers, module interpreters, the resident Ansible) against the shell
+script's.  The table "Where the time goes" in bench/RESULTS.md is read off this.
+``--without GROUP`` leaves out a patch group of the fast path (fem.core's
+``plugin_utils/fastpath.py``, ``FEMCORE_FASTPATH_OFF``); bench/pairs.py measures each one's
+gain with it.  The listener runs with ``PYTHONUNBUFFERED=1``, as
 contrib/fem-ansible.service starts it.
 """
 
@@ -20,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
 import time
 import uuid
 from pathlib import Path
 
 from breakdown import created, job_events
-from run import Bench, cpu_s
+from run import Bench
 
 from fem_ansible.schema import event_time
 
@@ -41,8 +41,8 @@ def main() -> None:
     env = {"PYTHONUNBUFFERED": "1", "FEMCORE_FASTPATH_OFF": ",".join(args.without)}
     try:
         _profile(bench, args.strategy, env)
-    finally:  # the listener's work dir and the run dirs, as bench/run.py leaves nothing
-        shutil.rmtree(bench.tmp, ignore_errors=True)
+    finally:  # the listener's work dir, run dirs and cgroup, as bench/run.py leaves nothing
+        bench.close()
 
 
 def _profile(bench: Bench, strategy: str, env: dict[str, str]) -> None:
@@ -50,10 +50,10 @@ def _profile(bench: Bench, strategy: str, env: dict[str, str]) -> None:
     lst, orch = bench.listener(node, env=env, strategy=strategy)
     try:
         bench.fem_once(lst, orch, node, "warm")
-        cpu0 = cpu_s(lst.proc.pid, children=True)
+        cpu0 = bench.cpu(node)
         t0 = time.time()
         total = bench.fem_once(lst, orch, node, "p0")
-        fem_cpu = cpu_s(lst.proc.pid, children=True) - cpu0
+        fem_cpu = bench.cpu(node) - cpu0
         events = orch.events("p0")
         found, ansible = job_events(bench.tmp / node / "work", "p0")
         artifacts: Path = found.parent

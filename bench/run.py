@@ -63,6 +63,7 @@ class Bench:
         self.env = ensure_services()
         self.tmp = Path(tempfile.mkdtemp(prefix="fem-bench-"))
         self.rows: list[tuple[str, str, str, str, str]] = []
+        self.groups: dict[str, Path] = {}
 
     # -- building blocks -------------------------------------------------------------------
 
@@ -85,8 +86,22 @@ class Bench:
         cfg = site_config(self.tmp / node, self.env, node,
                           execution={"work_dir": str(self.tmp / node / "work"),
                                      "keep_runs": 2, **execution}, policy=policy or {})
-        lst = Listener(cfg, self.tmp / node / "listener.log", env=env).start()
+        self.groups[node] = lane_cgroup(node)
+        with started_in(self.groups[node]):
+            lst = Listener(cfg, self.tmp / node / "listener.log", env=env).start()
         return lst, Orchestrator(node)
+
+    def cpu(self, node: str) -> float:
+        """CPU seconds used so far by ``node``'s listener and everything it started (its
+        runs, the resident Ansible, Mitogen's and Ansible's processes; not the engine's)."""
+        return cgroup_cpu_s(self.groups[node])
+
+    def close(self) -> None:
+        """Remove what the benchmark made: its dirs and its listeners' cgroups (their
+        listeners stopped)."""
+        for group in self.groups.values():
+            remove_cgroup(group)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def steps_env(self, name: str, command: str, uploads: str) -> dict[str, str]:
         """What the shell script and the plain playbook take: the same image, repository,
@@ -158,12 +173,10 @@ class Bench:
         variants = {"mitogen": {"strategy": "mitogen"},
                     "cold": {"strategy": "mitogen", "resident_ansible": False},
                     "linear": {"strategy": "linear"}}
-        lanes, groups = {}, {}
+        lanes = {}
         for name, execution in variants.items():
             node = f"bench{uuid.uuid4().hex[:6]}"
-            groups[name] = lane_cgroup(node)
-            with started_in(groups[name]):
-                lanes[name] = (node, *self.listener(node, **execution))
+            lanes[name] = (node, *self.listener(node, **execution))
         fem: dict[str, list[float]] = {name: [] for name in lanes}
         cpu: dict[str, list[float]] = {name: [] for name in lanes}
         first = {name: 0.0 for name in lanes}
@@ -177,9 +190,9 @@ class Bench:
             self.baseline("warm")
             for i in range(runs):
                 for name, (node, lst, orch) in lanes.items():
-                    used = cgroup_cpu_s(groups[name])
+                    used = self.cpu(node)
                     fem[name].append(self.fem_once(lst, orch, node, f"o{i}"))
-                    cpu[name].append(cgroup_cpu_s(groups[name]) - used)
+                    cpu[name].append(self.cpu(node) - used)
                 for settings, times in plain.items():
                     times.append(self.plain(f"o{i}", settings))
                 base.append(self.baseline(f"o{i}"))
@@ -187,8 +200,6 @@ class Bench:
             for _node, lst, orch in lanes.values():
                 lst.stop()
                 orch.close()
-            for group in groups.values():
-                remove_cgroup(group)
         for name, label in (("mitogen", ""), ("cold", ", resident Ansible off"),
                             ("linear", ", strategy linear")):
             self.row(f"overhead: trivial task{label} (s)", f"{median(fem[name]):.2f}",
@@ -447,7 +458,7 @@ def main() -> None:
             if not args.only or name in args.only:
                 fn()
     finally:
-        shutil.rmtree(bench.tmp, ignore_errors=True)
+        bench.close()
     print(f"\nmachine: {bench.machine()}")
     if args.write:
         results = REPO / "bench" / "RESULTS.md"
