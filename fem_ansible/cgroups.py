@@ -121,16 +121,26 @@ def terminate(path: Path, grace_s: float) -> None:
     kill(path)
 
 
+def populated(path: Path) -> bool:
+    """Whether a process of the group has not ended yet (one still exiting included: it is
+    no longer in ``cgroup.procs``)."""
+    try:
+        with open(path / "cgroup.events", encoding="ascii") as f:
+            return "populated 1" in f.read()
+    except FileNotFoundError:
+        return False
+
+
 def kill(path: Path, deadline_s: float = 10.0) -> None:
     """SIGKILL every process of the group, those forked meanwhile included
-    (``cgroup.kill``), and wait until it is empty."""
+    (``cgroup.kill``), and wait until every one has ended."""
     try:
         with open(path / "cgroup.kill", "w", encoding="ascii") as f:
             f.write("1\n")
     except FileNotFoundError:
         return
     deadline = time.monotonic() + deadline_s
-    while pids(path) and time.monotonic() < deadline:
+    while populated(path) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -143,7 +153,19 @@ def remove(path: Path) -> None:
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
-            log.warning("cgroup %s is not empty 10 s after its kill; left in place", path)
+            log.warning("cgroup %s is not empty 10 s after its kill; left in place: %s",
+                        path, ", ".join(_describe(pid) for pid in pids(path))
+                        or "its processes are still exiting")
+
+
+def _describe(pid: int) -> str:
+    """``<pid> <command> (<state>)``, for an operator to find what outlived a kill."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            before, _, after = f.read().rpartition(")")
+        return f"{pid} {before.partition('(')[2]} ({after.split()[0]})"
+    except OSError:
+        return str(pid)
 
 
 def of_task(name: str) -> list[Path]:

@@ -65,7 +65,8 @@ class Servers:
         the run is in its cgroup, and forked from a server where one serves ``env`` (one is
         started for the next run if none does)."""
         self._ensure(env)
-        return [sys.executable, "-I", "-S", str(CLIENT), str(self.dir), *cold]
+        return [sys.executable, "-I", "-S", str(CLIENT), str(self._socket(server_key(env))),
+                *cold]
 
     def lost(self, env: dict[str, str]) -> bool:
         """Whether the server for ``env`` died (not retired) since it was started."""
@@ -115,11 +116,14 @@ class Servers:
         for key in [k for k, s in self._servers.items() if s.process.poll() is not None]:
             del self._servers[key]
 
+    def _socket(self, key: str) -> Path:
+        return self.dir / f"{key}.sock"
+
     def _start(self, key: str, env: dict[str, str]) -> _Server:
         own = {k: v for k, v in env.items() if k not in PER_RUN}
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", "fem_ansible.resident_server",
-             str(self.dir / f"{key}.sock"), str(os.getpid())],
+             str(self._socket(key)), str(os.getpid())],
             env=own, cwd=self._cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True)
         threading.Thread(target=_relay, args=(key, process), name=f"resident-{key[:8]}",

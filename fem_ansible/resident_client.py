@@ -5,7 +5,7 @@ this run's environment, becomes the cold ``ansible-playbook`` itself (``exec``).
 ansible-runner starts this as its ``binary`` (``python -I -S``: no site, no
 ``PYTHONPATH``, standard library only, so it starts in milliseconds)::
 
-    python -I -S resident_client.py <socket dir | -> <the cold command ...>
+    python -I -S resident_client.py <server socket | -> <the cold command ...>
 
 and sees either way the same process: its stdio are the run's pty, it ends with the run's
 exit code, ansible-runner's cancel and timeout (``killpg`` of this process's group) end it.
@@ -13,9 +13,11 @@ When this process ends before the run does, the server kills the run's cgroup.  
 that dies during the run ends this process with :data:`LOST_RC` (fem_ansible.runner then
 leaves the task to recovery, as after a ``kill -9`` of the listener).
 
-The socket a run uses is named by :func:`server_key` of its environment: a server serves
-only runs whose Ansible environment is its own, but for :data:`PER_RUN`, which Ansible reads
-when it uses it (docs/decisions.md, "A resident Ansible").
+The listener names the socket by :func:`server_key` of the run's environment: a server
+serves only runs whose Ansible environment is its own, but for :data:`PER_RUN`, which
+Ansible reads when it uses it (docs/decisions.md, "A resident Ansible").  Not this process:
+Python may add to its own environment as it starts (``LC_CTYPE``, PEP 538), as it does to
+the server's.
 """
 
 from __future__ import annotations
@@ -47,10 +49,6 @@ def server_key(env: dict[str, str]) -> str:
     in it but :data:`PER_RUN`."""
     fixed = sorted((k, v) for k, v in env.items() if k not in PER_RUN)
     return hashlib.sha256(json.dumps(fixed).encode()).hexdigest()[:24]
-
-
-def socket_path(directory: str, env: dict[str, str]) -> str:
-    return os.path.join(directory, server_key(env) + ".sock")
 
 
 def _cold(command: list[str], why: str | None) -> None:
@@ -96,16 +94,16 @@ def _replies(conn: socket.socket) -> Iterator[dict]:
 
 
 def main(argv: list[str]) -> int:
-    directory, command = argv[1], argv[2:]
+    server, command = argv[1], argv[2:]
     why = _join_cgroup()
-    if why or directory == "-":
-        _cold(command, None if directory == "-" else why)
+    if why or server == "-":
+        _cold(command, None if server == "-" else why)
     # A stop's SIGTERM goes to every process of the run's cgroup: the run ends by it and
     # this process with the run's exit code, which the server sends.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn.connect(socket_path(directory, dict(os.environ)))
+        conn.connect(server)
         _request(conn, command)
     except OSError:
         conn.close()

@@ -128,12 +128,14 @@ def probed(site, tmp_path):
     probes.mkdir()
     playbook = probe_playbook(tmp_path)
 
-    def start(sleeps: dict[str, str] | None = None, **execution):
+    def start(sleeps: dict[str, str] | None = None, resident: bool = True, **execution):
         write_probe_role(roles, probes, sleeps or {})
         config = site.config(execution={"work_dir": str(site.work_dir),
                                         "playbook": str(playbook),
                                         "roles_path": [str(roles)], **execution})
-        return site.listener(config)
+        # Whatever the suite runs with (FEMDEV_RESIDENT_ANSIBLE): these are its tests.
+        return site.listener(config, env={
+            "FEM_ANSIBLE_EXECUTION__RESIDENT_ANSIBLE": str(resident).lower()})
 
     start.roles, start.probes = roles, probes
     return start
@@ -258,7 +260,7 @@ def test_a_server_killed_mid_run_costs_its_task_one_attempt(site, probed):
 def test_with_the_resident_ansible_off_runs_start_cold(site, probed):
     """``execution.resident_ansible: false``: no server, every run its own Ansible, still
     in its own cgroup."""
-    listener = probed(resident_ansible=False)
+    listener = probed(resident=False)
     orch = site.orchestrator
     for tid in ("one", "two"):
         orch.publish(site.task(tid))

@@ -28,6 +28,7 @@ from fem_ansible.schema import TERMINAL_STATES
 REPO = Path(__file__).resolve().parents[2]
 FEM = str(Path(sys.executable).parent / "fem-ansible")
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+RESIDENT_OFF_ENV = "FEMDEV_RESIDENT_ANSIBLE"
 
 
 def new_node_id() -> str:
@@ -111,6 +112,10 @@ class Listener:
     def start(self, wait_connected: bool = True) -> Listener:
         offset = self.log.stat().st_size if self.log.exists() else 0
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEM_")}
+        # The whole suite runs once with the resident Ansible off too (issue 30):
+        # FEMDEV_RESIDENT_ANSIBLE=false scripts/test.sh.
+        if os.environ.get(RESIDENT_OFF_ENV) == "false":
+            env["FEM_ANSIBLE_EXECUTION__RESIDENT_ANSIBLE"] = "false"
         env.update(self._env or {})
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([FEM, "listen", "--config", str(self.config), *self._args],

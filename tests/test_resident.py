@@ -1,0 +1,125 @@
+"""The resident Ansible's server and client, with a real server process (issue 30): what it
+runs, what it refuses (and the client then runs cold), and which environments it serves.
+tests/test_e2e_resident.py has it under a listener, with tasks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fem_ansible import cgroups, playbook_cli
+from fem_ansible.resident import CLIENT
+from fem_ansible.resident_client import PER_RUN, server_key
+from fem_ansible.resident_server import _changed, _fingerprint
+from fem_ansible.sockdir import socket_dir
+
+# What ansible-playbook's own process runs (a lookup's shell is its child).
+PLAYBOOK = """\
+- hosts: localhost
+  gather_facts: false
+  tasks:
+    - ansible.builtin.debug:
+        msg: "parent: {{ lookup('ansible.builtin.pipe', 'tr -c \\"[:print:]\\" \\" \\"'
+                                ~ ' < /proc/$PPID/cmdline') }}"
+"""
+
+
+def test_the_server_key_ignores_only_the_per_run_variables():
+    env = {"PATH": "/bin", "ANSIBLE_STRATEGY": "linear"}
+    per_run = {name: f"/{name}" for name in PER_RUN}
+    assert server_key({**env, **per_run}) == server_key(env)
+    assert server_key({**env, "ANSIBLE_STRATEGY": "free"}) != server_key(env)
+    assert server_key({**env, "ANSIBLE_CALLBACK_PLUGINS": "/x"}) != server_key(env)
+
+
+def test_a_changed_imported_file_is_seen(tmp_path):
+    module = tmp_path / "mod.py"
+    module.write_text("x = 1\n")
+    seen = {str(module): (module.stat().st_mtime_ns, module.stat().st_size)}
+    assert _changed(seen) is None
+    module.write_text("x = 22\n")
+    assert _changed(seen) == str(module)
+    module.unlink()
+    assert _changed(seen) == str(module)
+    assert sys.modules["fem_ansible.cgroups"].__file__ in _fingerprint()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A server started as the listener starts one (its environment: a run's, less the
+    per-run variables); yields (its socket, its environment)."""
+    if cgroups.base() is None:
+        pytest.fail("these tests need a writable cgroup v2 (CI runs as root)")
+    directory = socket_dir(tmp_path, "resident", "test", 60)  # as short as the listener's
+    directory.mkdir(parents=True, mode=0o700)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "ANSIBLE_NOCOLOR": "True",
+           "ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    sock = directory / f"{server_key(env)}.sock"
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "fem_ansible.resident_server",
+                             str(sock), str(os.getpid())],
+                            env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield sock, env
+    proc.terminate()
+    assert proc.wait(30) == 0
+
+
+def run_client(sock: Path, env: dict[str, str], command: list[str], ident: str,
+               tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    group = cgroups.create(ident)
+    assert group is not None
+    try:
+        return subprocess.run([sys.executable, "-I", "-S", str(CLIENT), str(sock),
+                               *command], env={**env, cgroups.ENV: str(group)},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              check=False)
+    finally:
+        cgroups.remove(group)
+
+
+def test_a_run_is_forked_from_the_server_with_its_exit_code(server, tmp_path):
+    sock, env = server
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(PLAYBOOK)
+    command = [sys.executable, "-P", "-m", playbook_cli.MODULE, "-i", "localhost,", "-c",
+               "local", str(playbook)]
+    done = run_client(sock, env, command, f"resident-test-{os.getpid()}.a1", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fem_ansible.resident_server" in done.stdout, done.stdout
+    assert "starts its own Ansible" not in done.stderr
+
+    failing = run_client(sock, env, [*command[:-1], str(tmp_path / "absent.yml")],
+                         f"resident-test-{os.getpid()}.a2", tmp_path)
+    assert failing.returncode != 0
+    assert "absent.yml" in failing.stdout + failing.stderr
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ("command", "not fem-ansible's ansible-playbook"),
+    ("env", None),
+])
+def test_what_the_server_does_not_serve_runs_cold(server, tmp_path, change, why):
+    sock, env = server
+    script = "import os, sys; print('cold', os.getppid() != 1); sys.exit(3)"
+    command = [sys.executable, "-P", "-m", playbook_cli.MODULE, "--version"]
+    if change == "command":
+        command = [sys.executable, "-c", script]
+    else:
+        env = {**env, "ANSIBLE_STRATEGY": "free"}  # not the server's environment
+    done = run_client(sock, env, command, f"resident-cold-{os.getpid()}.a1", tmp_path)
+    if why:
+        assert done.returncode == 3 and "cold True" in done.stdout, done
+        assert why in done.stderr
+    else:
+        assert done.returncode == 0 and "ansible-playbook [core" in done.stdout, done
+        assert "its Ansible environment is not the resident one's" in done.stderr
