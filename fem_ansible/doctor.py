@@ -16,6 +16,7 @@ runs late accepts expired tasks, and one that runs early rejects good ones.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sys
@@ -168,6 +169,27 @@ def check_ansible(config: Config) -> Iterator[Check]:
 
     yield ok("ansible", f"ansible-core {ansible_core}, built-in roles in {data}, "
              f"collections {', '.join(collections)}")
+
+
+def check_runs(config: Config) -> Iterator[Check]:
+    """Whether runs can have cgroups of their own (and so the resident Ansible).  Checked
+    without making one: doctor runs in a shell's cgroup, not the service's; the listener
+    says at start whether its own is writable."""
+    from . import cgroups
+
+    mount = cgroups.mount()
+    release = tuple(int(p) for p in re.findall(r"\d+", os.uname().release)[:2])
+    if mount is None or release < (5, 14):
+        yield warn("runs", "no cgroup v2 with cgroup.kill here (kernel "
+                   f"{os.uname().release}{'' if mount else ', no cgroup2 mount'}): a run is "
+                   "found by its environment marker only, and every run starts Ansible cold",
+                   "a kernel of 5.14 or later with the unified cgroup hierarchy")
+        return
+    resident = ("forked from a resident Ansible" if config.execution.resident_ansible
+                else "started cold (execution.resident_ansible: false)")
+    yield ok("runs", f"cgroup v2 at {mount}: each run in a cgroup of its own, {resident}; "
+             "the service needs Delegate=yes (the listener warns at start if its cgroup is "
+             "not writable)")
 
 
 # The allow-lists a task's fields are checked against; `init` leaves them all empty.
@@ -559,6 +581,7 @@ def diagnose(config: Config) -> list[Check]:
     clock = _Clock()
     steps: list[Callable[[], Iterator[Check]]] = [
         lambda: check_paths(config), lambda: check_ansible(config),
+        lambda: check_runs(config),
         lambda: check_policy(config), lambda: check_roles(config),
         lambda: check_signatures(config),
         lambda: check_broker(config),

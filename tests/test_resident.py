@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fem_ansible import cgroups, playbook_cli
+from fem_ansible.doctor import check_runs
 from fem_ansible.resident import CLIENT
 from fem_ansible.resident_client import PER_RUN, server_key
 from fem_ansible.resident_server import _changed, _fingerprint
@@ -123,3 +124,10 @@ def test_what_the_server_does_not_serve_runs_cold(server, tmp_path, change, why)
     else:
         assert done.returncode == 0 and "ansible-playbook [core" in done.stdout, done
         assert "its Ansible environment is not the resident one's" in done.stderr
+
+
+def test_doctor_says_how_runs_are_held(make_config):
+    (on,) = check_runs(make_config())
+    assert (on.status, on.name) == ("ok", "runs") and "resident Ansible" in on.detail, on
+    (off,) = check_runs(make_config(execution={"resident_ansible": False}))
+    assert "started cold (execution.resident_ansible: false)" in off.detail, off
