@@ -44,6 +44,10 @@ class _Server:
     process: subprocess.Popen[bytes]
     retired: bool = False
 
+    def died(self) -> bool:
+        """Whether the server ended other than by retiring (which waits for its runs)."""
+        return self.process.poll() not in (None, 0)
+
 
 class Servers:
     """The resident Ansible servers of one listener."""
@@ -60,20 +64,14 @@ class Servers:
         for stale in self.dir.glob("*.sock*"):  # an earlier listener's
             stale.unlink(missing_ok=True)
 
-    def command(self, env: dict[str, str], cold: list[str]) -> list[str]:
+    def command(self, env: dict[str, str], cold: list[str]) -> tuple[list[str], _Server | None]:
         """The command that runs ``cold`` for a run with ``env``: through the client, so that
         the run is in its cgroup, and forked from a server where one serves ``env`` (one is
-        started for the next run if none does)."""
-        self._ensure(env)
-        return [sys.executable, "-I", "-S", str(CLIENT), str(self._socket(server_key(env))),
-                *cold]
-
-    def lost(self, env: dict[str, str]) -> bool:
-        """Whether the server for ``env`` died (not retired) since it was started."""
-        with self._lock:
-            server = self._servers.get(server_key(env))
-            return (server is not None and server.process.poll() not in (None, 0)
-                    and not server.retired)
+        started for the next run if none does); and that server, which the run may have
+        used (:meth:`_Server.died` then tells a lost run from a failed one)."""
+        server = self._ensure(env)
+        return ([sys.executable, "-I", "-S", str(CLIENT), str(self._socket(server_key(env))),
+                 *cold], server)
 
     def replace(self) -> None:
         """Retire every server (SIGHUP): each finishes the runs it has and exits; the next
@@ -93,14 +91,15 @@ class Servers:
         if server.process.poll() is None:
             server.process.terminate()
 
-    def _ensure(self, env: dict[str, str]) -> None:
+    def _ensure(self, env: dict[str, str]) -> _Server | None:
+        """The live server for ``env``, if any; else one is started for the next run."""
         key = server_key(env)
         with self._lock:
             server = self._servers.get(key)
             if server is not None and server.process.poll() is None:
-                return
+                return server
             if self._closed:
-                return
+                return None
             if server is not None:
                 if not server.retired:
                     log.warning("the resident Ansible %s ended (exit %s); a new one starts",
@@ -109,8 +108,9 @@ class Servers:
             if len(self._servers) >= MAX_SERVERS:
                 self._reap()
                 if len(self._servers) >= MAX_SERVERS:
-                    return
+                    return None
             self._servers[key] = self._start(key, env)
+            return None
 
     def _reap(self) -> None:
         for key in [k for k, s in self._servers.items() if s.process.poll() is not None]:

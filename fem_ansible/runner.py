@@ -377,14 +377,16 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         cancel_callback=on_cancel,
     )
     runner.config.env = confine_env(runner.config.env, envvars)
+    server = None
     if group is not None:
         # The run's first process is the client (resident_client.py), now that the run's
         # environment is final: it joins the group, then is forked from a resident Ansible
         # or becomes the cold command.
         cold = runner.config.command
-        runner.config.command = (
-            spec.resident.command(runner.config.env, cold) if spec.resident is not None
-            else [sys.executable, "-I", "-S", str(CLIENT), "-", *cold])
+        if spec.resident is not None:
+            runner.config.command, server = spec.resident.command(runner.config.env, cold)
+        else:
+            runner.config.command = [sys.executable, "-I", "-S", str(CLIENT), "-", *cold]
     full: OSError | None = None
     try:
         runner.run()
@@ -407,8 +409,7 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
               time.monotonic() - started)
     rc = runner.rc or 0
-    if (rc == LOST_RC and spec.resident is not None
-            and spec.resident.lost(runner.config.env)):
+    if rc == LOST_RC and server is not None and server.died():
         raise ServerLost(f"the resident Ansible serving run {spec.ident} died during it")
     if full is not None:
         return RunResult("failed", rc, watcher.node_fault(
