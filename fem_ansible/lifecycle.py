@@ -35,6 +35,7 @@ from .runner import (
     ServerLost,
     collections_view,
     kill_task_processes,
+    prestart,
     run_playbook,
     scan_cache_dir,
 )
@@ -234,6 +235,19 @@ class Node:
                 # attempt (its processes already killed with their cgroup).
                 log.warning("%s: %s; the task is recovered", task_id, e,
                             extra={"task_id": task_id})
+
+    def prestart(self) -> None:
+        """Start the resident Ansibles of the task playbook's runs and of the short runs, so
+        that the first task is forked too; a failure only leaves runs cold until their first
+        run starts them."""
+        if self.resident is None:
+            return
+        for spec in runspec.warm_ups(self):
+            try:
+                prestart(spec)
+            except Exception:  # never the listener's start
+                log.warning("the resident Ansible for %s runs did not start; the first run "
+                            "starts it", spec.strategy, exc_info=True)
 
     def run_dir(self, task_id: str) -> Path:
         return self.runs_dir / task_id

@@ -95,6 +95,7 @@ class Listener:
         _ = self.node.targets.inventory
         if engine.watches_docker(self.config, self.node.targets):
             threading.Thread(target=self._watch_engine, name="fem-engine", daemon=True).start()
+        threading.Thread(target=self.node.prestart, name="fem-resident", daemon=True).start()
         self._recover()
         delay = RECONNECT_MIN_S
         while not self._stop_now.is_set():

@@ -1,8 +1,9 @@
 """The listener's side of the resident Ansible (fem_ansible.resident_server): which servers
 run, for which environment, and when they are replaced.
 
-A server is started the first time a run's environment needs one (that run, and any before
-the server is listening, starts cold: never later than without a server), with that
+A server is started the first time a run's environment needs one (that run waits for it
+to listen, at most :data:`START_WAIT_S`, else starts cold), or at the listener's start for
+the task playbook's and the short runs' environments (fem_ansible.runner.prestart), with that
 environment less its per-run variables; there is one per distinct environment (the task
 playbook's, the short stop and cleanup runs' with stock ``linear``, a remote host's SSH
 settings), at most :data:`MAX_SERVERS`.  A server is replaced when it retires itself (its
@@ -33,6 +34,10 @@ MAX_SERVERS = 4
 
 #: The client, started by path with ``python -I -S``: not imported as part of this package.
 CLIENT = Path(__file__).with_name("resident_client.py")
+
+#: How long a run waits for a server that is starting (its imports: about a second here)
+#: before it starts cold; a cold start would spend that CPU too.
+START_WAIT_S = 5.0
 
 # A socket path has at most 107 bytes: <dir>/<24 hex>.sock and the server's temp suffix.
 _DIR_MAX = 60
@@ -70,8 +75,10 @@ class Servers:
         started for the next run if none does); and that server, which the run may have
         used (:meth:`_Server.died` then tells a lost run from a failed one)."""
         server = self._ensure(env)
-        return ([sys.executable, "-I", "-S", str(CLIENT), str(self._socket(server_key(env))),
-                 *cold], server)
+        if server is None:
+            return [*client_command(None), *cold], None
+        path = self._socket(server.key)
+        return [*client_command(path, 0 if path.exists() else START_WAIT_S), *cold], server
 
     def replace(self) -> None:
         """Retire every server (SIGHUP): each finishes the runs it has and exits; the next
@@ -92,7 +99,8 @@ class Servers:
             server.process.terminate()
 
     def _ensure(self, env: dict[str, str]) -> _Server | None:
-        """The live server for ``env``, if any; else one is started for the next run."""
+        """The live server for ``env`` (started now if there was none); None where none may
+        be started."""
         key = server_key(env)
         with self._lock:
             server = self._servers.get(key)
@@ -109,8 +117,8 @@ class Servers:
                 self._reap()
                 if len(self._servers) >= MAX_SERVERS:
                     return None
-            self._servers[key] = self._start(key, env)
-            return None
+            server = self._servers[key] = self._start(key, env)
+            return server
 
     def _reap(self) -> None:
         for key in [k for k, s in self._servers.items() if s.process.poll() is not None]:
@@ -138,6 +146,13 @@ def _relay(key: str, process: subprocess.Popen[bytes]) -> None:
     for line in process.stderr:
         log.info("resident Ansible %s: %s", key[:8], line.decode(errors="replace").rstrip())
     process.wait()
+
+
+def client_command(server: Path | None, wait_s: float = 0) -> list[str]:
+    """The client (resident_client.py) as a run's first process: it joins the run's cgroup,
+    then asks ``server`` (waiting up to ``wait_s`` for it to listen) or, without one, runs
+    the cold command that follows."""
+    return [sys.executable, "-I", "-S", str(CLIENT), str(server or "-"), str(wait_s)]
 
 
 def available() -> bool:

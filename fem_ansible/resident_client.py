@@ -5,9 +5,10 @@ this run's environment, becomes the cold ``ansible-playbook`` itself (``exec``).
 ansible-runner starts this as its ``binary`` (``python -I -S``: no site, no
 ``PYTHONPATH``, standard library only, so it starts in milliseconds)::
 
-    python -I -S resident_client.py <server socket | -> <the cold command ...>
+    python -I -S resident_client.py <server socket | -> <seconds> <the cold command ...>
 
-and sees either way the same process: its stdio are the run's pty, it ends with the run's
+(waiting up to ``<seconds>`` for a server that is starting to listen), and sees either way
+the same process: its stdio are the run's pty, it ends with the run's
 exit code, ansible-runner's cancel and timeout (``killpg`` of this process's group) end it.
 When this process ends before the run does, the server kills the run's cgroup.  A server
 that dies during the run ends this process with :data:`LOST_RC` (fem_ansible.runner then
@@ -29,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Iterator
 
 #: The run's own variables, read at use: they may differ between a server and its runs.
@@ -73,6 +75,21 @@ def _join_cgroup() -> str | None:
     return None
 
 
+def _connect(path: str, deadline: float) -> socket.socket | None:
+    """A connection to the server at ``path``, tried until ``deadline`` (a server starting:
+    its imports take about a second, which a cold start would spend too)."""
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            return conn
+        except OSError:
+            conn.close()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+
 def _request(conn: socket.socket, command: list[str]) -> None:
     body = json.dumps({"command": command, "env": dict(os.environ),
                        "cwd": os.getcwd()}).encode()
@@ -94,20 +111,21 @@ def _replies(conn: socket.socket) -> Iterator[dict]:
 
 
 def main(argv: list[str]) -> int:
-    server, command = argv[1], argv[2:]
+    server, wait, command = argv[1], float(argv[2]), argv[3:]
     why = _join_cgroup()
     if why or server == "-":
         _cold(command, None if server == "-" else why)
     # A stop's SIGTERM goes to every process of the run's cgroup: the run ends by it and
     # this process with the run's exit code, which the server sends.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = _connect(server, time.monotonic() + wait)
+    if conn is None:
+        _cold(command, None)  # no server for this environment (yet): today's way
     try:
-        conn.connect(server)
         _request(conn, command)
     except OSError:
         conn.close()
-        _cold(command, None)  # no server for this environment (yet): today's way
+        _cold(command, None)
     for reply in _replies(conn):
         if "cold" in reply:
             conn.close()

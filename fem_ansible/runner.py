@@ -38,7 +38,7 @@ import ansible_runner
 from . import cgroups, diskspace, fastpath, unsafe, vault
 from .errors import ConfigError
 from .fastpath import data_dir, derived_cache
-from .resident import CLIENT, Servers
+from .resident import Servers, client_command
 from .resident_client import LOST_RC
 from .stages import Stage
 from .verdict import Failure, PlayWatcher
@@ -307,6 +307,54 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _init_runner(spec: RunSpec, group: Path | None, command: list[str],
+                 **kwargs: Any) -> ansible_runner.Runner:
+    """ansible-runner's runner for ``spec`` with ``command``, not started, its environment
+    confined (PASSED_ENV): ansible_runner.run is init_runner + run(), and the environment,
+    which ansible-runner starts from the listener's, is confined between the two."""
+    settings: dict[str, Any] = {"pexpect_timeout": 1, "suppress_ansible_output": True}
+    if spec.timeout_s:
+        settings["job_timeout"] = spec.timeout_s
+    envvars = {**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
+               **spec.env}
+    if group is not None:
+        envvars[cgroups.ENV] = str(group)
+    workdir = spec.private_data_dir / "project"
+    runner = ansible_runner.interface.init_runner(
+        private_data_dir=str(spec.private_data_dir),
+        ident=spec.ident,
+        project_dir=str(workdir),
+        # fem-ansible's ansible-playbook; the playbook is then an argument like the others.
+        binary=command[0],
+        inventory=str(spec.inventory),
+        limit=spec.limit,
+        roles_path=spec.roles_path,
+        envvars=envvars,
+        cmdline=shlex.join(command[1:]),
+        settings=settings,
+        quiet=True,
+        suppress_env_files=True,
+        rotate_artifacts=0,
+        **kwargs,
+    )
+    runner.config.env = confine_env(runner.config.env, envvars)
+    return runner
+
+
+def prestart(spec: RunSpec) -> None:
+    """Start the resident Ansible that runs like ``spec`` will use, now (at the listener's
+    start: its first task is then forked too); nothing is run."""
+    if spec.resident is None or cgroups.base() is None:
+        return
+    spec.private_data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        runner = _init_runner(spec, cgroups.base() / spec.ident,
+                              playbook_command(str(spec.playbook)))
+        spec.resident.command(runner.config.env, [])
+    finally:
+        shutil.rmtree(spec.private_data_dir, ignore_errors=True)
+
+
 def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -> RunResult:
     """Run ``spec`` to the end; once ``should_stop()`` is true the run is stopped, with every
     process it started.
@@ -342,41 +390,18 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
             return True
         return False
 
-    settings: dict[str, Any] = {"pexpect_timeout": 1, "suppress_ansible_output": True}
-    if spec.timeout_s:
-        settings["job_timeout"] = spec.timeout_s
     command = playbook_command("--vault-id", f"{vault.VAULT_ID}@prompt",
                                "-e", f"@{secrets_file}", str(spec.playbook))
     started = time.monotonic()
-    envvars = {**ansible_env(spec.ident, spec.strategy, spec.collections, spec.scan_cache),
-               **spec.env}
     group = cgroups.create(spec.ident)
-    if group is not None:
-        envvars[cgroups.ENV] = str(group)
-    # ansible_runner.run is init_runner + run(); between them the run's environment, which
-    # ansible-runner starts from the listener's, is confined (PASSED_ENV).
-    runner = ansible_runner.interface.init_runner(
-        private_data_dir=str(pdd),
-        ident=spec.ident,
-        project_dir=str(workdir),
-        # fem-ansible's ansible-playbook; the playbook is then an argument like the others.
-        binary=command[0],
-        inventory=str(spec.inventory),
-        limit=spec.limit,
-        roles_path=spec.roles_path,
-        envvars=envvars,
-        cmdline=shlex.join(command[1:]),
+    runner = _init_runner(
+        spec, group, command,
         passwords={vault.PROMPT: password},
         tags=",".join(spec.tags) or None,
         skip_tags=",".join(spec.skip_tags) or None,
-        settings=settings,
-        quiet=True,
-        suppress_env_files=True,
-        rotate_artifacts=0,
         event_handler=on_event,
         cancel_callback=on_cancel,
     )
-    runner.config.env = confine_env(runner.config.env, envvars)
     server = None
     if group is not None:
         # The run's first process is the client (resident_client.py), now that the run's
@@ -386,7 +411,7 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
         if spec.resident is not None:
             runner.config.command, server = spec.resident.command(runner.config.env, cold)
         else:
-            runner.config.command = [sys.executable, "-I", "-S", str(CLIENT), "-", *cold]
+            runner.config.command = [*client_command(None), *cold]
     full: OSError | None = None
     try:
         runner.run()

@@ -94,6 +94,23 @@ def build(node: Node, rec: TaskRecord, decision: Decision, host: str, *,
     )
 
 
+def warm_ups(node: Node) -> list[RunSpec]:
+    """Runs shaped like the task playbook's and like the short stop and cleanup runs, as far
+    as their Ansible environment goes (nothing else of them is used): what
+    fem_ansible.runner.prestart starts the resident Ansibles of at the listener's start."""
+    config = node.config
+    ident = "fem-warm-up.a0"
+    ssh_dir = control_dir(config, ident)
+    return [RunSpec(
+        private_data_dir=node.runs_dir / f".warm-up-{strategy}", ident=ident,
+        playbook=data_dir() / "playbooks" / "task.yml", inventory=inventory_path(config),
+        limit="localhost", roles_path=roles_path(config), collections=node.collections,
+        scan_cache=node.scan_cache, extravars={}, secrets={},
+        timeout_s=PLAYBOOK_MARGIN_S, env=ssh_env(config, ssh_dir), strategy=strategy,
+        ssh_control_dir=ssh_dir, resident=node.resident,
+    ) for strategy in dict.fromkeys([config.execution.strategy, "linear"])]
+
+
 def secrets(config: Config, task: dict[str, Any], registry: str,
             secret_env: Mapping[str, str]) -> dict[str, Any]:
     """``fem_secrets``: credentials from the site config for this task's ``registry`` and

@@ -304,8 +304,8 @@ def test_the_client_runs_cold_where_no_server_listens(tmp_path):
         sys.exit(7)
     """)
     done = subprocess.run(
-        [sys.executable, "-I", "-S", str(client), str(tmp_path), sys.executable, "-c", script,
-         "a"],
+        [sys.executable, "-I", "-S", str(client), str(tmp_path / "none.sock"), "0.2",
+         sys.executable, "-c", script, "a"],
         capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, check=False)
     assert done.returncode == 7, done
     assert "none ['a']" in done.stdout

@@ -14,7 +14,7 @@ import pytest
 
 from fem_ansible import cgroups, playbook_cli
 from fem_ansible.doctor import check_runs
-from fem_ansible.resident import CLIENT
+from fem_ansible.resident import client_command
 from fem_ansible.resident_client import PER_RUN, server_key
 from fem_ansible.resident_server import _changed, _fingerprint
 from fem_ansible.sockdir import socket_dir
@@ -80,10 +80,9 @@ def run_client(sock: Path, env: dict[str, str], command: list[str], ident: str,
     group = cgroups.create(ident)
     assert group is not None
     try:
-        return subprocess.run([sys.executable, "-I", "-S", str(CLIENT), str(sock),
-                               *command], env={**env, cgroups.ENV: str(group)},
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                              check=False)
+        return subprocess.run([*client_command(sock), *command],
+                              env={**env, cgroups.ENV: str(group)}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, check=False)
     finally:
         cgroups.remove(group)
 
