@@ -23,11 +23,11 @@ from . import fastpath, naming, policy, resident, runspec
 from .audit import AuditLog
 from .config import Config
 from .diskspace import below_floor
-from .errors import RejectedError, TaskFailed
+from .errors import RejectedError
 from .events import task_event
 from .intake import Intake, Task
 from .journal import Journal, TaskRecord
-from .refs import redact_url
+from .outcome import Finisher, error
 from .runner import (
     RunHooks,
     RunResult,
@@ -39,17 +39,14 @@ from .runner import (
     run_playbook,
     scan_cache_dir,
 )
-from .sizes import format_bytes
 from .stages import STATE_STAGE, Stage
 from .targets import Targets
-from .transfer import Archive, upload
+from .tracking import AttemptPart, StageTracker
 
 log = logging.getLogger(__name__)
 
 # How often a cancel stops the container again while the play is still in the run stage.
 STOP_RETRY_S = 2.0
-# Longest upload of each archive of a run a cancel stopped (its logs are still sent).
-STOPPED_UPLOAD_S = 60.0
 
 
 class CancelRequest(threading.Event):
@@ -263,91 +260,32 @@ class Node:
         return naming.object_name(self.config.node_id, task_id, naming.TASK)
 
 
-class _Execution(RunHooks):
-    """One attempt at one task: the playbook, then the uploads, then the terminal event."""
+class _Execution(AttemptPart):
+    """One attempt at one task: the playbook, then the uploads, then the terminal event.
+
+    The coordinator of the attempt: recovery, the host and its retry, the runs (the task
+    playbook, a cancel's stop, cleanup) and cancel are here; what follows the run's stages
+    is its :class:`~fem_ansible.tracking.StageTracker` (events, stages done, reports), what
+    finishes it its :class:`~fem_ansible.outcome.Finisher` (uploads, the terminal event).
+    """
 
     def __init__(self, node: Node, rec: TaskRecord, cancel: threading.Event):
-        self.node = node
-        self.config = node.config
-        self.journal = node.journal
-        self.rec = rec
-        self.task = rec.task
-        self.tid = rec.task_id
+        super().__init__(node, rec)
         self.cancel = cancel
-        self.known: dict[str, Any] = {
-            "host": rec.host or self.task["target"],
-            "image_digest": rec.result.get("image_digest"),
-            "source_commit": rec.result.get("source_commit"),
-        }
-        self.stages_done = list(rec.stages_done)
-        self.result = dict(rec.result)
-        self._stage: Stage | None = None
+        self.track = StageTracker(node, rec)
+        self.finisher = Finisher(node, self.track, cancel)
         self._stopper: threading.Thread | None = None
         self._stopper_lock = threading.Lock()
         # Set once the task playbook is over: the stopper's loop ends at once.
         self._play_over = threading.Event()
         if isinstance(cancel, CancelRequest):
             cancel.on_request(self._start_stopper)
-        # The state of the last event, which a progress event repeats.
-        self._state_now = rec.state
         self._unreachable = False
 
-    # Events ------------------------------------------------------------------------------
-
-    def emit(self, state: str, message: str, **fields: Any) -> dict[str, Any]:
-        event = task_event(self.config.node_id, self.task, state, message,
-                           attempt=self.rec.attempt, **{**self.known, **fields})
-        stored = self.journal.append_event(self.tid, event)
-        self._state_now = state
-        log.info("%s %s: %s", self.tid, state, message, extra={"task_id": self.tid})
-        self.node.observer.on_event(stored)
-        self.node.notify()
-        return stored
-
-    def _stage_done(self, stage: Stage) -> None:
-        if stage not in self.stages_done:
-            self.stages_done.append(stage)
-            self.journal.update(self.tid, stages_done=self.stages_done)
-
-    # RunHooks (called from ansible-runner's thread) ----------------------------------------
-
-    def on_stage(self, stage: Stage) -> None:
-        # A marker of the main block: the stage before it ended well, since a failure that
-        # was not rescued sends the play to cleanup (always) past every marker left.  The
-        # cleanup marker is reached whatever happened before it.
-        if stage != Stage.CLEANUP and self._stage not in (None, Stage.CLEANUP, Stage.DONE):
-            self._stage_done(self._stage)
-        self._stage = stage
-        if stage == Stage.DONE:
-            self._stage_done(Stage.STAGE_OUT)
-        elif stage == Stage.RUN:
-            self.node.audit.record(
-                "run", self.tid, host=self.known["host"], image=self.task["image"]["ref"],
-                image_digest=self.known["image_digest"],
-                source_commit=self.known["source_commit"],
-                datasets=[d["name"] for d in self.task["datasets"]], attempt=self.rec.attempt)
-            self.emit("RUNNING", f"running {self.task['image']['ref']}")
-        elif stage == Stage.STAGE_OUT:
-            self.emit("STAGING_OUT", "archiving outputs and logs")
-
-    def on_report(self, data: dict[str, Any]) -> None:
-        if data.get("fem_image_digest"):
-            self.known["image_digest"] = data["fem_image_digest"]
-        if data.get("fem_source_commit"):
-            self.known["source_commit"] = data["fem_source_commit"]
-        self.result.update({
-            "image_digest": self.known["image_digest"],
-            "source_commit": self.known["source_commit"],
-        })
-        for key in ("fem_exit_code", "fem_timed_out", "fem_stopped", "fem_oom_killed",
-                    "fem_outputs_archive", "fem_logs_archive"):
-            if key in data:
-                self.result[key.removeprefix("fem_")] = data[key]
-        self.journal.update(self.tid, result=self.result)
-        if data.get("fem_progress"):
-            # News within the current state (DESIGN.md §4), e.g. a queued Slurm job's id and
-            # why it waits: a progress event, same state, next seq (docs/roles.md).
-            self.emit(self._state_now, str(data["fem_progress"])[:500])
+    @property
+    def _stage(self) -> Stage | None:
+        """The stage the play is in now, as its tracker saw the markers."""
+        return self.track.stage
 
     # The attempt -------------------------------------------------------------------------
 
@@ -365,85 +303,77 @@ class _Execution(RunHooks):
                 # rather than wait for space nothing else would free.
                 self._free_disk()
                 message = f"recovered with {full}"
-                return self._end(self.emit("FAILED", message,
-                                           error=_error("disk_full", stage, message)))
+                return self.finisher.end(self.track.emit(
+                    "FAILED", message, error=error("disk_full", stage, message)))
             self.rec.attempt += 1
             self.journal.update(self.tid, attempt=self.rec.attempt)
             if self.rec.attempt > self.config.execution.max_attempts:
                 self._cleanup()
-                return self._end(self.emit(
+                return self.finisher.end(self.track.emit(
                     "FAILED", f"given up after {self.config.execution.max_attempts} attempts",
-                    error=_error("interrupted", stage, "the listener was interrupted "
-                                 f"{self.config.execution.max_attempts} times in this task")))
+                    error=error("interrupted", stage, "the listener was interrupted "
+                                f"{self.config.execution.max_attempts} times in this task")))
             log.info("%s: attempt %d, resuming after %s", self.tid, self.rec.attempt,
-                     self.stages_done or "nothing done", extra={"task_id": self.tid})
+                     self.track.stages_done or "nothing done", extra={"task_id": self.tid})
         if self.journal.is_cancelled(self.tid):
             if resumed:
                 self._cleanup()
-            return self._end(self.emit("CANCELLED", "cancelled before it started",
-                                       error=_error("cancelled", "intake",
-                                                    "cancelled before it started")))
+            return self.finisher.end(self.track.emit(
+                "CANCELLED", "cancelled before it started",
+                error=error("cancelled", "intake", "cancelled before it started")))
         host = self.node.targets.acquire(self.task["target"], host=self.rec.host)
         if host is None:
-            return self._end(self.emit(
+            return self.finisher.end(self.track.emit(
                 "FAILED", f"no inventory host for target {self.task['target']}",
-                error=_error("input_failed", Stage.STAGE_IN,
-                             f"target {self.task['target']} has no host in the inventory")))
-        self.known["host"] = host
+                error=error("input_failed", Stage.STAGE_IN,
+                            f"target {self.task['target']} has no host in the inventory")))
+        self.track.known["host"] = host
         self.journal.update(self.tid, host=host)
         try:
             return self._attempt(resumed)
         finally:
-            self.node.targets.release(self.known["host"], unreachable=self._unreachable)
+            self.node.targets.release(self.track.known["host"], unreachable=self._unreachable)
 
     def _attempt(self, resumed: bool) -> dict[str, Any]:
         """The attempt on the host it holds, from the stage the journal says is next."""
-        if Stage.STAGE_OUT in self.stages_done:
+        if Stage.STAGE_OUT in self.track.stages_done:
             # Only the uploads and the terminal event were left to do.
             self._cleanup()
-            return self._end(self._finish(RunResult("successful", 0, None)))
-        if resumed and not self.stages_done:
+            return self.finisher.end(self._finish(RunResult("successful", 0, None)))
+        if resumed and not self.track.stages_done:
             self._cleanup()  # what a broken stage-in left is removed before it is redone
-        if Stage.STAGE_IN not in self.stages_done:
-            self.emit("STAGING_IN", "preparing volumes, image and source")
+        if Stage.STAGE_IN not in self.track.stages_done:
+            self.track.emit("STAGING_IN", "preparing volumes, image and source")
         outcome = self._run_task_playbook()
         if self.node.abandon.is_set() and outcome.status == "canceled":
             # The listener is shutting down: the task is left to recovery as it stands.
             return {}
-        return self._end(self._finish(outcome))
+        return self.finisher.end(self._finish(outcome))
 
     def _run_task_playbook(self) -> RunResult:
         """The task playbook; on a group, run again on another of its hosts while the one
         picked was unreachable before anything was done there (Targets.retry_host)."""
         tried: list[str] = []
         while True:
-            spec = self._spec(skip_tags=[s for s in self.stages_done if s != Stage.STAGE_OUT])
-            outcome = run_playbook(spec, self, self._should_stop)
+            spec = self._spec(skip_tags=[s for s in self.track.stages_done
+                                         if s != Stage.STAGE_OUT])
+            outcome = run_playbook(spec, self.track, self._should_stop)
             if self._stage is None and outcome.status == "successful":
                 log.warning("%s: the playbook %s marked no stage (set_stats fem_stage): no "
                             "RUNNING or STAGING_OUT, and failures count as stage-in "
                             "(docs/roles.md, \"Stages and the outcome\")", self.tid,
                             spec.playbook, extra={"task_id": self.tid})
-            host = self.known["host"]
+            host = self.track.known["host"]
             unreachable = outcome.failure is not None and outcome.failure.unreachable
             nxt = self.node.targets.retry_host(self.task, host, unreachable,
-                                               self.stages_done, tried)
+                                               self.track.stages_done, tried)
             if nxt is None:
                 self._unreachable = unreachable
                 return outcome
-            self.known["host"] = nxt
+            self.track.known["host"] = nxt
             self.journal.update(self.tid, host=nxt)
-            self._stage = None
-            self.emit("STAGING_IN", f"host {host} is unreachable; trying {nxt}")
-
-    def _end(self, event: dict[str, Any]) -> dict[str, Any]:
-        error = event["error"] or {}
-        self.node.audit.record("outcome", self.tid, state=event["state"],
-                               exit_code=event["exit_code"], error=error.get("code"),
-                               stage=error.get("stage"), message=error.get("message"),
-                               outputs=event["outputs"], logs=event["logs"])
-        self.node.prune_runs()
-        return event
+            self.track.stage = None
+            self.track.emit("STAGING_IN", f"host {host} is unreachable; trying {nxt}")
 
     @functools.cached_property
     def decision(self) -> policy.Decision:
@@ -458,13 +388,13 @@ class _Execution(RunHooks):
               playbook: str | None = None, private_data_dir: Path | None = None) -> RunSpec:
         """The run of the task playbook (or of the built-in ``playbook``, e.g. ``stop.yml``)
         on the host it holds now (:func:`fem_ansible.runspec.build`)."""
-        return runspec.build(self.node, self.rec, self.decision, self.known["host"],
+        return runspec.build(self.node, self.rec, self.decision, self.track.known["host"],
                              tags=tags, skip_tags=skip_tags, playbook=playbook,
                              private_data_dir=private_data_dir)
 
     def _host_run_dir(self) -> str:
         """``fem_run.dir``: the task's work dir on the host it runs on."""
-        host = self.known["host"]
+        host = self.track.known["host"]
         return naming.run_dir(self.node.targets.work_dir(host), self.node.object_name(self.tid))
 
     def _should_stop(self) -> bool:
@@ -499,7 +429,7 @@ class _Execution(RunHooks):
         The executor's ``stop`` asks the run module waiting for the container to stop it
         (docs/roles.md); on a host of the listener's own (a local connection) the listener
         asks at once itself, without the stop playbook's start-up."""
-        if self.node.targets.is_local(self.known["host"]):
+        if self.node.targets.is_local(self.track.known["host"]):
             with contextlib.suppress(OSError):  # not there yet: the playbook asks again
                 (Path(self._host_run_dir()) / "stop").touch(mode=0o600)
         while self._stage == Stage.RUN:
@@ -536,94 +466,15 @@ class _Execution(RunHooks):
                          lambda: False)
 
     def _finish(self, outcome: RunResult) -> dict[str, Any]:
-        """The terminal event: Ansible's verdict on the playbook first, then the uploads."""
+        """The terminal event (:meth:`Finisher.finish <fem_ansible.outcome.Finisher.finish>`),
+        once the host is left as it must be: a stop under way ended, what a full disk or a
+        stopped playbook left behind removed."""
         self._end_stopper()
         failure = outcome.failure
         if failure is not None and failure.code == "disk_full" and outcome.status == "failed":
             self._free_disk()
-        if self.cancel.is_set() and outcome.status == "canceled":
+        if (self.cancel.is_set() and outcome.status == "canceled") or \
+                outcome.status == "timeout":
             # The playbook was stopped before its own cleanup could run.
             self._cleanup()
-            return self.emit("CANCELLED", self._cancelled_by(),
-                             error=_error("cancelled", Stage.RUN, self._cancelled_by()))
-        if outcome.status == "timeout":
-            self._cleanup()
-        if failure is not None:
-            return self.emit("FAILED", failure.message,
-                             error=_error(failure.code, failure.stage, failure.message))
-        self._stage_done(Stage.STAGE_OUT)
-        exit_code = self.result.get("exit_code")
-        timed_out = bool(self.result.get("timed_out"))
-        try:
-            reports = self._upload()
-        except TaskFailed as e:
-            if e.code == "cancelled":  # the cancel came during the uploads
-                return self.emit("CANCELLED", self._cancelled_by(), error=_error(
-                    e.code, e.stage, f"{self._cancelled_by()} during the uploads"))
-            return self.emit("FAILED", e.message, exit_code=exit_code,
-                             error=_error(e.code, e.stage, e.message))
-        if timed_out:
-            limit = self.task["resources"]["timeout_s"]
-            return self.emit("TIMED_OUT", f"stopped after {limit}s", exit_code=None,
-                             error=_error("timeout", Stage.RUN, f"ran longer than {limit}s"),
-                             **reports)
-        # A tool that exited by itself before the stop reached it ends by its exit code, as
-        # if no stop had been asked (DESIGN.md); an executor that does not report
-        # fem_stopped (Slurm) is taken as stopped.
-        if self.cancel.is_set() and self.result.get("stopped", True):
-            return self.emit("CANCELLED", self._cancelled_by(), exit_code=None,
-                             error=_error("cancelled", Stage.RUN, self._cancelled_by()),
-                             **reports)
-        if self.result.get("oom_killed") and exit_code != 0:
-            # Not a bare 137: the kernel's OOM killer ended it, at the task's memory limit.
-            limit = format_bytes(self.task["resources"]["memory"])
-            message = (f"the kernel killed the container for memory (limit {limit}, exit "
-                       f"{exit_code})")
-            return self.emit("FAILED", message, exit_code=exit_code,
-                             error=_error("oom_killed", Stage.RUN, message), **reports)
-        if exit_code != 0:
-            return self.emit("FAILED", f"the container exited with {exit_code}",
-                             exit_code=exit_code,
-                             error=_error("execution_failed", Stage.RUN,
-                                          f"the container exited with {exit_code}"),
-                             **reports)
-        return self.emit("COMPLETED", "completed", exit_code=0, **reports)
-
-    def _cancelled_by(self) -> str:
-        return f"cancelled by the {getattr(self.cancel, 'by', 'orchestrator')}"
-
-    def _upload(self) -> dict[str, Any]:
-        """Upload the archives the playbook brought back; an archive already uploaded (by an
-        earlier attempt) is not uploaded again.  A cancel stops them at once, but for the
-        outputs and logs of a run it stopped: those get ``STOPPED_UPLOAD_S`` each."""
-        stopped = self._stopper is not None
-        uploaded = self.result.setdefault("uploaded", {})
-        reports: dict[str, Any] = {}
-        for kind in ("outputs", "logs"):
-            where = self.result.get(f"{kind}_archive") or {}
-            path = where.get("path")
-            if not path or not Path(path).is_file():
-                raise TaskFailed(f"the {kind} archive was not brought back",
-                                 code="stage_out_failed", stage=Stage.STAGE_OUT)
-            archive = Archive.of(path)
-            target = self.task[kind]["upload"]
-            if kind == "logs" and not self.config.policy.share_logs:
-                target = None
-            if target and not uploaded.get(kind):
-                self.node.audit.record("upload", self.tid, archive=kind,
-                                       url=redact_url(target["url"]), size=archive.size,
-                                       sha256=archive.sha256)
-                upload(archive, target, self.config.http,
-                       progress=lambda sent, k=kind, total=archive.size:
-                       self.node.observer.on_upload(self.tid, k, sent, total),
-                       cancel=None if stopped else self.cancel,
-                       timeout_s=min(self.config.http.transfer_timeout_s, STOPPED_UPLOAD_S)
-                       if stopped else None)
-                uploaded[kind] = True
-                self.journal.update(self.tid, result=self.result)
-            reports[kind] = archive.report(target["url"] if target else None)
-        return reports
-
-
-def _error(code: str, stage: str, message: str) -> dict[str, str]:
-    return {"code": code, "stage": stage, "message": message}
+        return self.finisher.finish(outcome, stopped=self._stopper is not None)

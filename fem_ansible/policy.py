@@ -39,8 +39,8 @@ def check_addressing(task: dict[str, Any], config: Config, now: datetime | None 
     """``node_id`` and ``not_after`` (DESIGN.md §3), checked after the schema, before policy.
 
     :raises RejectedError: ``wrong_node``, ``expired``, or ``invalid_message`` for a
-        ``not_after`` that is no time (a task's was parsed when it was read; a cancel's was
-        not).
+        ``not_after`` that is no time: the one place a task's or a cancel's is parsed
+        (the schema only bounds its length).
     """
     tid = task["task_id"]
     if task.get("node_id") is not None and task["node_id"] != config.node_id:
@@ -50,7 +50,7 @@ def check_addressing(task: dict[str, Any], config: Config, now: datetime | None 
         )
     if config.security.signature.mode != "none" and task.get("node_id") is None:
         raise RejectedError("signed tasks must name their node_id", code="wrong_node", task_id=tid)
-    if task.get("not_after"):
+    if task.get("not_after") is not None:
         try:
             deadline = parse_time(task["not_after"])
         except ValueError as e:

@@ -3,8 +3,9 @@ gets (the playbook, the host, the extra-vars) and the secrets beside it, built f
 journal's record and the policy decision.
 
 One of the seams of a task's life (docs/architecture.md, "Seams"): this module builds a
-run; ``lifecycle._Execution`` follows its stages and events and finishes it (uploads, the
-outcome).  Nothing here writes the journal or sends an event.
+run; ``tracking.StageTracker`` follows its stages and events, ``outcome.Finisher`` finishes
+it (uploads, the outcome), ``lifecycle._Execution`` coordinates the three.  Nothing here
+writes the journal or sends an event.
 """
 
 from __future__ import annotations

@@ -537,8 +537,6 @@ def read_task(value: Any, *, default_executor: str, default_target: str,
 def _normalise(msg: dict[str, Any], default_executor: str, default_target: str,
                resource_defaults: dict[str, Any]) -> dict[str, Any]:
     msg = copy.deepcopy(msg)
-    if "not_after" in msg:
-        parse_time(msg["not_after"])
     try:
         image_ref = str(parse_image(msg["image"]["ref"]))
     except ValueError as e:

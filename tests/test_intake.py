@@ -89,7 +89,7 @@ def test_a_flood_of_schema_errors_is_one_bounded_rejection(make_config, make_int
 
 def test_a_cancel_is_checked_as_a_task_is(make_config, make_intake):
     """node_id and not_after of a control message: a not_after that is no time is
-    invalid_message (a task's is refused when the task is read), never an exception."""
+    invalid_message, as a task's, never an exception."""
     intake = make_intake(make_config())
 
     def cancel(**fields) -> bytes:

@@ -73,8 +73,12 @@ def test_a_submit_run_waits_for_a_slot_held_and_control_actions_pass_it(make_con
                                has_free_slot=lambda: free[0])
     adapter = LegacyAdapter(listener)
     ch = Channel()
-    adapter._ch, adapter._conn = ch, Conn()
-    adapter._submit = lambda c, m, p, msg: calls.append(("submit", m.delivery_tag))
+    adapter._ch = ch
+    adapter.held.attach(Conn())
+    assert calls == [("later", "refresh")]
+    calls.clear()
+    adapter.runs = SimpleNamespace(submit=lambda c, m, p, msg: calls.append(
+        ("submit", m.delivery_tag)))
     adapter.helper = SimpleNamespace(submit=lambda fn, c, tag, p, msg: calls.append(
         ("answer", tag, msg.action)))
     props = SimpleNamespace(headers=None, reply_to="r", correlation_id="c")
@@ -85,8 +89,8 @@ def test_a_submit_run_waits_for_a_slot_held_and_control_actions_pass_it(make_con
     assert calls == [("answer", 8, "cancel_run")]
     assert not (tmp_path / "sb").exists()  # nothing read, nothing made
 
-    adapter._refresh_held()
-    assert calls[1:] == [("nack", 7, True), ("later", "_refresh_held")]
+    adapter.held.refresh()
+    assert calls[1:] == [("nack", 7, True), ("later", "refresh")]
     adapter._on_message(ch, SimpleNamespace(delivery_tag=9), props, run)  # redelivered
     adapter.slots_changed(False)
     assert calls[3:] == []

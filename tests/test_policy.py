@@ -66,5 +66,10 @@ def test_addressing(make_config):
     with pytest.raises(RejectedError) as err:
         check_addressing(task_for(config, not_after="2020-01-01T00:00:00Z"), config)
     assert err.value.code == "expired"
+    for not_after in ("tomorrow", ""):
+        with pytest.raises(RejectedError) as err:
+            check_addressing(task_for(config, not_after=not_after), config)
+        assert err.value.code == "invalid_message"
+        assert err.value.message.startswith("not_after: not an RFC 3339 time")
     check_addressing(task_for(config, node_id="site-a", not_after="2999-01-01T00:00:00Z"),
                      config)

@@ -9,8 +9,10 @@ journal, playbook and roles as any other (docs/legacy.md).
 
 The package is an adapter on the listener's public surface (fem_ansible/adapters.py):
 ``message`` reads the fields, ``taskinfo`` maps a message's own task definition,
-``intake`` hands the task to the node's intake, ``replies`` encodes the answer,
-``sandbox`` and ``health`` serve the other actions and ``adapter`` is the consumer.
+``intake`` hands the task to the node's intake, ``replies`` encodes the answer; each action
+is a module (``submit``, ``cancel``, ``files``, ``health``) over ``sandbox`` (the files),
+``held`` (a ``submit_run`` waiting for a slot) and ``records`` (what its reply needs);
+``adapter`` is the consumer that dispatches them.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from cryptography import x509
 
 from .. import __version__
 from ..config import Config
+from .message import SUBMIT, LegacyMessage
+from .replies import legacy_time
 
 HEALTH_TOOL = "health-check"
 MAX_IMAGES = 500
@@ -62,6 +64,20 @@ def health(config: Config) -> dict[str, Any]:
         "docker_images_installed": _images(),
         "pem_certificates": _certificates(config),
     }
+
+
+def health_tool(config: Config, msg: LegacyMessage) -> dict[str, Any]:
+    """``submit_run`` of the tool ``health-check``: the health result itself, or (with
+    ``legacy.reply: record``) the process-info record around it, as the orchestrator's
+    Health Check records show [NB]."""
+    started = legacy_time()
+    result = health(config)
+    if config.legacy.reply != "record":
+        return result
+    return {"execution_id": msg.execution_id, "action": SUBMIT, "tool_id": HEALTH_TOOL,
+            "task_id": HEALTH_TOOL, "user_id": msg.user_id, "node": config.node_id,
+            "result": result, "status": "success", "return_code": 0,
+            "starting_time": started, "finish_time": legacy_time()}
 
 
 def _command_output(argv: list[str]) -> str | None:

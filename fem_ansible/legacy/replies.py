@@ -68,6 +68,11 @@ def stream_reply(pieces: Callable[[], Iterator[bytes]], chunk_size: int
         text, index = text[chunk_size:], index + 1
 
 
+def success(msg: LegacyMessage, node: str, **fields: Any) -> dict[str, Any]:
+    """The answer to an action other than a run that was carried out."""
+    return {"action": msg.action, "node": node, "status": "success", **fields}
+
+
 def error_result(msg: LegacyMessage | None, node: str, err: RejectedError,
                  action: str | None = None, *, record: bool = False) -> dict[str, Any]:
     """The answer to a message that was refused: nothing ran.  With ``record``

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..errors import RejectedError
 from ..fastpath import plugin_utils
 
@@ -29,6 +30,12 @@ from ..fastpath import plugin_utils
 tree = plugin_utils("tree", "module_utils")
 
 log = logging.getLogger(__name__)
+
+
+def run_root(config: Config, user_id: str, execution_id: str) -> Path:
+    """The sandbox of one run (what ``send_files`` reads, ``receive_files`` writes, the
+    run's outputs are unpacked into, and its tasks see as ``legacy-input``)."""
+    return Path(config.legacy.sandbox_path) / user_id / execution_id
 
 
 def safe_relative(path: Any, where: str) -> str:
