@@ -257,6 +257,25 @@ def test_a_server_killed_mid_run_costs_its_task_one_attempt(site, probed):
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
+def test_sighup_replaces_the_servers_and_runs_go_on(site, probed):
+    """SIGHUP (an Ansible upgraded in place): the servers retire, the next task is forked
+    from new ones."""
+    listener = probed()
+    orch = site.orchestrator
+    orch.publish(site.task("before"))
+    assert orch.wait_terminal("before")["state"] == "COMPLETED", listener.tail()
+    old = set(resident_servers(listener.proc.pid))
+    assert old, listener.tail()
+    listener.proc.send_signal(signal.SIGHUP)
+    listener.wait_for_log("retiring: SIGTERM")
+    orch.publish(site.task("after"))
+    assert orch.wait_terminal("after")["state"] == "COMPLETED", listener.tail()
+    assert forked(probe(probed.probes, "after")["first"]), listener.tail()
+    new = set(resident_servers(listener.proc.pid))
+    assert new and not new & old, (old, new)
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
 def test_with_the_resident_ansible_off_runs_start_cold(site, probed):
     """``execution.resident_ansible: false``: no server, every run its own Ansible, still
     in its own cgroup."""
