@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cgroups
-from .resident_client import PER_RUN, server_key
+from .resident_client import PER_RUN, PROTOCOL, server_key
 from .sockdir import socket_dir
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Servers:
     """The resident Ansible servers of one listener."""
 
     def __init__(self, work_dir: Path) -> None:
-        self.dir = socket_dir(work_dir.resolve(), "resident", "servers", _DIR_MAX)
+        self.dir = servers_dir(work_dir)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.dir.chmod(0o700)
         self._cwd = self.dir / "cwd"  # an empty working dir, as runs have (runner.py says why)
@@ -89,9 +90,11 @@ class Servers:
             self._servers.clear()
 
     def close(self) -> None:
-        """The listener stops: servers take no more runs and exit with their last run."""
+        """The listener stops: servers take no more runs and exit with their last run; their
+        directory goes (a server still finishing a run has already removed its socket)."""
         self._closed = True
         self.replace()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _retire(self, server: _Server) -> None:
         server.retired = True
@@ -117,7 +120,12 @@ class Servers:
                 self._reap()
                 if len(self._servers) >= MAX_SERVERS:
                     return None
-            server = self._servers[key] = self._start(key, env)
+            try:
+                server = self._servers[key] = self._start(key, env)
+            except OSError as e:  # the run goes cold, as it would without servers
+                log.warning("the resident Ansible %s could not start (%s); runs like this "
+                            "one start cold until it can", key[:8], e)
+                return None
             return server
 
     def _reap(self) -> None:
@@ -128,6 +136,7 @@ class Servers:
         return self.dir / f"{key}.sock"
 
     def _start(self, key: str, env: dict[str, str]) -> _Server:
+        self._cwd.mkdir(parents=True, exist_ok=True, mode=0o700)  # a temp cleaner's victim
         own = {k: v for k, v in env.items() if k not in PER_RUN}
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", "fem_ansible.resident_server",
@@ -148,11 +157,17 @@ def _relay(key: str, process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
+def servers_dir(work_dir: Path) -> Path:
+    """Where the listener of ``work_dir`` keeps its servers' sockets (fem_ansible.sockdir)."""
+    return socket_dir(work_dir.resolve(), "resident", "servers", _DIR_MAX)
+
+
 def client_command(server: Path | None, wait_s: float = 0) -> list[str]:
     """The client (resident_client.py) as a run's first process: it joins the run's cgroup,
     then asks ``server`` (waiting up to ``wait_s`` for it to listen) or, without one, runs
     the cold command that follows."""
-    return [sys.executable, "-I", "-S", str(CLIENT), str(server or "-"), str(wait_s)]
+    return [sys.executable, "-I", "-S", str(CLIENT), PROTOCOL, str(server or "-"), str(wait_s),
+            "--"]
 
 
 def available() -> bool:

@@ -5,7 +5,7 @@ this run's environment, becomes the cold ``ansible-playbook`` itself (``exec``).
 ansible-runner starts this as its ``binary`` (``python -I -S``: no site, no
 ``PYTHONPATH``, standard library only, so it starts in milliseconds)::
 
-    python -I -S resident_client.py <server socket | -> <seconds> <the cold command ...>
+    python -I -S resident_client.py fem-resident/1 <socket | -> <seconds> -- <cold command>
 
 (waiting up to ``<seconds>`` for a server that is starting to listen), and sees either way
 the same process: its stdio are the run's pty, it ends with the run's
@@ -43,6 +43,11 @@ PER_RUN = frozenset({"FEM_JOB_ID", "FEM_RUN_CGROUP", "AWX_ISOLATED_DATA_DIR",
 #: The exit code of a run whose server died during it (ansible-playbook never uses it).
 LOST_RC = 254
 
+#: What the listener, this client and the server agree on; anything else (an upgrade in
+#: place: the listener running still has the code it started with) runs cold.  The cold
+#: command always follows the first ``--``, whatever the version.
+PROTOCOL = "fem-resident/1"
+
 _HEADER = struct.Struct("!I")
 
 
@@ -77,21 +82,29 @@ def _join_cgroup() -> str | None:
 
 def _connect(path: str, deadline: float) -> socket.socket | None:
     """A connection to the server at ``path``, tried until ``deadline`` (a server starting:
-    its imports take about a second, which a cold start would spend too)."""
+    its imports take about a second, which a cold start would spend too); only to a server
+    of this process's own user, which is given the run's terminal."""
     while True:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(path)
-            return conn
         except OSError:
             conn.close()
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
+            continue
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid():
+            conn.close()
+            print(f"fem-ansible: {path} is another user's: not used", file=sys.stderr,
+                  flush=True)
+            return None
+        return conn
 
 
 def _request(conn: socket.socket, command: list[str]) -> None:
-    body = json.dumps({"command": command, "env": dict(os.environ),
+    body = json.dumps({"protocol": PROTOCOL, "command": command, "env": dict(os.environ),
                        "cwd": os.getcwd()}).encode()
     data = _HEADER.pack(len(body)) + body
     sent = socket.send_fds(conn, [data], [0, 1, 2])
@@ -111,7 +124,12 @@ def _replies(conn: socket.socket) -> Iterator[dict]:
 
 
 def main(argv: list[str]) -> int:
-    server, wait, command = argv[1], float(argv[2]), argv[3:]
+    cut = argv.index("--")
+    command = argv[cut + 1:]
+    if argv[1:2] != [PROTOCOL] or cut != 4:
+        _cold(command, f"the resident Ansible's client is not the listener's ({argv[1]!r}); "
+              "restart the listener after an upgrade")
+    server, wait = argv[2], float(argv[3])
     why = _join_cgroup()
     if why or server == "-":
         _cold(command, None if server == "-" else why)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fem_ansible import cgroups, playbook_cli
-from fem_ansible.resident_client import LOST_RC, server_key
+from fem_ansible.resident_client import LOST_RC, PROTOCOL, server_key
 
 #: Runs after which a server hands over to a new one (a bound on what a long life could
 #: gather, though a server keeps nothing of its runs).
@@ -153,8 +153,16 @@ def _rss() -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    """A line for the listener's log; none once the listener is gone (its pipe closed)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
 def _read_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    conn.settimeout(10)
+    # The client sends all at once: a connection that does not is given up on soon (the
+    # server serves one request at a time).
+    conn.settimeout(2)
     data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
     if len(data) < 4:
         raise ValueError("short request")
@@ -200,12 +208,12 @@ class Server:
         if self.retiring:
             return
         self.retiring = why
-        print(f"retiring: {why}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
         self.selector.unregister(self.sock)
         self.sock.close()
+        _say(f"retiring: {why}")
 
     def serve(self) -> _Request | None:
         """Serve until retired and idle (returns None), or, in a forked child, return its
@@ -238,7 +246,7 @@ class Server:
                 raise ValueError("another user")
             message, fds = _read_request(conn)
         except (OSError, ValueError) as e:
-            print(f"a request refused: {e}", file=sys.stderr, flush=True)
+            _say(f"a request refused: {e}")
             conn.close()
             return None
         why = self._refusal(message, fds)
@@ -276,6 +284,8 @@ class Server:
         if changed:
             self.retire(f"{changed} changed")
             return "installed Ansible code changed; a new resident Ansible starts"
+        if message.get("protocol") != PROTOCOL:
+            return f"its client speaks {message.get('protocol')!r}, this server {PROTOCOL!r}"
         if len(fds) != 3:
             return "no stdio received"
         command = message.get("command") or []
@@ -284,8 +294,10 @@ class Server:
         env = message.get("env") or {}
         if server_key(env) != self.key:
             return "its Ansible environment is not the resident one's"
-        group = env.get(cgroups.ENV)
-        if self.group_base is None or not group or Path(group).parent != self.group_base:
+        group = env.get(cgroups.ENV) or ""
+        name = os.path.basename(group)
+        if (self.group_base is None or os.path.normpath(group) != group
+                or Path(group).parent != self.group_base or name.startswith(".")):
             return "it has no cgroup of its own"
         return None
 
@@ -360,16 +372,13 @@ def main(argv: list[str]) -> int:
     path, listener = argv[1], int(argv[2])
     skipped = _preload()
     if skipped:
-        print(f"not preloaded (imported per run): {', '.join(skipped)}", file=sys.stderr,
-              flush=True)
+        _say(f"not preloaded (imported per run): {', '.join(skipped)}")
     server = Server(path, listener)
-    print(f"ready: {len(server.files)} files imported, key {server.key}", file=sys.stderr,
-          flush=True)
+    _say(f"ready: {len(server.files)} files imported, key {server.key}")
     started = time.monotonic()
     request = server.serve()
     if request is None:
-        print(f"exiting after {server.count} runs in {time.monotonic() - started:.0f}s",
-              file=sys.stderr, flush=True)
+        _say(f"exiting after {server.count} runs in {time.monotonic() - started:.0f}s")
         return 0
     return _run_child(request)
 

@@ -128,6 +128,8 @@ class RunSpec:
         ssh_control_dir: the run's own SSH ControlPath dir, removed after the run: SSH
             masters live as long as the run that started them (docs/hosts.md).
         resident: the listener's resident Ansible servers; None: every run starts cold.
+        rerun_if_lost: the run may be run again whole if its resident Ansible dies during
+            it (the stop and cleanup runs: they only stop and remove).
     """
 
     private_data_dir: Path
@@ -147,6 +149,7 @@ class RunSpec:
     strategy: str = "linear"
     ssh_control_dir: Path | None = None
     resident: Servers | None = None
+    rerun_if_lost: bool = False
 
 
 class ServerLost(Exception):
@@ -357,7 +360,21 @@ def prestart(spec: RunSpec) -> None:
 
 def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -> RunResult:
     """Run ``spec`` to the end; once ``should_stop()`` is true the run is stopped, with every
-    process it started.
+    process it started.  A run that may simply be run again (``spec.rerun_if_lost``: stop,
+    cleanup) is, once, if the resident Ansible serving it died during it; any other such run
+    raises :class:`ServerLost` (its task is recovered).
+    """
+    try:
+        return _run_once(spec, hooks, should_stop)
+    except ServerLost as e:
+        if not spec.rerun_if_lost:
+            raise
+        log.warning("%s; run again", e)
+        return _run_once(spec, hooks, should_stop)
+
+
+def _run_once(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -> RunResult:
+    """One try of :func:`run_playbook`.
 
     A fresh ``env/`` is written for every run: ansible-runner never overwrites files already
     in ``env/`` and would reuse stale values.
@@ -394,26 +411,26 @@ def run_playbook(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]
                                "-e", f"@{secrets_file}", str(spec.playbook))
     started = time.monotonic()
     group = cgroups.create(spec.ident)
-    runner = _init_runner(
-        spec, group, command,
-        passwords={vault.PROMPT: password},
-        tags=",".join(spec.tags) or None,
-        skip_tags=",".join(spec.skip_tags) or None,
-        event_handler=on_event,
-        cancel_callback=on_cancel,
-    )
-    server = None
-    if group is not None:
-        # The run's first process is the client (resident_client.py), now that the run's
-        # environment is final: it joins the group, then is forked from a resident Ansible
-        # or becomes the cold command.
-        cold = runner.config.command
-        if spec.resident is not None:
-            runner.config.command, server = spec.resident.command(runner.config.env, cold)
-        else:
-            runner.config.command = [*client_command(None), *cold]
     full: OSError | None = None
     try:
+        runner = _init_runner(
+            spec, group, command,
+            passwords={vault.PROMPT: password},
+            tags=",".join(spec.tags) or None,
+            skip_tags=",".join(spec.skip_tags) or None,
+            event_handler=on_event,
+            cancel_callback=on_cancel,
+        )
+        server = None
+        if group is not None:
+            # The run's first process is the client (resident_client.py), now that the
+            # run's environment is final: it joins the group, then is forked from a resident
+            # Ansible or becomes the cold command.
+            cold = runner.config.command
+            if spec.resident is not None:
+                runner.config.command, server = spec.resident.command(runner.config.env, cold)
+            else:
+                runner.config.command = [*client_command(None), *cold]
         runner.run()
     except OSError as e:
         # ansible-runner could not write the run's output to its artifacts: the file

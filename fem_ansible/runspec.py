@@ -92,6 +92,7 @@ def build(node: Node, rec: TaskRecord, decision: Decision, host: str, *,
         strategy=config.execution.strategy if not (playbook or tags) else "linear",
         ssh_control_dir=ssh_dir,
         resident=node.resident,
+        rerun_if_lost=bool(playbook or tags),
     )
 
 

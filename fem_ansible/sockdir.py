@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -25,8 +26,10 @@ def socket_dir(work_dir: Path, kind: str, key: str, max_len: int) -> Path:
         return path
     parent = Path(tempfile.gettempdir()) / f"fem-{kind}-{os.getuid()}"
     parent.mkdir(mode=0o700, exist_ok=True)
-    st = parent.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+    # lstat: a link another user made there, even to a dir of ours, is refused.  A dir of
+    # ours in a sticky temp dir cannot be replaced by another user afterwards.
+    st = parent.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise ConfigError(f"{parent} is not this user's private dir: {kind} sockets "
                           f"cannot go there; use a shorter execution.work_dir")
     return parent / name

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 import yaml
 
 from fem_ansible import cgroups
+from fem_ansible.resident import client_command, servers_dir
 from tests.support.harness import NOTHING_LEFT, leftovers, task_name
 
 pytestmark = pytest.mark.e2e
@@ -316,15 +319,80 @@ def resident_servers(listener: int) -> list[int]:
 def test_the_client_runs_cold_where_no_server_listens(tmp_path):
     """The client alone (no server socket): it joins no group it is not given and becomes the
     cold command, with its exit code."""
-    client = REPO / "fem_ansible" / "resident_client.py"
     script = textwrap.dedent("""\
         import os, sys
         print(os.environ.get("FEM_RUN_CGROUP", "none"), sys.argv[1:])
         sys.exit(7)
     """)
     done = subprocess.run(
-        [sys.executable, "-I", "-S", str(client), str(tmp_path / "none.sock"), "0.2",
-         sys.executable, "-c", script, "a"],
+        [*client_command(tmp_path / "none.sock", 0.2), sys.executable, "-c", script, "a"],
         capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, check=False)
     assert done.returncode == 7, done
     assert "none ['a']" in done.stdout
+
+
+# From the outside review of this work: each failed before its fix.
+
+NOBODY = 65534
+
+
+def test_the_client_hands_its_terminal_only_to_a_server_of_its_own_user():
+    """Another local user listening where the client connects (the temp-dir fallback for
+    the sockets, through a link swapped after the listener's check): the client sends it
+    neither the run's pty (the vault password is answered on it) nor argv and environment,
+    takes no exit code from it, and runs cold."""
+    assert os.getuid() == 0, "CI runs as root: this test is another user's server"
+    group = cgroups.create(f"review-{os.getpid()}")
+    assert group is not None
+    directory = Path(tempfile.mkdtemp(prefix="fem-review-"))
+    directory.chmod(0o777)  # the other user's
+    path, got = directory / "s.sock", directory / "got"
+    fake = (
+        "import os, socket, json, sys\n"
+        f"os.setgid({NOBODY}); os.setuid({NOBODY})\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
+        "open(sys.argv[1] + '.ready', 'w').close()\n"
+        "c, _ = s.accept()\n"
+        "data, fds, _, _ = socket.recv_fds(c, 1 << 20, 3)\n"
+        "open(sys.argv[2], 'w').write(json.dumps(len(fds)))\n"
+        "c.sendall(b'{\"rc\": 0}\\n')\n")
+    server = subprocess.Popen([sys.executable, "-c", fake, str(path), str(got)])
+    try:
+        deadline = time.monotonic() + 20
+        while not Path(f"{path}.ready").exists():
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.05)
+        done = subprocess.run([*client_command(path), "/bin/sh", "-c", "exit 7"],
+                              env={"PATH": os.environ["PATH"], cgroups.ENV: str(group)},
+                              capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        server.kill()
+        server.wait()
+        cgroups.remove(group)
+        handed = json.loads(got.read_text()) if got.exists() else 0
+        shutil.rmtree(directory, ignore_errors=True)
+    assert handed == 0, f"the client sent its {handed} stdio fds to a server of uid {NOBODY}"
+    assert done.returncode == 7, "the exit code came from a server of another user"
+    assert "is another user's: not used" in done.stderr
+
+
+def test_a_server_that_cannot_start_fails_no_task(site, probed):
+    """The resident Ansible cannot be started again (its working dir is in the way): runs
+    start cold, the task ends, nothing is left behind."""
+    listener = probed()
+    orch = site.orchestrator
+    orch.publish(site.task("warm"))
+    assert orch.wait_terminal("warm")["state"] == "COMPLETED", listener.tail()
+    servers = resident_servers(listener.proc.pid)
+    assert servers, listener.tail()
+    cwd = servers_dir(site.work_dir) / "cwd"
+    cwd.rmdir()
+    cwd.write_text("in the way\n")
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    orch.publish(site.task("nocwd"))
+    done = orch.wait_terminal("nocwd", timeout=120)
+    assert done["state"] == "COMPLETED", (done, listener.tail())
+    assert not forked(probe(probed.probes, "nocwd")["first"])
+    assert "could not start" in listener.log.read_text()
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT

@@ -4,7 +4,9 @@ tests/test_e2e_resident.py has it under a listener, with tasks."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +16,8 @@ import pytest
 
 from fem_ansible import cgroups, playbook_cli
 from fem_ansible.doctor import check_runs
-from fem_ansible.resident import client_command
-from fem_ansible.resident_client import PER_RUN, server_key
+from fem_ansible.resident import CLIENT, client_command
+from fem_ansible.resident_client import PER_RUN, PROTOCOL, server_key
 from fem_ansible.resident_server import _changed, _fingerprint
 from fem_ansible.sockdir import socket_dir
 
@@ -58,7 +60,10 @@ def server(tmp_path):
         pytest.fail("these tests need a writable cgroup v2 (CI runs as root)")
     directory = socket_dir(tmp_path, "resident", "test", 60)  # as short as the listener's
     directory.mkdir(parents=True, mode=0o700)
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "ANSIBLE_NOCOLOR": "True",
+    # LC_ALL set: Python adds nothing to its environment (PEP 538), so a request built here
+    # has the server's exactly.
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LC_ALL": "C.UTF-8",
+           "ANSIBLE_NOCOLOR": "True",
            "ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     sock = directory / f"{server_key(env)}.sock"
@@ -130,3 +135,32 @@ def test_doctor_says_how_runs_are_held(make_config):
     assert (on.status, on.name) == ("ok", "runs") and "resident Ansible" in on.detail, on
     (off,) = check_runs(make_config(execution={"resident_ansible": False}))
     assert "started cold (execution.resident_ansible: false)" in off.detail, off
+
+
+def test_a_client_of_another_version_runs_cold(tmp_path):
+    """A client file newer than the listener that runs it (an upgrade in place): it reads
+    the cold command after ``--`` and runs it, whatever else it was given."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(CLIENT), "fem-resident/0", "x", "--",
+         sys.executable, "-c", "raise SystemExit(5)"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 5, done
+    assert "is not the listener's" in done.stderr
+
+
+@pytest.mark.parametrize("group", ["{base}/..", "{base}/../fem-runs/x", "/elsewhere/x",
+                                   "{base}/.hidden", ""])
+def test_the_server_runs_nothing_outside_a_cgroup_of_its_own(server, tmp_path, group):
+    """A request (of the listener's own user) whose cgroup is not one under the server's
+    ``fem-runs/``: answered cold, nothing forked."""
+    sock, env = server
+    base = cgroups.base()
+    request = {"protocol": PROTOCOL, "cwd": str(tmp_path),
+               "command": [sys.executable, "-P", "-m", playbook_cli.MODULE, "--version"],
+               "env": {**env, cgroups.ENV: group.format(base=base)}}
+    body = json.dumps(request).encode()
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(sock))
+        socket.send_fds(conn, [len(body).to_bytes(4, "big") + body], [0, 1, 2])
+        reply = json.loads(conn.makefile().readline())
+    assert reply == {"cold": "it has no cgroup of its own"}
