@@ -153,6 +153,17 @@ def forked(result: dict) -> bool:
     return any("fem_ansible.resident_server" in cmd for cmd in result["ancestors"])
 
 
+def in_the_probe(site, probed, tid: str, seconds: str):
+    """A listener that ran a first task (its servers started and used), now running task
+    ``tid``, which is in its probe's ``seconds`` of sleep."""
+    listener = probed(sleeps={tid: seconds})
+    site.orchestrator.publish(site.task("warm"))
+    assert site.orchestrator.wait_terminal("warm")["state"] == "COMPLETED", listener.tail()
+    site.orchestrator.publish(site.task(tid))
+    wait_for(probed.probes / f"{tid}.started", listener)
+    return listener
+
+
 def wait_for(path: Path, listener, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -217,12 +228,8 @@ def test_concurrent_runs_do_not_wait_for_each_other(site, probed):
 def test_a_cancel_during_a_module_call_leaves_no_process(site, probed):
     """A cancel while a module of a forked run waits on a child process: the run's cgroup
     is killed, nothing of the run is left on the host."""
-    listener = probed(sleeps={"slow": "61.7"})
+    in_the_probe(site, probed, "slow", "61.7")
     orch = site.orchestrator
-    orch.publish(site.task("warm"))
-    assert orch.wait_terminal("warm")["state"] == "COMPLETED", listener.tail()
-    orch.publish(site.task("slow"))
-    wait_for(probed.probes / "slow.started", listener)
     time.sleep(0.5)  # the module is in its child's wait
     assert sleeping("61.7"), "the probe's sleep is not running"
     orch.cancel("slow")
@@ -238,12 +245,8 @@ def test_a_server_killed_mid_run_costs_its_task_one_attempt(site, probed):
     """``kill -9`` of the resident Ansible while it serves a run: the run is killed with its
     cgroup and the task recovered, as after a ``kill -9`` of the listener: one terminal
     event."""
-    listener = probed(sleeps={"victim": "4"})
+    listener = in_the_probe(site, probed, "victim", "4")
     orch = site.orchestrator
-    orch.publish(site.task("warm"))
-    assert orch.wait_terminal("warm")["state"] == "COMPLETED", listener.tail()
-    orch.publish(site.task("victim"))
-    wait_for(probed.probes / "victim.started", listener)
     servers = resident_servers(listener.proc.pid)
     assert servers, listener.tail()
     for pid in servers:
