@@ -313,10 +313,11 @@ class StopRequest:
             self._thread.join()
 
     def _watch(self):
-        while not self._done.wait(STOP_POLL_S):
-            if os.path.exists(self.path):
-                self.stopped = self._stop()
+        # Looked for at once too: a cancel that came as the run stage began is already there.
+        while not os.path.exists(self.path):
+            if self._done.wait(STOP_POLL_S):
                 return
+        self.stopped = self._stop()
 
 
 def write_capped(chunks, path, limit):
