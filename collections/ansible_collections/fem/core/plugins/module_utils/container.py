@@ -313,11 +313,10 @@ class StopRequest:
             self._thread.join()
 
     def _watch(self):
-        # Looked for at once too: a cancel that came as the run stage began is already there.
-        while not os.path.exists(self.path):
-            if self._done.wait(STOP_POLL_S):
+        while not self._done.wait(STOP_POLL_S):
+            if os.path.exists(self.path):
+                self.stopped = self._stop()
                 return
-        self.stopped = self._stop()
 
 
 def write_capped(chunks, path, limit):
