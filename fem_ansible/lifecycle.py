@@ -9,7 +9,6 @@ done by the playbook's roles.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import shutil
@@ -39,6 +38,7 @@ from .runner import (
     run_playbook,
     scan_cache_dir,
 )
+from .site_roles import stopped_by_file
 from .stages import STATE_STAGE, Stage
 from .targets import Targets
 from .tracking import AttemptPart, StageTracker
@@ -428,21 +428,32 @@ class _Execution(AttemptPart):
 
         The executor's ``stop`` asks the run module waiting for the container to stop it
         (docs/roles.md); on a host of the listener's own (a local connection) the listener
-        asks at once itself, without the stop playbook's start-up."""
-        if self.node.targets.is_local(self.track.known["host"]):
-            with contextlib.suppress(OSError):  # not there yet: the playbook asks again
-                (Path(self._host_run_dir()) / "stop").touch(mode=0o600)
+        asks at once itself, and for the built-in container executors that is the whole
+        stop: no stop playbook, whose start-up took 2-4 s of a busy node's CPU, which the
+        stopped play needed to stage out (issue 29)."""
+        by_file = (self.node.targets.is_local(self.track.known["host"])
+                   and stopped_by_file(self.task["executor"], self.config))
+        log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
         while self._stage == Stage.RUN:
-            log.info("%s: stopping the container", self.tid, extra={"task_id": self.tid})
-            # Ended by the runner as soon as the play is over: nothing left to stop then.
-            result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(),
-                                  self._play_over.is_set)
-            if result.failure is not None and self._stage == Stage.RUN:
-                # (once the play has left the run stage its end also ends this stop run)
-                log.warning("%s: stopping the container failed: %s", self.tid,
-                            result.failure.message, extra={"task_id": self.tid})
+            if not (by_file and self._ask_run_to_stop()):
+                # Ended by the runner as soon as the play is over: nothing left to stop then.
+                result = run_playbook(self._spec(playbook="stop.yml"), RunHooks(),
+                                      self._play_over.is_set)
+                if result.failure is not None and self._stage == Stage.RUN:
+                    # (once the play has left the run stage its end also ends this stop run)
+                    log.warning("%s: stopping the container failed: %s", self.tid,
+                                result.failure.message, extra={"task_id": self.tid})
             if self._play_over.wait(STOP_RETRY_S):
                 return
+
+    def _ask_run_to_stop(self) -> bool:
+        """Create the stop request in the run dir on the listener's own host (what the
+        container executors' ``stop`` does); whether it could."""
+        try:
+            (Path(self._host_run_dir()) / "stop").touch(mode=0o600)
+        except OSError:  # no run dir (yet): the stop playbook asks
+            return False
+        return True
 
     def _end_stopper(self) -> None:
         """The play is over: a stop run still under way is ended (its runner polls

@@ -52,3 +52,19 @@ def check_executor(task: dict[str, Any], config: Config) -> None:
             "policy.executors",
             f"role {name} ({role}) has no tasks/stop.yml entry point, so its tasks could "
             f"not be cancelled", task_id=task["task_id"])
+
+
+# The built-in executors whose run module waits for the container and watches for
+# ``fem_run.dir/stop`` itself (fem.core's container module_utils, StopRequest): their
+# ``stop`` entry point only creates that file (roles/fem_container/tasks/stop.yml).
+STOP_FILE_EXECUTORS = ("docker", "podman")
+
+
+def stopped_by_file(executor: str, config: Config) -> bool:
+    """Whether creating ``fem_run.dir/stop`` is the whole stop of ``executor``'s tasks: a
+    built-in container executor that the site has not replaced on ``execution.roles_path``.
+    The listener then needs no stop playbook on a host of its own; a site's role is always
+    stopped through its ``stop`` entry point."""
+    name = f"fem_executor_{executor}"
+    return (executor in STOP_FILE_EXECUTORS
+            and find_role(name, config) == data_dir() / "roles" / name)

@@ -94,6 +94,25 @@ def test_task_runs_on_an_ssh_host(site, ssh_site):
     assert checked["work_dir"] == str(hosts["ssh-a"].work_dir)
 
 
+def test_cancel_stops_a_task_on_an_ssh_host(site, ssh_site):
+    """A cancel reaches a container on a remote host through the stop playbook (the
+    listener creates the stop request itself only on a host of its own, issue 29)."""
+    orch = site.orchestrator
+    hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, target="ssh-a")
+    site.listener(config)
+    orch.publish(site.task("ssh-cancel", command=["sh", "-c", "echo begun; sleep 300"]))
+    orch.wait_state("ssh-cancel", "RUNNING")
+    orch.cancel("ssh-cancel")
+    final = orch.wait_terminal("ssh-cancel", timeout=120)
+
+    assert final["state"] == "CANCELLED" and final["error"]["code"] == "cancelled", final
+    assert final["exit_code"] is None
+    logs = tar_members(uploaded_file(site.env, final["logs"]["url"]))
+    assert b"begun" in logs["stdout.log"] and logs["exit_code"] == b"143\n"
+    assert [p for p in hosts["ssh-a"].leftovers() if p != "tasks"] == []
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
 def test_group_with_a_host_down_completes_every_task(site, ssh_site):
     orch = site.orchestrator
     hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, down={"ssh-b": "127.0.0.3"},

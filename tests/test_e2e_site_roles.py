@@ -188,3 +188,29 @@ def test_a_helper_role_inherits_the_stage_of_the_role_including_it(site):
     assert [e["state"] for e in orch.distinct_events("helper-source")] == [
         "RECEIVED", "STAGING_IN", "FAILED"]
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_a_site_executor_is_cancelled_through_its_stop_entry_point(site):
+    """On the listener's own host the listener asks the built-in container executors' run
+    module to stop by itself (issue 29); a site's executor is stopped through its own
+    ``stop`` entry point, the stop playbook.  The example's delegates to the built-in
+    Docker executor's stop, so the task ends CANCELLED only if that playbook ran."""
+    orch = site.orchestrator
+    example = yaml.safe_load((SITE_ROLES.parent / "config.yml").read_text())["execution"]
+    config = site.config(execution={"work_dir": str(site.work_dir),
+                                    "roles_path": [str(SITE_ROLES)],
+                                    "collections": example["collections"]})
+    data = yaml.safe_load(config.read_text())
+    data["policy"]["executors"] = {"allow": ["docker", "audited"]}
+    config.write_text(yaml.safe_dump(data))
+    site.listener(config)
+    orch.publish(site.task("site-cancel", executor="audited",
+                           command=["sh", "-c", "echo begun; sleep 300"]))
+    orch.wait_state("site-cancel", "RUNNING")
+    orch.cancel("site-cancel")
+    final = orch.wait_terminal("site-cancel", timeout=120)
+    assert final["state"] == "CANCELLED" and final["error"]["code"] == "cancelled", final
+    logs = tar_members(uploaded_file(site.env, final["logs"]["url"]))
+    assert b"begun" in logs["stdout.log"] and logs["exit_code"] == b"143\n"
+    assert b"fem_executor_audited" in logs["site-executor.txt"]
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
