@@ -69,15 +69,17 @@ else
 fi
 
 # Two phases: most tests in parallel workers, then alone the ones that stop RabbitMQ (they
-# would break every other test's connection). Both closing lines go to the summary.
+# would break every other test's connection) and the ones that assert an issue's time
+# bound (timed: measured without the load of the parallel workers). Both closing lines go
+# to the summary.
 pytest_step() {
   set -o pipefail
   timeout --signal=INT --kill-after=60 "${FEMDEV_TEST_TIMEOUT:-2700}" \
     pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$PYTEST_OUT"
 }
 if (($# == 0)); then
-  run_step pytest pytest_step -n "${FEMDEV_TEST_WORKERS:-3}" -m "not serial"
-  run_step pytest-serial pytest_step -m serial
+  run_step pytest pytest_step -n "${FEMDEV_TEST_WORKERS:-3}" -m "not serial and not timed"
+  run_step pytest-serial pytest_step -m "serial or timed"
 else
   run_step pytest pytest_step "$@"
 fi

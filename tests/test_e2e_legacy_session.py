@@ -84,6 +84,7 @@ def one_slot(site, tmp_path):
     site.legacy.close()
 
 
+@pytest.mark.timed
 def test_control_actions_are_answered_while_the_only_slot_is_busy(one_slot):
     site, orch = one_slot, one_slot.legacy
     run = orch.send(legacy_body("submit_run", tool_id="sleeper", task_info={"_id": "s"},
