@@ -20,8 +20,11 @@ die() {
 
 scripts/bootstrap.sh
 scripts/services.sh start
+# Exported: scripts/demo-task.sh, a child process, reads them too.
+set -a
 # shellcheck source=/dev/null
 source "$ROOT/.fem-dev/env"
+set +a
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 
 # The sample task, pointed at the services' ports (FEMDEV_*_PORT may have moved them).
