@@ -83,7 +83,7 @@ def test_the_plugin_applies_nothing_when_a_name_is_missing(load_plugin, monkeypa
     stock_policy = ansible_mitogen.affinity.policy
     monkeypatch.delattr(ansible_mitogen.services.ContextService, "_send_module_forwards")
     plugin = load_plugin()
-    assert plugin._answers == []  # every task forks a worker, markers and skips too
+    assert plugin._answers == []  # every task forks a worker: markers, skips, validations
     assert mitogen.master.compile is compile
     assert mitogen.minify.minimize_source(DOCUMENTED) == "def f():\n\n return 1\n"
     assert ansible_mitogen.affinity.policy is stock_policy
@@ -94,13 +94,13 @@ def test_a_group_left_out_for_the_benchmark_is_not_applied(load_plugin, monkeypa
     monkeypatch.setenv(patches.OFF_ENV, "unminified, cpu_placement")
     stock_policy = ansible_mitogen.affinity.policy
     plugin = load_plugin()
-    assert len(plugin._answers) == 2  # markers and skips
+    assert len(plugin._answers) == 3  # markers, skips and arg_specs
     assert mitogen.master.compile is plugin.cached_compile
     assert mitogen.minify.minimize_source(DOCUMENTED) != DOCUMENTED
     assert ansible_mitogen.affinity.policy is stock_policy
-    monkeypatch.setenv(patches.OFF_ENV, "markers")
-    assert load_plugin()._answers[0].__module__.endswith(".skips")
-    monkeypatch.setenv(patches.OFF_ENV, "markers,skips")
+    monkeypatch.setenv(patches.OFF_ENV, "markers,arg_specs")
+    assert [a.__module__.rpartition(".")[2] for a in load_plugin()._answers] == ["skips"]
+    monkeypatch.setenv(patches.OFF_ENV, "markers,skips,arg_specs")
     assert load_plugin()._answers == []
 
 

@@ -183,6 +183,27 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("ansible.playbook.task:Task.fattributes",
          lambda value: {"when", "loop", "loop_with", "delegate_to", "no_log"} <= set(value)),
     ),
+    # A role's validation that passes answered in the controller (plugin_utils/arg_specs.py):
+    # the task Ansible creates, what its action plugin does, and the markers' hand-over.
+    "arg_specs": (
+        ("ansible.release:__version__", lambda value: value == MARKERS_RELEASE),
+        *_HAND_OVER,
+        ("ansible.playbook.task:Task.fattributes",
+         lambda value: set(MARKER_KEYWORDS) <= set(value)),
+        ("ansible.playbook.role:Role._create_validation_task",
+         _params("self", "argument_spec", "entrypoint_name")),
+        ("ansible.plugins.action.validate_argument_spec:ActionModule.run",
+         _uses("get_args_from_task_vars", "ArgumentSpecValidator", "combine_vars",
+               "validate", "error_messages")),
+        ("ansible.plugins.action.validate_argument_spec:ActionModule.get_args_from_task_vars",
+         _all(_params("self", "argument_spec", "task_vars"), _uses("_templar", "template"))),
+        ("ansible.module_utils.common.arg_spec:ArgumentSpecValidator.validate",
+         _params("self", "parameters", "args", "kwargs")),
+        ("ansible.playbook.base:FieldAttributeBase.load_data", _uses("_loader")),
+        ("ansible._internal._display_utils:DeferredWarningContext.__init__",
+         _params("self", "variables")),
+        ("ansible.template:Templar.template", _present),
+    ),
     "routing": (
         ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",
          _params("yaml_string_data", "content_id")),
@@ -192,7 +213,7 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
 }
 #: The groups fem.core's ``mitogen_linear`` applies.
 STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
-            "markers", "skips")
+            "markers", "skips", "arg_specs")
 
 
 def _resolve(target: str) -> Any:

@@ -44,7 +44,9 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   worker").
 - Skips: a task whose ``when`` is cleanly false with the variables its worker would get is
   skipped in this process (fem.core's ``plugin_utils.skips``; docs/decisions.md, "Skipped
-  tasks fork no worker").
+  tasks and passing validations fork no worker").
+- Validations: a role's argument validation that passes is answered in this process
+  (fem.core's ``plugin_utils.arg_specs``; the same section).
 
 Each group is applied only if every name it touches has the shape it was written for
 (fem.core's ``plugin_utils.fastpath``; pyproject.toml pins the versions): if one does not,
@@ -136,8 +138,8 @@ description:
     Mitogen's own modules are sent unminified, installed collections are listed without
     ansible-galaxy, a host reached by the local method with the controller's own
     interpreter imports Ansible from its installed files, Mitogen's processes are not
-    pinned to CPUs, and a literal set_stats or a task whose condition is false is
-    answered without a worker.
+    pinned to CPUs, and a literal set_stats, a task whose condition is false and a
+    role's argument validation that passes are answered without a worker.
 author: fem-ansible developers
 """
 
@@ -200,8 +202,8 @@ HARMLESS_MODIFIERS = frozenset({"ansible.modules.setup", "ansible.modules.dnf"})
 _FROM_DISK: mitogen.core.ImportPolicy
 _candidates: set[int] = set()
 LOG = logging.getLogger(__name__)
-#: What answers a task in this process (the groups ``markers`` and ``skips``, once
-#: applied): each gives a worker's result for a task and its variables, or None.
+#: What answers a task in this process (the groups ``markers``, ``skips`` and
+#: ``arg_specs``, once applied): each gives a worker's result for a task and its variables, or None.
 _answers: list[Callable[[Any, dict[str, Any]], dict[str, Any] | None]] = []
 # Mitogen's own, kept by _own_host() as it replaces them (only once the check passed).
 _econtext_config: Callable[[mitogen.parent.Connection], dict]
@@ -284,6 +286,11 @@ def _skips() -> None:
     _answers.append(skips.result)
 
 
+def _arg_specs() -> None:
+    from ansible_collections.fem.core.plugins.plugin_utils import arg_specs
+    _answers.append(arg_specs.result)
+
+
 def _cpu_placement() -> None:
     # Mitogen's CPU placement assumes one ansible-playbook per machine; the listener runs
     # several, and on 2 CPUs it put every run's processes but the multiplexer on CPU 1.
@@ -293,7 +300,7 @@ def _cpu_placement() -> None:
 #: What each group of fem.core.plugin_utils.fastpath.STRATEGY changes in Mitogen.
 APPLY = {"import_scans": _import_scans, "unminified": _unminified_modules,
          "collections": _collections, "own_host": _own_host, "cpu_placement": _cpu_placement,
-         "markers": _markers, "skips": _skips}
+         "markers": _markers, "skips": _skips, "arg_specs": _arg_specs}
 _missing = fastpath.missing(fastpath.STRATEGY)
 if _missing:
     Display().warning(fastpath.warning(_missing) + "; running Mitogen's own mitogen_linear")
@@ -306,8 +313,8 @@ _Base = ansible_mitogen.loaders.strategy_loader.get("linear", class_only=True)
 
 
 class StrategyModule(ansible_mitogen.strategy.StrategyMixin, _Base):
-    """Mitogen's ``mitogen_linear``; a stage marker, and a task whose condition is false,
-    is answered in this process."""
+    """Mitogen's ``mitogen_linear``; a stage marker, a task whose condition is false and a
+    role's validation that passes are answered in this process."""
 
     def _queue_task(self, host, task, task_vars, play_context):
         for answer in _answers:
