@@ -4,8 +4,8 @@
 
 Why: Ansible puts a ``validate_argument_spec`` task before the tasks of every role entry
 point that has an argument spec (``meta/argument_specs.yml``), and each forks a worker
-process: a trivial task's playbook validates eight entry points, 20-70 ms each (bench/
-RESULTS.md, issue 30).  What the validation reads is the spec, the role's parameters and the
+process: a trivial task's playbook validates eight entry points, 20-70 ms each
+(bench/RESULTS.md, issue 30).  What the validation reads is the spec, the role's parameters and the
 variables the spec names, all of which the strategy has; so it validates here and, where the
 arguments pass, hands the worker's result over as a stage marker's is
 (fem.core's ``plugin_utils.stage_markers.hand_over``).
