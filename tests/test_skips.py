@@ -49,6 +49,13 @@ PLAYBOOK = """\
     - name: Reads the skipped result
       ansible.builtin.assert:
         that: [wrote is skipped, ran]
+    - name: An include not taken
+      ansible.builtin.include_tasks: nowhere.yml
+      when: engine == 'podman'
+    - name: A role not taken
+      ansible.builtin.include_role:
+        name: nowhere
+      when: creds.user is defined
     - name: Inherited from the block
       when: engine != 'docker'
       block:
@@ -79,7 +86,8 @@ PLAYBOOK = """\
       when: "'no'"
       ignore_errors: true
 """
-IN_CONTROLLER = ["Literal false", "Other engine", "No credentials", "In a skipped block"]
+IN_CONTROLLER = ["Literal false", "Other engine", "No credentials", "An include not taken",
+                 "A role not taken", "In a skipped block"]
 IN_WORKERS = ["True condition", "Reads the skipped result",
               "A connection variable a worker adds", "A lookup", "A loop",
               "A condition that fails", "A string condition"]
@@ -96,7 +104,7 @@ def test_a_false_condition_forks_no_worker_and_the_run_is_the_same(tmp_path):
     for result in (fast, stock):
         assert (result.status, result.rc) == ("successful", 0)
     stats = next(e for e in fast_events if e["event"] == "playbook_on_stats")["event_data"]
-    assert stats["skipped"] == {"localhost": 7} and stats["ignored"] == {"localhost": 2}
+    assert stats["skipped"] == {"localhost": 9} and stats["ignored"] == {"localhost": 2}
 
 
 @pytest.fixture
@@ -153,12 +161,16 @@ def test_the_result_is_the_workers(skips):
         "false_condition": "x == 1", "_ansible_no_log": True}
 
 
-def test_an_include_goes_to_a_worker(skips):
+def test_an_include_whose_condition_is_false_is_skipped_here(skips):
+    from ansible.playbook.role_include import IncludeRole
     from ansible.playbook.task_include import TaskInclude
 
     task = TaskInclude.load({"name": "i", "ansible.builtin.include_tasks": "x.yml",
                              "when": False}, loader=DataLoader())
-    assert skips.result(task, {}) is None
+    assert skips.result(task, {}) is not None
+    role = IncludeRole.load({"name": "r", "ansible.builtin.include_role": {"name": "x"},
+                             "when": trust_as_template("x == 1")}, loader=DataLoader())
+    assert skips.result(role, {"x": 2}) is not None
 
 
 def test_a_condition_inherited_from_the_block_counts(skips):

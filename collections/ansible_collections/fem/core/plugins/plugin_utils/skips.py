@@ -24,8 +24,10 @@ error of the play context is raised only after a true condition).  So, here:
   variable can be named), goes to a worker.
 - **Only a clean false:** a condition that is true, raises, warns, or calls a lookup (whose
   side effects would then happen twice) goes to a worker, which evaluates it again.
-- **Only tasks with no loop, no delegation, no include or import, and a literal** ``no_log``
-  (the result's ``_ansible_no_log``, as the worker sets it).
+- **Only tasks with no loop, no delegation and a literal** ``no_log`` (the result's
+  ``_ansible_no_log``, as the worker sets it).  An include is one: a worker evaluates its
+  condition before anything of the include, and the strategy ignores a skipped include's
+  result as it does a worker's (``IncludedFile.process_include_results``).
 
 The names of Ansible's this relies on are fem.core's ``plugin_utils.fastpath`` group
 ``skips``, checked like every patch's.
@@ -38,8 +40,6 @@ from typing import Any
 
 from ansible import constants
 from ansible._internal import _display_utils
-from ansible.playbook.role_include import IncludeRole
-from ansible.playbook.task_include import TaskInclude
 
 #: What a worker's copy of the variables gains before the condition, besides what
 #: ``vars`` (all of them) names.
@@ -71,7 +71,6 @@ def result(task: Any, task_vars: dict[str, Any]) -> dict[str, Any] | None:
 
 def _plain(task: Any) -> bool:
     return (task.loop is None and task.loop_with is None and task.delegate_to is None
-            and not isinstance(task, (TaskInclude, IncludeRole))
             and task.no_log in (None, False, True))
 
 
