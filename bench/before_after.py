@@ -112,7 +112,7 @@ def report(title: str, runs: dict[str, list[dict[str, float]]]) -> None:
     for name in runs["after"][0]:
         a = [r[name] for r in runs["after"]]
         if name not in runs["before"][0]:  # a measure the earlier bench/run.py did not take
-            print(f"| {name} | {statistics.median(a):.2f} | – | – | – | {spread(a)} / – |")
+            print(f"| {name} | {statistics.median(a):.2f} | - | - | - | {spread(a)} / - |")
             continue
         b = [r[name] for r in runs["before"]]
         costs = [cost(name, x, y) for x, y in zip(a, b, strict=True)]

@@ -83,7 +83,7 @@ def test_the_plugin_applies_nothing_when_a_name_is_missing(load_plugin, monkeypa
     stock_policy = ansible_mitogen.affinity.policy
     monkeypatch.delattr(ansible_mitogen.services.ContextService, "_send_module_forwards")
     plugin = load_plugin()
-    assert plugin._answers == []  # every task forks a worker: markers, skips, validations
+    assert plugin._stage_markers is None  # every task forks a worker, markers too
     assert mitogen.master.compile is compile
     assert mitogen.minify.minimize_source(DOCUMENTED) == "def f():\n\n return 1\n"
     assert ansible_mitogen.affinity.policy is stock_policy
@@ -94,14 +94,12 @@ def test_a_group_left_out_for_the_benchmark_is_not_applied(load_plugin, monkeypa
     monkeypatch.setenv(patches.OFF_ENV, "unminified, cpu_placement")
     stock_policy = ansible_mitogen.affinity.policy
     plugin = load_plugin()
-    assert len(plugin._answers) == 3  # markers, skips and arg_specs
+    assert plugin._stage_markers is not None
     assert mitogen.master.compile is plugin.cached_compile
     assert mitogen.minify.minimize_source(DOCUMENTED) != DOCUMENTED
     assert ansible_mitogen.affinity.policy is stock_policy
-    monkeypatch.setenv(patches.OFF_ENV, "markers,arg_specs")
-    assert [a.__module__.rpartition(".")[2] for a in load_plugin()._answers] == ["skips"]
-    monkeypatch.setenv(patches.OFF_ENV, "markers,skips,arg_specs")
-    assert load_plugin()._answers == []
+    monkeypatch.setenv(patches.OFF_ENV, "markers")
+    assert load_plugin()._stage_markers is None
 
 
 def test_set_stats_taking_other_arguments_turns_the_markers_off(monkeypatch):

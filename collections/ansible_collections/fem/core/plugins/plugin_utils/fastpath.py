@@ -89,25 +89,6 @@ MARKER_KEYWORDS = ("args", "no_log", "module_defaults", "when", "changed_when", 
 MARKERS_RELEASE = "2.19.14"
 
 
-#: How the strategy queues a task for a worker and takes its result back: what
-#: stage_markers.hand_over relies on, for the markers and the skips.
-_HAND_OVER: tuple[tuple[str, Callable[[Any], bool]], ...] = (
-    ("ansible.plugins.strategy:StrategyBase._queue_task",
-     _all(_params("self", "host", "task", "task_vars", "play_context"),
-          _uses("_queued_task_cache", "send_callback", "_pending_results"))),
-    ("ansible.plugins.strategy:StrategyBase.__init__",
-     _uses("_queued_task_cache", "_final_q", "_pending_results", "_tqm")),
-    ("ansible.plugins.strategy:StrategyBase._convert_wire_task_result_to_raw",
-     _uses("_queued_task_cache", "from_attrs")),
-    ("ansible.executor.task_result:_RawTaskResult.__init__",
-     _params("self", "host", "task", "return_data", "task_fields")),
-    ("ansible.executor.task_queue_manager:FinalQueue.send_task_result",
-     _params("self", "task_result")),
-    ("ansible.executor.process.worker:WorkerProcess._run",
-     _uses("TaskExecutor", "send_task_result", "_RawTaskResult", "dump_attrs")),
-    ("ansible.playbook.task:Task.dump_attrs", _params("self")),
-)
-
 #: Per patch group, each name it replaces or relies on (``module:attribute.path``) and its
 #: expected shape.  The groups are the patches of bench/RESULTS.md's lines.
 PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
@@ -145,12 +126,24 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("ansible_mitogen.affinity:Policy", _params()),
     ),
     # Stage markers answered in the controller (plugin_utils/stage_markers.py): how the
-    # strategy queues a task for a worker and takes its result back (_HAND_OVER), what
-    # set_stats takes and returns, and what a marker reads of a task.
+    # strategy queues a task for a worker and takes its result back, what set_stats takes
+    # and returns, and what a marker reads of a task.
     "markers": (
         # Their equivalence was read against this release's TaskExecutor, not just names.
         ("ansible.release:__version__", lambda value: value == MARKERS_RELEASE),
-        *_HAND_OVER,
+        ("ansible.plugins.strategy:StrategyBase._queue_task",
+         _all(_params("self", "host", "task", "task_vars", "play_context"),
+              _uses("_queued_task_cache", "send_callback", "_pending_results"))),
+        ("ansible.plugins.strategy:StrategyBase.__init__",
+         _uses("_queued_task_cache", "_final_q", "_pending_results", "_tqm")),
+        ("ansible.plugins.strategy:StrategyBase._convert_wire_task_result_to_raw",
+         _uses("_queued_task_cache", "from_attrs")),
+        ("ansible.executor.task_result:_RawTaskResult.__init__",
+         _params("self", "host", "task", "return_data", "task_fields")),
+        ("ansible.executor.task_queue_manager:FinalQueue.send_task_result",
+         _params("self", "task_result")),
+        ("ansible.executor.process.worker:WorkerProcess._run",
+         _uses("TaskExecutor", "send_task_result", "_RawTaskResult", "dump_attrs")),
         ("ansible.plugins.action.set_stats:ActionModule._VALID_ARGS",
          lambda value: value == frozenset({"aggregate", "data", "per_host"})),
         ("ansible.plugins.action.set_stats:ActionModule.run",
@@ -160,49 +153,7 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("ansible.playbook.task:Task.fattributes",
          lambda value: set(MARKER_KEYWORDS) <= set(value)),
         ("ansible.playbook.task:Task.copy", _uses("_resolved_action")),
-    ),
-    # Tasks whose condition is false skipped in the controller (plugin_utils/skips.py):
-    # how a worker evaluates a condition before anything else, and the markers' way of
-    # handing a result over.
-    "skips": (
-        # Read against this release's TaskExecutor, as the markers were.
-        ("ansible.release:__version__", lambda value: value == MARKERS_RELEASE),
-        *_HAND_OVER,
-        ("ansible.executor.task_executor:TaskExecutor._execute_internal",
-         _uses("_calculate_delegate_to", "update_vars", "_resolve_conditional")),
-        ("ansible.executor.task_executor:TaskExecutor._execute",
-         _uses("DeferredWarningContext", "update_result_no_log", "get_warnings",
-               "get_deprecation_warnings")),
-        ("ansible.executor.task_executor:TaskExecutor._get_loop_items",
-         _uses("get_search_path", "get_basedir")),
-        ("ansible.playbook.task:Task._resolve_conditional",
-         _params("self", "conditional", "variables", "result_context")),
-        ("ansible._internal._display_utils:DeferredWarningContext.__init__",
-         _params("self", "variables")),
-        ("ansible.constants:MAGIC_VARIABLE_MAPPING", lambda value: isinstance(value, dict)),
-        ("ansible.playbook.task:Task.fattributes",
-         lambda value: {"when", "loop", "loop_with", "delegate_to", "no_log"} <= set(value)),
-    ),
-    # A role's validation that passes answered in the controller (plugin_utils/arg_specs.py):
-    # the task Ansible creates, what its action plugin does, and the markers' hand-over.
-    "arg_specs": (
-        ("ansible.release:__version__", lambda value: value == MARKERS_RELEASE),
-        *_HAND_OVER,
-        ("ansible.playbook.task:Task.fattributes",
-         lambda value: set(MARKER_KEYWORDS) <= set(value)),
-        ("ansible.playbook.role:Role._create_validation_task",
-         _params("self", "argument_spec", "entrypoint_name")),
-        ("ansible.plugins.action.validate_argument_spec:ActionModule.run",
-         _uses("get_args_from_task_vars", "ArgumentSpecValidator", "combine_vars",
-               "validate", "error_messages")),
-        ("ansible.plugins.action.validate_argument_spec:ActionModule.get_args_from_task_vars",
-         _all(_params("self", "argument_spec", "task_vars"), _uses("_templar", "template"))),
-        ("ansible.module_utils.common.arg_spec:ArgumentSpecValidator.validate",
-         _params("self", "parameters", "args", "kwargs")),
-        ("ansible.playbook.base:FieldAttributeBase.load_data", _uses("_loader")),
-        ("ansible._internal._display_utils:DeferredWarningContext.__init__",
-         _params("self", "variables")),
-        ("ansible.template:Templar.template", _present),
+        ("ansible.playbook.task:Task.dump_attrs", _params("self")),
     ),
     "routing": (
         ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",
@@ -213,7 +164,7 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
 }
 #: The groups fem.core's ``mitogen_linear`` applies.
 STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
-            "markers", "skips", "arg_specs")
+            "markers")
 
 
 def _resolve(target: str) -> Any:

@@ -51,10 +51,10 @@ def result(task: Any) -> dict[str, Any] | None:
     args = task.args
     # As the parser resolved it, under the task's collections (``resolved_action`` is not that
     # for an ``action:`` form, which is left to a worker).
-    if not (task._resolved_action == ACTION and set(args) <= ARGS and plain(task)):
+    if not (task._resolved_action == ACTION and set(args) <= ARGS and _plain(task)):
         return None
     data = args.get("data", {})
-    if not (isinstance(data, dict) and literal(data)):
+    if not (isinstance(data, dict) and _literal(data)):
         return None
     stats: dict[str, Any] = {"data": copy.deepcopy(data), "per_host": False,
                              "aggregate": True}
@@ -73,11 +73,9 @@ def result(task: Any) -> dict[str, Any] | None:
             "_ansible_no_log": task.no_log}
 
 
-def plain(task: Any) -> bool:
+def _plain(task: Any) -> bool:
     """No keyword that makes set_stats' result depend on more than its arguments, and the
-    ones the strategy reads back from a worker's finalised task literal (also what a
-    role's validation answered in the controller may have: fem.core's
-    ``plugin_utils.arg_specs``)."""
+    ones the strategy reads back from a worker's finalised task literal."""
     return (isinstance(task.no_log, bool) and not task.module_defaults and not task.when
             and not task.changed_when and not task.failed_when and task.loop is None
             and task.loop_with is None and not task.until and task.retries is None
@@ -86,13 +84,13 @@ def plain(task: Any) -> bool:
             and type(task.throttle) is int)
 
 
-def literal(value: Any) -> bool:
+def _literal(value: Any) -> bool:
     if isinstance(value, str):
         return not _templar.is_possibly_template(value)
     if isinstance(value, dict):
-        return all(literal(k) and literal(v) for k, v in value.items())
+        return all(_literal(k) and _literal(v) for k, v in value.items())
     if isinstance(value, list):
-        return all(literal(v) for v in value)
+        return all(_literal(v) for v in value)
     return value is None or isinstance(value, (bool, int, float))
 
 

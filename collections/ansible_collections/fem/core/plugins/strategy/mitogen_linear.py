@@ -42,11 +42,6 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   follows from its literal arguments, is written in this process instead of by a forked
   worker (fem.core's ``plugin_utils.stage_markers``; docs/decisions.md, "Markers fork no
   worker").
-- Skips: a task whose ``when`` is cleanly false with the variables its worker would get is
-  skipped in this process (fem.core's ``plugin_utils.skips``; docs/decisions.md, "Skipped
-  tasks and passing validations fork no worker").
-- Validations: a role's argument validation that passes is answered in this process
-  (fem.core's ``plugin_utils.arg_specs``; the same section).
 
 Each group is applied only if every name it touches has the shape it was written for
 (fem.core's ``plugin_utils.fastpath``; pyproject.toml pins the versions): if one does not,
@@ -138,8 +133,7 @@ description:
     Mitogen's own modules are sent unminified, installed collections are listed without
     ansible-galaxy, a host reached by the local method with the controller's own
     interpreter imports Ansible from its installed files, Mitogen's processes are not
-    pinned to CPUs, and a literal set_stats, a task whose condition is false and a
-    role's argument validation that passes are answered without a worker.
+    pinned to CPUs, and a literal set_stats is answered without a worker.
 author: fem-ansible developers
 """
 
@@ -202,9 +196,8 @@ HARMLESS_MODIFIERS = frozenset({"ansible.modules.setup", "ansible.modules.dnf"})
 _FROM_DISK: mitogen.core.ImportPolicy
 _candidates: set[int] = set()
 LOG = logging.getLogger(__name__)
-#: What answers a task in this process (the groups ``markers``, ``skips`` and
-#: ``arg_specs``, once applied): each gives a worker's result for a task and its variables, or None.
-_answers: list[Callable[[Any, dict[str, Any]], dict[str, Any] | None]] = []
+#: fem.core's ``plugin_utils.stage_markers`` once ``markers`` is applied.
+_stage_markers: types.ModuleType | None = None
 # Mitogen's own, kept by _own_host() as it replaces them (only once the check passed).
 _econtext_config: Callable[[mitogen.parent.Connection], dict]
 _send_module_forwards: Callable[[Any, mitogen.core.Context], None]
@@ -276,19 +269,10 @@ def _own_host() -> None:
 
 
 def _markers() -> None:
+    global _stage_markers
     # Imported only once the check passed: it imports what the group relies on.
     from ansible_collections.fem.core.plugins.plugin_utils import stage_markers
-    _answers.append(lambda task, _task_vars: stage_markers.result(task))
-
-
-def _skips() -> None:
-    from ansible_collections.fem.core.plugins.plugin_utils import skips
-    _answers.append(skips.result)
-
-
-def _arg_specs() -> None:
-    from ansible_collections.fem.core.plugins.plugin_utils import arg_specs
-    _answers.append(arg_specs.result)
+    _stage_markers = stage_markers
 
 
 def _cpu_placement() -> None:
@@ -300,7 +284,7 @@ def _cpu_placement() -> None:
 #: What each group of fem.core.plugin_utils.fastpath.STRATEGY changes in Mitogen.
 APPLY = {"import_scans": _import_scans, "unminified": _unminified_modules,
          "collections": _collections, "own_host": _own_host, "cpu_placement": _cpu_placement,
-         "markers": _markers, "skips": _skips, "arg_specs": _arg_specs}
+         "markers": _markers}
 _missing = fastpath.missing(fastpath.STRATEGY)
 if _missing:
     Display().warning(fastpath.warning(_missing) + "; running Mitogen's own mitogen_linear")
@@ -313,14 +297,11 @@ _Base = ansible_mitogen.loaders.strategy_loader.get("linear", class_only=True)
 
 
 class StrategyModule(ansible_mitogen.strategy.StrategyMixin, _Base):
-    """Mitogen's ``mitogen_linear``; a stage marker, a task whose condition is false and a
-    role's validation that passes are answered in this process."""
+    """Mitogen's ``mitogen_linear``; a stage marker runs in this process."""
 
     def _queue_task(self, host, task, task_vars, play_context):
-        for answer in _answers:
-            returned = answer(task, task_vars)
-            if returned is not None:
-                from ansible_collections.fem.core.plugins.plugin_utils import stage_markers
-                stage_markers.hand_over(self, host, task, task_vars, play_context, returned)
-                return
-        super()._queue_task(host, task, task_vars, play_context)
+        returned = _stage_markers.result(task) if _stage_markers is not None else None
+        if returned is None:
+            super()._queue_task(host, task, task_vars, play_context)
+        else:
+            _stage_markers.hand_over(self, host, task, task_vars, play_context, returned)
