@@ -35,7 +35,7 @@ from pathlib import Path
 PROFILE = Path(__file__).resolve().parent / "profile.py"
 # The groups of fem.core's plugin_utils/fastpath.py, and the variable that leaves them out.
 GROUPS = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
-          "markers", "routing")
+          "markers", "frozen_heap", "routing")
 OFF_ENV = "FEMCORE_FASTPATH_OFF"
 
 

@@ -84,6 +84,7 @@ def test_the_plugin_applies_nothing_when_a_name_is_missing(load_plugin, monkeypa
     monkeypatch.delattr(ansible_mitogen.services.ContextService, "_send_module_forwards")
     plugin = load_plugin()
     assert plugin._stage_markers is None  # every task forks a worker, markers too
+    assert plugin._freeze is False
     assert mitogen.master.compile is compile
     assert mitogen.minify.minimize_source(DOCUMENTED) == "def f():\n\n return 1\n"
     assert ansible_mitogen.affinity.policy is stock_policy
@@ -94,12 +95,13 @@ def test_a_group_left_out_for_the_benchmark_is_not_applied(load_plugin, monkeypa
     monkeypatch.setenv(patches.OFF_ENV, "unminified, cpu_placement")
     stock_policy = ansible_mitogen.affinity.policy
     plugin = load_plugin()
-    assert plugin._stage_markers is not None
+    assert plugin._stage_markers is not None and plugin._freeze is True
     assert mitogen.master.compile is plugin.cached_compile
     assert mitogen.minify.minimize_source(DOCUMENTED) != DOCUMENTED
     assert ansible_mitogen.affinity.policy is stock_policy
-    monkeypatch.setenv(patches.OFF_ENV, "markers")
-    assert load_plugin()._stage_markers is None
+    monkeypatch.setenv(patches.OFF_ENV, "markers,frozen_heap")
+    plugin = load_plugin()
+    assert plugin._stage_markers is None and plugin._freeze is False
 
 
 def test_set_stats_taking_other_arguments_turns_the_markers_off(monkeypatch):

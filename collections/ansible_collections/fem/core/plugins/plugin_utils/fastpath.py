@@ -155,6 +155,12 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         ("ansible.playbook.task:Task.copy", _uses("_resolved_action")),
         ("ansible.playbook.task:Task.dump_attrs", _params("self")),
     ),
+    # The heap frozen when the play starts: the strategy's run, which fem.core's overrides
+    # and calls on (gc.freeze is the standard library's).
+    "frozen_heap": (
+        ("ansible_mitogen.strategy:StrategyMixin.run",
+         _params("self", "iterator", "play_context", "result")),
+    ),
     "routing": (
         ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",
          _params("yaml_string_data", "content_id")),
@@ -164,7 +170,7 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
 }
 #: The groups fem.core's ``mitogen_linear`` applies.
 STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
-            "markers")
+            "markers", "frozen_heap")
 
 
 def _resolve(target: str) -> Any:
