@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 #: (fem_ansible.resident_client joins it before anything else runs).
 ENV = "FEM_RUN_CGROUP"
 _SUBTREE = "fem-runs"
+# base() is first called by whichever thread needs a group first: at a restart, the
+# recoveries of several tasks at once.  Two probes of one process at the same time removed
+# each other's directory, and the loser's "File exists" turned groups (and the resident
+# Ansible) off for the listener's life.
+_probing = threading.Lock()
 
 
 def mount() -> Path | None:
@@ -53,25 +59,22 @@ def _own() -> str | None:
     return None
 
 
-@functools.cache
 def base() -> Path | None:
     """The directory under which runs get their groups, made if needed; None (with one
     warning, the first time) where this process cannot make and fill groups there."""
+    with _probing:
+        return _base()
+
+
+@functools.cache
+def _base() -> Path | None:
     try:
         mount_point, own = mount(), _own()
         if mount_point is None or own is None:
             raise OSError(errno.ENOENT, "no cgroup v2 hierarchy is mounted")
         path = mount_point / own.lstrip("/") / _SUBTREE
         path.mkdir(exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
-        probe.mkdir(exist_ok=True)
-        try:
-            if not (probe / "cgroup.kill").exists():
-                raise OSError(errno.ENOTSUP, "the kernel has no cgroup.kill (before 5.14)")
-            if not os.access(probe / "cgroup.procs", os.W_OK):
-                raise OSError(errno.EACCES, f"{probe}/cgroup.procs is not writable")
-        finally:
-            probe.rmdir()
+        _probe(path)
     except OSError as e:
         log.warning("runs get no cgroup of their own (%s): they are found by their "
                     "environment marker only, and the resident Ansible is off; under "
@@ -79,6 +82,19 @@ def base() -> Path | None:
                     e.strerror or e)
         return None
     return path
+
+
+def _probe(path: Path) -> None:
+    """Raise if this process cannot make, fill and kill groups under ``path``."""
+    probe = path / f".probe-{os.getpid()}"
+    probe.mkdir(exist_ok=True)
+    try:
+        if not (probe / "cgroup.kill").exists():
+            raise OSError(errno.ENOTSUP, "the kernel has no cgroup.kill (before 5.14)")
+        if not os.access(probe / "cgroup.procs", os.W_OK):
+            raise OSError(errno.EACCES, f"{probe}/cgroup.procs is not writable")
+    finally:
+        probe.rmdir()
 
 
 def create(ident: str) -> Path | None:

@@ -164,3 +164,33 @@ def test_the_server_runs_nothing_outside_a_cgroup_of_its_own(server, tmp_path, g
         socket.send_fds(conn, [len(body).to_bytes(4, "big") + body], [0, 1, 2])
         reply = json.loads(conn.makefile().readline())
     assert reply == {"cold": "it has no cgroup of its own"}
+
+
+def test_the_first_calls_for_the_runs_cgroup_from_several_threads_all_get_it():
+    """At a restart the recoveries of several tasks asked for it at once: two probes of one
+    process removed each other's directory, and the loser's "File exists" turned groups,
+    and with them the resident Ansible, off for the listener's life (found by the soak with
+    the resident Ansible off)."""
+    import threading
+
+    if cgroups.base() is None:
+        pytest.fail("this test needs a writable cgroup v2 (CI runs as root)")
+    try:
+        for _ in range(20):
+            cgroups._base.cache_clear()
+            start = threading.Barrier(8)
+            got: list[Path | None] = []
+
+            def first_call(start: threading.Barrier, got: list[Path | None]) -> None:
+                start.wait()
+                got.append(cgroups.base())
+
+            threads = [threading.Thread(target=first_call, args=(start, got))
+                       for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(got) == 8 and None not in got and len(set(got)) == 1
+    finally:
+        cgroups._base.cache_clear()
