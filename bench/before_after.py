@@ -141,7 +141,11 @@ def report_breakdown(runs: dict[str, list[dict[str, Any]]]) -> None:
     after, before = merged["after"], merged["before"]
     print("\nbench/breakdown.py: medians, after / before / difference")
     for name, values in after["phases"].items():
-        a, b = statistics.median(values), statistics.median(before["phases"][name])
+        a = statistics.median(values)
+        if name not in before["phases"]:  # not measured by the earlier checkout's harness
+            print(f"| {name} | {a:.3f} | - | - |")
+            continue
+        b = statistics.median(before["phases"][name])
         print(f"| {name} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
     print("playbook tasks whose medians differ by 5 ms or more:")
     total = 0.0
