@@ -65,6 +65,21 @@ def wait_message(orch, task_id: str, pattern: str, timeout: float = 120) -> dict
                          f"{[(e['state'], e['message']) for e in orch.events(task_id)]}")
 
 
+def wait_output(node: str, text: str, timeout: float = 60) -> None:
+    """Until a container of ``node`` has written ``text`` to its stdout: a job Slurm
+    reports running may not have started its container's command yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = subprocess.run(["docker", "ps", "-q", "--filter", f"label=fem.node_id={node}"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        for cid in ids:
+            out = subprocess.run(["docker", "logs", cid], capture_output=True, text=True)
+            if text in out.stdout:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no container of {node} wrote {text!r} within {timeout}s")
+
+
 def test_tasks_run_as_slurm_jobs(slurm_site):
     site, env, orch = slurm_site, slurm_site.env, slurm_site.orchestrator
     site.listener(site.slurm_config)
@@ -122,6 +137,7 @@ def test_cancel_while_running_leaves_no_job_and_no_container(slurm_site):
     tid = "slurm-cancel"
     orch.publish(site.task(tid, command=["sh", "-c", "echo started; sleep 300"]))
     wait_message(orch, tid, r"Slurm job \d+ is running")
+    wait_output(site.node, "started")  # else the cancel may land before the tool's echo
     orch.cancel(tid)
 
     final = orch.wait_terminal(tid)
