@@ -269,6 +269,10 @@ class Bench:
             fem_s = time.monotonic() - (started or time.monotonic())
             done = True
             sampler.shutdown()
+            final = next(e for e in orch.events("big") if e["state"] in ("COMPLETED", "FAILED"))
+            if final["state"] != "COMPLETED":  # no upload to time: say why, not a KeyError
+                raise RuntimeError(f"the stage-out task failed: {final['error']}; listener "
+                                   f"log: {self.tmp / node}")
             archive = next(p for p in (self.tmp / node / "work" / "runs" / "big").rglob(
                 "outputs.tar.gz"))
             curl_url = f"{self.env['FEM_TEST_UPLOAD_URL']}/bench/curl/{node}.tar.gz"
