@@ -41,8 +41,8 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
 - Frozen heap: when the play starts, everything the run has built (playbook, inventory,
   loaders, plugins) is moved out of the garbage collector's reach (``gc.freeze()``), before
   the multiplexer and the workers are forked from it.  A full collection then no longer
-  walks that heap in this process or in a worker (each run made about four, 20-40 ms
-  each), and a worker's collections no longer write to its copy of those pages.  The run
+  walks that heap in this process or in a worker (about four a task, tens of ms each),
+  and a worker's collections no longer write to its copy of those pages.  The run
   is one process that ends with its playbook: what becomes garbage among those objects
   later is freed at its exit, not before.
 - Stage markers: the result of each of the task playbook's ``set_stats`` markers, which
