@@ -32,11 +32,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fem_ansible.fastpath import patches
+
 PROFILE = Path(__file__).resolve().parent / "profile.py"
 # The groups of fem.core's plugin_utils/fastpath.py, and the variable that leaves them out.
-GROUPS = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
-          "markers", "frozen_heap", "routing")
-OFF_ENV = "FEMCORE_FASTPATH_OFF"
+GROUPS = tuple(patches.PATCHES)
+OFF_ENV = patches.OFF_ENV
 
 
 def profile(without: str | None = None, script: Path = PROFILE,
