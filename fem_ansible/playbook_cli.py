@@ -30,6 +30,7 @@ import yaml
 from ansible.release import __version__ as ansible_version
 from ansible.utils.collection_loader import _collection_finder
 
+from fem_ansible import compiled_templates
 from fem_ansible.fastpath import derived_cache, patches
 
 _PARSER = f"ansible {ansible_version} PyYAML {yaml.__version__} {yaml.__with_libyaml__}".encode()
@@ -55,10 +56,14 @@ def cached_routing(parse: Callable[[bytes | str, Any], Mapping]) -> Callable[...
 
 
 def prepare() -> None:
-    """Patch what this process's runs share (the routing metadata cache), once."""
+    """Patch what this process's runs share, once: the routing metadata cache and the
+    compiled templates (fem_ansible.compiled_templates), each only where fem.core's check
+    finds what it replaces in the shape it was written for."""
     finder: Any = _collection_finder
     if "routing" not in patches.off() and not patches.missing(["routing"]):
         finder._meta_yml_to_dict = cached_routing(finder._meta_yml_to_dict)
+    if "compiled_templates" not in patches.off() and not patches.missing(["compiled_templates"]):
+        compiled_templates.install()
 
 
 def run(args: list[str]) -> int:

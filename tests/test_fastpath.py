@@ -126,7 +126,9 @@ def _report(monkeypatch, **report) -> None:
      {"ANSIBLE_STRATEGY": "mitogen_linear",
       "ANSIBLE_STRATEGY_PLUGINS": "/mitogen/plugins/strategy"}, "Mitogen's own"),
     ({"missing": ["x:_meta_yml_to_dict (changed)"], "groups": ["routing"]},
-     {"ANSIBLE_STRATEGY": fastpath.FEM_STRATEGY}, "routing metadata every time"),
+     {"ANSIBLE_STRATEGY": fastpath.FEM_STRATEGY}, "runs go without routing"),
+    ({"missing": ["y:compile (changed)"], "groups": ["compiled_templates"]},
+     {"ANSIBLE_STRATEGY": fastpath.FEM_STRATEGY}, "runs go without compiled_templates"),
     ({"mitogen": None, "error": "AnsibleError: too old"}, {}, "linear"),
 ])
 def test_the_listener_picks_the_runs_strategy_from_the_check(monkeypatch, caplog, report, env,

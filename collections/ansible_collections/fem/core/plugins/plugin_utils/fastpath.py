@@ -89,6 +89,16 @@ MARKER_KEYWORDS = ("args", "no_log", "module_defaults", "when", "changed_when", 
 MARKERS_RELEASE = "2.19.14"
 
 
+#: Jinja's settings that its lexer, parser and code generator read: part of the name of a
+#: compiled template kept by fem_ansible.compiled_templates (group ``compiled_templates``).
+JINJA_SETTINGS = ("block_start_string", "block_end_string", "variable_start_string",
+                  "variable_end_string", "comment_start_string", "comment_end_string",
+                  "line_statement_prefix", "line_comment_prefix", "trim_blocks",
+                  "lstrip_blocks", "newline_sequence", "keep_trailing_newline",
+                  "optimized", "autoescape", "is_async", "sandboxed")
+_JINJA_BITS = "ansible._internal._templating._jinja_bits"
+
+
 #: Per patch group, each name it replaces or relies on (``module:attribute.path``) and its
 #: expected shape.  The groups are the patches of bench/RESULTS.md's lines.
 PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
@@ -160,6 +170,36 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
     "frozen_heap": (
         ("ansible_mitogen.strategy:StrategyMixin.run",
          _params("self", "iterator", "play_context", "result")),
+    ),
+    # Compiled templates kept between runs (fem_ansible.compiled_templates): the two methods
+    # it puts on Ansible's environment class and what they call, and what it reads of
+    # Ansible's templating to name an entry (what else the compiler reads besides the text).
+    "compiled_templates": (
+        ("jinja2.environment:Environment.compile",
+         _params("self", "source", "name", "filename", "raw", "defer_init")),
+        ("jinja2.environment:Environment.compile_expression",
+         _all(_params("self", "source", "undefined_to_none"),
+              _uses("parse_expression", "from_string", "TemplateExpression"))),
+        ("jinja2.environment:Environment.from_string",
+         _uses("make_globals", "from_code", "compile")),
+        ("jinja2.environment:TemplateExpression.__init__",
+         _params("self", "template", "undefined_to_none")),
+        ("jinja2.compiler:CodeGenerator._filter_test_common.__wrapped__",
+         _uses("filters", "tests", "from_obj")),
+        (f"{_JINJA_BITS}:AnsibleEnvironment.compile_expression",
+         _params("self", "source", "args", "kwargs")),
+        (f"{_JINJA_BITS}:AnsibleEnvironment._debuggable_template_source",
+         lambda value: isinstance(value, bool)),
+        (f"{_JINJA_BITS}:AnsibleEnvironment.lexer", lambda value: isinstance(value, property)),
+        (f"{_JINJA_BITS}:AnsibleLexer.tokeniter",
+         _uses("_TemplateCompileContext", "escape_backslashes")),
+        (f"{_JINJA_BITS}:_TemplateCompileContext.current", _present),
+        (f"{_JINJA_BITS}:_TemplateConfig.allow_embedded_templates",
+         lambda value: isinstance(value, bool)),
+        (f"{_JINJA_BITS}:AnsibleCodeGenerator.visit_Const",
+         _uses("allow_embedded_templates")),
+        (f"{_JINJA_BITS}:_TEMPLATE_OVERRIDE_FIELD_NAMES",
+         lambda value: _strings(value) and set(value) <= set(JINJA_SETTINGS)),
     ),
     "routing": (
         ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",

@@ -1,0 +1,168 @@
+"""Jinja templates and expressions compiled once, kept between runs (fast path group
+``compiled_templates``; docs/decisions.md, "Templates are compiled once").
+
+Why: Ansible compiles every template and conditional it meets, from its text, in the worker
+that meets it; a worker ends with its task, and with it what it compiled, so a trivial task
+compiled about a hundred templates, the same ones in every task, about 0.2 CPU-s of its
+workers' 1.0 (bench/RESULTS.md).  Compiling is a pure function of the text and of what the
+compiler reads besides it, so the code it makes is kept in fem.core's
+``plugin_utils.derived_cache``, named by a hash of all of that:
+
+- the text, and whether it is a template or an expression;
+- the environment's class and code generator, every setting that lexes, parses or generates
+  (delimiters, whitespace control, newlines, sandboxing, the intercepted operators,
+  ``finalize``'s arguments, async, optimizer, autoescape), its extensions (only Jinja's own:
+  another's code is not in the name), Ansible's backslash escaping in force and its
+  embedded-templates setting, and the versions of Jinja and Ansible (the entry's name also
+  holds the interpreter's bytecode magic).
+
+The generated code also depends on each filter and test a template names (whether it
+exists, which arguments Jinja passes it: ``jinja_pass_arg``).  Those come from plugins a
+run may have and another not, so an entry records them as compiled, and is used only if
+the run's environment gives the same today (the lookup loads the plugin, as compiling it
+would).  Anything else, a template with a name or file (``{% include %}``, loaders), raw
+or deferred output, Ansible's template debugging, is compiled as always; so is any error:
+errors are never kept, and a text that fails compiles again, failing as Jinja fails.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from types import CodeType
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.environment import TemplateExpression
+
+from fem_ansible.fastpath import derived_cache, patches
+
+#: Texts longer than this are compiled as always (a bound on an entry's size).
+MAX_SOURCE = 64 * 1024
+
+_capture = threading.local()
+
+
+def _pass_arg(func: Any) -> str:
+    """What Jinja's code generator reads of a filter or test: absent, or what it passes."""
+    if func is None:
+        return "absent"
+    arg = getattr(func, "jinja_pass_arg", None)
+    return "plain" if arg is None else str(getattr(arg, "name", arg))
+
+
+def dependencies(env: jinja2.Environment, tree: nodes.Node) -> list[list[str]]:
+    """The filters and tests ``tree`` names, each with what ``env`` gives for it now."""
+    named = {("filter", node.name) for node in tree.find_all(nodes.Filter)}
+    named |= {("test", node.name) for node in tree.find_all(nodes.Test)}
+    return [[kind, name, _pass_arg((env.filters if kind == "filter" else env.tests).get(name))]
+            for kind, name in sorted(named)]
+
+
+def _valid(env: jinja2.Environment, value: Any) -> bool:
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], CodeType)
+            and isinstance(value[0], list)):
+        return False
+    for dep in value[0]:
+        if not (isinstance(dep, list) and len(dep) == 3 and dep[0] in ("filter", "test")):
+            return False
+        kind, name, seen = dep
+        if _pass_arg((env.filters if kind == "filter" else env.tests).get(name)) != seen:
+            return False
+    return True
+
+
+class Compiler:
+    """What a compiled text's entry is named by, besides the text: read from Ansible's
+    templating at install (its class, its escaping context, its config)."""
+
+    def __init__(self, env_class: type, escaping: Callable[[], Any], config: Any,
+                 versions: bytes) -> None:
+        self.env_class = env_class
+        self.escaping = escaping
+        self.config = config
+        self.versions = versions
+
+    def _name(self, env: Any, kind: bytes, source: str) -> str | None:
+        """The entry's name, or None where this text is compiled as always."""
+        if (len(source) > MAX_SOURCE or env._debuggable_template_source
+                or not isinstance(env.autoescape, bool)
+                or any(not type(ext).__module__.startswith("jinja2.")
+                       for ext in env.extensions.values())):
+            return None
+        context = self.escaping()
+        settings = (
+            type(env).__module__, type(env).__qualname__,
+            env.code_generator_class.__module__, env.code_generator_class.__qualname__,
+            *(getattr(env, name) for name in patches.JINJA_SETTINGS),
+            sorted(getattr(env, "intercepted_binops", ())),
+            sorted(getattr(env, "intercepted_unops", ())),
+            env.finalize is not None, _pass_arg(env.finalize) if env.finalize else "",
+            sorted(env.extensions),
+            None if context is None else bool(context.escape_backslashes),
+            bool(self.config.allow_embedded_templates),
+        )
+        return derived_cache.entry_name(b"jinja " + kind, self.versions,
+                                        repr(settings).encode(),
+                                        source.encode("utf-8", "surrogatepass"))
+
+    def install(self) -> None:
+        """Put the cached compile and compile_expression on Ansible's environment class."""
+        stock_compile = self.env_class.compile
+        stock_expression = self.env_class.compile_expression
+        name_of = self._name
+
+        def compile(self: Any, source: Any, name: str | None = None,
+                    filename: str | None = None, raw: bool = False,
+                    defer_init: bool = False) -> Any:
+            plain = isinstance(source, str) and not (name or filename or raw or defer_init)
+            entry = name_of(self, b"template", source) if plain else None
+            if entry is None:
+                code = stock_compile(self, source, name, filename, raw, defer_init)
+                slot = getattr(_capture, "slot", None)
+                if slot is not None and isinstance(source, nodes.Template) and not slot:
+                    slot.extend((source, code))  # the tree compile_expression built
+                return code
+
+            def derive() -> list[Any]:
+                code = stock_compile(self, source)
+                return [dependencies(self, self.parse(source)), code]
+
+            return derived_cache.cached(entry, derive, lambda v: _valid(self, v))[1]
+
+        def compile_expression(self: Any, source: str,
+                               undefined_to_none: bool = True) -> TemplateExpression:
+            entry = name_of(self, b"expression", source) if isinstance(source, str) else None
+            if entry is None:
+                return stock_expression(self, source, undefined_to_none)
+
+            def derive() -> list[Any]:
+                slot: list[Any] = []
+                _capture.slot = slot
+                try:
+                    stock_expression(self, source, undefined_to_none)
+                finally:
+                    _capture.slot = None
+                tree, code = slot
+                return [dependencies(self, tree), code]
+
+            code = derived_cache.cached(entry, derive, lambda v: _valid(self, v))[1]
+            template = self.template_class.from_code(self, code, self.make_globals(None), None)
+            return TemplateExpression(template, undefined_to_none)
+
+        self.env_class.compile = compile
+        self.env_class.compile_expression = compile_expression
+
+
+def install() -> None:
+    """Keep the templates this process and its forks compile (Ansible's names, imported
+    here: fem_ansible.playbook_cli calls this only once fem.core's check found them)."""
+    from ansible._internal._templating import _jinja_bits
+    from ansible.release import __version__ as ansible_version
+
+    versions = f"jinja2 {jinja2.__version__} ansible {ansible_version} 1".encode()
+    Compiler(_jinja_bits.AnsibleEnvironment,
+             lambda: _jinja_bits._TemplateCompileContext.current(optional=True),
+             _jinja_bits._TemplateConfig, versions).install()
+

@@ -1,0 +1,228 @@
+"""Templates and conditionals compiled once and kept between runs
+(fem_ansible.compiled_templates, fast path group ``compiled_templates``): the same results as
+stock Ansible's, nothing compiled again when kept, compiled again when a filter or test it
+names is no longer what it was, errors never kept."""
+
+from __future__ import annotations
+
+import marshal
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+from ansible._internal._templating._jinja_bits import AnsibleEnvironment
+from ansible.errors import AnsibleError
+from ansible.parsing.dataloader import DataLoader
+from ansible.template import Templar, trust_as_template
+from jinja2 import pass_context
+
+from fem_ansible import compiled_templates
+from fem_ansible.fastpath import derived_cache
+from fem_ansible.runner import (
+    RunHooks,
+    RunSpec,
+    collections_view,
+    run_playbook,
+    scan_cache_dir,
+)
+
+VARIABLES = {"items": [3, 1, 2], "name": "fem", "path": "a\\b", "conf": {"k": "v"}}
+TEMPLATES = [
+    "{{ items | sort | map('string') | join(',') }}",
+    "{{ name | upper }}-{{ items | length }}",
+    "{% for i in items %}{{ i }}{% if not loop.last %};{% endif %}{% endfor %}",
+    "{{ conf | dict2items | map(attribute='key') | list }}",
+    "{{ path }} {{ 'c:\\new' }}",
+    "{{ items | select('gt', 1) | list }}",
+    "{{ (name is defined) and (conf.k is string) }}",
+    "#jinja2:variable_start_string:'[%', variable_end_string:'%]'\n[% name %] {{ name }}",
+    "  {%- if items -%} trimmed {%- endif %}  \n",
+]
+CONDITIONALS = ["items | length > 2", "name == 'fem' and conf.k is defined",
+                "'b' in path", "missing is not defined"]
+
+
+def _render(variables: dict[str, Any] = VARIABLES) -> list[Any]:
+    templar = Templar(loader=DataLoader(), variables=variables)
+    out: list[Any] = [templar.template(trust_as_template(t)) for t in TEMPLATES]
+    out += [templar.template(trust_as_template(TEMPLATES[4]), escape_backslashes=False)]
+    out += [templar.evaluate_conditional(trust_as_template(c)) for c in CONDITIONALS]
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private cache dir for this process, and the group installed until the test ends."""
+    directory = tmp_path / "cache"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv(derived_cache.CACHE_ENV, str(directory))
+    monkeypatch.setattr(derived_cache, "_dir_fd", derived_cache._UNOPENED)
+    for name in ("compile", "compile_expression"):  # put back when the test ends
+        monkeypatch.setattr(AnsibleEnvironment, name, getattr(AnsibleEnvironment, name))
+    return directory
+
+
+@pytest.fixture
+def generated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times Jinja generated code from a tree (the work a kept entry saves)."""
+    count = [0]
+    stock = jinja2.Environment._generate
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return stock(self, *args, **kwargs)
+
+    monkeypatch.setattr(jinja2.Environment, "_generate", counted)
+    return count
+
+
+def _entries(directory: Path) -> list[Any]:
+    return [marshal.loads(p.read_bytes()) for p in directory.iterdir()]
+
+
+def test_kept_templates_render_as_stock_ansible_and_are_not_compiled_again(
+        cache: Path, generated: list[int]) -> None:
+    stock = _render()
+    stock_compiles = generated[0]
+    compiled_templates.install()
+    first = _render()
+    assert first == stock
+    assert generated[0] - stock_compiles == stock_compiles  # each compiled once more...
+    kept = _entries(cache)
+    assert kept and all(isinstance(e[1], types.CodeType) for e in kept)
+    before = generated[0]
+    assert _render() == stock  # ...and, kept, not again (a new Templar: a new environment)
+    assert generated[0] == before
+    assert len(_entries(cache)) == len(kept)
+
+
+def test_backslash_escaping_is_part_of_what_is_kept(cache: Path) -> None:
+    compiled_templates.install()
+    templar = Templar(loader=DataLoader(), variables={})
+    escaped, plain = (templar.template(trust_as_template("{{ 'x\\1' }}"), escape_backslashes=e)
+                      for e in (True, False))
+    again = Templar(loader=DataLoader(), variables={})
+    assert again.template(trust_as_template("{{ 'x\\1' }}"), escape_backslashes=False) == plain
+    assert again.template(trust_as_template("{{ 'x\\1' }}")) == escaped
+    assert escaped != plain
+
+
+def _templar_with(probe: Callable[..., Any]) -> Templar:
+    templar = Templar(loader=DataLoader(), variables={"v": "a"})
+    templar._engine.environment.filters["fem_probe"] = probe
+    return templar
+
+
+def test_a_filter_that_now_takes_the_context_is_compiled_again(cache: Path) -> None:
+    compiled_templates.install()
+    assert _templar_with(lambda x: f"plain {x}").template(
+        trust_as_template("{{ v | fem_probe }}")) == "plain a"
+
+    @pass_context
+    def with_context(context: Any, x: str) -> str:
+        return f"context {x} {context.get('v')}"
+
+    assert _templar_with(with_context).template(
+        trust_as_template("{{ v | fem_probe }}")) == "context a a"
+
+
+def test_errors_are_raised_as_stock_and_never_kept(cache: Path) -> None:
+    broken = ["{{ name | no_such_filter_here }}", "{{ unclosed ", "{% if %}"]
+
+    def errors() -> list[str]:
+        templar = Templar(loader=DataLoader(), variables=VARIABLES)
+        said = []
+        for text in broken:
+            with pytest.raises(AnsibleError) as raised:
+                templar.template(trust_as_template(text))
+            said.append(str(raised.value))
+        return said
+
+    stock = errors()
+    compiled_templates.install()
+    assert errors() == stock
+    assert errors() == stock
+    assert _entries(cache) == []
+
+
+# -- through ansible-runner and fem-ansible's ansible-playbook ---------------------------------
+
+PLAIN = """\
+class FilterModule:
+    def filters(self):
+        return {"fem_probe": lambda value: "plain " + value}
+"""
+WITH_CONTEXT = """\
+from jinja2 import pass_context
+
+@pass_context
+def fem_probe(context, value):
+    return "context " + value
+
+class FilterModule:
+    def filters(self):
+        return {"fem_probe": fem_probe}
+"""
+PLAYBOOK = """\
+- name: Probe
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Report what the filter gave
+      ansible.builtin.set_stats:
+        data: {probe: "{{ 'x' | fem_probe }}"}
+"""
+
+
+class _Reports(RunHooks):
+    def __init__(self) -> None:
+        self.reports: dict[str, Any] = {}
+
+    def on_report(self, data: dict[str, Any]) -> None:
+        self.reports.update(data)
+
+
+def _probe(tmp_path: Path, filter_source: str, off: str = "") -> str:
+    (tmp_path / "filter_plugins").mkdir(exist_ok=True)
+    (tmp_path / "filter_plugins" / "probe.py").write_text(filter_source)
+    (tmp_path / "play.yml").write_text(PLAYBOOK)
+    inventory = tmp_path / "hosts"
+    inventory.write_text(f"localhost ansible_connection=local "
+                         f"ansible_python_interpreter={sys.executable}\n")
+    pdd = tmp_path / "pdd"
+    pdd.mkdir(mode=0o700, exist_ok=True)
+    work = tmp_path / "work"
+    spec = RunSpec(
+        private_data_dir=pdd, ident="probe", playbook=tmp_path / "play.yml",
+        inventory=inventory, limit="localhost", roles_path=[],
+        collections=collections_view(work), scan_cache=scan_cache_dir(work),
+        extravars={}, secrets={}, strategy="mitogen",
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+             "FEMCORE_FASTPATH_OFF": off})
+    hooks = _Reports()
+    result = run_playbook(spec, hooks, lambda: False)
+    assert (result.status, result.rc) == ("successful", 0), result
+    return str(hooks.reports["probe"])
+
+
+def _kept_templates(tmp_path: Path) -> list[Any]:
+    return [e for e in _entries(tmp_path / "work" / "import-scan-cache")
+            if isinstance(e, list) and len(e) == 2 and isinstance(e[1], types.CodeType)]
+
+
+@pytest.mark.e2e
+def test_a_site_filter_changed_between_runs_is_compiled_again(tmp_path: Path) -> None:
+    assert _probe(tmp_path, PLAIN) == "plain x"
+    assert [["filter", "fem_probe", "plain"]] in [e[0] for e in _kept_templates(tmp_path)]
+    assert _probe(tmp_path, WITH_CONTEXT) == "context x"
+    assert [["filter", "fem_probe", "context"]] in [e[0] for e in _kept_templates(tmp_path)]
+
+
+@pytest.mark.e2e
+def test_without_the_group_nothing_is_kept(tmp_path: Path) -> None:
+    assert _probe(tmp_path, PLAIN, off="compiled_templates") == "plain x"
+    assert _kept_templates(tmp_path) == []
