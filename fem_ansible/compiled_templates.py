@@ -3,32 +3,36 @@
 
 Why: Ansible compiles every template and conditional it meets, from its text, in the worker
 that meets it; a worker ends with its task, and with it what it compiled, so a trivial task
-compiled about a hundred templates, the same ones in every task, about 0.2 CPU-s of its
-workers' 1.0 (bench/RESULTS.md).  Compiling is a pure function of the text and of what the
+compiled about a hundred templates, the same ones in every task, 0.2-0.3 CPU-s of its
+workers' 1.0 (bench/RESULTS.md).  Compiling is a function of the text and of what the
 compiler reads besides it, so the code it makes is kept in fem.core's
 ``plugin_utils.derived_cache``, named by a hash of all of that:
 
 - the text, and whether it is a template or an expression;
 - the environment's class and code generator, every setting that lexes, parses or generates
-  (delimiters, whitespace control, newlines, sandboxing, the intercepted operators,
-  ``finalize``'s arguments, async, optimizer, autoescape), its extensions (only Jinja's own:
-  another's code is not in the name), Ansible's backslash escaping in force and its
+  (delimiters, whitespace control, newlines, sandboxing, the intercepted operators, async,
+  autoescape), its extensions, Ansible's backslash escaping in force and its
   embedded-templates setting, and the versions of Jinja and Ansible (the entry's name also
   holds the interpreter's bytecode magic).
 
-The generated code also depends on each filter and test a template names (whether it
-exists, which arguments Jinja passes it: ``jinja_pass_arg``).  Those come from plugins a
-run may have and another not, so an entry records them as compiled, and is used only if
-the run's environment gives the same today (the lookup loads the plugin, as compiling it
-would).  Anything else, a template with a name or file (``{% include %}``, loaders), raw
-or deferred output, Ansible's template debugging, is compiled as always; so is any error:
-errors are never kept, and a text that fails compiles again, failing as Jinja fails.
+The generated code also depends on each filter and test a text names (whether it exists,
+which arguments Jinja passes it), which come from plugins a run may have and another not:
+an entry records them as compiled and is used only if the run's environment gives the same
+now (the lookup loads the plugin, as compiling would).  What the compiler would evaluate
+while compiling is never kept, since its value may differ next time: a text with
+``{% autoescape %}`` or another eval-context modifier, and any text where the optimizer or
+a ``finalize`` without context would fold constants.  Neither is anything else where the
+compiler reads what the name does not hold: a name or file (``{% include %}``, loaders), raw
+or deferred output, Ansible's template debugging, extensions other than Jinja's plain
+statement ones.  Errors are never kept: a text that fails compiles again, failing as
+Jinja makes it fail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import CodeType
 from typing import Any
 
@@ -40,37 +44,66 @@ from fem_ansible.fastpath import derived_cache, patches
 
 #: Texts longer than this are compiled as always (a bound on an entry's size).
 MAX_SOURCE = 64 * 1024
+#: Extensions that only add statements, reading nothing of the environment when they parse.
+PLAIN_EXTENSIONS = frozenset({"jinja2.ext.ExprStmtExtension", "jinja2.ext.LoopControlExtension",
+                              "jinja2.ext.DebugExtension"})
+#: What ``jinja2.pass_context`` and its kin set as ``jinja_pass_arg``; the code generator
+#: passes an argument only for a member of it, whatever else an attribute of that name is.
+_PASS_ARG = type(jinja2.pass_context(lambda: None).jinja_pass_arg)
 
 _capture = threading.local()
 
 
+@contextlib.contextmanager
+def _capturing(slot: list[Any] | None) -> Iterator[None]:
+    """``slot`` receives the tree and code of the next expression compiled in this thread,
+    and no compile nested in it (a plugin imported while compiling may compile too)."""
+    outer = getattr(_capture, "slot", None)
+    _capture.slot = slot
+    try:
+        yield
+    finally:
+        _capture.slot = outer
+
+
 def _pass_arg(func: Any) -> str:
-    """What Jinja's code generator reads of a filter or test: absent, or what it passes."""
+    """What Jinja's code generator reads of a filter, test or finalize: absent, or what it
+    passes (``plain``: nothing)."""
     if func is None:
         return "absent"
     arg = getattr(func, "jinja_pass_arg", None)
-    return "plain" if arg is None else str(getattr(arg, "name", arg))
+    return arg.name if isinstance(arg, _PASS_ARG) else "plain"
 
 
-def dependencies(env: jinja2.Environment, tree: nodes.Node) -> list[list[str]]:
-    """The filters and tests ``tree`` names, each with what ``env`` gives for it now."""
-    named = {("filter", node.name) for node in tree.find_all(nodes.Filter)}
-    named |= {("test", node.name) for node in tree.find_all(nodes.Test)}
-    return [[kind, name, _pass_arg((env.filters if kind == "filter" else env.tests).get(name))]
-            for kind, name in sorted(named)]
+def dependencies(env: jinja2.Environment, tree: nodes.Node) -> list[list[str]] | None:
+    """The filters and tests ``tree`` names, each with what ``env`` gives for it now, in the
+    order the code generator meets them; None if compiling ``tree`` evaluates something."""
+    if any(True for _ in tree.find_all(nodes.EvalContextModifier)):
+        return None
+    named = {(("filter" if isinstance(node, nodes.Filter) else "test"), node.name): None
+             for node in tree.find_all((nodes.Filter, nodes.Test))}
+    return [[kind, name, _pass_arg(_lookup(env, kind, name))] for kind, name in named]
+
+
+def _lookup(env: jinja2.Environment, kind: str, name: str) -> Any:
+    return (env.filters if kind == "filter" else env.tests).get(name)
 
 
 def _valid(env: jinja2.Environment, value: Any) -> bool:
-    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], CodeType)
-            and isinstance(value[0], list)):
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], list)
+            and isinstance(value[1], CodeType)):
         return False
     for dep in value[0]:
         if not (isinstance(dep, list) and len(dep) == 3 and dep[0] in ("filter", "test")):
             return False
         kind, name, seen = dep
-        if _pass_arg((env.filters if kind == "filter" else env.tests).get(name)) != seen:
+        if _pass_arg(_lookup(env, kind, name)) != seen:
             return False
     return True
+
+
+def _kept(value: Any) -> bool:
+    return value is not None and value[0] is not None
 
 
 class Compiler:
@@ -86,10 +119,10 @@ class Compiler:
 
     def _name(self, env: Any, kind: bytes, source: str) -> str | None:
         """The entry's name, or None where this text is compiled as always."""
-        if (len(source) > MAX_SOURCE or env._debuggable_template_source
+        if (len(source) > MAX_SOURCE or env._debuggable_template_source or env.optimized
                 or not isinstance(env.autoescape, bool)
-                or any(not type(ext).__module__.startswith("jinja2.")
-                       for ext in env.extensions.values())):
+                or _pass_arg(env.finalize) not in ("context", "eval_context")
+                or not set(env.extensions) <= PLAIN_EXTENSIONS):
             return None
         context = self.escaping()
         settings = (
@@ -98,8 +131,7 @@ class Compiler:
             *(getattr(env, name) for name in patches.JINJA_SETTINGS),
             sorted(getattr(env, "intercepted_binops", ())),
             sorted(getattr(env, "intercepted_unops", ())),
-            env.finalize is not None, _pass_arg(env.finalize) if env.finalize else "",
-            sorted(env.extensions),
+            _pass_arg(env.finalize), sorted(env.extensions),
             None if context is None else bool(context.escape_backslashes),
             bool(self.config.allow_embedded_templates),
         )
@@ -119,36 +151,42 @@ class Compiler:
             plain = isinstance(source, str) and not (name or filename or raw or defer_init)
             entry = name_of(self, b"template", source) if plain else None
             if entry is None:
-                code = stock_compile(self, source, name, filename, raw, defer_init)
                 slot = getattr(_capture, "slot", None)
-                if slot is not None and isinstance(source, nodes.Template) and not slot:
+                with _capturing(None):
+                    code = stock_compile(self, source, name, filename, raw, defer_init)
+                if slot is not None and not slot and isinstance(source, nodes.Template):
                     slot.extend((source, code))  # the tree compile_expression built
                 return code
 
             def derive() -> list[Any]:
-                code = stock_compile(self, source)
-                return [dependencies(self, self.parse(source)), code]
+                with _capturing(None):
+                    code = stock_compile(self, source)
+                    return [dependencies(self, self.parse(source)), code]
 
-            return derived_cache.cached(entry, derive, lambda v: _valid(self, v))[1]
+            return derived_cache.cached(entry, derive, lambda v: _valid(self, v), _kept)[1]
 
         def compile_expression(self: Any, source: str,
                                undefined_to_none: bool = True) -> TemplateExpression:
             entry = name_of(self, b"expression", source) if isinstance(source, str) else None
             if entry is None:
-                return stock_expression(self, source, undefined_to_none)
+                with _capturing(None):
+                    return stock_expression(self, source, undefined_to_none)
+            made: list[TemplateExpression] = []
 
-            def derive() -> list[Any]:
+            def derive() -> list[Any] | None:
                 slot: list[Any] = []
-                _capture.slot = slot
-                try:
-                    stock_expression(self, source, undefined_to_none)
-                finally:
-                    _capture.slot = None
-                tree, code = slot
-                return [dependencies(self, tree), code]
+                with _capturing(slot):
+                    made.append(stock_expression(self, source, undefined_to_none))
+                if len(slot) != 2:
+                    return None
+                with _capturing(None):
+                    return [dependencies(self, slot[0]), slot[1]]
 
-            code = derived_cache.cached(entry, derive, lambda v: _valid(self, v))[1]
-            template = self.template_class.from_code(self, code, self.make_globals(None), None)
+            value = derived_cache.cached(entry, derive, lambda v: _valid(self, v), _kept)
+            if made:  # compiled here: Jinja's own expression
+                return made[0]
+            template = self.template_class.from_code(self, value[1], self.make_globals(None),
+                                                     None)
             return TemplateExpression(template, undefined_to_none)
 
         self.env_class.compile = compile
@@ -161,8 +199,7 @@ def install() -> None:
     from ansible._internal._templating import _jinja_bits
     from ansible.release import __version__ as ansible_version
 
-    versions = f"jinja2 {jinja2.__version__} ansible {ansible_version} 1".encode()
+    versions = f"jinja2 {jinja2.__version__} ansible {ansible_version} 2".encode()
     Compiler(_jinja_bits.AnsibleEnvironment,
              lambda: _jinja_bits._TemplateCompileContext.current(optional=True),
              _jinja_bits._TemplateConfig, versions).install()
-

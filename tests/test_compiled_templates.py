@@ -130,6 +130,57 @@ def test_a_filter_that_now_takes_the_context_is_compiled_again(cache: Path) -> N
         trust_as_template("{{ v | fem_probe }}")) == "context a a"
 
 
+def test_what_the_compiler_evaluates_is_never_kept(cache: Path) -> None:
+    # {% autoescape %} is evaluated while compiling: here by a filter that two runs define
+    # alike (plain) but that answers differently.
+    text = "{% autoescape 1 | fem_probe %}{{ '<' ~ ('b' | e) }}{% endautoescape %}"
+    compiled_templates.install()
+    assert _templar_with(lambda x: True).template(trust_as_template(text)) == "&lt;b"
+    assert _templar_with(lambda x: False).template(trust_as_template(text)) == "<b"
+    assert _entries(cache) == []
+
+
+def test_an_attribute_named_like_jinjas_is_not_taken_for_it(cache: Path) -> None:
+    @pass_context
+    def with_context(context: Any, x: str) -> str:
+        return f"context {x}"
+
+    def plain(*args: Any) -> str:
+        return f"plain {len(args)}"
+
+    plain.jinja_pass_arg = "context"  # type: ignore[attr-defined]  # not Jinja's: ignored
+    compiled_templates.install()
+    text = trust_as_template("{{ v | fem_probe }}")
+    assert _templar_with(with_context).template(text) == "context a"
+    assert _templar_with(plain).template(text) == "plain 1"
+
+
+class _Nesting(dict):
+    """Filters whose lookup compiles other expressions first, as a plugin that templates
+    when it is imported would while the code generator looks it up."""
+
+    def __init__(self, env: Any, inner: list[str], filters: dict[str, Any]) -> None:
+        super().__init__(filters)
+        self.env = env
+        self.inner = inner
+
+    def get(self, name: str, default: Any = None) -> Any:
+        for text in self.inner:
+            assert self.env.compile_expression(text)() is True
+        return super().get(name, default)
+
+
+def test_expressions_compiled_inside_another_compile_do_not_mix(cache: Path) -> None:
+    inner = ["1 == 1", "'" + "x" * compiled_templates.MAX_SOURCE + "' != ''"]  # kept; not
+    compiled_templates.install()
+    for _process in range(2):  # compiled and kept, then loaded
+        templar = Templar(loader=DataLoader(), variables={})
+        env = templar._engine.environment
+        env.filters = _Nesting(env, inner, {"fem_nest": lambda x: f"N{x}"})
+        assert templar.evaluate_conditional(trust_as_template("(1 | fem_nest) == 'N1'"))
+        assert templar.template(trust_as_template("{{ 2 | fem_nest }}")) == "N2"
+
+
 def test_errors_are_raised_as_stock_and_never_kept(cache: Path) -> None:
     broken = ["{{ name | no_such_filter_here }}", "{{ unclosed ", "{% if %}"]
 

@@ -113,8 +113,10 @@ def _store(dir_fd: int, name: str, value: Any) -> None:
             os.unlink(tmp, dir_fd=dir_fd)
 
 
-def cached(name: str, derive: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
-    """The value of entry ``name`` if it is kept and ``valid``; else ``derive()``, kept.
+def cached(name: str, derive: Callable[[], Any], valid: Callable[[Any], bool],
+           keep: Callable[[Any], bool] | None = None) -> Any:
+    """The value of entry ``name`` if it is kept and ``valid``; else ``derive()``, kept
+    unless ``keep`` says not to.
 
     A new object every call: callers may change what they get.
     """
@@ -124,5 +126,6 @@ def cached(name: str, derive: Callable[[], Any], valid: Callable[[Any], bool]) -
     value = _load(dir_fd, name)
     if value is None or not valid(value):
         value = derive()
-        _store(dir_fd, name, value)
+        if keep is None or keep(value):
+            _store(dir_fd, name, value)
     return value
