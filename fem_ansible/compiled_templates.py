@@ -31,12 +31,17 @@ Jinja makes it fail.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import CodeType
 from typing import Any
 
 import jinja2
+import jinja2.compiler
+import jinja2.lexer
+import jinja2.parser
 from jinja2 import nodes
 from jinja2.environment import TemplateExpression
 
@@ -47,9 +52,11 @@ MAX_SOURCE = 64 * 1024
 #: Extensions that only add statements, reading nothing of the environment when they parse.
 PLAIN_EXTENSIONS = frozenset({"jinja2.ext.ExprStmtExtension", "jinja2.ext.LoopControlExtension",
                               "jinja2.ext.DebugExtension"})
-#: What ``jinja2.pass_context`` and its kin set as ``jinja_pass_arg``; the code generator
-#: passes an argument only for a member of it, whatever else an attribute of that name is.
-_PASS_ARG = type(jinja2.pass_context(lambda: None).jinja_pass_arg)
+#: What ``jinja2.pass_context`` and its kin set as ``jinja_pass_arg``, by name: the code
+#: generator looks the attribute up in a dict of these members, as this does (an attribute
+#: that is no key of it is passed nothing; one that cannot be a key fails, as it fails there).
+_PASS_ARGS = {member: member.name
+              for member in type(jinja2.pass_context(lambda: None).jinja_pass_arg)}
 
 _capture = threading.local()
 
@@ -71,8 +78,7 @@ def _pass_arg(func: Any) -> str:
     passes (``plain``: nothing)."""
     if func is None:
         return "absent"
-    arg = getattr(func, "jinja_pass_arg", None)
-    return arg.name if isinstance(arg, _PASS_ARG) else "plain"
+    return _PASS_ARGS.get(getattr(func, "jinja_pass_arg", None), "plain")
 
 
 def dependencies(env: jinja2.Environment, tree: nodes.Node) -> list[list[str]] | None:
@@ -199,7 +205,11 @@ def install() -> None:
     from ansible._internal._templating import _jinja_bits
     from ansible.release import __version__ as ansible_version
 
-    versions = f"jinja2 {jinja2.__version__} ansible {ansible_version} 2".encode()
+    # Versions name releases; the files, an installation changed in place (or this module).
+    files = [module.__file__ for module in (jinja2.compiler, jinja2.lexer, jinja2.parser,
+                                            jinja2.nodes, _jinja_bits, sys.modules[__name__])]
+    stats = [(os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files if f]
+    versions = f"jinja2 {jinja2.__version__} ansible {ansible_version} {stats}".encode()
     Compiler(_jinja_bits.AnsibleEnvironment,
              lambda: _jinja_bits._TemplateCompileContext.current(optional=True),
              _jinja_bits._TemplateConfig, versions).install()

@@ -149,10 +149,20 @@ def test_an_attribute_named_like_jinjas_is_not_taken_for_it(cache: Path) -> None
         return f"plain {len(args)}"
 
     plain.jinja_pass_arg = "context"  # type: ignore[attr-defined]  # not Jinja's: ignored
-    compiled_templates.install()
+
+    def unhashable(*args: Any) -> str:
+        return "never called: Jinja cannot look its marker up"
+
+    unhashable.jinja_pass_arg = ["context"]  # type: ignore[attr-defined]
     text = trust_as_template("{{ v | fem_probe }}")
+    with pytest.raises(AnsibleError, match="unhashable") as stock:
+        _templar_with(unhashable).template(text)
+    compiled_templates.install()
     assert _templar_with(with_context).template(text) == "context a"
     assert _templar_with(plain).template(text) == "plain 1"
+    with pytest.raises(AnsibleError, match="unhashable") as kept:
+        _templar_with(unhashable).template(text)
+    assert str(kept.value) == str(stock.value)
 
 
 class _Nesting(dict):
