@@ -6,7 +6,6 @@ names is no longer what it was, errors never kept."""
 from __future__ import annotations
 
 import marshal
-import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +21,7 @@ from jinja2 import pass_context
 
 from fem_ansible import compiled_templates
 from fem_ansible.fastpath import derived_cache
-from fem_ansible.runner import (
-    RunHooks,
-    RunSpec,
-    collections_view,
-    run_playbook,
-    scan_cache_dir,
-)
+from tests.support.local_play import run_local_play
 
 VARIABLES = {"items": [3, 1, 2], "name": "fem", "path": "a\\b", "conf": {"k": "v"}}
 TEMPLATES = [
@@ -239,35 +232,9 @@ PLAYBOOK = """\
 """
 
 
-class _Reports(RunHooks):
-    def __init__(self) -> None:
-        self.reports: dict[str, Any] = {}
-
-    def on_report(self, data: dict[str, Any]) -> None:
-        self.reports.update(data)
-
-
 def _probe(tmp_path: Path, filter_source: str, off: str = "") -> str:
-    (tmp_path / "filter_plugins").mkdir(exist_ok=True)
-    (tmp_path / "filter_plugins" / "probe.py").write_text(filter_source)
-    (tmp_path / "play.yml").write_text(PLAYBOOK)
-    inventory = tmp_path / "hosts"
-    inventory.write_text(f"localhost ansible_connection=local "
-                         f"ansible_python_interpreter={sys.executable}\n")
-    pdd = tmp_path / "pdd"
-    pdd.mkdir(mode=0o700, exist_ok=True)
-    work = tmp_path / "work"
-    spec = RunSpec(
-        private_data_dir=pdd, ident="probe", playbook=tmp_path / "play.yml",
-        inventory=inventory, limit="localhost", roles_path=[],
-        collections=collections_view(work), scan_cache=scan_cache_dir(work),
-        extravars={}, secrets={}, strategy="mitogen",
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-             "FEMCORE_FASTPATH_OFF": off})
-    hooks = _Reports()
-    result = run_playbook(spec, hooks, lambda: False)
-    assert (result.status, result.rc) == ("successful", 0), result
-    return str(hooks.reports["probe"])
+    reports = run_local_play(tmp_path, PLAYBOOK, {"filter_plugins/probe.py": filter_source}, off)
+    return str(reports["probe"])
 
 
 def _kept_templates(tmp_path: Path) -> list[Any]:

@@ -4,19 +4,11 @@ garbage collections no longer walk; without the group nothing is frozen."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from fem_ansible.runner import (
-    RunHooks,
-    RunSpec,
-    collections_view,
-    run_playbook,
-    scan_cache_dir,
-)
+from tests.support.local_play import run_local_play
 
 # Runs in the worker, where Ansible templates a task's arguments.
 LOOKUP = """\
@@ -38,35 +30,9 @@ PLAYBOOK = """\
 """
 
 
-class _Reports(RunHooks):
-    def __init__(self) -> None:
-        self.reports: dict[str, Any] = {}
-
-    def on_report(self, data: dict[str, Any]) -> None:
-        self.reports.update(data)
-
-
 def _frozen(tmp_path: Path, off: str) -> int:
-    (tmp_path / "lookup_plugins").mkdir(exist_ok=True)
-    (tmp_path / "lookup_plugins" / "frozen.py").write_text(LOOKUP)
-    (tmp_path / "play.yml").write_text(PLAYBOOK)
-    inventory = tmp_path / "hosts"
-    inventory.write_text(f"localhost ansible_connection=local "
-                         f"ansible_python_interpreter={sys.executable}\n")
-    pdd = tmp_path / f"pdd-{off or 'all'}"
-    pdd.mkdir(mode=0o700)
-    work = tmp_path / "work"
-    spec = RunSpec(
-        private_data_dir=pdd, ident="frozen", playbook=tmp_path / "play.yml",
-        inventory=inventory, limit="localhost", roles_path=[],
-        collections=collections_view(work), scan_cache=scan_cache_dir(work),
-        extravars={}, secrets={}, strategy="mitogen",
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-             "FEMCORE_FASTPATH_OFF": off})
-    hooks = _Reports()
-    result = run_playbook(spec, hooks, lambda: False)
-    assert (result.status, result.rc) == ("successful", 0), result
-    return int(hooks.reports["frozen"])
+    return int(run_local_play(tmp_path, PLAYBOOK, {"lookup_plugins/frozen.py": LOOKUP},
+                              off)["frozen"])
 
 
 @pytest.mark.e2e
