@@ -97,7 +97,11 @@ class Servers:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _retire(self, server: _Server) -> None:
+        """Stop ``server`` taking runs: its socket goes now, not when it has seen the signal
+        (until then the next run of its environment would connect to it, be refused and
+        go cold, where it should wait for the new one)."""
         server.retired = True
+        self._socket(server.key).unlink(missing_ok=True)
         if server.process.poll() is None:
             server.process.terminate()
 
@@ -115,6 +119,7 @@ class Servers:
                 if not server.retired:
                     log.warning("the resident Ansible %s ended (exit %s); a new one starts",
                                 key[:8], server.process.returncode)
+                    self._socket(key).unlink(missing_ok=True)  # a killed one leaves it
                 del self._servers[key]
             if len(self._servers) >= MAX_SERVERS:
                 self._reap()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from fem_ansible import cgroups, playbook_cli
 from fem_ansible.doctor import check_runs
-from fem_ansible.resident import CLIENT, client_command
+from fem_ansible.resident import CLIENT, START_WAIT_S, Servers, client_command
 from fem_ansible.resident_client import PER_RUN, PROTOCOL, server_key
 from fem_ansible.resident_server import _changed, _fingerprint
 from fem_ansible.sockdir import socket_dir
@@ -90,6 +91,46 @@ def run_client(sock: Path, env: dict[str, str], command: list[str], ident: str,
                               capture_output=True, text=True, timeout=120, check=False)
     finally:
         cgroups.remove(group)
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_a_run_after_sighup_waits_for_the_new_server_not_the_retiring_one(tmp_path):
+    """SIGHUP (Servers.replace) while a retiring server has not yet seen its signal, or
+    after one was killed: the next run of its environment waits for the new server instead
+    of connecting to the old socket and going cold."""
+    if cgroups.base() is None:
+        pytest.fail("these tests need a writable cgroup v2 (CI runs as root)")
+    servers = Servers(tmp_path / "work")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LC_ALL": "C.UTF-8",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    try:
+        command, old = servers.command(env, ["true"])
+        assert old is not None
+        sock = servers._socket(old.key)
+        _wait_for(sock)
+        assert servers.command(env, ["true"])[0] == [*client_command(sock, 0), "true"]
+        os.kill(old.process.pid, signal.SIGSTOP)  # it has not seen SIGTERM yet
+        servers.replace()
+        assert not sock.exists()
+        command, new = servers.command(env, ["true"])
+        assert new is not None and new is not old
+        assert command == [*client_command(sock, START_WAIT_S), "true"]
+        os.kill(old.process.pid, signal.SIGCONT)
+        assert old.process.wait(30) == 0
+        _wait_for(sock)
+        os.kill(new.process.pid, signal.SIGKILL)  # killed: its socket stays behind
+        new.process.wait(30)
+        command, third = servers.command(env, ["true"])
+        assert third is not None and third is not new
+        assert command == [*client_command(sock, START_WAIT_S), "true"]
+    finally:
+        servers.close()
 
 
 def test_a_run_is_forked_from_the_server_with_its_exit_code(server, tmp_path):
