@@ -109,6 +109,7 @@ def test_a_run_after_sighup_waits_for_the_new_server_not_the_retiring_one(tmp_pa
     servers = Servers(tmp_path / "work")
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LC_ALL": "C.UTF-8",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    old = None
     try:
         command, old = servers.command(env, ["true"])
         assert old is not None
@@ -130,6 +131,8 @@ def test_a_run_after_sighup_waits_for_the_new_server_not_the_retiring_one(tmp_pa
         assert third is not None and third is not new
         assert command == [*client_command(sock, START_WAIT_S), "true"]
     finally:
+        if old is not None and old.process.poll() is None:
+            os.kill(old.process.pid, signal.SIGCONT)  # whatever failed, it may end
         servers.close()
 
 
