@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fem_ansible import cgroups, playbook_cli
+from fem_ansible import cgroups, parsed_roles, playbook_cli
+from fem_ansible.fastpath import patches
 from fem_ansible.resident_client import LOST_RC, PROTOCOL, server_key
 
 #: Runs after which a server hands over to a new one (a bound on what a long life could
@@ -119,6 +120,10 @@ def _preload() -> list[str]:
             importlib.import_module(name)
         except Exception:  # a module that fails here is imported per run
             skipped.append(name)
+    if "parsed_roles" not in patches.off() and not patches.missing(["parsed_roles"]):
+        from ansible import constants
+
+        parsed_roles.install(constants.DEFAULT_ROLES_PATH)
     return skipped
 
 
@@ -266,6 +271,7 @@ class Server:
             return _Request(message["command"][4:], message["env"], message["cwd"], fds)
         for fd in fds:
             os.close(fd)
+        parsed_roles.refresh()  # for the next run, while this one starts
         self.count += 1
         pidfd = os.pidfd_open(pid)
         run = _Run(pid, pidfd, conn, Path(group) if group else None)

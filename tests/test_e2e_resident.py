@@ -87,7 +87,8 @@ TASKS = '''\
 
 - name: Keep what the probes saw
   ansible.builtin.copy:
-    content: "{{ {'first': site_probe_first, 'second': site_probe_second} | to_json }}"
+    content: "{{ {'first': site_probe_first, 'second': site_probe_second,
+                  'role': site_probe_role_version} | to_json }}"
     dest: "{{ site_probe_dir }}/{{ fem_task.task_id }}.json"
     mode: "0644"
 '''
@@ -99,9 +100,17 @@ def write_probe_role(roles: Path, probes: Path, sleeps: dict[str, str],
     for sub in ("tasks", "defaults", "library"):
         (role / sub).mkdir(parents=True, exist_ok=True)
     (role / "tasks" / "main.yml").write_text(TASKS)
-    (role / "defaults" / "main.yml").write_text(yaml.safe_dump(
-        {"site_probe_dir": str(probes), "site_probe_sleep": sleeps}))
+    write_defaults(role, probes, sleeps, version)
     write_module(role, version)
+
+
+def write_defaults(role: Path, probes: Path, sleeps: dict[str, str], version: str) -> None:
+    """The role's defaults, naming the role's ``version``: a new version has the same size
+    and, within the file system's granularity, may have the same mtime (the resident
+    Ansible parsed the old one ahead, fem_ansible.parsed_roles)."""
+    (role / "defaults" / "main.yml").write_text(yaml.safe_dump(
+        {"site_probe_dir": str(probes), "site_probe_sleep": sleeps,
+         "site_probe_role_version": version}))
 
 
 def write_module(role: Path, version: str) -> None:
@@ -174,13 +183,15 @@ def wait_for(path: Path, listener, timeout: float = 120) -> None:
 
 def test_runs_forked_from_the_resident_ansible_keep_nothing_of_each_other(site, probed):
     """Task after task on one listener: the second run is forked; module state starts
-    afresh in each (a count kept in the interpreter is 1, 2 in every run, never 3); a module file
-    changed between tasks runs its new code; each call is in its run's own cgroup."""
+    afresh in each (a count kept in the interpreter is 1, 2 in every run, never 3); a module
+    file and a role file changed between tasks run their new code and values; each call is
+    in its run's own cgroup."""
     listener = probed()
     orch = site.orchestrator
     results = {}
     for tid, version in (("first", "v1"), ("second", "v2"), ("third", "v2")):
         write_module(probed.roles / "site_probe", version)
+        write_defaults(probed.roles / "site_probe", probed.probes, {}, version)
         orch.publish(site.task(tid))
         done = orch.wait_terminal(tid)
         assert done["state"] == "COMPLETED", (done, listener.tail())
@@ -189,6 +200,7 @@ def test_runs_forked_from_the_resident_ansible_keep_nothing_of_each_other(site, 
         first, second = results[tid]["first"], results[tid]["second"]
         assert (first["calls"], second["calls"]) == (1, 2), (tid, results[tid])
         assert first["version"] == version, (tid, first)
+        assert results[tid]["role"] == version, (tid, results[tid])
         group = Path(first["cgroup"])
         assert group.parent.name == "fem-runs", first["cgroup"]
         assert group.name.startswith(task_name(site.node, tid) + "."), first["cgroup"]

@@ -201,6 +201,25 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
         (f"{_JINJA_BITS}:_TEMPLATE_OVERRIDE_FIELD_NAMES",
          lambda value: _strings(value) and set(value) <= set(JINJA_SETTINGS)),
     ),
+    # Role files parsed once in the resident Ansible (fem_ansible.parsed_roles): the loader
+    # method it answers, what that method reads and fills, how it spells a path, and how
+    # roles find their dir and files (the paths it keeps entries under); the display methods
+    # it listens to while parsing.
+    "parsed_roles": (
+        ("ansible.parsing.dataloader:DataLoader.load_from_file",
+         _all(_params("self", "file_name", "cache", "unsafe", "json_only", "trusted_as_template"),
+              _uses("_FILE_CACHE", "path_dwim", "deepcopy"))),
+        ("ansible.parsing.dataloader:DataLoader.__init__", _uses("_FILE_CACHE")),
+        ("ansible.parsing.dataloader:DataLoader.path_dwim",
+         _all(_params("self", "given"), _uses("unfrackpath"))),
+        ("ansible.utils.path:unfrackpath", _params("path", "follow", "basedir")),
+        ("ansible.playbook.role:Role._load_role_yaml",
+         _uses("find_vars_files", "load_from_file")),
+        ("ansible.playbook.role.definition:RoleDefinition._load_role_path", _uses("unfrackpath")),
+        ("ansible.utils.display:Display.warning", callable),
+        ("ansible.utils.display:Display.deprecated", callable),
+        ("ansible.utils.display:Display.error_as_warning", callable),
+    ),
     "routing": (
         ("ansible.utils.collection_loader._collection_finder:_meta_yml_to_dict",
          _params("yaml_string_data", "content_id")),
