@@ -208,7 +208,7 @@ def install() -> None:
     # Versions name releases; the files, an installation changed in place (or this module).
     files = [module.__file__ for module in (jinja2.compiler, jinja2.lexer, jinja2.parser,
                                             jinja2.nodes, _jinja_bits, sys.modules[__name__])]
-    stats = [(os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files if f]
+    stats = [(st.st_mtime_ns, st.st_size) for st in map(os.stat, filter(None, files))]
     versions = f"jinja2 {jinja2.__version__} ansible {ansible_version} {stats}".encode()
     Compiler(_jinja_bits.AnsibleEnvironment,
              lambda: _jinja_bits._TemplateCompileContext.current(optional=True),
