@@ -11,6 +11,7 @@ module in the role's library).
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import shutil
 import signal
@@ -120,12 +121,12 @@ def write_module(role: Path, version: str) -> None:
     os.utime(path, (stamp, stamp))
 
 
-def probe_playbook(tmp_path: Path) -> Path:
-    """The built-in task playbook with the site's probe first in stage-in."""
+def probe_playbook(tmp_path: Path, role: str = "site_probe") -> Path:
+    """The built-in task playbook with the site's ``role`` first in stage-in."""
     plays = yaml.safe_load((REPO / "playbooks" / "task.yml").read_text())
     block = plays[0]["tasks"][0]["block"]
     block.insert(1, {"name": "Probe the run (site)", "ansible.builtin.include_role":
-                     {"name": "site_probe"}, "tags": ["stage_in"]})
+                     {"name": role}, "tags": ["stage_in"]})
     path = tmp_path / "site-playbooks" / "task.yml"
     path.parent.mkdir()
     path.write_text(yaml.safe_dump(plays, sort_keys=False))
@@ -410,4 +411,90 @@ def test_a_server_that_cannot_start_fails_no_task(site, probed):
     assert done["state"] == "COMPLETED", (done, listener.tail())
     assert not forked(probe(probed.probes, "nocwd")["first"])
     assert "could not start" in listener.log.read_text()
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+MARK_FILTERS = {
+    "plain": 'def site_mark(value):\n    return f"{value}-plain"\n',
+    "context": ("from jinja2 import pass_context\n\n\n@pass_context\n"
+                'def site_mark(context, value):\n    return f"{value}-context"\n'),
+}
+MARK_MODULE = """\
+{body}
+
+class FilterModule:
+    def filters(self):
+        return {{"site_mark": site_mark}}
+"""
+MARK_TASKS = """\
+---
+- name: Mark the run with the site's filter
+  ansible.builtin.copy:
+    content: "{{ 'x' | site_mark }}"
+    dest: "{{ site_mark_dir }}/{{ fem_task.task_id }}.txt"
+    mode: "0644"
+"""
+
+
+def write_mark_role(roles: Path, marks: Path, kind: str) -> None:
+    """A site role whose filter plugin (in the role, as a sysadmin keeps it) is ``kind``:
+    ``plain``, or ``context`` (Jinja passes it the context: compiled code differs)."""
+    role = roles / "site_mark"
+    for sub in ("tasks", "defaults", "filter_plugins"):
+        (role / sub).mkdir(parents=True, exist_ok=True)
+    (role / "tasks" / "main.yml").write_text(MARK_TASKS)
+    (role / "defaults" / "main.yml").write_text(yaml.safe_dump({"site_mark_dir": str(marks)}))
+    path = role / "filter_plugins" / "site_mark.py"
+    path.write_text(MARK_MODULE.format(body=MARK_FILTERS[kind]))
+    stamp = time.time() + 2
+    os.utime(path, (stamp, stamp))
+
+
+def compiled_with(cache: Path) -> set[str]:
+    """How the site filter was passed its arguments in the templates the runs kept
+    compiled (fem_ansible.compiled_templates: an entry is the dependencies it was compiled
+    with, and the code)."""
+    seen = set()
+    for entry in cache.iterdir():
+        try:
+            value = marshal.loads(entry.read_bytes())
+        except (ValueError, EOFError, TypeError):
+            continue
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], list):
+            seen |= {dep[2] for dep in value[0] if dep[:2] == ["filter", "site_mark"]}
+    return seen
+
+
+def test_templates_compiled_once_are_reused_and_compiled_again_when_a_filter_changes(
+        site, tmp_path):
+    """Through a listener and its resident Ansible: a template naming a site role's filter
+    is compiled by the first task and kept; the second task compiles nothing (no entry of
+    the derived cache written again); once the sysadmin changes the filter to take Jinja's
+    context, the third task compiles the template again and gets the new filter's result."""
+    roles, marks = tmp_path / "site-roles", tmp_path / "marks"
+    marks.mkdir()
+    write_mark_role(roles, marks, "plain")
+    config = site.config(execution={"work_dir": str(site.work_dir),
+                                    "playbook": str(probe_playbook(tmp_path, "site_mark")),
+                                    "roles_path": [str(roles)]})
+    listener = site.listener(config, env={"FEM_ANSIBLE_EXECUTION__RESIDENT_ANSIBLE": "true"})
+    orch, cache = site.orchestrator, site.work_dir / "import-scan-cache"
+
+    def run(tid: str) -> str:
+        orch.publish(site.task(tid))
+        done = orch.wait_terminal(tid)
+        assert done["state"] == "COMPLETED", (done, listener.tail())
+        return (marks / f"{tid}.txt").read_text()
+
+    def entries() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+
+    assert run("one") == "x-plain"
+    assert compiled_with(cache) == {"plain"}
+    kept = entries()
+    assert run("two") == "x-plain"
+    assert entries() == kept
+    write_mark_role(roles, marks, "context")
+    assert run("three") == "x-context"
+    assert compiled_with(cache) == {"context"}
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
