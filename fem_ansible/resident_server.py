@@ -55,6 +55,9 @@ from fem_ansible.resident_client import LOST_RC, PROTOCOL, server_key
 MAX_RUNS = 500
 #: Resident memory above which a server hands over to a new one.
 MAX_RSS = 1024 * 1024**2
+#: How long the server parses role files (fem_ansible.parsed_roles) before it looks for a
+#: run again, when it has nothing else to do.
+PARSE_SLICE_S = 0.05
 
 # What a run imports besides ansible.cli.playbook, taken in once (a missing one is skipped:
 # it only costs its import in each run).
@@ -238,13 +241,19 @@ class Server:
                 self.retire(stop["flag"])
             if os.getppid() != self.listener:
                 self.retire("the listener is gone")
-            for key, _mask in self.selector.select(timeout=1.0):
+            parsing = not self.retiring and parsed_roles.pending()
+            ready = self.selector.select(timeout=0 if parsing else 1.0)
+            for key, _mask in ready:
                 if key.data == "accept":
                     request = self._accept()
                     if request is not None:
                         return request
                 elif isinstance(key.data, tuple):
                     self._ended(*key.data)
+            if parsing and not ready:  # nothing else to do: a slice, given up for a run
+                why = parsed_roles.work(PARSE_SLICE_S, lambda: bool(self.selector.select(0)))
+                if why:
+                    _say(why)
         return None
 
     def _accept(self) -> _Request | None:
@@ -278,7 +287,6 @@ class Server:
             return _Request(message["command"][4:], message["env"], message["cwd"], fds)
         for fd in fds:
             os.close(fd)
-        parsed_roles.refresh()  # for the next run, while this one starts
         self.count += 1
         pidfd = os.pidfd_open(pid)
         run = _Run(pid, pidfd, conn, Path(group) if group else None)

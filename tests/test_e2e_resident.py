@@ -498,3 +498,29 @@ def test_templates_compiled_once_are_reused_and_compiled_again_when_a_filter_cha
     assert run("three") == "x-context"
     assert compiled_with(cache) == {"context"}
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def test_hostile_files_on_the_roles_path_cost_the_runs_nothing(site, probed):
+    """A role no run uses holds what the resident Ansible must not choke on while it parses
+    role files ahead (fem_ansible.parsed_roles): a FIFO and a device where vars would be,
+    YAML nested too deep to copy.  Tasks complete, forked from the same server all along,
+    and nothing went wrong in it."""
+    odd = probed.roles / "odd"
+    for sub in ("vars", "defaults", "meta"):
+        (odd / sub).mkdir(parents=True)
+    os.mkfifo(odd / "vars" / "main.yml")
+    (odd / "meta" / "main.yml").symlink_to("/dev/zero")
+    (odd / "defaults" / "main.yml").write_text("x: " + "[" * 600 + "1" + "]" * 600 + "\n")
+    listener = probed()
+    orch = site.orchestrator
+    servers = []
+    for tid in ("one", "two", "three"):
+        orch.publish(site.task(tid))
+        done = orch.wait_terminal(tid)
+        assert done["state"] == "COMPLETED", (done, listener.tail())
+        servers.append(set(resident_servers(listener.proc.pid)))
+    assert forked(probe(probed.probes, "two")["first"]), listener.tail()
+    assert forked(probe(probed.probes, "three")["first"]), listener.tail()
+    assert servers[0] and servers[0] == servers[2], servers
+    log = listener.log.read_text()
+    assert "Traceback" not in log and "no longer parsed" not in log, listener.tail()

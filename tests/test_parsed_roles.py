@@ -6,6 +6,9 @@ answered."""
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +68,34 @@ def tagged(value: Any) -> Any:
     return (type(value).__name__, tags, value)
 
 
+def parse_all() -> None:
+    """A whole pass of the server's parsing, now."""
+    parsed_roles._parser.next_pass = 0.0
+    while parsed_roles.pending():
+        assert parsed_roles.work(10.0, lambda: False) is None
+
+
 @pytest.fixture
-def roles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A roles dir with one role; the group installed on it until the test ends."""
+def installed(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
+    """Installs the group on a roles dir until the test ends, files settled at once."""
+    monkeypatch.setattr(DataLoader, "load_from_file", DataLoader.load_from_file)
+    monkeypatch.setattr(parsed_roles, "_entries", {})
+    monkeypatch.setattr(parsed_roles, "_parser", None)
+    monkeypatch.setattr(parsed_roles, "SETTLE_S", 0.0)
+    return lambda roles: parsed_roles.install([str(roles)])
+
+
+@pytest.fixture
+def roles(tmp_path: Path, installed) -> Path:
+    """A roles dir with one role, parsed."""
     role = tmp_path / "roles" / "site_role"
     for sub, text in (("tasks/main.yml", TASKS), ("defaults/main.yml", DEFAULTS),
                       ("vars/dup.yml", DUPLICATE), ("vars/vaulted.yml", INLINE_VAULT),
                       ("tasks/nested/more.yaml", TASKS), ("files/not_a_role_file.yml", TASKS)):
         (role / sub).parent.mkdir(parents=True, exist_ok=True)
         (role / sub).write_text(text)
-    monkeypatch.setattr(DataLoader, "load_from_file", DataLoader.load_from_file)
-    monkeypatch.setattr(parsed_roles, "_entries", {})
-    monkeypatch.setattr(parsed_roles, "_roles_path", [])
-    parsed_roles.install([str(tmp_path / "roles")])
+    installed(tmp_path / "roles")
+    parse_all()
     return role
 
 
@@ -107,16 +125,16 @@ def test_a_file_changed_since_it_was_parsed_is_parsed_again(roles: Path):
     path = roles / "defaults" / "main.yml"
     path.write_text(DEFAULTS.replace("hello", "howdy"))  # same size, same second
     assert DataLoader().load_from_file(str(path), trusted_as_template=True)["greeting"] == "howdy"
-    parsed_roles.refresh()
+    parse_all()
     assert str(path) in parsed_roles._entries
     assert DataLoader().load_from_file(str(path), trusted_as_template=True)["greeting"] == "howdy"
 
 
-def test_refresh_parses_new_files_and_forgets_gone_ones(roles: Path):
+def test_a_later_pass_parses_new_files_and_forgets_gone_ones(roles: Path):
     (roles / "tasks" / "nested" / "more.yaml").unlink()
     (roles / "handlers").mkdir()
     (roles / "handlers" / "main.yml").write_text(TASKS)
-    parsed_roles.refresh()
+    parse_all()
     assert sorted(Path(p).relative_to(roles).as_posix() for p in parsed_roles._entries) == \
         ["defaults/main.yml", "handlers/main.yml", "tasks/main.yml"]
 
@@ -148,14 +166,10 @@ def test_a_loader_that_read_the_file_already_keeps_its_own(roles: Path):
     assert tagged(again) == tagged(untrusted)
 
 
-def test_the_task_playbook_loads_its_roles_from_entries(tmp_path, monkeypatch):
+def test_the_task_playbook_loads_its_roles_from_entries(installed, monkeypatch):
     """Ansible's own playbook loading, on the built-in roles: each role file it reads is
     answered from an entry, and what it loads is what it loads stock."""
     init_plugin_loader()
-    monkeypatch.setattr(DataLoader, "load_from_file", DataLoader.load_from_file)
-    monkeypatch.setattr(parsed_roles, "_entries", {})
-    monkeypatch.setattr(parsed_roles, "_roles_path", [])
-    monkeypatch.setenv("ANSIBLE_ROLES_PATH", str(REPO / "roles"))
     from ansible import constants
 
     monkeypatch.setattr(constants, "DEFAULT_ROLES_PATH", [str(REPO / "roles")])
@@ -171,7 +185,9 @@ def test_the_task_playbook_loads_its_roles_from_entries(tmp_path, monkeypatch):
         return out
 
     stock = tasks()
-    kept = parsed_roles.install([str(REPO / "roles")])
+    installed(REPO / "roles")
+    parse_all()
+    kept = len(parsed_roles._entries)
     answered = tasks()
     assert answered == stock
     assert kept - len(parsed_roles._entries) >= 20, (kept, len(parsed_roles._entries))
@@ -186,3 +202,80 @@ def _flatten(items: list[Any]) -> list[Any]:
             out.append(item)
     return out
 
+
+
+def test_a_file_changed_just_now_is_left_for_a_later_pass(roles: Path, monkeypatch):
+    """A same-size change within the file system's timestamp granularity would look like
+    no change: a file is parsed only once it has settled, in a pass soon after."""
+    monkeypatch.setattr(parsed_roles, "SETTLE_S", 3.0)
+    path = roles / "defaults" / "main.yml"
+    path.write_text(DEFAULTS.replace("hello", "howdy"))
+    parse_all()
+    assert str(path) not in parsed_roles._entries
+    assert parsed_roles._parser.next_pass <= __import__("time").monotonic() + 3.0
+    assert DataLoader().load_from_file(str(path), trusted_as_template=True)["greeting"] == "howdy"
+
+
+def test_what_is_no_regular_file_or_too_deep_never_stops_a_pass(tmp_path: Path, installed):
+    """Hostile names on the roles path, in a role no run uses: a FIFO and a device where a
+    vars file would be (never opened for reading), YAML nested too deep to copy, a tree of
+    dirs deeper than the walk goes: the pass ends, what is sound is kept."""
+    role = tmp_path / "roles" / "odd"
+    for sub in ("vars", "defaults", "tasks", "meta"):
+        (role / sub).mkdir(parents=True)
+    os.mkfifo(role / "vars" / "main.yml")
+    (role / "meta" / "main.yml").symlink_to("/dev/zero")
+    (role / "defaults" / "main.yml").write_text("x: " + "[" * 600 + "1" + "]" * 600 + "\n")
+    deep = role / "tasks" / "/".join(["d"] * (parsed_roles.MAX_DEPTH + 5))
+    deep.mkdir(parents=True)
+    (deep / "main.yml").write_text(TASKS)
+    (role / "tasks" / "main.yml").write_text(TASKS)
+    installed(tmp_path / "roles")
+    done = threading.Thread(target=parse_all, daemon=True)
+    done.start()
+    done.join(timeout=60)
+    assert not done.is_alive(), "a pass blocked"
+    assert sorted(Path(p).relative_to(role).as_posix() for p in parsed_roles._entries) == \
+        ["tasks/main.yml"]
+
+
+def test_what_is_not_kept_is_not_parsed_again_until_it_changes(roles: Path, monkeypatch):
+    parses: list[str] = []
+    real = parsed_roles._parse
+    monkeypatch.setattr(parsed_roles, "_parse", lambda path: parses.append(path) or real(path))
+    parse_all()
+    assert parses == []
+    (roles / "vars" / "dup.yml").write_text(DUPLICATE + "other: 1\n")
+    parse_all()
+    assert [Path(p).name for p in parses] == ["dup.yml"]
+
+
+def test_bytes_kept_are_bounded(tmp_path: Path, installed, monkeypatch):
+    role = tmp_path / "roles" / "big" / "vars"
+    role.mkdir(parents=True)
+    for i in range(6):
+        (role / f"v{i}.yml").write_text(f"k{i}: {'x' * 1000}\n")
+    monkeypatch.setattr(parsed_roles, "MAX_BYTES", 3500)
+    installed(tmp_path / "roles")
+    parse_all()
+    assert len(parsed_roles._entries) == 3
+    assert parsed_roles._parser.kept == sum(e[0][2] for e in parsed_roles._entries.values())
+
+
+def test_a_run_waiting_stops_the_parsing_between_files(roles: Path):
+    parsed_roles._parser.next_pass = 0.0
+    parsed_roles.work(10.0, lambda: True)
+    assert parsed_roles.pending() and parsed_roles._parser.todo is not None
+    assert len(parsed_roles._parser.seen) == 1
+
+
+def test_a_failing_pass_stops_parsing_and_says_why(roles: Path, monkeypatch):
+    def broken(_path):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(parsed_roles, "_names", broken)
+    parsed_roles._parser.next_pass = 0.0
+    assert "disk on fire" in parsed_roles.work(1.0, lambda: False)
+    assert not parsed_roles.pending()
+    path = str(roles / "defaults" / "main.yml")
+    assert DataLoader().load_from_file(path, trusted_as_template=True)["greeting"] == "hello"
