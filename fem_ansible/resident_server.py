@@ -8,9 +8,10 @@ process that did all that once.
 
 What keeps runs apart, by construction:
 
-- The server never runs a playbook, a strategy or a plugin: what it holds is imported code,
-  nothing of a run (no inventory, vault secret, host connection or module state).  Each run
-  is a fresh fork that ends with its run.
+- The server never runs a playbook, a strategy or a plugin: what it holds is imported code
+  and the parse of the role files on its roles path (fem_ansible.parsed_roles), nothing of
+  a run (no inventory, vault secret, host connection or module state).  Each run is a fresh
+  fork that ends with its run.
 - Each run is in its own cgroup (fem_ansible.cgroups), joined right after the fork, before
   anything of the run happens: the run's workers, Mitogen's interpreters and what modules
   start are in it, and stopping the run kills it.
