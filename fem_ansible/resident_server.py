@@ -9,9 +9,9 @@ process that did all that once.
 What keeps runs apart, by construction:
 
 - The server never runs a playbook, a strategy or a plugin: what it holds is imported code
-  and the parse of the role files on its roles path (fem_ansible.parsed_roles), nothing of
-  a run (no inventory, vault secret, host connection or module state).  Each run is a fresh
-  fork that ends with its run.
+  and the parse of role files its runs parsed (fem_ansible.parsed_roles), nothing of a run
+  (no inventory, vault secret, host connection or module state).  Each run is a fresh fork
+  that ends with its run.
 - Each run is in its own cgroup (fem_ansible.cgroups), joined right after the fork, before
   anything of the run happens: the run's workers, Mitogen's interpreters and what modules
   start are in it, and stopping the run kills it.
@@ -126,9 +126,7 @@ def _preload() -> list[str]:
         except Exception:  # a module that fails here is imported per run
             skipped.append(name)
     if "parsed_roles" not in patches.off() and not patches.missing(["parsed_roles"]):
-        from ansible import constants
-
-        parsed_roles.install(constants.DEFAULT_ROLES_PATH)
+        parsed_roles.install()
     # Every run with fem.core's strategy gets Ansible's deprecation of strategies outside
     # ansible.builtin, and Ansible finds who deprecates with inspect.stack(), which the
     # first time in a process maps every imported module to its file: 30 ms a run for a
@@ -347,6 +345,7 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         rc = os.waitstatus_to_exitcode(status)
+        parsed_roles.learn(_report_path(self.path, pid))
         with contextlib.suppress(OSError):
             run.conn.sendall(json.dumps({"rc": rc if rc >= 0 else 128 - rc}).encode() + b"\n")
         self.selector.unregister(run.pidfd)
@@ -358,9 +357,16 @@ class Server:
             self.retire(f"{_rss() // 1024**2} MiB resident")
 
 
-def _run_child(request: _Request) -> int:
+def _report_path(server: str, pid: int) -> str:
+    """Where run ``pid`` leaves, as it ends, the role files it parsed (fem_ansible.parsed_roles),
+    beside its server's socket: a dir of the listener's user alone."""
+    return f"{server}.{pid}.parsed"
+
+
+def _run_child(request: _Request, server: str) -> int:
     """In the forked child: become the run (its cgroup first, then its stdio, directory,
-    environment and Ansible's settings from it) and run the playbook."""
+    environment and Ansible's settings from it), run the playbook, and tell ``server`` what
+    it parsed."""
     group = Path(request.env[cgroups.ENV])
     try:
         cgroups.join(group)
@@ -377,7 +383,9 @@ def _run_child(request: _Request) -> int:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
     _refresh_settings()
-    return playbook_cli.run(request.args)
+    rc = playbook_cli.run(request.args)
+    parsed_roles.report(_report_path(server, os.getpid()))
+    return rc
 
 
 def _refresh_settings() -> None:
@@ -402,7 +410,7 @@ def main(argv: list[str]) -> int:
     if request is None:
         _say(f"exiting after {server.count} runs in {time.monotonic() - started:.0f}s")
         return 0
-    return _run_child(request)
+    return _run_child(request, server.path)
 
 
 if __name__ == "__main__":

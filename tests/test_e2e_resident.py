@@ -501,10 +501,11 @@ def test_templates_compiled_once_are_reused_and_compiled_again_when_a_filter_cha
 
 
 def test_hostile_files_on_the_roles_path_cost_the_runs_nothing(site, probed):
-    """A role no run uses holds what the resident Ansible must not choke on while it parses
-    role files ahead (fem_ansible.parsed_roles): a FIFO and a device where vars would be,
-    YAML nested too deep to copy.  Tasks complete, forked from the same server all along,
-    and nothing went wrong in it."""
+    """A role no run uses holds what a resident Ansible parsing role files ahead must not
+    choke on (fem_ansible.parsed_roles, which parses only what runs parsed): a FIFO and a
+    device where vars would be, YAML nested too deep to copy.  Tasks complete, forked from
+    the same server all along, nothing went wrong in it, and it took in every run's report
+    of what it parsed."""
     odd = probed.roles / "odd"
     for sub in ("vars", "defaults", "meta"):
         (odd / sub).mkdir(parents=True)
@@ -524,3 +525,4 @@ def test_hostile_files_on_the_roles_path_cost_the_runs_nothing(site, probed):
     assert servers[0] and servers[0] == servers[2], servers
     log = listener.log.read_text()
     assert "Traceback" not in log and "no longer parsed" not in log, listener.tail()
+    assert not list(servers_dir(site.work_dir).rglob("*.parsed*"))

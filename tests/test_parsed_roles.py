@@ -1,14 +1,16 @@
 """Role files parsed once in the resident Ansible (fem_ansible.parsed_roles, fast path group
-``parsed_roles``): a load answered from an entry gives what Ansible's own load gives (data,
-types, origins, trust; the loader's cache as Ansible leaves it), a changed file is parsed
-again, what said something or holds vault data is not kept, and only role loads are
-answered."""
+``parsed_roles``): what a run parsed and reported, the server parses ahead; a later run's
+load answered from it gives what Ansible's own load gives (data, types, origins, trust; the
+loader's cache as Ansible leaves it); a changed file is parsed by the run; what said
+something, holds vault data, cost too much or is no regular file is left to the runs; only
+role loads are answered; nothing a report holds can stop the server."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,6 @@ secret: !vault |
   3132
 """
 
-
 #: Ansible's own load, taken before any test installs the group (each puts it back).
 STOCK = DataLoader.load_from_file
 
@@ -68,107 +69,202 @@ def tagged(value: Any) -> Any:
     return (type(value).__name__, tags, value)
 
 
-def parse_all() -> None:
-    """A whole pass of the server's parsing, now."""
-    parsed_roles._parser.next_pass = 0.0
+def role_load(path: Path | str) -> Any:
+    """A run's load of a role file (the flags roles load with), by a new loader."""
+    return DataLoader().load_from_file(str(path), trusted_as_template=True)
+
+
+def run_ends(tmp_path: Path) -> None:
+    """What a run's end and the idle server do: the run reports what it parsed, the server
+    learns it and parses it all."""
+    report = tmp_path / "run.parsed"
+    parsed_roles.report(str(report))
+    parsed_roles._used.clear()
+    parsed_roles.learn(str(report))
+    assert not report.exists()
     while parsed_roles.pending():
         assert parsed_roles.work(10.0, lambda: False) is None
 
 
 @pytest.fixture
-def installed(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
-    """Installs the group on a roles dir until the test ends, files settled at once."""
+def installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group installed, as in a server and its runs, until the test ends."""
     monkeypatch.setattr(DataLoader, "load_from_file", DataLoader.load_from_file)
-    monkeypatch.setattr(parsed_roles, "_entries", {})
-    monkeypatch.setattr(parsed_roles, "_parser", None)
-    monkeypatch.setattr(parsed_roles, "SETTLE_S", 0.0)
-    return lambda roles: parsed_roles.install([str(roles)])
+    for name, value in (("_entries", {}), ("_wanted", {}), ("_used", {}),
+                        ("_state", {"on": False})):
+        monkeypatch.setattr(parsed_roles, name, value)
+    parsed_roles.install()
 
 
 @pytest.fixture
-def roles(tmp_path: Path, installed) -> Path:
-    """A roles dir with one role, parsed."""
+def role(tmp_path: Path, installed) -> Path:
+    """A role whose files a first run loaded, and its server parsed."""
     role = tmp_path / "roles" / "site_role"
     for sub, text in (("tasks/main.yml", TASKS), ("defaults/main.yml", DEFAULTS),
-                      ("vars/dup.yml", DUPLICATE), ("vars/vaulted.yml", INLINE_VAULT),
-                      ("tasks/nested/more.yaml", TASKS), ("files/not_a_role_file.yml", TASKS)):
+                      ("vars/dup.yml", DUPLICATE), ("vars/vaulted.yml", INLINE_VAULT)):
         (role / sub).parent.mkdir(parents=True, exist_ok=True)
         (role / sub).write_text(text)
-    installed(tmp_path / "roles")
-    parse_all()
+    for path in sorted(role.rglob("*.yml")):
+        role_load(path)
+    run_ends(tmp_path)
     return role
 
 
-def test_what_is_kept(roles: Path):
-    assert sorted(Path(p).relative_to(roles).as_posix() for p in parsed_roles._entries) == \
-        ["defaults/main.yml", "tasks/main.yml", "tasks/nested/more.yaml"]
+def kept(role: Path) -> list[str]:
+    return sorted(Path(p).relative_to(role).as_posix() for p in parsed_roles._entries)
 
 
-def test_a_kept_file_loads_as_ansible_loads_it(roles: Path):
-    path = str(roles / "tasks" / "main.yml")
+def test_what_a_run_parsed_is_parsed_ahead_but_what_said_something_or_holds_a_vault(role):
+    assert kept(role) == ["defaults/main.yml", "tasks/main.yml"]
+
+
+def test_a_kept_file_loads_as_ansible_loads_it(role: Path):
+    path = str(role / "tasks" / "main.yml")
     loader = DataLoader()
     first = loader.load_from_file(path, trusted_as_template=True)
     assert path not in parsed_roles._entries  # taken out by its first load
     assert tagged(first) == tagged(stock_load(path, trusted_as_template=True))
     # The loader's cache holds its own copy, as Ansible's load leaves it: a caller changing
-    # what it got changes nothing of the next load's.
+    # what it got changes nothing of the next load's, and this loader reads the file once.
+    expected = tagged(stock_load(path, trusted_as_template=True))
     first[0]["name"] = "changed"
+    Path(path).write_text(TASKS.replace("Numbers", "Figures"))
     second = loader.load_from_file(path, trusted_as_template=True)
     assert second[0]["name"] == "Say {{ greeting }}"
-    assert tagged(second) == tagged(stock_load(path, trusted_as_template=True))
-    defaults = str(roles / "defaults" / "main.yml")
-    assert tagged(DataLoader().load_from_file(defaults, trusted_as_template=True)) == \
-        tagged(stock_load(defaults, trusted_as_template=True))
+    assert tagged(second) == expected
+    defaults = role / "defaults" / "main.yml"
+    assert tagged(role_load(defaults)) == tagged(stock_load(str(defaults),
+                                                            trusted_as_template=True))
 
 
-def test_a_file_changed_since_it_was_parsed_is_parsed_again(roles: Path):
-    path = roles / "defaults" / "main.yml"
-    path.write_text(DEFAULTS.replace("hello", "howdy"))  # same size, same second
-    assert DataLoader().load_from_file(str(path), trusted_as_template=True)["greeting"] == "howdy"
-    parse_all()
+def test_a_changed_file_is_parsed_by_the_run_and_then_ahead_again(role: Path, tmp_path):
+    path = role / "defaults" / "main.yml"
+    st = path.stat()
+    path.write_text(DEFAULTS.replace("hello", "howdy"))  # same size, timestamps put back
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert role_load(path)["greeting"] == "howdy"
+    run_ends(tmp_path)
     assert str(path) in parsed_roles._entries
-    assert DataLoader().load_from_file(str(path), trusted_as_template=True)["greeting"] == "howdy"
+    assert role_load(path)["greeting"] == "howdy"
+    assert str(path) not in parsed_roles._entries
 
 
-def test_a_later_pass_parses_new_files_and_forgets_gone_ones(roles: Path):
-    (roles / "tasks" / "nested" / "more.yaml").unlink()
-    (roles / "handlers").mkdir()
-    (roles / "handlers" / "main.yml").write_text(TASKS)
-    parse_all()
-    assert sorted(Path(p).relative_to(roles).as_posix() for p in parsed_roles._entries) == \
-        ["defaults/main.yml", "handlers/main.yml", "tasks/main.yml"]
+def test_a_file_changed_after_the_run_parsed_it_is_left_to_the_next_run(installed, tmp_path):
+    path = tmp_path / "defaults.yml"
+    path.write_text(DEFAULTS)
+    role_load(path)
+    path.write_text(DEFAULTS + "more: 1\n")
+    run_ends(tmp_path)
+    assert parsed_roles._entries == {}
+    assert role_load(path)["more"] == 1
 
 
-def test_what_said_something_is_not_kept_and_says_it_in_the_run(roles: Path, monkeypatch):
+def test_what_said_something_still_says_it_in_the_run(role: Path, monkeypatch):
     said: list[str] = []
     monkeypatch.setattr(Display, "warning", lambda _self, msg, *a, **k: said.append(msg))
-    data = DataLoader().load_from_file(str(roles / "vars" / "dup.yml"), trusted_as_template=True)
-    assert data == {"key": 2}
+    assert role_load(role / "vars" / "dup.yml") == {"key": 2}
     assert any("key" in message for message in said), said
 
 
-def test_only_loads_with_the_flags_roles_load_with_are_answered(roles: Path):
-    path = str(roles / "defaults" / "main.yml")
+def test_only_loads_with_the_flags_roles_load_with_are_answered(role: Path):
+    path = str(role / "defaults" / "main.yml")
     for flags in ({"cache": "none", "trusted_as_template": True},
                   {"unsafe": True, "trusted_as_template": True},
                   {"cache": "vaulted", "trusted_as_template": True}, {}):
         DataLoader().load_from_file(path, **flags)
         assert path in parsed_roles._entries, flags
-    untrusted = DataLoader().load_from_file(path)
-    assert tagged(untrusted) == tagged(stock_load(path))
+    assert tagged(DataLoader().load_from_file(path)) == tagged(stock_load(path))
 
 
-def test_a_loader_that_read_the_file_already_keeps_its_own(roles: Path):
-    path = str(roles / "defaults" / "main.yml")
+def test_a_loader_that_read_the_file_already_keeps_its_own(role: Path):
+    path = str(role / "defaults" / "main.yml")
     loader = DataLoader()
     untrusted = loader.load_from_file(path)  # cached untrusted, as Ansible caches it
-    again = loader.load_from_file(path, trusted_as_template=True)
-    assert tagged(again) == tagged(untrusted)
+    assert tagged(loader.load_from_file(path, trusted_as_template=True)) == tagged(untrusted)
 
 
-def test_the_task_playbook_loads_its_roles_from_entries(installed, monkeypatch):
-    """Ansible's own playbook loading, on the built-in roles: each role file it reads is
-    answered from an entry, and what it loads is what it loads stock."""
+def test_costly_files_are_left_to_the_runs(installed, tmp_path, monkeypatch):
+    """A file a run took long to parse is not parsed by the server (a run waiting for it
+    would wait that long), nor beyond the cost of all files kept."""
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"v{i}.yml")
+        files[-1].write_text(f"k{i}: {i}\n")
+    report = tmp_path / "report"
+    report.write_text(json.dumps([[str(files[0]), _digest(files[0]).hex(),
+                                   parsed_roles.MAX_COST_S * 2]]))
+    parsed_roles.learn(str(report))
+    assert not parsed_roles.pending()
+    monkeypatch.setattr(parsed_roles, "MAX_TOTAL_S", 0.25)
+    parsed_roles._wanted.update({str(f): (_digest(f), 0.1) for f in files})
+    while parsed_roles.pending():
+        parsed_roles.work(10.0, lambda: False)
+    assert len(parsed_roles._entries) == 2
+
+
+def _digest(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def test_no_regular_file_is_never_read_ahead(installed, tmp_path):
+    """A FIFO or device where a run found a role file before is never read by the server
+    (it would block it)."""
+    fifo, device = tmp_path / "fifo.yml", tmp_path / "device.yml"
+    os.mkfifo(fifo)
+    device.symlink_to("/dev/zero")
+    parsed_roles._wanted.update({str(fifo): (b"\0" * 32, 0.0), str(device): (b"\0" * 32, 0.0)})
+    done = threading.Thread(target=parsed_roles.work, args=(10.0, lambda: False), daemon=True)
+    done.start()
+    done.join(timeout=30)
+    assert not done.is_alive(), "the server blocked"
+    assert parsed_roles._entries == {}
+
+
+def test_what_cannot_be_copied_is_left_to_the_runs(installed, tmp_path):
+    deep = tmp_path / "deep.yml"
+    deep.write_text("x: " + "[" * 600 + "1" + "]" * 600 + "\n")
+    parsed_roles._wanted[str(deep)] = (_digest(deep), 0.01)
+    assert parsed_roles.work(10.0, lambda: False) is None
+    assert parsed_roles._entries == {}
+
+
+@pytest.mark.parametrize("content", [b"not json", b'{"a": 1}', b'[["p", "00", 0.1]]',
+                                     b'[["p", "' + b"0" * 64 + b'", "0.1"]]',
+                                     b'[["p", "' + b"z" * 64 + b'", 0.1]]',
+                                     b'[["p", "' + b"0" * 64 + b'", -1]]', b"[" * 100000])
+def test_a_report_that_is_not_one_teaches_nothing(installed, tmp_path, content):
+    report = tmp_path / "report"
+    report.write_bytes(content)
+    parsed_roles.learn(str(report))
+    assert not parsed_roles.pending()
+    parsed_roles.learn(str(tmp_path / "no such report"))
+    assert not parsed_roles.pending()
+
+
+def test_a_run_waiting_stops_the_parsing_between_files(role: Path, tmp_path):
+    for path in sorted(role.rglob("*.yml")):
+        parsed_roles._wanted[str(path)] = (_digest(path), 0.01)
+    parsed_roles._entries.clear()
+    parsed_roles.work(10.0, lambda: True)
+    assert parsed_roles.pending() and len(parsed_roles._wanted) == 3
+
+
+def test_a_failing_pass_stops_parsing_and_says_why(role: Path, monkeypatch, tmp_path):
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(parsed_roles, "_entries", type("Broken", (dict,), {"get": broken})())
+    parsed_roles._wanted["x"] = (b"\0" * 32, 0.01)
+    assert "disk on fire" in parsed_roles.work(1.0, lambda: False)
+    assert not parsed_roles.pending()
+    parsed_roles.learn(str(tmp_path / "report"))
+    assert role_load(role / "defaults" / "main.yml")["greeting"] == "hello"
+
+
+def test_the_task_playbook_loads_its_roles_from_entries(installed, monkeypatch, tmp_path):
+    """Ansible's own playbook loading, on the built-in roles, twice, as two runs of one
+    server: the second's role files are answered from the entries the first one's report
+    made, and what it loads is what the first one loaded."""
     init_plugin_loader()
     from ansible import constants
 
@@ -184,13 +280,12 @@ def test_the_task_playbook_loads_its_roles_from_entries(installed, monkeypatch):
                 out.append((task.get_name(), repr(task.args)))
         return out
 
-    stock = tasks()
-    installed(REPO / "roles")
-    parse_all()
+    first = tasks()
+    run_ends(tmp_path)
     kept = len(parsed_roles._entries)
-    answered = tasks()
-    assert answered == stock
-    assert kept - len(parsed_roles._entries) >= 20, (kept, len(parsed_roles._entries))
+    assert tasks() == first
+    assert kept >= 20 and len(parsed_roles._entries) <= kept - 20, (kept, parsed_roles._entries)
+    assert not parsed_roles._used  # the second run parsed no role file itself
 
 
 def _flatten(items: list[Any]) -> list[Any]:
@@ -201,81 +296,3 @@ def _flatten(items: list[Any]) -> list[Any]:
         else:
             out.append(item)
     return out
-
-
-
-def test_a_file_changed_just_now_is_left_for_a_later_pass(roles: Path, monkeypatch):
-    """A same-size change within the file system's timestamp granularity would look like
-    no change: a file is parsed only once it has settled, in a pass soon after."""
-    monkeypatch.setattr(parsed_roles, "SETTLE_S", 3.0)
-    path = roles / "defaults" / "main.yml"
-    path.write_text(DEFAULTS.replace("hello", "howdy"))
-    parse_all()
-    assert str(path) not in parsed_roles._entries
-    assert parsed_roles._parser.next_pass <= __import__("time").monotonic() + 3.0
-    assert DataLoader().load_from_file(str(path), trusted_as_template=True)["greeting"] == "howdy"
-
-
-def test_what_is_no_regular_file_or_too_deep_never_stops_a_pass(tmp_path: Path, installed):
-    """Hostile names on the roles path, in a role no run uses: a FIFO and a device where a
-    vars file would be (never opened for reading), YAML nested too deep to copy, a tree of
-    dirs deeper than the walk goes: the pass ends, what is sound is kept."""
-    role = tmp_path / "roles" / "odd"
-    for sub in ("vars", "defaults", "tasks", "meta"):
-        (role / sub).mkdir(parents=True)
-    os.mkfifo(role / "vars" / "main.yml")
-    (role / "meta" / "main.yml").symlink_to("/dev/zero")
-    (role / "defaults" / "main.yml").write_text("x: " + "[" * 600 + "1" + "]" * 600 + "\n")
-    deep = role / "tasks" / "/".join(["d"] * (parsed_roles.MAX_DEPTH + 5))
-    deep.mkdir(parents=True)
-    (deep / "main.yml").write_text(TASKS)
-    (role / "tasks" / "main.yml").write_text(TASKS)
-    installed(tmp_path / "roles")
-    done = threading.Thread(target=parse_all, daemon=True)
-    done.start()
-    done.join(timeout=60)
-    assert not done.is_alive(), "a pass blocked"
-    assert sorted(Path(p).relative_to(role).as_posix() for p in parsed_roles._entries) == \
-        ["tasks/main.yml"]
-
-
-def test_what_is_not_kept_is_not_parsed_again_until_it_changes(roles: Path, monkeypatch):
-    parses: list[str] = []
-    real = parsed_roles._parse
-    monkeypatch.setattr(parsed_roles, "_parse", lambda path: parses.append(path) or real(path))
-    parse_all()
-    assert parses == []
-    (roles / "vars" / "dup.yml").write_text(DUPLICATE + "other: 1\n")
-    parse_all()
-    assert [Path(p).name for p in parses] == ["dup.yml"]
-
-
-def test_bytes_kept_are_bounded(tmp_path: Path, installed, monkeypatch):
-    role = tmp_path / "roles" / "big" / "vars"
-    role.mkdir(parents=True)
-    for i in range(6):
-        (role / f"v{i}.yml").write_text(f"k{i}: {'x' * 1000}\n")
-    monkeypatch.setattr(parsed_roles, "MAX_BYTES", 3500)
-    installed(tmp_path / "roles")
-    parse_all()
-    assert len(parsed_roles._entries) == 3
-    assert parsed_roles._parser.kept == sum(e[0][2] for e in parsed_roles._entries.values())
-
-
-def test_a_run_waiting_stops_the_parsing_between_files(roles: Path):
-    parsed_roles._parser.next_pass = 0.0
-    parsed_roles.work(10.0, lambda: True)
-    assert parsed_roles.pending() and parsed_roles._parser.todo is not None
-    assert len(parsed_roles._parser.seen) == 1
-
-
-def test_a_failing_pass_stops_parsing_and_says_why(roles: Path, monkeypatch):
-    def broken(_path):
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(parsed_roles, "_names", broken)
-    parsed_roles._parser.next_pass = 0.0
-    assert "disk on fire" in parsed_roles.work(1.0, lambda: False)
-    assert not parsed_roles.pending()
-    path = str(roles / "defaults" / "main.yml")
-    assert DataLoader().load_from_file(path, trusted_as_template=True)["greeting"] == "hello"

@@ -202,20 +202,18 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
          lambda value: _strings(value) and set(value) <= set(JINJA_SETTINGS)),
     ),
     # Role files parsed once in the resident Ansible (fem_ansible.parsed_roles): the loader
-    # method it answers, what that method reads and fills, how it spells a path, and how
-    # roles find their dir and files (the paths it keeps entries under); the display methods
-    # it listens to while parsing.
+    # method it answers, what that method reads and fills and how it spells a path, the
+    # parse it makes of a file's text, and the display methods it listens to while parsing.
     "parsed_roles": (
         ("ansible.parsing.dataloader:DataLoader.load_from_file",
          _all(_params("self", "file_name", "cache", "unsafe", "json_only", "trusted_as_template"),
-              _uses("_FILE_CACHE", "path_dwim", "deepcopy"))),
+              _uses("_FILE_CACHE", "path_dwim", "get_text_file_contents", "load",
+                    "TrustedAsTemplate", "deepcopy"))),
         ("ansible.parsing.dataloader:DataLoader.__init__", _uses("_FILE_CACHE")),
-        ("ansible.parsing.dataloader:DataLoader.path_dwim",
-         _all(_params("self", "given"), _uses("unfrackpath"))),
-        ("ansible.utils.path:unfrackpath", _params("path", "follow", "basedir")),
-        ("ansible.playbook.role:Role._load_role_yaml",
-         _uses("find_vars_files", "load_from_file")),
-        ("ansible.playbook.role.definition:RoleDefinition._load_role_path", _uses("unfrackpath")),
+        ("ansible.parsing.dataloader:DataLoader.path_dwim", _params("self", "given")),
+        ("ansible.parsing.dataloader:DataLoader.load",
+         _params("self", "data", "file_name", "show_content", "json_only")),
+        ("ansible.template:trust_as_template", _params("value")),
         ("ansible.utils.display:Display.warning", callable),
         ("ansible.utils.display:Display.deprecated", callable),
         ("ansible.utils.display:Display.error_as_warning", callable),
