@@ -67,8 +67,26 @@ _entries: dict[str, tuple[bytes, Any, Any, float]] = {}
 _wanted: dict[str, tuple[bytes, float]] = {}
 #: In a run: the role files it parsed itself (path -> SHA-256, parse CPU).
 _used: dict[str, tuple[bytes, float]] = {}
+#: In the server: files whose bytes it would not keep (path -> SHA-256): not parsed again.
+_refused: dict[str, bytes] = {}
 _state = {"on": False}
 _display = Display()
+
+
+def in_a_role(path: str) -> bool:
+    """Whether ``path`` is a file of a role on the roles path, spelled as role lookup spells
+    it (``<roles path entry>/<role>``, resolved, then the file's path in the role): the
+    task's own files (its extra vars, the run's private data) and playbooks are not."""
+    from ansible import constants
+
+    entries = constants.DEFAULT_ROLES_PATH or []
+    parent = os.path.dirname(path)
+    while parent and parent != os.path.dirname(parent):
+        name = os.path.basename(parent)
+        if any(os.path.realpath(os.path.join(entry, name)) == parent for entry in entries):
+            return True
+        parent = os.path.dirname(parent)
+    return False
 
 
 def _read(path: str) -> bytes | None:
@@ -134,7 +152,7 @@ def load_from_file(stock: Any) -> Any:
         if path in self._FILE_CACHE:
             return parse()
         try:
-            data = _read(path)
+            data = _read(path) if stat.S_ISREG(os.stat(path).st_mode) else None
         except OSError:
             data = None
         if data is None:
@@ -147,7 +165,8 @@ def load_from_file(stock: Any) -> Any:
             return entry[2]
         started = time.process_time()
         value = parse()
-        _used[path] = (digest, time.process_time() - started)
+        if in_a_role(path):
+            _used[path] = (digest, time.process_time() - started)
         return value
 
     return load
@@ -163,36 +182,70 @@ def install() -> None:
 
 def report(path: str) -> None:
     """In a run, as it ends: write what it parsed itself, cheaply, for its server (whole or
-    not at all)."""
+    not at all; within what :func:`learn` reads)."""
     if not (_state["on"] and _used):
         return
-    lines = [[p, d.hex(), round(c, 6)] for p, (d, c) in _used.items() if c <= MAX_COST_S]
+    lines, size = [], 2
+    for p, (d, c) in _used.items():
+        line = [p, d.hex(), round(c, 6)]
+        size += len(json.dumps(line)) + 2
+        if c <= MAX_COST_S and size <= MAX_FILE and len(lines) < MAX_FILES:
+            lines.append(line)
     tmp = f"{path}.tmp"
     with contextlib.suppress(OSError):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(lines[:MAX_FILES], f)
+            json.dump(lines, f)
         os.replace(tmp, path)
 
 
 def learn(path: str) -> None:
-    """In the server, as a run ends: take in what it reported (``path``, removed)."""
-    if not _state["on"]:
+    """In the server, as a run ends: take in what it reported (``path``; it and a killed
+    run's temp file are removed)."""
+    try:
+        data = _read(path)
+    except OSError:
+        data = None
+    for leftover in (path, f"{path}.tmp"):
+        with contextlib.suppress(OSError):
+            os.unlink(leftover)
+    if not (_state["on"] and data):
         return
     try:
-        with contextlib.suppress(FileNotFoundError):
-            data = _read(path)
-            os.unlink(path)
-            lines = json.loads(data or b"[]")
-            for line in lines if isinstance(lines, list) else []:
-                if len(_wanted) >= MAX_FILES:
-                    break
-                if (isinstance(line, list) and len(line) == 3 and isinstance(line[0], str)
-                        and isinstance(line[1], str) and len(line[1]) == 64
-                        and isinstance(line[2], (int, float)) and 0 <= line[2] <= MAX_COST_S):
-                    _wanted[line[0]] = (bytes.fromhex(line[1]), float(line[2]))
-    except Exception:  # no report, or not one (not JSON, nested too deep): nothing learnt
+        lines = json.loads(data)
+        for line in lines if isinstance(lines, list) else []:
+            if len(_wanted) >= MAX_FILES:
+                break
+            if (isinstance(line, list) and len(line) == 3 and isinstance(line[0], str)
+                    and isinstance(line[1], str) and len(line[1]) == 64
+                    and isinstance(line[2], (int, float)) and 0 <= line[2] <= MAX_COST_S
+                    and in_a_role(line[0])):
+                digest = bytes.fromhex(line[1])
+                if _refused.get(line[0]) != digest:
+                    _wanted[line[0]] = (digest, float(line[2]))
+    except Exception:  # not a report (not JSON, nested too deep, not hex): nothing learnt
         return
+
+
+def _room(cost: float, replacing: bool) -> bool:
+    return (sum(e[3] for e in _entries.values()) + cost <= MAX_TOTAL_S
+            and (replacing or len(_entries) < MAX_FILES))
+
+
+def _evict_stale() -> None:
+    """Forget the entries whose files are gone or changed (a role removed or edited since)."""
+    for path, entry in list(_entries.items()):
+        try:
+            data = _read(path)
+        except OSError:
+            data = None
+        if data is None or hashlib.sha256(data).digest() != entry[0]:
+            del _entries[path]
+
+
+def kept() -> tuple[int, float]:
+    """How many files the server keeps parsed, and the runs' parse CPU they stand for."""
+    return len(_entries), sum(e[3] for e in _entries.values())
 
 
 def pending() -> bool:
@@ -211,10 +264,15 @@ def work(seconds: float, stop: Callable[[], bool]) -> str | None:
             entry = _entries.get(path)
             if entry is not None and entry[0] == digest:
                 continue
-            total = sum(e[3] for e in _entries.values()) - (entry[3] if entry else 0.0)
-            if total + cost <= MAX_TOTAL_S and (entry or len(_entries) < MAX_FILES):
+            if not _room(cost - (entry[3] if entry else 0.0), entry is not None):
+                _evict_stale()
+            if _room(cost - (entry[3] if entry else 0.0), entry is not None):
                 parsed = _parse(path, digest)
-                if parsed is not None:
+                if parsed is None:
+                    _refused[path] = digest
+                    if len(_refused) > MAX_FILES:
+                        _refused.pop(next(iter(_refused)))
+                else:
                     _entries[path] = (digest, *parsed, cost)
             if time.monotonic() >= deadline or stop():
                 break

@@ -233,6 +233,7 @@ class Server:
         """Serve until retired and idle (returns None), or, in a forked child, return its
         run's request."""
         stop = {"flag": ""}
+        said = parsed_roles.kept()
         for signum in _SIGNALS[:2]:
             signal.signal(signum, lambda s, _f: stop.update(flag=signal.Signals(s).name))
         while not (self.retiring and not self.runs):
@@ -253,6 +254,10 @@ class Server:
                 why = parsed_roles.work(PARSE_SLICE_S, lambda: bool(self.selector.select(0)))
                 if why:
                     _say(why)
+                elif not parsed_roles.pending() and parsed_roles.kept() != said:
+                    said = parsed_roles.kept()
+                    _say(f"role files parsed ahead: {said[0]} ({said[1]:.2f} CPU-s of "
+                         "the runs' parsing)")
         return None
 
     def _accept(self) -> _Request | None:
@@ -383,8 +388,10 @@ def _run_child(request: _Request, server: str) -> int:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
     _refresh_settings()
+    run = os.getpid()
     rc = playbook_cli.run(request.args)
-    parsed_roles.report(_report_path(server, os.getpid()))
+    if os.getpid() == run:  # not a child of the run's (Mitogen's) ending through here
+        parsed_roles.report(_report_path(server, run))
     return rc
 
 

@@ -86,19 +86,25 @@ def run_ends(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The group installed, as in a server and its runs, until the test ends."""
+def installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The group installed, as in a server and its runs, until the test ends, with
+    ``tmp_path/roles`` the roles path; returns a role dir in it."""
+    from ansible import constants
+
     monkeypatch.setattr(DataLoader, "load_from_file", DataLoader.load_from_file)
-    for name, value in (("_entries", {}), ("_wanted", {}), ("_used", {}),
+    for name, value in (("_entries", {}), ("_wanted", {}), ("_used", {}), ("_refused", {}),
                         ("_state", {"on": False})):
         monkeypatch.setattr(parsed_roles, name, value)
+    monkeypatch.setattr(constants, "DEFAULT_ROLES_PATH", [str(tmp_path / "roles")])
     parsed_roles.install()
+    (tmp_path / "roles" / "site_role" / "vars").mkdir(parents=True)
+    return tmp_path / "roles" / "site_role"
 
 
 @pytest.fixture
 def role(tmp_path: Path, installed) -> Path:
     """A role whose files a first run loaded, and its server parsed."""
-    role = tmp_path / "roles" / "site_role"
+    role = installed
     for sub, text in (("tasks/main.yml", TASKS), ("defaults/main.yml", DEFAULTS),
                       ("vars/dup.yml", DUPLICATE), ("vars/vaulted.yml", INLINE_VAULT)):
         (role / sub).parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +155,7 @@ def test_a_changed_file_is_parsed_by_the_run_and_then_ahead_again(role: Path, tm
 
 
 def test_a_file_changed_after_the_run_parsed_it_is_left_to_the_next_run(installed, tmp_path):
-    path = tmp_path / "defaults.yml"
+    path = installed / "vars" / "defaults.yml"
     path.write_text(DEFAULTS)
     role_load(path)
     path.write_text(DEFAULTS + "more: 1\n")
@@ -187,7 +193,7 @@ def test_costly_files_are_left_to_the_runs(installed, tmp_path, monkeypatch):
     would wait that long), nor beyond the cost of all files kept."""
     files = []
     for i in range(4):
-        files.append(tmp_path / f"v{i}.yml")
+        files.append(installed / "vars" / f"v{i}.yml")
         files[-1].write_text(f"k{i}: {i}\n")
     report = tmp_path / "report"
     report.write_text(json.dumps([[str(files[0]), _digest(files[0]).hex(),
@@ -205,13 +211,14 @@ def _digest(path: Path) -> bytes:
     return hashlib.sha256(path.read_bytes()).digest()
 
 
-def test_no_regular_file_is_never_read_ahead(installed, tmp_path):
+def test_no_regular_file_is_ever_read_ahead(installed, tmp_path):
     """A FIFO or device where a run found a role file before is never read by the server
     (it would block it)."""
-    fifo, device = tmp_path / "fifo.yml", tmp_path / "device.yml"
+    fifo, device = installed / "vars" / "fifo.yml", installed / "vars" / "device.yml"
     os.mkfifo(fifo)
-    device.symlink_to("/dev/zero")
-    parsed_roles._wanted.update({str(fifo): (b"\0" * 32, 0.0), str(device): (b"\0" * 32, 0.0)})
+    device.symlink_to("/dev/null")
+    empty = hashlib.sha256(b"").digest()  # what both would read as
+    parsed_roles._wanted.update({str(fifo): (empty, 0.0), str(device): (empty, 0.0)})
     done = threading.Thread(target=parsed_roles.work, args=(10.0, lambda: False), daemon=True)
     done.start()
     done.join(timeout=30)
@@ -220,7 +227,7 @@ def test_no_regular_file_is_never_read_ahead(installed, tmp_path):
 
 
 def test_what_cannot_be_copied_is_left_to_the_runs(installed, tmp_path):
-    deep = tmp_path / "deep.yml"
+    deep = installed / "vars" / "deep.yml"
     deep.write_text("x: " + "[" * 600 + "1" + "]" * 600 + "\n")
     parsed_roles._wanted[str(deep)] = (_digest(deep), 0.01)
     assert parsed_roles.work(10.0, lambda: False) is None
@@ -320,3 +327,78 @@ def test_the_task_playbook_loads_its_roles_from_entries(tmp_path):
     assert seen["same"] and seen["tasks"] > 20, seen
     assert seen["parsed_first"] >= 20 and seen["kept"] == seen["parsed_first"], seen
     assert seen["parsed_second"] == 0 and seen["left"] <= seen["kept"] - 20, seen
+
+
+def test_only_role_files_are_noted_and_learnt(installed, tmp_path):
+    """A task's own files (ansible-runner's extra vars, the run's private data) and
+    playbooks match the flags roles load with, but are no role's: the server never parses
+    or holds them."""
+    extravars = tmp_path / "pdd" / "env" / "extravars"
+    extravars.parent.mkdir(parents=True)
+    extravars.write_text("fem_task: {task_id: t1}\n")
+    role_file = installed / "vars" / "main.yml"
+    role_file.write_text(DEFAULTS)
+    role_load(extravars)
+    role_load(role_file)
+    assert list(parsed_roles._used) == [str(role_file)]
+    report = tmp_path / "report"
+    report.write_text(json.dumps([[str(extravars), _digest(extravars).hex(), 0.001],
+                                  [str(role_file), _digest(role_file).hex(), 0.001]]))
+    parsed_roles.learn(str(report))
+    assert list(parsed_roles._wanted) == [str(role_file)]
+
+
+def test_what_is_not_kept_is_not_parsed_again_for_the_same_bytes(role: Path, tmp_path,
+                                                                  monkeypatch):
+    parses: list[str] = []
+    real = parsed_roles._parse
+    monkeypatch.setattr(parsed_roles, "_parse",
+                        lambda path, digest: parses.append(path) or real(path, digest))
+    for _ in range(3):
+        role_load(role / "vars" / "dup.yml")
+        run_ends(tmp_path)
+    assert parses == []
+    (role / "vars" / "dup.yml").write_text(DUPLICATE + "other: 1\n")
+    role_load(role / "vars" / "dup.yml")
+    run_ends(tmp_path)
+    assert [Path(p).name for p in parses] == ["dup.yml"]
+
+
+@pytest.mark.parametrize("content", [b"---\nx: !!omap [{a: 1}]\n", b"---\nx: caf\xe9\n"])
+def test_what_a_run_is_warned_of_is_left_to_it(installed, tmp_path, content):
+    """A deprecated YAML type, a file not in UTF-8: the run parses it, with its message."""
+    path = installed / "vars" / "odd.yml"
+    path.write_bytes(content)
+    parsed_roles._wanted[str(path)] = (_digest(path), 0.01)
+    assert parsed_roles.work(10.0, lambda: False) is None
+    assert parsed_roles._entries == {}
+
+
+def test_json_only_loads_are_not_answered(role: Path):
+    path = str(role / "defaults" / "main.yml")
+    with pytest.raises(Exception, match="JSON"):
+        DataLoader().load_from_file(path, trusted_as_template=True, json_only=True)
+    assert path in parsed_roles._entries
+
+
+def test_entries_of_files_gone_or_changed_make_room(installed, tmp_path, monkeypatch):
+    monkeypatch.setattr(parsed_roles, "MAX_TOTAL_S", 0.15)
+    old, new = installed / "vars" / "old.yml", installed / "vars" / "new.yml"
+    old.write_text("a: 1\n")
+    new.write_text("b: 2\n")
+    parsed_roles._wanted[str(old)] = (_digest(old), 0.1)
+    parsed_roles.work(10.0, lambda: False)
+    old.unlink()
+    parsed_roles._wanted[str(new)] = (_digest(new), 0.1)
+    parsed_roles.work(10.0, lambda: False)
+    assert list(parsed_roles._entries) == [str(new)]
+
+
+def test_a_report_is_removed_even_when_parsing_stopped(installed, tmp_path):
+    report, tmp = tmp_path / "run.parsed", tmp_path / "run.parsed.tmp"
+    report.write_text("[]")
+    tmp.write_text("[")
+    parsed_roles._state["on"] = False
+    parsed_roles.learn(str(report))
+    assert not report.exists() and not tmp.exists()
+
