@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import marshal
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -526,3 +527,6 @@ def test_hostile_files_on_the_roles_path_cost_the_runs_nothing(site, probed):
     log = listener.log.read_text()
     assert "Traceback" not in log and "no longer parsed" not in log, listener.tail()
     assert not list(servers_dir(site.work_dir).rglob("*.parsed*"))
+    # The runs' reports were parsed: the built-in roles' files are kept ahead.
+    counts = [int(n) for n in re.findall(r"role files parsed ahead: (\d+)", log)]
+    assert counts and max(counts) >= 20, listener.tail()
