@@ -187,10 +187,13 @@ def report(path: str) -> None:
         return
     lines, size = [], 2
     for p, (d, c) in _used.items():
+        if c > MAX_COST_S:
+            continue
         line = [p, d.hex(), round(c, 6)]
         size += len(json.dumps(line)) + 2
-        if c <= MAX_COST_S and size <= MAX_FILE and len(lines) < MAX_FILES:
-            lines.append(line)
+        if size > MAX_FILE or len(lines) >= MAX_FILES:
+            break
+        lines.append(line)
     tmp = f"{path}.tmp"
     with contextlib.suppress(OSError):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -264,9 +267,12 @@ def work(seconds: float, stop: Callable[[], bool]) -> str | None:
             entry = _entries.get(path)
             if entry is not None and entry[0] == digest:
                 continue
-            if not _room(cost - (entry[3] if entry else 0.0), entry is not None):
-                _evict_stale()
-            if _room(cost - (entry[3] if entry else 0.0), entry is not None):
+            more = cost - (entry[3] if entry else 0.0)
+            if not _room(more, entry is not None):
+                _evict_stale()  # may drop this path's own old entry: counted again
+                entry = _entries.get(path)
+                more = cost - (entry[3] if entry else 0.0)
+            if _room(more, entry is not None):
                 parsed = _parse(path, digest)
                 if parsed is None:
                     _refused[path] = digest

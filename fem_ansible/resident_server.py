@@ -350,9 +350,9 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         rc = os.waitstatus_to_exitcode(status)
-        parsed_roles.learn(_report_path(self.path, pid))
         with contextlib.suppress(OSError):
             run.conn.sendall(json.dumps({"rc": rc if rc >= 0 else 128 - rc}).encode() + b"\n")
+        parsed_roles.learn(_report_path(self.path, pid))  # after: the task waits for its rc
         self.selector.unregister(run.pidfd)
         self.selector.unregister(run.conn)
         os.close(run.pidfd)

@@ -402,3 +402,16 @@ def test_a_report_is_removed_even_when_parsing_stopped(installed, tmp_path):
     parsed_roles.learn(str(report))
     assert not report.exists() and not tmp.exists()
 
+
+
+def test_the_budget_holds_when_a_changed_files_old_entry_is_evicted(installed, monkeypatch):
+    monkeypatch.setattr(parsed_roles, "MAX_TOTAL_S", 0.25)
+    a, b = installed / "vars" / "a.yml", installed / "vars" / "b.yml"
+    a.write_text("a: 1\n")
+    b.write_text("b: 1\n")
+    parsed_roles._wanted.update({str(a): (_digest(a), 0.1), str(b): (_digest(b), 0.1)})
+    parsed_roles.work(10.0, lambda: False)
+    a.write_text("a: 2\n")
+    parsed_roles._wanted[str(a)] = (_digest(a), 0.2)
+    parsed_roles.work(10.0, lambda: False)
+    assert parsed_roles.kept()[1] <= 0.25
