@@ -19,6 +19,9 @@ What keeps runs apart, by construction:
   environment; Ansible's settings are read again from that environment.  The server serves
   only runs whose environment equals its own outside the per-run variables
   (fem_ansible.resident_client.PER_RUN): what Ansible fixes at import is the same.
+- The host interpreters of the listener's own host that its runs' multiplexers ask for
+  are forks of the resident host this server starts (fem.core's
+  ``plugin_utils/resident_host.py``), each in its run's cgroup, never shared.
 - When the client's connection closes before the run ends (ansible-runner's cancel or
   timeout killed it), the run's cgroup is killed.
 - The server stops taking runs (and exits once its runs have ended) when any file it
@@ -41,6 +44,7 @@ import os
 import selectors
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -48,8 +52,11 @@ from pathlib import Path
 from typing import Any
 
 from fem_ansible import cgroups, parsed_roles, playbook_cli
-from fem_ansible.fastpath import patches
-from fem_ansible.resident_client import LOST_RC, PROTOCOL, server_key
+from fem_ansible.fastpath import FEM_STRATEGY, patches, plugin_utils
+from fem_ansible.resident_client import LOST_RC, PER_RUN, PROTOCOL, server_key
+
+#: fem.core's resident host (its protocol, and the script the server starts).
+resident_host = plugin_utils("resident_host")
 
 #: Runs after which a server hands over to a new one (a bound on what a long life could
 #: gather, though a server keeps nothing of its runs).
@@ -115,6 +122,7 @@ class _Request:
     env: dict[str, str]
     cwd: str
     fds: list[int]
+    host: str | None  # the resident host's socket, if there is one
 
 
 def _preload() -> list[str]:
@@ -136,29 +144,6 @@ def _preload() -> list[str]:
     return skipped
 
 
-def _fingerprint() -> dict[str, tuple[int, int]]:
-    """Every file the server imported code from, with its mtime and size."""
-    files = {}
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path:
-            with contextlib.suppress(OSError):
-                st = os.stat(path)
-                files[path] = (st.st_mtime_ns, st.st_size)
-    return files
-
-
-def _changed(files: dict[str, tuple[int, int]]) -> str | None:
-    for path, seen in files.items():
-        try:
-            st = os.stat(path)
-        except OSError:
-            return path
-        if (st.st_mtime_ns, st.st_size) != seen:
-            return path
-    return None
-
-
 def _rss() -> int:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
@@ -173,24 +158,6 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _read_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    # The client sends all at once: a connection that does not is given up on soon (the
-    # server serves one request at a time).
-    conn.settimeout(2)
-    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
-    if len(data) < 4:
-        raise ValueError("short request")
-    size = int.from_bytes(data[:4], "big")
-    body = data[4:]
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            raise ValueError("request cut short")
-        body += chunk
-    conn.settimeout(None)
-    return json.loads(body), fds
-
-
 class Server:
     """One resident Ansible serving the runs whose environment key is its own."""
 
@@ -202,7 +169,7 @@ class Server:
         self.runs: dict[int, _Run] = {}
         self.count = 0
         self.retiring: str | None = None
-        self.files = _fingerprint()
+        self.files = resident_host.fingerprint()
         self.group_base = cgroups.base()
         self.selector = selectors.DefaultSelector()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -216,6 +183,45 @@ class Server:
         os.rename(tmp, path)
         self.inode = os.stat(path).st_ino
         self.selector.register(self.sock, selectors.EVENT_READ, "accept")
+        self.host: subprocess.Popen[bytes] | None = None
+        self.host_pidfd = -1
+        self.host_path = f"{path}.host"
+
+    def start_host(self) -> None:
+        """Start the resident host (fem.core's ``plugin_utils.resident_host``) beside this
+        server, for its runs' multiplexers: only where runs have cgroups and their strategy
+        will ask it (groups ``own_host`` and ``resident_host``)."""
+        groups = ["own_host", "resident_host"]
+        if (self.group_base is None or os.environ.get("ANSIBLE_STRATEGY") != FEM_STRATEGY
+                or set(groups) & patches.off() or patches.missing(groups)):
+            return
+        try:
+            self.host = subprocess.Popen(
+                [sys.executable, str(resident_host.__file__), self.host_path, str(self.pid),
+                 str(cgroups.mount()), str(self.group_base), json.dumps(sorted(PER_RUN))],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        except OSError as e:
+            _say(f"the resident host could not start ({e}); runs start their own hosts")
+            return
+        self.host_pidfd = os.pidfd_open(self.host.pid)
+        self.selector.register(self.host_pidfd, selectors.EVENT_READ, "host")
+
+    def _host_ended(self) -> None:
+        assert self.host is not None
+        rc = self.host.wait()
+        self.selector.unregister(self.host_pidfd)
+        os.close(self.host_pidfd)
+        self.host = None
+        if rc == resident_host.CHANGED_RC:
+            self.retire("code the resident host imported changed")
+        else:
+            _say(f"the resident host ended (exit {rc}); runs start their own hosts")
+
+    def stop_host(self) -> None:
+        """The resident host ends once the hosts it forked have (they are runs')."""
+        if self.host is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.host.terminate()
 
     def retire(self, why: str) -> None:
         """Take no more runs; the process exits once its runs have ended."""
@@ -248,6 +254,8 @@ class Server:
                     request = self._accept()
                     if request is not None:
                         return request
+                elif key.data == "host":
+                    self._host_ended()
                 elif isinstance(key.data, tuple):
                     self._ended(*key.data)
             if parsing and not ready:  # nothing else to do: a slice, given up for a run
@@ -269,7 +277,7 @@ class Server:
             uid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             if int.from_bytes(uid[4:8], sys.byteorder) != os.getuid():
                 raise ValueError("another user")
-            message, fds = _read_request(conn)
+            message, fds = resident_host.receive(conn, 3, 2.0)
         except (OSError, ValueError) as e:
             _say(f"a request refused: {e}")
             conn.close()
@@ -288,7 +296,8 @@ class Server:
         pid = os.fork()
         if pid == 0:
             self._become_child(conn)
-            return _Request(message["command"][4:], message["env"], message["cwd"], fds)
+            return _Request(message["command"][4:], message["env"], message["cwd"], fds,
+                            self.host_path if self.host is not None else None)
         for fd in fds:
             os.close(fd)
         self.count += 1
@@ -305,7 +314,7 @@ class Server:
         """Why this server does not run the request (the client then runs it cold)."""
         if self.retiring:
             return f"the resident Ansible is being replaced ({self.retiring})"
-        changed = _changed(self.files)
+        changed = resident_host.changed(self.files)
         if changed:
             self.retire(f"{changed} changed")
             return "installed Ansible code changed; a new resident Ansible starts"
@@ -334,6 +343,8 @@ class Server:
         self.selector.close()
         self.sock.close()
         conn.close()
+        if self.host is not None:
+            os.close(self.host_pidfd)
         for run in self.runs.values():
             os.close(run.pidfd)
             run.conn.close()
@@ -385,6 +396,8 @@ def _run_child(request: _Request, server: str) -> int:
     os.chdir(request.cwd)
     os.environ.clear()
     os.environ.update(request.env)
+    if request.host:
+        os.environ[resident_host.ENV] = request.host
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
     _refresh_settings()
@@ -411,10 +424,12 @@ def main(argv: list[str]) -> int:
     if skipped:
         _say(f"not preloaded (imported per run): {', '.join(skipped)}")
     server = Server(path, listener)
+    server.start_host()
     _say(f"ready: {len(server.files)} files imported, key {server.key}")
     started = time.monotonic()
     request = server.serve()
     if request is None:
+        server.stop_host()
         _say(f"exiting after {server.count} runs in {time.monotonic() - started:.0f}s")
         return 0
     return _run_child(request, server.path)

@@ -160,8 +160,15 @@ def probe(probes: Path, tid: str) -> dict:
 
 
 def forked(result: dict) -> bool:
-    """Whether the module call's run was forked from a resident Ansible."""
+    """Whether the module call's run was forked from a resident Ansible (or its host
+    interpreter from the resident host the resident Ansible started)."""
     return any("fem_ansible.resident_server" in cmd for cmd in result["ancestors"])
+
+
+def host_forked(result: dict) -> bool:
+    """Whether the module call's host interpreter was forked by the resident host
+    (fem.core's plugin_utils/resident_host.py), not started by its run's multiplexer."""
+    return "resident_host.py" in result["ancestors"][0]  # not Mitogen's "python(mitogen:"
 
 
 def in_the_probe(site, probed, tid: str, seconds: str):
@@ -207,9 +214,11 @@ def test_runs_forked_from_the_resident_ansible_keep_nothing_of_each_other(site, 
         assert group.parent.name == "fem-runs", first["cgroup"]
         assert group.name.startswith(task_name(site.node, tid) + "."), first["cgroup"]
         assert not (cgroups.mount() / group.relative_to("/")).exists()
-    # The first run started cold while the server started; later ones were forked.
-    assert forked(results["second"]["first"]) and forked(results["third"]["first"]), \
-        listener.tail()
+    # The first run started cold while the server started; later ones were forked, and
+    # their host interpreters by the resident host.
+    for tid in ("second", "third"):
+        assert forked(results[tid]["first"]), listener.tail()
+        assert host_forked(results[tid]["first"]), (results[tid]["first"], listener.tail())
     assert "starting a resident Ansible" in listener.log.read_text()
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 

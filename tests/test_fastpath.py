@@ -61,6 +61,7 @@ def load_plugin(monkeypatch):
     for owner, name in ((mitogen.minify, "minimize_source"),
                         (ansible_mitogen.planner, "_load_collections"),
                         (mitogen.parent.Connection, "get_econtext_config"),
+                        (mitogen.parent.Connection, "start_child"),
                         (ansible_mitogen.affinity, "policy")):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     forget_plain_imports(monkeypatch)

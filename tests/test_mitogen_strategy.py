@@ -64,6 +64,8 @@ def plugin(monkeypatch: pytest.MonkeyPatch, derived_cache_dir: Path) -> types.Mo
     monkeypatch.setattr(ansible_mitogen.services.ContextService, "_send_module_forwards",
                         ansible_mitogen.services.ContextService._send_module_forwards)
     monkeypatch.setattr(ansible_mitogen.affinity, "policy", ansible_mitogen.affinity.policy)
+    monkeypatch.setattr(mitogen.parent.Connection, "start_child",
+                        mitogen.parent.Connection.start_child)
     # As Ansible loads it: through its collection loader, which finds the plugin's
     # plugin_utils (the plugin imports nothing of fem_ansible's).
     forget_plain_imports(monkeypatch)

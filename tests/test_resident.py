@@ -19,7 +19,7 @@ from fem_ansible import cgroups, playbook_cli
 from fem_ansible.doctor import check_runs
 from fem_ansible.resident import CLIENT, START_WAIT_S, Servers, client_command
 from fem_ansible.resident_client import PER_RUN, PROTOCOL, server_key
-from fem_ansible.resident_server import _changed, _fingerprint
+from fem_ansible.resident_server import resident_host
 from fem_ansible.sockdir import socket_dir
 
 # What ansible-playbook's own process runs (a lookup's shell is its child).
@@ -45,12 +45,12 @@ def test_a_changed_imported_file_is_seen(tmp_path):
     module = tmp_path / "mod.py"
     module.write_text("x = 1\n")
     seen = {str(module): (module.stat().st_mtime_ns, module.stat().st_size)}
-    assert _changed(seen) is None
+    assert resident_host.changed(seen) is None
     module.write_text("x = 22\n")
-    assert _changed(seen) == str(module)
+    assert resident_host.changed(seen) == str(module)
     module.unlink()
-    assert _changed(seen) == str(module)
-    assert sys.modules["fem_ansible.cgroups"].__file__ in _fingerprint()
+    assert resident_host.changed(seen) == str(module)
+    assert sys.modules["fem_ansible.cgroups"].__file__ in resident_host.fingerprint()
 
 
 @pytest.fixture

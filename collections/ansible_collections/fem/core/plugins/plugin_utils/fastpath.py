@@ -131,6 +131,24 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
          _params("self", "context", "fullnames")),
         ("mitogen.master:ModuleFinder.__init__", _uses("_modifier_callables")),
     ),
+    # Hosts forked by the resident host (plugin_utils/resident_host.py): how a connection
+    # starts its child and what it makes of it, the stdio Mitogen gives a child, and the
+    # first stage and core start the resident host's forks do as Mitogen's boot would.
+    "resident_host": (
+        ("mitogen.parent:Connection.start_child",
+         _all(_params("self"), _uses("get_boot_command", "create_child"))),
+        ("mitogen.parent:Connection.get_boot_command", _uses("get_preamble")),
+        ("mitogen.parent:Connection.get_preamble", _params("self")),
+        ("mitogen.parent:Connection._first_stage",
+         _uses("fork", "dup2", "execl", "decompress", "write")),
+        ("mitogen.parent:create_best_pipe", _params("escalates_privilege", "blocking")),
+        ("mitogen.parent:Process.__init__", _params("self", "pid", "stdin", "stdout", "stderr")),
+        ("mitogen.parent:Process.poll", _params("self")),
+        ("mitogen.parent:Process.send_signal", _params("self", "sig")),
+        ("mitogen.parent:_preexec_hook", lambda value: value is None or callable(value)),
+        ("mitogen.core:ExternalContext.main",
+         _uses("_setup_master", "_setup_importer", "_reap_first_stage", "_setup_package")),
+    ),
     "cpu_placement": (
         ("ansible_mitogen.affinity:policy", _present),
         ("ansible_mitogen.affinity:Policy", _params()),
@@ -226,8 +244,8 @@ PATCHES: dict[str, tuple[tuple[str, Callable[[Any], bool]], ...]] = {
     ),
 }
 #: The groups fem.core's ``mitogen_linear`` applies.
-STRATEGY = ("import_scans", "unminified", "collections", "own_host", "cpu_placement",
-            "markers", "frozen_heap")
+STRATEGY = ("import_scans", "unminified", "collections", "own_host", "resident_host",
+            "cpu_placement", "markers", "frozen_heap")
 
 
 def _resolve(target: str) -> Any:

@@ -32,6 +32,12 @@ no cache, so each run paid ~1 CPU-s for it, on the critical path of the first mo
   time.  Mitogen's own modules, collections and modules' code still come from the
   multiplexer.  Any other host, interpreter or connection (SSH), and any context such a
   host starts itself (``become``, ``mitogen_via``), is as with Mitogen.
+- A host forked ready: in a run of a resident Ansible (``FEMCORE_RESIDENT_HOST`` set), the
+  listener's own host (the test above) is asked of the resident host, fem.core's
+  ``plugin_utils.resident_host``: a fork of a process that has imported what modules
+  import there, which joins the run's cgroup and takes the multiplexer's state before it
+  boots as Mitogen's interpreter would (docs/decisions.md, "A host interpreter per run,
+  forked ready").  Refused or absent: Mitogen starts it, as before.
 - CPU placement: none.  Mitogen pins its processes as if its ``ansible-playbook`` had the
   machine to itself: the multiplexer to CPU 0, the top-level process to CPU 1 (on fewer than
   4 CPUs also the workers and every process Mitogen starts, the host's interpreter and its
@@ -60,10 +66,16 @@ gives its runs Mitogen's own plugin instead of this one.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import gc
 import importlib.util
+import json
 import logging
 import os
+import resource
+import select
+import signal
+import socket
 import sys
 import threading
 import types
@@ -75,6 +87,7 @@ from ansible_collections.fem.core.plugins.plugin_utils import (
     derived_cache,
     fastpath,
     mitogen_host,
+    resident_host,
 )
 
 
@@ -140,9 +153,10 @@ description:
     to find a module's imports are kept in E(FEM_IMPORT_SCAN_CACHE) between runs,
     Mitogen's own modules are sent unminified, installed collections are listed without
     ansible-galaxy, a host reached by the local method with the controller's own
-    interpreter imports Ansible from its installed files, Mitogen's processes are not
-    pinned to CPUs, a literal set_stats is answered without a worker, and the heap built
-    before the play is frozen before workers are forked from it.
+    interpreter imports Ansible from its installed files (and is forked by the resident
+    host when the run has one), Mitogen's processes are not pinned to CPUs, a literal
+    set_stats is answered without a worker, and the heap built before the play is frozen
+    before workers are forked from it.
 author: fem-ansible developers
 """
 
@@ -212,6 +226,8 @@ _stage_markers: types.ModuleType | None = None
 # Mitogen's own, kept by _own_host() as it replaces them (only once the check passed).
 _econtext_config: Callable[[mitogen.parent.Connection], dict]
 _send_module_forwards: Callable[[Any, mitogen.core.Context], None]
+# Mitogen's own, kept by _resident_host() as it replaces it.
+_start_child: Callable[[mitogen.parent.Connection], mitogen.parent.Process]
 
 
 def runs_controller_files(connection: mitogen.parent.Connection) -> bool:
@@ -256,6 +272,100 @@ def send_module_forwards(self, context) -> None:
     _send_module_forwards(self, context)
 
 
+class ForkedHost(mitogen.parent.Process):
+    """A host interpreter the resident host (fem.core's ``plugin_utils.resident_host``)
+    forked for this multiplexer.  Not this process's child: its exit status comes from the
+    resident host over ``conn``, and signals go through its pidfd, which cannot reach
+    another process that took its pid."""
+
+    def __init__(self, pid: int, pidfd: int, conn: socket.socket, stdin, stdout) -> None:
+        super().__init__(pid, stdin, stdout)
+        self.pidfd, self.conn = pidfd, conn
+        self.returncode: int | None = None
+        self._buffer = b""
+        conn.setblocking(False)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                chunk = self.conn.recv(4096)
+            except BlockingIOError:
+                return None
+            except OSError:
+                chunk = b""
+            self._buffer += chunk
+            size = int.from_bytes(self._buffer[:4], "big")
+            if len(self._buffer) >= 4 and len(self._buffer) >= 4 + size:
+                try:
+                    self.returncode = int(json.loads(self._buffer[4:4 + size])["rc"])
+                except (ValueError, KeyError, TypeError):
+                    self.returncode = -signal.SIGKILL
+            elif chunk or not select.select([self.pidfd], [], [], 0)[0]:
+                return None  # more to come, or the resident host gone and the host alive
+            else:
+                self.returncode = -signal.SIGKILL  # both gone: how it ended is not known
+            self.conn.close()
+            os.close(self.pidfd)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, sig)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (other threads create files)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+
+
+def ask_resident_host(connection: mitogen.parent.Connection, path: str) -> ForkedHost | None:
+    """A host for ``connection`` forked by the resident host at ``path``, or None (it is
+    not there, not this user's, or refuses: see its log line)."""
+    parent_rfp, child_wfp, child_rfp, parent_wfp = mitogen.parent.create_best_pipe(
+        escalates_privilege=False)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    reply, fds = {}, []
+    try:
+        conn.settimeout(resident_host.ANSWER_S)
+        conn.connect(path)
+        if resident_host.peer_uid(conn)[1] != os.getuid():
+            raise ValueError(f"{path} is another user's")
+        resident_host.send(conn, {
+            "protocol": resident_host.PROTOCOL,
+            "env": {k: v for k, v in os.environ.items() if k != resident_host.ENV},
+            "cwd": os.getcwd(), "umask": _umask(), "size": len(connection.get_preamble()),
+            "rlimits": {name: resource.getrlimit(getattr(resource, name))
+                        for name in resident_host.RLIMITS if hasattr(resource, name)},
+        }, [child_rfp.fileno(), child_wfp.fileno(), 2])
+        reply, fds = resident_host.receive(conn, 1, resident_host.ANSWER_S)
+    except (OSError, ValueError) as exc:
+        LOG.debug("%r: no host from the resident host: %s", connection, exc)
+    finally:
+        child_rfp.close()
+        child_wfp.close()
+    if isinstance(reply.get("pid"), int) and len(fds) == 1:
+        return ForkedHost(reply["pid"], fds[0], conn, parent_wfp, parent_rfp)
+    for fd in fds:
+        os.close(fd)
+    for f in (conn, parent_rfp, parent_wfp):
+        f.close()
+    return None
+
+
+def start_child(self: mitogen.parent.Connection) -> mitogen.parent.Process:
+    """``Connection.start_child``: a host this multiplexer would start with the controller's
+    own interpreter (:func:`runs_controller_files`) is asked of the resident host first,
+    when the run has one; any other, or when it gives none, as Mitogen starts it."""
+    path = os.environ.get(resident_host.ENV)
+    if path and mitogen.parent._preexec_hook is None and runs_controller_files(self):
+        host = ask_resident_host(self, path)
+        if host is not None:
+            return host
+    return _start_child(self)
+
+
 def _import_scans() -> None:
     # Module attributes shadow the built-in ``compile`` for these two modules only.
     mitogen.master.compile = cached_compile
@@ -279,6 +389,14 @@ def _own_host() -> None:
     ansible_mitogen.services.ContextService._send_module_forwards = send_module_forwards
 
 
+def _resident_host() -> None:
+    global _start_child
+    if "own_host" in _off:  # a host importing Ansible from the multiplexer is not one
+        return
+    _start_child = mitogen.parent.Connection.start_child
+    mitogen.parent.Connection.start_child = start_child
+
+
 def _markers() -> None:
     global _stage_markers
     # Imported only once the check passed: it imports what the group relies on.
@@ -300,7 +418,7 @@ def _cpu_placement() -> None:
 #: What each group of fem.core.plugin_utils.fastpath.STRATEGY changes in Mitogen.
 APPLY = {"import_scans": _import_scans, "unminified": _unminified_modules,
          "collections": _collections, "own_host": _own_host, "cpu_placement": _cpu_placement,
-         "markers": _markers, "frozen_heap": _frozen_heap}
+         "markers": _markers, "frozen_heap": _frozen_heap, "resident_host": _resident_host}
 _missing = fastpath.missing(fastpath.STRATEGY)
 if _missing:
     Display().warning(fastpath.warning(_missing) + "; running Mitogen's own mitogen_linear")

@@ -1,0 +1,450 @@
+# Copyright: fem-ansible developers
+# SPDX-License-Identifier: Apache-2.0
+"""The resident host: a Python process that has imported what modules import on the
+listener's own host, and forks one Mitogen host interpreter for each run that asks
+(docs/decisions.md, "A host interpreter per run, forked ready").
+
+Why: every run's Mitogen multiplexer starts a new Python for the listener's own host
+(``localhost``, the local method), and that interpreter spent most of its CPU importing the
+same libraries every run: ``requests``, ``urllib3``, the Docker SDK,
+``ansible.module_utils.basic`` (bench/RESULTS.md).  A fork of a process that imported them
+once starts with them.
+
+What keeps runs apart, by construction:
+
+- This process never runs a module, a Mitogen context or anything of a run.  It holds
+  :data:`PRELOAD` and what that imports, nothing else: not Mitogen, not Ansible's
+  controller.  Each host is a fresh fork, used by the one multiplexer that asked for it,
+  and ends with it.
+- The fork joins the cgroup of the process that asked (read here from
+  ``/proc/<peer>/cgroup``; only a group directly under the resident Ansible's
+  ``fem-runs/``) before anything else, so cancel, timeout and the end of the run kill it
+  with the run's other processes.
+- It then takes what a host the multiplexer starts itself would inherit: the
+  multiplexer's stdio ends, working dir, environment, umask and resource limits; a session
+  of its own; Python's start-up state (``sys.argv``, ``sys.path`` with the working dir
+  first, signal dispositions).  It runs Mitogen's first stage as Mitogen's ``-c`` program
+  does, then the core source the multiplexer sends, as ``__main__``, as the interpreter
+  Mitogen would have started reads it from its stdin.
+- A request is refused (the multiplexer then starts its host as Mitogen does) when what was
+  imported here could differ from what that interpreter would import: an environment other
+  than this process's outside the per-run variables; a working dir holding a module or
+  package of a name imported here (a fresh interpreter would import that one); a file
+  imported here changed since (this process then exits with :data:`CHANGED_RC` once its
+  hosts have ended, and fem_ansible.resident_server is replaced).
+
+Standard library only: fem_ansible.resident_server starts it as
+``python <this file> <socket> <server pid> <cgroup mount> <runs' cgroup base> <per-run
+variables as JSON>``, without ``-P``, ``-I`` or ``-S``: the flags of its forks are those of
+the interpreter Mitogen starts.  fem.core's ``mitogen_linear`` is its client
+(:func:`ask`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import importlib.machinery
+import json
+import os
+import resource
+import select
+import selectors
+import signal
+import socket
+import sys
+import time
+import types
+import zlib
+
+#: What a multiplexer and this process agree on.
+PROTOCOL = "fem-resident-host/1"
+#: The variable through which a forked run (and so its multiplexer) finds this process's
+#: socket; set by fem_ansible.resident_server in the run only.
+ENV = "FEMCORE_RESIDENT_HOST"
+#: Exit code: a file imported here changed (fem_ansible.resident_server retires with it).
+CHANGED_RC = 3
+#: What the built-in roles' modules import on the listener's own host.
+PRELOAD = ("ansible.module_utils.basic", "requests", "docker")
+#: The resource limits a host takes from its multiplexer (Mitogen raises the open files').
+RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_STACK", "RLIMIT_AS",
+           "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_MEMLOCK", "RLIMIT_CPU", "RLIMIT_NICE",
+           "RLIMIT_RTPRIO", "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_LOCKS",
+           "RLIMIT_RSS")
+#: How long a multiplexer waits for this process's answer before it starts its own host.
+ANSWER_S = 5.0
+#: How long this process waits for a fork to take its run's state.
+READY_S = 2.0
+_MAX_REQUEST = 1 << 20
+
+
+def fingerprint() -> dict[str, tuple[int, int]]:
+    """Every file this process imported code from, with its mtime and size."""
+    files = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                files[path] = (st.st_mtime_ns, st.st_size)
+    return files
+
+
+def changed(files: dict[str, tuple[int, int]]) -> str | None:
+    """The first of ``files`` (:func:`fingerprint`) that is gone or differs."""
+    for path, seen in files.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return path
+        if (st.st_mtime_ns, st.st_size) != seen:
+            return path
+    return None
+
+
+def send(conn: socket.socket, message: dict, fds: list[int]) -> None:
+    """``message`` and ``fds`` as :func:`receive` reads them."""
+    body = json.dumps(message).encode()
+    data = len(body).to_bytes(4, "big") + body
+    sent = socket.send_fds(conn, [data], fds) if fds else conn.send(data)
+    conn.sendall(data[sent:])
+
+
+def receive(conn: socket.socket, max_fds: int, deadline_s: float) -> tuple[dict, list[int]]:
+    """A message and the fds that came with it (ValueError if it is not one, OSError if it
+    does not come within ``deadline_s``); the sender sends it all at once."""
+    conn.settimeout(deadline_s)
+    data, fds, _flags, _addr = socket.recv_fds(conn, _MAX_REQUEST, max_fds)
+    try:
+        if len(data) < 4:
+            raise ValueError("short message")
+        size = int.from_bytes(data[:4], "big")
+        if size > _MAX_REQUEST:
+            raise ValueError("message too long")
+        body = data[4:]
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                raise ValueError("message cut short")
+            body += chunk
+        message = json.loads(body)
+        if not isinstance(message, dict):
+            raise ValueError("not a message")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    conn.settimeout(None)
+    return message, fds
+
+
+def peer_uid(conn: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of ``conn``."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return (int.from_bytes(creds[0:4], sys.byteorder),
+            int.from_bytes(creds[4:8], sys.byteorder))
+
+
+def _say(line: str) -> None:
+    """A line for the listener's log (through the resident Ansible's stderr)."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"resident host: {line}\n".encode(errors="replace"))
+
+
+class _Host:
+    def __init__(self, pid: int, pidfd: int, conn: socket.socket) -> None:
+        self.pid, self.pidfd, self.conn = pid, pidfd, conn
+
+
+class Forks:
+    """The resident host's loop: takes requests, forks hosts, reaps them."""
+
+    def __init__(self, path: str, server: int, mount: str, base: str,
+                 per_run: set[str]) -> None:
+        self.path, self.server, self.mount, self.base = path, server, mount, base
+        self.env = {k: v for k, v in os.environ.items() if k not in per_run}
+        self.per_run = per_run | {ENV}
+        self.files = fingerprint()
+        self.hosts: dict[int, _Host] = {}
+        self.rc = 0
+        self.stopping = ""
+        self.selector = selectors.DefaultSelector()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        self.sock.bind(tmp)
+        self.sock.listen(64)
+        os.rename(tmp, path)
+        self.inode = os.stat(path).st_ino
+        self.selector.register(self.sock, selectors.EVENT_READ, None)
+
+    def stop(self, why: str, rc: int = 0) -> None:
+        """Take no more requests; the loop ends once the hosts forked have ended."""
+        if self.stopping:
+            return
+        self.stopping, self.rc = why, rc
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        _say(f"stopping: {why}")
+
+    def serve(self) -> dict | None:
+        """Serve until stopped and idle (None), or, in a forked host that has taken its
+        run's state (:func:`_prepare`), return its request."""
+        stop = {"why": ""}
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda s, _f: stop.update(why=signal.Signals(s).name))
+        while not (self.stopping and not self.hosts):
+            if stop["why"]:
+                self.stop(stop["why"])
+            if os.getppid() != self.server:
+                self.stop("the resident Ansible is gone")
+            for key, _mask in self.selector.select(timeout=1.0):
+                if key.data is None:
+                    forked = self._accept()
+                    if forked is not None:
+                        return forked
+                else:
+                    self._ended(key.data)
+        return None
+
+    def _accept(self) -> dict | None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return None
+        try:
+            pid, uid = peer_uid(conn)
+            if uid != os.getuid():
+                raise ValueError("another user")
+            message, fds = receive(conn, 3, 2.0)
+        except (OSError, ValueError) as e:
+            _say(f"a request refused: {e}")
+            conn.close()
+            return None
+        try:
+            group = self._group(pid)
+            why = self._refusal(message, fds)
+        except (OSError, ValueError) as e:
+            why = str(e)
+        if why:
+            for fd in fds:
+                os.close(fd)
+            _say(f"a request refused (its run starts its own host): {why}")
+            with contextlib.suppress(OSError):
+                send(conn, {"cold": why}, [])
+            conn.close()
+            return None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ready_r, ready_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            self._become_child(conn)
+            os.close(ready_r)
+            _prepare(message, fds, group, ready_w)
+            return message
+        os.close(ready_w)
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(child)
+        why = _ready(ready_r, pidfd)
+        if why:  # the fork could not take the run's state: the run starts its own host
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.waitpid(child, 0)
+            os.close(pidfd)
+            _say(f"a request refused (its run starts its own host): {why}")
+            with contextlib.suppress(OSError):
+                send(conn, {"cold": why}, [])
+            conn.close()
+            return None
+        # (the multiplexer gone: so is its host, with the run's cgroup)
+        with contextlib.suppress(OSError):
+            send(conn, {"pid": child}, [pidfd])
+        self.hosts[child] = _Host(child, pidfd, conn)
+        self.selector.register(pidfd, selectors.EVENT_READ, child)
+        return None
+
+    def _group(self, pid: int) -> str:
+        """The cgroup of process ``pid`` if it is a run's (directly under the base)."""
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+            own = next((line[3:].strip() for line in f if line.startswith("0::")), "")
+        group = os.path.join(self.mount, own.lstrip("/"))
+        name = os.path.basename(group)
+        if (os.path.normpath(group) != group or os.path.dirname(group) != self.base
+                or not name or name.startswith(".")):
+            raise ValueError(f"the asking process is not in a run's cgroup ({own})")
+        return group
+
+    def _refusal(self, message: dict, fds: list[int]) -> str | None:
+        if message.get("protocol") != PROTOCOL:
+            return f"its multiplexer speaks {message.get('protocol')!r}, this {PROTOCOL!r}"
+        if len(fds) != 3:
+            return "no stdio received"
+        path = changed(self.files)
+        if path:
+            self.stop(f"{path} changed", CHANGED_RC)
+            return "code imported by the resident host changed"
+        env, cwd = message.get("env"), message.get("cwd")
+        if not isinstance(env, dict) or not isinstance(cwd, str) or not os.path.isabs(cwd):
+            return "no environment or working dir"
+        if not (isinstance(message.get("size"), int) and isinstance(message.get("umask"), int)
+                and isinstance(message.get("rlimits"), dict)
+                and set(message["rlimits"]) <= set(RLIMITS)):
+            return "a malformed request"
+        differ = sorted(k for k in {*env, *self.env} - self.per_run
+                        if env.get(k) != self.env.get(k))
+        if differ:
+            return f"its environment differs in {', '.join(differ)}"
+        shadowed = _shadowed(cwd)
+        if shadowed:
+            return f"its working dir holds {shadowed}, which a new interpreter would import"
+        return None
+
+    def _become_child(self, conn: socket.socket) -> None:
+        """In the fork: nothing of this process stays open or in charge."""
+        self.selector.close()
+        self.sock.close()
+        conn.close()
+        for host in self.hosts.values():
+            os.close(host.pidfd)
+            host.conn.close()
+
+    def _ended(self, pid: int) -> None:
+        host = self.hosts.pop(pid)
+        _, status = os.waitpid(pid, 0)
+        with contextlib.suppress(OSError):
+            send(host.conn, {"rc": os.waitstatus_to_exitcode(status)}, [])
+        self.selector.unregister(host.pidfd)
+        os.close(host.pidfd)
+        host.conn.close()
+
+
+def _shadowed(cwd: str) -> str | None:
+    """A name imported here that ``cwd``, first on a new interpreter's path, would give
+    instead."""
+    for name in sorted({name.partition(".")[0] for name in sys.modules}):
+        if name in sys.builtin_module_names or name == "__main__":
+            continue
+        with contextlib.suppress(ImportError, ValueError):
+            if importlib.machinery.PathFinder.find_spec(name, [cwd]) is not None:
+                return name
+    return None
+
+
+def _ready(ready: int, pidfd: int) -> str | None:
+    """Whether the fork took its run's state (None), or why not."""
+    answer = b""
+    deadline = time.monotonic() + READY_S
+    try:
+        while not answer.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([ready], [], [], left)[0]:
+                return "the fork did not get ready in time"
+            chunk = os.read(ready, 4096)
+            if not chunk:
+                return "the fork ended before it was ready"
+            answer += chunk
+    finally:
+        os.close(ready)
+    text = answer.decode(errors="replace").strip()
+    return None if text == "ready" else f"the fork could not take its run's state: {text}"
+
+
+def _prepare(message: dict, fds: list[int], group: str, ready: int) -> None:
+    """In the fork: join ``group`` first, then take the multiplexer's process state and
+    Python's start-up state; say on ``ready`` whether it could (if not, end)."""
+    try:
+        with open(os.path.join(group, "cgroup.procs"), "w", encoding="ascii") as f:
+            f.write("0\n")
+        os.setsid()
+        os.chdir(message["cwd"])
+        os.umask(message["umask"])
+        for name, limits in message["rlimits"].items():
+            resource.setrlimit(getattr(resource, name), tuple(limits))
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+    except (OSError, ValueError, TypeError) as e:
+        os.write(ready, f"{type(e).__name__}: {e}\n".encode(errors="replace"))
+        os._exit(1)
+    os.environ.clear()
+    os.environ.update(message["env"])
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    sys.argv[:] = [""]
+    sys.path.insert(0, "")
+    importlib.invalidate_caches()
+    os.write(ready, b"ready\n")
+    os.close(ready)
+
+
+def become_host(message: dict) -> None:
+    """In the fork, prepared: what Mitogen's boot command runs in the interpreter it
+    starts."""
+    core = _first_stage(message["size"])
+    # As that interpreter runs its stdin: the core source as __main__.
+    os.environ["ARGV0"] = sys.executable
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    exec(compile(core, "<stdin>", "exec"), main.__dict__)
+
+
+def _first_stage(size: int) -> bytes:
+    """Mitogen's first stage (``mitogen.parent.Connection._first_stage``), in this process:
+    the compressed preamble read from stdin, the original stdin kept as fd 100, the core
+    source readable on fd 101; then the program it would exec, returned."""
+    os.write(1, b"MITO000\n")
+    compressed = b""
+    while len(compressed) < size:
+        select.select([0], [], [])
+        chunk = os.read(0, size - len(compressed))
+        if not chunk:
+            break
+        compressed += chunk
+    core = zlib.decompress(compressed)
+    os.dup2(0, 100)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    source = os.memfd_create("mitogen-core")
+    view = memoryview(core)
+    while view:
+        view = view[os.write(source, view):]
+    os.lseek(source, 0, os.SEEK_SET)
+    os.dup2(source, 101)
+    os.close(source)
+    os.write(1, b"MITO001\n")
+    return core
+
+
+def main(argv: list[str]) -> int:
+    del sys.path[0]  # this file's dir: a host's path starts with its working dir instead
+    path, server, mount, base, per_run = argv[1], int(argv[2]), argv[3], argv[4], argv[5]
+    skipped = []
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # a module that fails here is imported by the host itself
+            skipped.append(name)
+    gc.collect()
+    gc.freeze()  # the forks' copy of the heap stays shared: their collections skip it
+    forks = Forks(path, server, mount, base, set(json.loads(per_run)))
+    _say(f"ready: {len(forks.files)} files imported"
+         + (f", not {', '.join(skipped)}" if skipped else ""))
+    forked = forks.serve()
+    if forked is None:
+        return forks.rc
+    become_host(forked)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

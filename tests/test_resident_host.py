@@ -1,0 +1,281 @@
+"""fem.core's resident host (``plugin_utils/resident_host.py``) with real Mitogen: a
+multiplexer of a run asks it for the listener's own host, and gets a fork of it that is
+what Mitogen would have started (in the run's cgroup, with the multiplexer's working dir,
+environment, umask and limits, its own session, Python's start-up state), already holding
+what modules import; a fresh one each time.  Whatever could make the fork differ from a new
+interpreter is refused, and the multiplexer then starts its host as Mitogen does.
+
+The multiplexer here is a process of a run's cgroup that loads fem.core's strategy and
+connects as ansible_mitogen's context service does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fem_ansible import cgroups
+from fem_ansible.fastpath import plugin_utils
+from fem_ansible.runner import data_dir
+from fem_ansible.sockdir import socket_dir
+
+resident_host = plugin_utils("resident_host")
+
+COLLECTIONS = data_dir() / "collections"
+
+# A run's multiplexer: joins its cgroup, loads the strategy as Ansible does, connects the
+# listener's own host twice as the context service does, and prints what each host saw.
+MULTIPLEXER = r"""
+import json, os, resource, sys
+with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
+    f.write("0\n")
+resource.setrlimit(resource.RLIMIT_NOFILE, (777, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+os.umask(0o027)
+from ansible.plugins.loader import init_plugin_loader
+init_plugin_loader([sys.argv[1]])
+import importlib
+plugin = importlib.import_module("ansible_collections.fem.core.plugins.strategy.mitogen_linear")
+import ansible_mitogen.process, ansible_mitogen.services, mitogen.master
+broker = mitogen.master.Broker()
+router = mitogen.master.Router(broker)
+ansible_mitogen.process._setup_responder(router.responder)
+service = ansible_mitogen.services.ContextService(router)
+SEEN = '''dict(
+    pid=__import__("os").getpid(), ppid=__import__("os").getppid(),
+    sid=__import__("os").getsid(0), cwd=__import__("os").getcwd(),
+    umask=int(open("/proc/self/status").read().split("Umask:")[1].split()[0], 8),
+    nofile=__import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE),
+    env=dict(__import__("os").environ), argv=__import__("sys").argv,
+    path0=__import__("sys").path[0],
+    preloaded=[n for n in ("requests", "docker") if n in __import__("sys").modules],
+    cgroup=[l[3:].strip() for l in open("/proc/self/cgroup") if l.startswith("0::")][0],
+    fds=[__import__("os").readlink(f"/proc/self/fd/{fd}")
+         for fd in __import__("os").listdir("/proc/self/fd")
+         if __import__("os").path.lexists(f"/proc/self/fd/{fd}")],
+    mark=getattr(__import__("sys"), "fem_test_mark", None),
+    converters=__import__("ansible.module_utils.common.text.converters",
+                          fromlist=["x"]).__file__,
+)'''
+seen = []
+for _ in range(2):
+    host = router.local(python_path=[sys.executable])
+    service._send_module_forwards(host)
+    seen.append(host.call(eval, SEEN))
+    host.call(exec, "import sys; sys.fem_test_mark = 1")
+    host.shutdown(wait=True)
+own = dict(pid=os.getpid(), cwd=os.getcwd(), env=dict(os.environ),
+           cgroup=[l[3:].strip() for l in open("/proc/self/cgroup") if l.startswith("0::")][0])
+broker.shutdown()
+broker.join()
+print(json.dumps({"hosts": seen, "own": own}))
+"""
+
+
+class Resident:
+    """A resident host started as fem_ansible.resident_server starts one, and the
+    environment of the runs it serves."""
+
+    def __init__(self, tmp_path: Path, **env: str) -> None:
+        directory = socket_dir(tmp_path, "resident", "test", 60)
+        directory.mkdir(parents=True, mode=0o700)
+        self.path = directory / "server.sock.host"
+        self.tmp = tmp_path
+        # LC_ALL set: Python adds nothing to its environment (PEP 538).
+        self.env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LC_ALL": "C.UTF-8",
+                    **env}
+        self.log = tmp_path / "resident-host.log"
+        self.start()
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, resident_host.__file__, str(self.path), str(os.getpid()),
+                 str(cgroups.mount()), str(cgroups.base()),
+                 json.dumps(["FEM_RUN_CGROUP", "FEM_JOB_ID"])],
+                env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=log, cwd=self.tmp)
+        deadline = time.monotonic() + 60
+        while not self.path.exists():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def run(self, cwd: Path, extra_env: dict[str, str] | None = None,
+            group: Path | None = None, ask: bool = True) -> dict:
+        """A multiplexer in a new run's cgroup (or ``group``) connecting two hosts, asking
+        this resident host for them (or, not ``ask``, as where there is none)."""
+        made = group is None
+        group = group or cgroups.create(f"host-test.{time.monotonic_ns()}")
+        assert group is not None
+        env = {**self.env, "FEM_RUN_CGROUP": str(group), "FEM_JOB_ID": "job-1",
+               **({resident_host.ENV: str(self.path)} if ask else {}), **(extra_env or {})}
+        try:
+            done = subprocess.run([sys.executable, "-c", MULTIPLEXER, str(COLLECTIONS)],
+                                  env=env, cwd=cwd, capture_output=True, text=True,
+                                  timeout=120)
+        finally:
+            if made:
+                cgroups.remove(group)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def resident(tmp_path):
+    if cgroups.base() is None:
+        pytest.fail("these tests need a writable cgroup v2 (CI runs as root)")
+    started = Resident(tmp_path)
+    yield started
+    started.close()
+
+
+def _kinds(seen: dict) -> set[str]:
+    """What kinds of descriptors a host had open (a socket, a pipe, an epoll, a file)."""
+    return {re.sub(r"\[\d+\]$", "", link) for link in seen["fds"]}
+
+
+def _forked(seen: dict, resident: Resident) -> bool:
+    return seen["ppid"] == resident.proc.pid
+
+
+def test_the_listeners_own_host_is_forked_as_mitogen_would_have_started_it(resident,
+                                                                           tmp_path):
+    work = tmp_path / "project"
+    work.mkdir()
+    got = resident.run(work)
+    own = got["own"]
+    first, second = got["hosts"]
+    for host in (first, second):
+        assert _forked(host, resident), (host, resident.log.read_text())
+        # Already imported: what modules import on this host.
+        assert host["preloaded"] == ["requests", "docker"]
+        # What a host started by the multiplexer would have had.
+        assert host["cgroup"] == own["cgroup"]
+        assert host["cwd"] == own["cwd"] == str(work)
+        assert host["umask"] == 0o027
+        assert host["nofile"][0] == 777
+        assert host["sid"] == host["pid"]
+        assert host["argv"] == [""] and host["path0"] == ""
+        # Mitogen's ARGV0 was taken by its core; the resident host's variable is not passed.
+        assert host["env"] == {k: v for k, v in own["env"].items() if k != resident_host.ENV}
+        # Ansible from its installed files, as the check of fem.core's own_host lets it.
+        assert host["converters"] == importlib.util.find_spec(
+            "ansible.module_utils.common.text.converters").origin
+    # A fresh fork each time: nothing of the first host in the second.
+    assert first["pid"] != second["pid"]
+    assert first["mark"] is None and second["mark"] is None
+    # Nothing of the resident host's own is open in its forks: the same kinds of
+    # descriptors as a host Mitogen starts (its stdio, the parent stream, its broker's
+    # waker and loggers), no pidfd of another host, no socket of the resident host's.
+    started = resident.run(work, ask=False)
+    assert all(_started_by_mitogen(h, started["own"]) for h in started["hosts"])
+    assert _kinds(first) == _kinds(second) == _kinds(started["hosts"][0]), \
+        (first["fds"], second["fds"], started["hosts"][0]["fds"])
+    own_sockets = {os.readlink(f"/proc/{resident.proc.pid}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{resident.proc.pid}/fd")}
+    assert not own_sockets & {*first["fds"], *second["fds"]} - {"/dev/null"}, own_sockets
+    assert first["preloaded"] != started["hosts"][0]["preloaded"] == []
+
+
+def _started_by_mitogen(seen: dict, own: dict) -> bool:
+    return seen["ppid"] == own["pid"]
+
+
+def test_a_working_dir_shadowing_what_it_imported_gets_mitogens_own_host(resident,
+                                                                         tmp_path):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "requests.py").write_text("raise ImportError('shadow')\n")
+    got = resident.run(work)
+    assert all(_started_by_mitogen(h, got["own"]) for h in got["hosts"]), got["hosts"]
+    assert "its working dir holds requests" in resident.log.read_text()
+
+
+def test_another_environment_gets_mitogens_own_host(resident, tmp_path):
+    got = resident.run(tmp_path, {"SITE_SETTING": "1"})
+    assert all(_started_by_mitogen(h, got["own"]) for h in got["hosts"]), got["hosts"]
+    assert "its environment differs in SITE_SETTING" in resident.log.read_text()
+    assert "1" not in resident.log.read_text().split("SITE_SETTING")[1][:3]  # names only
+
+
+def test_a_process_outside_a_runs_cgroup_gets_no_fork(resident, tmp_path):
+    outside = cgroups.base().parent / f"host-test-outside.{time.monotonic_ns()}"
+    outside.mkdir()
+    try:
+        got = resident.run(tmp_path, group=outside)
+    finally:
+        cgroups.remove(outside)
+    assert all(_started_by_mitogen(h, got["own"]) for h in got["hosts"]), got["hosts"]
+    assert "not in a run's cgroup" in resident.log.read_text()
+
+
+def test_a_changed_imported_file_ends_the_resident_host(tmp_path):
+    """A file the resident host imported changed (an upgrade): the request is refused and
+    the resident host exits with the code that replaces the resident Ansible."""
+    if cgroups.base() is None:
+        pytest.fail("these tests need a writable cgroup v2 (CI runs as root)")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("")  # imported by every interpreter at start
+    resident = Resident(tmp_path, PYTHONPATH=str(site))
+    try:
+        (site / "sitecustomize.py").write_text("x = 1\n")
+        got = resident.run(tmp_path)
+        assert all(_started_by_mitogen(h, got["own"]) for h in got["hosts"]), got["hosts"]
+        assert resident.proc.wait(timeout=30) == resident_host.CHANGED_RC
+        assert "sitecustomize.py changed" in resident.log.read_text()
+    finally:
+        if resident.proc.poll() is None:
+            resident.close()
+
+
+def test_no_resident_host_at_the_socket_gets_mitogens_own_host(resident, tmp_path):
+    got = resident.run(tmp_path, {resident_host.ENV: str(tmp_path / "gone.sock")})
+    assert all(_started_by_mitogen(h, got["own"]) for h in got["hosts"]), got["hosts"]
+
+
+# A request as the strategy sends it, but for a working dir the fork cannot enter.
+RAW = r"""
+import json, os, socket, sys
+with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
+    f.write("0\n")
+sys.path.insert(0, sys.argv[2])
+import resident_host
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(sys.argv[1])
+env = {k: v for k, v in os.environ.items() if k != resident_host.ENV}
+resident_host.send(conn, {"protocol": resident_host.PROTOCOL, "env": env, "cwd": sys.argv[3],
+                          "umask": 0o22, "size": 10, "rlimits": {}}, [0, 1, 2])
+print(json.dumps(resident_host.receive(conn, 1, 10)[0]))
+"""
+
+
+def test_a_fork_that_cannot_take_its_runs_state_is_refused(resident, tmp_path):
+    """The fork reports whether it could join the run's cgroup and take its state before
+    the multiplexer is answered: if not, the answer is a refusal (its host then starts as
+    Mitogen starts it), and the fork is gone."""
+    group = cgroups.create(f"host-test.{time.monotonic_ns()}")
+    env = {**resident.env, "FEM_RUN_CGROUP": str(group), resident_host.ENV: str(resident.path)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", RAW, str(resident.path),
+             str(Path(resident_host.__file__).parent), str(tmp_path / "not-a-dir")],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        reply = json.loads(done.stdout)
+        assert "FileNotFoundError" in reply["cold"], reply
+        assert cgroups.pids(group) == []
+    finally:
+        cgroups.remove(group)
