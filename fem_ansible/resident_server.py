@@ -63,6 +63,9 @@ resident_host = plugin_utils("resident_host")
 MAX_RUNS = 500
 #: Resident memory above which a server hands over to a new one.
 MAX_RSS = 1024 * 1024**2
+#: A resident host that ended after this long is started again (one that ends sooner is
+#: not, until the server is replaced: no restart loop).
+HOST_RESTART_S = 30.0
 #: How long the server parses role files (fem_ansible.parsed_roles) before it looks for a
 #: run again, when it has nothing else to do.
 PARSE_SLICE_S = 0.05
@@ -185,6 +188,7 @@ class Server:
         self.selector.register(self.sock, selectors.EVENT_READ, "accept")
         self.host: subprocess.Popen[bytes] | None = None
         self.host_pidfd = -1
+        self.host_started = 0.0
         self.host_path = f"{path}.host"
 
     def start_host(self) -> None:
@@ -203,6 +207,7 @@ class Server:
         except OSError as e:
             _say(f"the resident host could not start ({e}); runs start their own hosts")
             return
+        self.host_started = time.monotonic()
         self.host_pidfd = os.pidfd_open(self.host.pid)
         self.selector.register(self.host_pidfd, selectors.EVENT_READ, "host")
 
@@ -214,8 +219,14 @@ class Server:
         self.host = None
         if rc == resident_host.CHANGED_RC:
             self.retire("code the resident host imported changed")
-        else:
-            _say(f"the resident host ended (exit {rc}); runs start their own hosts")
+        elif self.retiring:
+            pass
+        elif time.monotonic() - self.host_started >= HOST_RESTART_S:
+            _say(f"the resident host ended (exit {rc}); a new one starts")
+            self.start_host()
+        else:  # it does not stay up: runs go on without it until this server is replaced
+            _say(f"the resident host ended (exit {rc}) within {HOST_RESTART_S:.0f}s of its "
+                 "start; runs start their own hosts")
 
     def stop_host(self) -> None:
         """The resident host ends once the hosts it forked have (they are runs')."""

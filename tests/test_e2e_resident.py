@@ -286,6 +286,43 @@ def test_a_server_killed_mid_run_costs_its_task_one_attempt(site, probed):
     assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
 
 
+def test_a_resident_host_killed_mid_run_costs_nothing(site, probed):
+    """``kill -9`` of the resident host while a run's module call is in a host it forked:
+    that host is the run's and goes on; the task completes, with one terminal event; the
+    next task completes with a host its multiplexer started, or one forked by a resident
+    host started again, as the log says."""
+    listener = in_the_probe(site, probed, "victim", "3")
+    orch = site.orchestrator
+    hosts = resident_servers(listener.proc.pid, b"resident_host.py")
+    assert len(hosts) == 1, listener.tail()
+    assert _forks_of(hosts[0]), listener.tail()  # the victim's host, in its probe's sleep
+    os.kill(hosts[0], signal.SIGKILL)
+    done = orch.wait_terminal("victim")
+    assert done["state"] == "COMPLETED", (done, listener.tail())
+    terminal = [e for e in orch.events("victim")
+                if e["state"] in {"COMPLETED", "FAILED", "CANCELLED"}]
+    assert len(terminal) == 1, terminal
+    assert host_forked(probe(probed.probes, "victim")["first"])
+    listener.wait_for_log("the resident host ended (exit -9)")
+    orch.publish(site.task("next"))
+    assert orch.wait_terminal("next")["state"] == "COMPLETED", listener.tail()
+    restarted = "a new one starts" in listener.log.read_text()
+    assert host_forked(probe(probed.probes, "next")["first"]) == restarted, listener.tail()
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+
+def _forks_of(pid: int) -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+            and _parent(entry) == pid]
+
+
+def _parent(entry: Path) -> int:
+    try:
+        return int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
 def test_sighup_replaces_the_servers_and_runs_go_on(site, probed):
     """SIGHUP (an Ansible upgraded in place): the servers retire, the next task is forked
     from new ones."""
@@ -326,10 +363,14 @@ def sleeping(seconds: str) -> bool:
     return done.returncode == 0
 
 
-def resident_servers(listener: int) -> list[int]:
+def resident_servers(listener: int, what: bytes = b"fem_ansible.resident_server"
+                     ) -> list[int]:
     """The resident Ansible servers of the listener ``listener`` (its children: the runs
-    they fork have the same command line)."""
+    they fork have the same command line), or their children whose command line holds
+    ``what``."""
     found = []
+    parents = {listener} if what == b"fem_ansible.resident_server" else set(
+        resident_servers(listener))
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -337,7 +378,7 @@ def resident_servers(listener: int) -> list[int]:
                 parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            if b"fem_ansible.resident_server" in cmd and parent == listener:
+            if what in cmd and parent in parents:
                 found.append(int(entry.name))
     return found
 

@@ -39,6 +39,15 @@ with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
     f.write("0\n")
 resource.setrlimit(resource.RLIMIT_NOFILE, (777, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 os.umask(0o027)
+# As ansible_mitogen's multiplexer has them: SIGINT and SIGQUIT ignored, its stdio
+# close-on-exec (argument "cloexec"), or inheritable as a plain process's.
+import signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+if sys.argv[2] == "cloexec":
+    for fd in (0, 1, 2):
+        os.set_inheritable(fd, False)
 from ansible.plugins.loader import init_plugin_loader
 init_plugin_loader([sys.argv[1]])
 import importlib
@@ -61,6 +70,10 @@ SEEN = '''dict(
          for fd in __import__("os").listdir("/proc/self/fd")
          if __import__("os").path.lexists(f"/proc/self/fd/{fd}")],
     mark=getattr(__import__("sys"), "fem_test_mark", None),
+    signals={k: v for k, v in (l.split(":") for l in open("/proc/self/status"))
+             if k in ("SigIgn", "SigBlk", "SigCgt")},
+    sigint=repr(__import__("signal").getsignal(__import__("signal").SIGINT)),
+    stderr=repr(type(__import__("sys").stderr)),
     converters=__import__("ansible.module_utils.common.text.converters",
                           fromlist=["x"]).__file__,
 )'''
@@ -109,7 +122,7 @@ class Resident:
             time.sleep(0.05)
 
     def run(self, cwd: Path, extra_env: dict[str, str] | None = None,
-            group: Path | None = None, ask: bool = True) -> dict:
+            group: Path | None = None, ask: bool = True, stdio: str = "cloexec") -> dict:
         """A multiplexer in a new run's cgroup (or ``group``) connecting two hosts, asking
         this resident host for them (or, not ``ask``, as where there is none)."""
         made = group is None
@@ -118,7 +131,7 @@ class Resident:
         env = {**self.env, "FEM_RUN_CGROUP": str(group), "FEM_JOB_ID": "job-1",
                **({resident_host.ENV: str(self.path)} if ask else {}), **(extra_env or {})}
         try:
-            done = subprocess.run([sys.executable, "-c", MULTIPLEXER, str(COLLECTIONS)],
+            done = subprocess.run([sys.executable, "-c", MULTIPLEXER, str(COLLECTIONS), stdio],
                                   env=env, cwd=cwd, capture_output=True, text=True,
                                   timeout=120)
         finally:
@@ -150,11 +163,12 @@ def _forked(seen: dict, resident: Resident) -> bool:
     return seen["ppid"] == resident.proc.pid
 
 
+@pytest.mark.parametrize("stdio", ["cloexec", "inheritable"])
 def test_the_listeners_own_host_is_forked_as_mitogen_would_have_started_it(resident,
-                                                                           tmp_path):
+                                                                           tmp_path, stdio):
     work = tmp_path / "project"
     work.mkdir()
-    got = resident.run(work)
+    got = resident.run(work, stdio=stdio)
     own = got["own"]
     first, second = got["hosts"]
     for host in (first, second):
@@ -179,10 +193,16 @@ def test_the_listeners_own_host_is_forked_as_mitogen_would_have_started_it(resid
     # Nothing of the resident host's own is open in its forks: the same kinds of
     # descriptors as a host Mitogen starts (its stdio, the parent stream, its broker's
     # waker and loggers), no pidfd of another host, no socket of the resident host's.
-    started = resident.run(work, ask=False)
+    started = resident.run(work, ask=False, stdio=stdio)
     assert all(_started_by_mitogen(h, started["own"]) for h in started["hosts"])
-    assert _kinds(first) == _kinds(second) == _kinds(started["hosts"][0]), \
-        (first["fds"], second["fds"], started["hosts"][0]["fds"])
+    stock = started["hosts"][0]
+    assert _kinds(first) == _kinds(second) == _kinds(stock), \
+        (first["fds"], second["fds"], stock["fds"])
+    # The multiplexer's ignored signals and blocked mask, Python's own start-up ones, and
+    # its stderr only where an exec keeps it (ansible_mitogen's is close-on-exec).
+    for what in ("signals", "sigint", "stderr"):
+        assert first[what] == second[what] == stock[what], (what, first[what], stock[what])
+    assert ("NoneType" in stock["stderr"]) == (stdio == "cloexec")
     own_sockets = {os.readlink(f"/proc/{resident.proc.pid}/fd/{fd}")
                    for fd in os.listdir(f"/proc/{resident.proc.pid}/fd")}
     assert not own_sockets & {*first["fds"], *second["fds"]} - {"/dev/null"}, own_sockets
@@ -257,7 +277,8 @@ conn = socket.socket(socket.AF_UNIX)
 conn.connect(sys.argv[1])
 env = {k: v for k, v in os.environ.items() if k != resident_host.ENV}
 resident_host.send(conn, {"protocol": resident_host.PROTOCOL, "env": env, "cwd": sys.argv[3],
-                          "umask": 0o22, "size": 10, "rlimits": {}}, [0, 1, 2])
+                          "umask": 0o22, "size": 10, "rlimits": {}, "sigign": 0,
+                          "sigblk": 0}, [0, 1, 2])
 print(json.dumps(resident_host.receive(conn, 1, 10)[0]))
 """
 
@@ -278,4 +299,40 @@ def test_a_fork_that_cannot_take_its_runs_state_is_refused(resident, tmp_path):
         assert "FileNotFoundError" in reply["cold"], reply
         assert cgroups.pids(group) == []
     finally:
+        cgroups.remove(group)
+
+
+# A process of a run that connects and sends its request's first bytes, then one a second.
+DRIP = r"""
+import os, socket, sys, time
+with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
+    f.write("0\n")
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(sys.argv[1])
+conn.send((1000).to_bytes(4, "big") + b"{")
+print("sent", flush=True)
+for _ in range(int(sys.argv[2])):
+    time.sleep(1)
+    conn.send(b" ")
+"""
+
+
+def test_a_request_that_comes_slowly_holds_nobody_up(resident, tmp_path):
+    """A process that drips its request: the hosts asked for meanwhile are forked, and the
+    slow request is given up at its deadline."""
+    group = cgroups.create(f"host-test.{time.monotonic_ns()}")
+    env = {**resident.env, "FEM_RUN_CGROUP": str(group)}
+    drip = subprocess.Popen([sys.executable, "-c", DRIP, str(resident.path), "20"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert drip.stdout.readline() == "sent\n"
+        got = resident.run(tmp_path)
+        assert all(_forked(h, resident) for h in got["hosts"]), resident.log.read_text()
+        deadline = time.monotonic() + 30
+        while "no whole request within" not in resident.log.read_text():
+            assert time.monotonic() < deadline, resident.log.read_text()
+            time.sleep(0.2)
+    finally:
+        drip.kill()
+        drip.wait()
         cgroups.remove(group)

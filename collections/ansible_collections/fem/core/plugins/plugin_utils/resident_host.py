@@ -76,6 +76,10 @@ RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_STACK", "RLIM
 ANSWER_S = 5.0
 #: How long this process waits for a fork to take its run's state.
 READY_S = 2.0
+#: How long a request may take to come whole, and how many may be coming at once (a
+#: sender that drips its bytes holds nobody else up).
+REQUEST_S = 2.0
+MAX_REQUESTS = 16
 _MAX_REQUEST = 1 << 20
 
 
@@ -111,32 +115,67 @@ def send(conn: socket.socket, message: dict, fds: list[int]) -> None:
     conn.sendall(data[sent:])
 
 
-def receive(conn: socket.socket, max_fds: int, deadline_s: float) -> tuple[dict, list[int]]:
-    """A message and the fds that came with it (ValueError if it is not one, OSError if it
-    does not come within ``deadline_s``); the sender sends it all at once."""
-    conn.settimeout(deadline_s)
-    data, fds, _flags, _addr = socket.recv_fds(conn, _MAX_REQUEST, max_fds)
-    try:
-        if len(data) < 4:
-            raise ValueError("short message")
-        size = int.from_bytes(data[:4], "big")
-        if size > _MAX_REQUEST:
+class Incoming:
+    """A message (what :func:`send` sent) as far as it has come on ``conn``."""
+
+    def __init__(self, conn: socket.socket, max_fds: int) -> None:
+        self.conn, self.max_fds = conn, max_fds
+        self.data = b""
+        self.size = 0
+        self.fds: list[int] = []
+
+    def read(self) -> dict | None:
+        """Read what has come, never past the message: the message once it is whole, else
+        None.  ValueError if it is not one (or the sender stopped short); BlockingIOError
+        and other OSErrors propagate."""
+        have = len(self.data)
+        want = 4 - have if have < 4 else 4 + self.size - have
+        data, fds, _flags, _addr = socket.recv_fds(self.conn, want, self.max_fds)
+        for fd in fds:  # the fds come with the first bytes; never more than max_fds
+            if len(self.fds) < self.max_fds:
+                self.fds.append(fd)
+            else:
+                os.close(fd)
+        if not data:
+            raise ValueError("message cut short")
+        self.data += data
+        if len(self.data) < 4:
+            return None
+        self.size = int.from_bytes(self.data[:4], "big")
+        if self.size > _MAX_REQUEST:
             raise ValueError("message too long")
-        body = data[4:]
-        while len(body) < size:
-            chunk = conn.recv(size - len(body))
-            if not chunk:
-                raise ValueError("message cut short")
-            body += chunk
-        message = json.loads(body)
+        if len(self.data) < 4 + self.size:
+            return None
+        message = json.loads(self.data[4:])
         if not isinstance(message, dict):
             raise ValueError("not a message")
-    except BaseException:
-        for fd in fds:
+        return message
+
+    def close(self) -> None:
+        """Close the fds received (those not taken)."""
+        for fd in self.fds:
             os.close(fd)
+        self.fds = []
+
+
+def receive(conn: socket.socket, max_fds: int, deadline_s: float) -> tuple[dict, list[int]]:
+    """A message and the fds that came with it, whole within ``deadline_s`` (TimeoutError
+    if not; ValueError if it is not one)."""
+    incoming = Incoming(conn, max_fds)
+    end = time.monotonic() + deadline_s
+    try:
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no whole message in time")
+            conn.settimeout(left)
+            message = incoming.read()
+            if message is not None:
+                conn.settimeout(None)
+                return message, incoming.fds
+    except BaseException:
+        incoming.close()
         raise
-    conn.settimeout(None)
-    return message, fds
 
 
 def peer_uid(conn: socket.socket) -> tuple[int, int]:
@@ -157,6 +196,25 @@ class _Host:
         self.pid, self.pidfd, self.conn = pid, pidfd, conn
 
 
+class _Request:
+    """A request coming in: read as its bytes come, given up at its deadline."""
+
+    def __init__(self, conn: socket.socket, group: str) -> None:
+        self.conn, self.group = conn, group
+        self.incoming = Incoming(conn, 3)
+        self.deadline = time.monotonic() + REQUEST_S
+
+    def drop(self, why: str | None) -> None:
+        self.incoming.close()
+        if why:
+            _say(f"a request refused (its run starts its own host): {why}")
+            with contextlib.suppress(OSError):
+                self.conn.setblocking(True)
+                self.conn.settimeout(1.0)
+                send(self.conn, {"cold": why}, [])
+        self.conn.close()
+
+
 class Forks:
     """The resident host's loop: takes requests, forks hosts, reaps them."""
 
@@ -167,6 +225,7 @@ class Forks:
         self.per_run = per_run | {ENV}
         self.files = fingerprint()
         self.hosts: dict[int, _Host] = {}
+        self.requests: dict[int, _Request] = {}
         self.rc = 0
         self.stopping = ""
         self.selector = selectors.DefaultSelector()
@@ -178,7 +237,7 @@ class Forks:
         self.sock.listen(64)
         os.rename(tmp, path)
         self.inode = os.stat(path).st_ino
-        self.selector.register(self.sock, selectors.EVENT_READ, None)
+        self.selector.register(self.sock, selectors.EVENT_READ, "accept")
 
     def stop(self, why: str, rc: int = 0) -> None:
         """Take no more requests; the loop ends once the hosts forked have ended."""
@@ -190,6 +249,8 @@ class Forks:
                 os.unlink(self.path)
         self.selector.unregister(self.sock)
         self.sock.close()
+        for fd in list(self.requests):
+            self._forget(fd).drop(f"the resident host is stopping ({why})")
         _say(f"stopping: {why}")
 
     def serve(self) -> dict | None:
@@ -203,71 +264,96 @@ class Forks:
                 self.stop(stop["why"])
             if os.getppid() != self.server:
                 self.stop("the resident Ansible is gone")
-            for key, _mask in self.selector.select(timeout=1.0):
-                if key.data is None:
-                    forked = self._accept()
+            now = time.monotonic()
+            for fd, request in list(self.requests.items()):
+                if request.deadline <= now:
+                    self._forget(fd).drop(f"no whole request within {REQUEST_S:.0f}s")
+            wait = min([1.0] + [r.deadline - now for r in self.requests.values()])
+            for key, _mask in self.selector.select(timeout=max(wait, 0)):
+                if key.data == "accept":
+                    self._accept()
+                elif key.data[0] == "request":
+                    forked = self._read(key.data[1])
                     if forked is not None:
                         return forked
                 else:
-                    self._ended(key.data)
+                    self._ended(key.data[1])
         return None
 
-    def _accept(self) -> dict | None:
+    def _accept(self) -> None:
+        """A connection: its peer checked at once (this user, a run's cgroup), its request
+        then read as it comes."""
         try:
             conn, _ = self.sock.accept()
         except OSError:
-            return None
+            return
         try:
             pid, uid = peer_uid(conn)
             if uid != os.getuid():
                 raise ValueError("another user")
-            message, fds = receive(conn, 3, 2.0)
-        except (OSError, ValueError) as e:
-            _say(f"a request refused: {e}")
-            conn.close()
-            return None
-        try:
             group = self._group(pid)
-            why = self._refusal(message, fds)
         except (OSError, ValueError) as e:
-            why = str(e)
+            _Request(conn, "").drop(str(e))
+            return
+        if len(self.requests) >= MAX_REQUESTS:
+            _Request(conn, "").drop(f"{MAX_REQUESTS} requests are being read")
+            return
+        conn.setblocking(False)
+        self.requests[conn.fileno()] = _Request(conn, group)
+        self.selector.register(conn, selectors.EVENT_READ, ("request", conn.fileno()))
+
+    def _forget(self, fd: int) -> _Request:
+        request = self.requests.pop(fd)
+        self.selector.unregister(request.conn)
+        return request
+
+    def _read(self, fd: int) -> dict | None:
+        request = self.requests[fd]
+        try:
+            message = request.incoming.read()
+        except BlockingIOError:
+            return None
+        except (OSError, ValueError) as e:
+            self._forget(fd).drop(f"{type(e).__name__}: {e}")
+            return None
+        if message is None:
+            return None
+        self._forget(fd)
+        request.conn.setblocking(True)
+        return self._answer(request, message)
+
+    def _answer(self, request: _Request, message: dict) -> dict | None:
+        """Fork a host for a whole request (returned in the fork), or refuse it."""
+        fds = request.incoming.fds
+        why = self._refusal(message, fds)
         if why:
-            for fd in fds:
-                os.close(fd)
-            _say(f"a request refused (its run starts its own host): {why}")
-            with contextlib.suppress(OSError):
-                send(conn, {"cold": why}, [])
-            conn.close()
+            request.drop(why)
             return None
         sys.stdout.flush()
         sys.stderr.flush()
         ready_r, ready_w = os.pipe()
         child = os.fork()
         if child == 0:
-            self._become_child(conn)
+            self._become_child(request.conn)
             os.close(ready_r)
-            _prepare(message, fds, group, ready_w)
+            _prepare(message, fds, request.group, ready_w)
             return message
         os.close(ready_w)
-        for fd in fds:
-            os.close(fd)
+        request.incoming.close()
         pidfd = os.pidfd_open(child)
-        why = _ready(ready_r, pidfd)
+        why = _ready(ready_r)
         if why:  # the fork could not take the run's state: the run starts its own host
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.waitpid(child, 0)
             os.close(pidfd)
-            _say(f"a request refused (its run starts its own host): {why}")
-            with contextlib.suppress(OSError):
-                send(conn, {"cold": why}, [])
-            conn.close()
+            request.drop(why)
             return None
         # (the multiplexer gone: so is its host, with the run's cgroup)
         with contextlib.suppress(OSError):
-            send(conn, {"pid": child}, [pidfd])
-        self.hosts[child] = _Host(child, pidfd, conn)
-        self.selector.register(pidfd, selectors.EVENT_READ, child)
+            send(request.conn, {"pid": child}, [pidfd])
+        self.hosts[child] = _Host(child, pidfd, request.conn)
+        self.selector.register(pidfd, selectors.EVENT_READ, ("host", child))
         return None
 
     def _group(self, pid: int) -> str:
@@ -282,9 +368,11 @@ class Forks:
         return group
 
     def _refusal(self, message: dict, fds: list[int]) -> str | None:
+        if self.stopping:
+            return f"the resident host is stopping ({self.stopping})"
         if message.get("protocol") != PROTOCOL:
             return f"its multiplexer speaks {message.get('protocol')!r}, this {PROTOCOL!r}"
-        if len(fds) != 3:
+        if len(fds) not in (2, 3):
             return "no stdio received"
         path = changed(self.files)
         if path:
@@ -293,7 +381,8 @@ class Forks:
         env, cwd = message.get("env"), message.get("cwd")
         if not isinstance(env, dict) or not isinstance(cwd, str) or not os.path.isabs(cwd):
             return "no environment or working dir"
-        if not (isinstance(message.get("size"), int) and isinstance(message.get("umask"), int)
+        if not (all(isinstance(message.get(k), int) for k in ("size", "umask", "sigign",
+                                                                 "sigblk"))
                 and isinstance(message.get("rlimits"), dict)
                 and set(message["rlimits"]) <= set(RLIMITS)):
             return "a malformed request"
@@ -314,6 +403,9 @@ class Forks:
         for host in self.hosts.values():
             os.close(host.pidfd)
             host.conn.close()
+        for request in self.requests.values():
+            request.incoming.close()
+            request.conn.close()
 
     def _ended(self, pid: int) -> None:
         host = self.hosts.pop(pid)
@@ -337,7 +429,7 @@ def _shadowed(cwd: str) -> str | None:
     return None
 
 
-def _ready(ready: int, pidfd: int) -> str | None:
+def _ready(ready: int) -> str | None:
     """Whether the fork took its run's state (None), or why not."""
     answer = b""
     deadline = time.monotonic() + READY_S
@@ -370,20 +462,44 @@ def _prepare(message: dict, fds: list[int], group: str, ready: int) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-    except (OSError, ValueError, TypeError) as e:
+        _signals(message["sigign"], message["sigblk"])
+    except Exception as e:  # whatever it is, this fork ends here
         os.write(ready, f"{type(e).__name__}: {e}\n".encode(errors="replace"))
         os._exit(1)
+    if len(fds) == 2:
+        # The multiplexer's stderr does not survive an exec (close-on-exec): the
+        # interpreter it starts has none, and Python then has no sys.stderr.
+        os.close(2)
+        sys.stderr = sys.__stderr__ = None
     os.environ.clear()
     os.environ.update(message["env"])
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     sys.argv[:] = [""]
     sys.path.insert(0, "")
     importlib.invalidate_caches()
     os.write(ready, b"ready\n")
     os.close(ready)
+
+
+def _signals(ignored: int, blocked: int) -> None:
+    """The signal dispositions and mask of an interpreter the multiplexer would start:
+    what it ignores stays ignored across the exec, the rest is default; Python's start
+    then ignores SIGPIPE and SIGXFSZ and handles SIGINT unless it was ignored.  The
+    blocked mask is the asking thread's."""
+    ignored |= _bit(signal.SIGPIPE) | _bit(signal.SIGXFSZ)
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):  # those the C library keeps
+            signal.signal(signum, signal.SIG_IGN if ignored & _bit(signum) else signal.SIG_DFL)
+    if not ignored & _bit(signal.SIGINT):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK,
+                           {s for s in signal.valid_signals() if blocked & _bit(s)})
+
+
+def _bit(signum: int) -> int:
+    """A signal's bit in the masks of ``/proc/<pid>/status``."""
+    return 1 << (signum - 1)
 
 
 def become_host(message: dict) -> None:

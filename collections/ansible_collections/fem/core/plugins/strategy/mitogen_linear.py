@@ -69,7 +69,6 @@ import builtins
 import contextlib
 import gc
 import importlib.util
-import json
 import logging
 import os
 import resource
@@ -282,28 +281,23 @@ class ForkedHost(mitogen.parent.Process):
         super().__init__(pid, stdin, stdout)
         self.pidfd, self.conn = pidfd, conn
         self.returncode: int | None = None
-        self._buffer = b""
+        self._exit = resident_host.Incoming(conn, 0)
         conn.setblocking(False)
 
     def poll(self) -> int | None:
         if self.returncode is None:
             try:
-                chunk = self.conn.recv(4096)
+                message = self._exit.read()
             except BlockingIOError:
                 return None
-            except OSError:
-                chunk = b""
-            self._buffer += chunk
-            size = int.from_bytes(self._buffer[:4], "big")
-            if len(self._buffer) >= 4 and len(self._buffer) >= 4 + size:
-                try:
-                    self.returncode = int(json.loads(self._buffer[4:4 + size])["rc"])
-                except (ValueError, KeyError, TypeError):
-                    self.returncode = -signal.SIGKILL
-            elif chunk or not select.select([self.pidfd], [], [], 0)[0]:
-                return None  # more to come, or the resident host gone and the host alive
-            else:
-                self.returncode = -signal.SIGKILL  # both gone: how it ended is not known
+            except (OSError, ValueError):  # the resident host is gone
+                if not select.select([self.pidfd], [], [], 0)[0]:
+                    return None  # and the host lives on
+                message = {}  # both gone: how it ended is not known
+            if message is None:
+                return None
+            rc = message.get("rc")
+            self.returncode = rc if isinstance(rc, int) else -signal.SIGKILL
             self.conn.close()
             os.close(self.pidfd)
         return self.returncode
@@ -314,10 +308,11 @@ class ForkedHost(mitogen.parent.Process):
                 signal.pidfd_send_signal(self.pidfd, sig)
 
 
-def _umask() -> int:
-    """This process's umask, read without setting it (other threads create files)."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+def _status(path: str, field: str, base: int) -> int:
+    """A field of ``/proc/<...>/status``: the umask is read without setting it (other
+    threads create files), the signal masks as an exec would keep them."""
+    with open(path, encoding="ascii") as f:
+        return next(int(line.split()[1], base) for line in f if line.startswith(field))
 
 
 def ask_resident_host(connection: mitogen.parent.Connection, path: str) -> ForkedHost | None:
@@ -335,10 +330,13 @@ def ask_resident_host(connection: mitogen.parent.Connection, path: str) -> Forke
         resident_host.send(conn, {
             "protocol": resident_host.PROTOCOL,
             "env": {k: v for k, v in os.environ.items() if k != resident_host.ENV},
-            "cwd": os.getcwd(), "umask": _umask(), "size": len(connection.get_preamble()),
+            "cwd": os.getcwd(), "size": len(connection.get_preamble()),
+            "umask": _status("/proc/self/status", "Umask:", 8),
+            "sigign": _status("/proc/self/status", "SigIgn:", 16),
+            "sigblk": _status("/proc/thread-self/status", "SigBlk:", 16),
             "rlimits": {name: resource.getrlimit(getattr(resource, name))
                         for name in resident_host.RLIMITS if hasattr(resource, name)},
-        }, [child_rfp.fileno(), child_wfp.fileno(), 2])
+        }, [child_rfp.fileno(), child_wfp.fileno()] + ([2] if os.get_inheritable(2) else []))
         reply, fds = resident_host.receive(conn, 1, resident_host.ANSWER_S)
     except (OSError, ValueError) as exc:
         LOG.debug("%r: no host from the resident host: %s", connection, exc)
