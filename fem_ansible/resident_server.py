@@ -175,16 +175,9 @@ class Server:
         self.files = resident_host.fingerprint()
         self.group_base = cgroups.base()
         self.selector = selectors.DefaultSelector()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Bound under a temporary name and renamed: a client connects to a listening
-        # server or to none (and goes cold).
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        self.sock.bind(tmp)
-        self.sock.listen(64)
-        os.rename(tmp, path)
-        self.inode = os.stat(path).st_ino
+        # A client connects to a listening server or to none (and goes cold).
+        self.listening = resident_host.Listening(path)
+        self.sock = self.listening.sock
         self.selector.register(self.sock, selectors.EVENT_READ, "accept")
         self.host: subprocess.Popen[bytes] | None = None
         self.host_pidfd = -1
@@ -239,11 +232,8 @@ class Server:
         if self.retiring:
             return
         self.retiring = why
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self.inode:
-                os.unlink(self.path)
         self.selector.unregister(self.sock)
-        self.sock.close()
+        self.listening.close()
         _say(f"retiring: {why}")
 
     def serve(self) -> _Request | None:
@@ -285,8 +275,7 @@ class Server:
         except OSError:
             return None
         try:
-            uid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            if int.from_bytes(uid[4:8], sys.byteorder) != os.getuid():
+            if resident_host.peer(conn)[1] != os.getuid():
                 raise ValueError("another user")
             message, fds = resident_host.receive(conn, 3, 2.0)
         except (OSError, ValueError) as e:

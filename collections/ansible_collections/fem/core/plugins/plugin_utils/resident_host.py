@@ -178,11 +178,34 @@ def receive(conn: socket.socket, max_fds: int, deadline_s: float) -> tuple[dict,
         raise
 
 
-def peer_uid(conn: socket.socket) -> tuple[int, int]:
+def peer(conn: socket.socket) -> tuple[int, int]:
     """The pid and uid of the process at the other end of ``conn``."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
     return (int.from_bytes(creds[0:4], sys.byteorder),
             int.from_bytes(creds[4:8], sys.byteorder))
+
+
+class Listening:
+    """A Unix socket listening at ``path``.  Bound under a temporary name and renamed: a
+    client connects to a process that listens or to none.  Closed, its path is removed only
+    if it is still this socket's (a successor may have taken it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        self.sock.bind(tmp)
+        self.sock.listen(64)
+        os.rename(tmp, path)
+        self.inode = os.stat(path).st_ino
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        self.sock.close()
 
 
 def _say(line: str) -> None:
@@ -229,14 +252,8 @@ class Forks:
         self.rc = 0
         self.stopping = ""
         self.selector = selectors.DefaultSelector()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        self.sock.bind(tmp)
-        self.sock.listen(64)
-        os.rename(tmp, path)
-        self.inode = os.stat(path).st_ino
+        self.listening = Listening(path)
+        self.sock = self.listening.sock
         self.selector.register(self.sock, selectors.EVENT_READ, "accept")
 
     def stop(self, why: str, rc: int = 0) -> None:
@@ -244,11 +261,8 @@ class Forks:
         if self.stopping:
             return
         self.stopping, self.rc = why, rc
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self.inode:
-                os.unlink(self.path)
         self.selector.unregister(self.sock)
-        self.sock.close()
+        self.listening.close()
         for fd in list(self.requests):
             self._forget(fd).drop(f"the resident host is stopping ({why})")
         _say(f"stopping: {why}")
@@ -288,7 +302,7 @@ class Forks:
         except OSError:
             return
         try:
-            pid, uid = peer_uid(conn)
+            pid, uid = peer(conn)
             if uid != os.getuid():
                 raise ValueError("another user")
             group = self._group(pid)

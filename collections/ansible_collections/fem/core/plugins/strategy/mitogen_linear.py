@@ -325,7 +325,7 @@ def ask_resident_host(connection: mitogen.parent.Connection, path: str) -> Forke
     try:
         conn.settimeout(resident_host.ANSWER_S)
         conn.connect(path)
-        if resident_host.peer_uid(conn)[1] != os.getuid():
+        if resident_host.peer(conn)[1] != os.getuid():
             raise ValueError(f"{path} is another user's")
         resident_host.send(conn, {
             "protocol": resident_host.PROTOCOL,
