@@ -160,18 +160,23 @@ def kill(path: Path, deadline_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def remove(path: Path) -> None:
-    """Kill what is left in the group, and remove it."""
-    kill(path)
-    with contextlib.suppress(FileNotFoundError):
+def remove(path: Path, attempts: int = 3) -> None:
+    """Kill what is left in the group, and remove it.  A process that joined after a kill
+    (a host the resident host forked for the run just then) is killed by the next one."""
+    for attempt in range(attempts):
+        kill(path)
         try:
             path.rmdir()
+            return
+        except FileNotFoundError:
+            return
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
-            log.warning("cgroup %s is not empty 10 s after its kill; left in place: %s",
-                        path, ", ".join(_describe(pid) for pid in pids(path))
-                        or "its processes are still exiting")
+            if attempt + 1 == attempts:
+                log.warning("cgroup %s is not empty after %d kills; left in place: %s",
+                            path, attempts, ", ".join(_describe(pid) for pid in pids(path))
+                            or "its processes are still exiting")
 
 
 def _describe(pid: int) -> str:

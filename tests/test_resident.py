@@ -44,7 +44,7 @@ def test_the_server_key_ignores_only_the_per_run_variables():
 def test_a_changed_imported_file_is_seen(tmp_path):
     module = tmp_path / "mod.py"
     module.write_text("x = 1\n")
-    seen = {str(module): (module.stat().st_mtime_ns, module.stat().st_size)}
+    seen = {str(module): resident_host.stamp(module.stat())}
     assert resident_host.changed(seen) is None
     module.write_text("x = 22\n")
     assert resident_host.changed(seen) == str(module)
@@ -238,3 +238,28 @@ def test_the_first_calls_for_the_runs_cgroup_from_several_threads_all_get_it():
             assert len(got) == 8 and None not in got and len(set(got)) == 1
     finally:
         cgroups._base.cache_clear()
+
+
+def test_a_process_that_joins_a_group_after_its_kill_dies_with_the_next(monkeypatch):
+    """A host the resident host forks for a run may join the run's group just after the
+    run's kill found it empty: removing the group kills again until it can."""
+    if cgroups.base() is None:
+        pytest.fail("this test needs a writable cgroup v2 (CI runs as root)")
+    group = cgroups.create(f"late-joiner.{time.monotonic_ns()}")
+    assert group is not None
+    real_kill, late = cgroups.kill, []
+
+    def kill(path, deadline_s=10.0):
+        real_kill(path, deadline_s)
+        if not late:
+            late.append(subprocess.Popen(
+                ["sh", "-c", f"echo 0 > {path}/cgroup.procs && exec sleep 60"]))
+            deadline = time.monotonic() + 10
+            while not cgroups.pids(path):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+    monkeypatch.setattr(cgroups, "kill", kill)
+    cgroups.remove(group)
+    assert not group.exists()
+    assert late[0].wait(timeout=10) == -signal.SIGKILL

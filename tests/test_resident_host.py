@@ -45,6 +45,9 @@ import signal
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGQUIT, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+os.setpriority(os.PRIO_PROCESS, 0, 3)
+with open("/proc/self/oom_score_adj", "w") as f:
+    f.write("200\n")
 if sys.argv[2] == "cloexec":
     for fd in (0, 1, 2):
         os.set_inheritable(fd, False)
@@ -74,6 +77,9 @@ SEEN = '''dict(
              if k in ("SigIgn", "SigBlk", "SigCgt")},
     sigint=repr(__import__("signal").getsignal(__import__("signal").SIGINT)),
     stderr=repr(type(__import__("sys").stderr)),
+    nice=__import__("os").getpriority(__import__("os").PRIO_PROCESS, 0),
+    oom=open("/proc/self/oom_score_adj").read().strip(),
+    finders=sorted(k for k in __import__("sys").path_importer_cache if "project" in k),
     converters=__import__("ansible.module_utils.common.text.converters",
                           fromlist=["x"]).__file__,
 )'''
@@ -200,9 +206,10 @@ def test_the_listeners_own_host_is_forked_as_mitogen_would_have_started_it(resid
         (first["fds"], second["fds"], stock["fds"])
     # The multiplexer's ignored signals and blocked mask, Python's own start-up ones, and
     # its stderr only where an exec keeps it (ansible_mitogen's is close-on-exec).
-    for what in ("signals", "sigint", "stderr"):
+    for what in ("signals", "sigint", "stderr", "nice", "oom"):
         assert first[what] == second[what] == stock[what], (what, first[what], stock[what])
     assert ("NoneType" in stock["stderr"]) == (stdio == "cloexec")
+    assert (stock["nice"], stock["oom"]) == (3, "200")
     own_sockets = {os.readlink(f"/proc/{resident.proc.pid}/fd/{fd}")
                    for fd in os.listdir(f"/proc/{resident.proc.pid}/fd")}
     assert not own_sockets & {*first["fds"], *second["fds"]} - {"/dev/null"}, own_sockets
@@ -244,18 +251,30 @@ def test_a_process_outside_a_runs_cgroup_gets_no_fork(resident, tmp_path):
 def test_a_changed_imported_file_ends_the_resident_host(tmp_path):
     """A file the resident host imported changed (an upgrade): the request is refused and
     the resident host exits with the code that replaces the resident Ansible."""
+    def same_size_mtime_put_back(site: Path) -> None:
+        stat = (site / "sitecustomize.py").stat()
+        (site / "sitecustomize.py").write_text("\n")
+        os.utime(site / "sitecustomize.py", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    _replaced_after(tmp_path, same_size_mtime_put_back, "sitecustomize.py changed")
+
+
+def _replaced_after(tmp_path: Path, change, said: str) -> None:
+    """A resident host with ``tmp_path/site`` on its path (holding a ``sitecustomize.py``,
+    which every interpreter imports at start) that ``change`` changes: the next run's hosts
+    are Mitogen's, and the resident host exits to be replaced, saying ``said``."""
     if cgroups.base() is None:
         pytest.fail("these tests need a writable cgroup v2 (CI runs as root)")
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("")  # imported by every interpreter at start
+    (site / "sitecustomize.py").write_text(" ")
     resident = Resident(tmp_path, PYTHONPATH=str(site))
     try:
-        (site / "sitecustomize.py").write_text("x = 1\n")
+        change(site)
         got = resident.run(tmp_path)
         assert all(_started_by_mitogen(h, got["own"]) for h in got["hosts"]), got["hosts"]
         assert resident.proc.wait(timeout=30) == resident_host.CHANGED_RC
-        assert "sitecustomize.py changed" in resident.log.read_text()
+        assert said in resident.log.read_text()
     finally:
         if resident.proc.poll() is None:
             resident.close()
@@ -278,7 +297,7 @@ conn.connect(sys.argv[1])
 env = {k: v for k, v in os.environ.items() if k != resident_host.ENV}
 resident_host.send(conn, {"protocol": resident_host.PROTOCOL, "env": env, "cwd": sys.argv[3],
                           "umask": 0o22, "size": 10, "rlimits": {}, "sigign": 0,
-                          "sigblk": 0}, [0, 1, 2])
+                          "sigblk": 0, "nice": 0, "oom": 0, "cpus": [0]}, [0, 1, 2])
 print(json.dumps(resident_host.receive(conn, 1, 10)[0]))
 """
 
@@ -336,3 +355,83 @@ def test_a_request_that_comes_slowly_holds_nobody_up(resident, tmp_path):
         drip.kill()
         drip.wait()
         cgroups.remove(group)
+
+
+# Bytes a process of a run may send: each is refused, and the resident host goes on.
+HOSTILE = r"""
+import json, os, socket, sys
+with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
+    f.write("0\n")
+sys.path.insert(0, sys.argv[2])
+import resident_host
+replies = []
+for body in (b"[" * 100000, b"not json", json.dumps([1]).encode(),
+             json.dumps({"protocol": resident_host.PROTOCOL, "cwd": sys.argv[3]}).encode()):
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(sys.argv[1])
+    data = len(body).to_bytes(4, "big") + body
+    sent = socket.send_fds(conn, [data], [0, 1, 2])  # the fds with the first bytes
+    conn.sendall(data[sent:])
+    try:
+        replies.append(resident_host.receive(conn, 1, 10)[0])
+    except (OSError, ValueError) as e:
+        replies.append({"error": str(e)})
+print(json.dumps(replies))
+"""
+
+
+def test_hostile_requests_are_refused_and_the_resident_host_goes_on(resident, tmp_path):
+    """JSON nested too deep for the parser, not JSON, not an object, a request without
+    its fields, and a working dir that is a symbolic link to itself: each is refused; the
+    resident host is still there, and forks the next run's hosts."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    group = cgroups.create(f"host-test.{time.monotonic_ns()}")
+    env = {**resident.env, "FEM_RUN_CGROUP": str(group)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", HOSTILE, str(resident.path),
+             str(Path(resident_host.__file__).parent), str(loop)],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        replies = json.loads(done.stdout)
+        assert len(replies) == 4 and all("pid" not in r for r in replies), replies
+        looped = subprocess.run(
+            [sys.executable, "-c", RAW, str(resident.path),
+             str(Path(resident_host.__file__).parent), str(loop)],
+            env={**env, resident_host.ENV: str(resident.path)}, capture_output=True,
+            text=True, timeout=60)
+        assert "cold" in json.loads(looped.stdout), looped.stdout
+    finally:
+        cgroups.remove(group)
+    assert resident.proc.poll() is None, resident.log.read_text()
+    log = resident.log.read_text()
+    assert "nested too deep" in log
+    got = resident.run(tmp_path)
+    assert all(_forked(h, resident) for h in got["hosts"]), resident.log.read_text()
+
+
+def test_a_runs_working_dir_is_not_seen_by_the_next_runs_host(resident, tmp_path):
+    """The check of a run's working dir keeps nothing of it in the resident host; a plain
+    directory named like a preloaded package (a namespace portion: the installed package
+    still wins) is no reason to refuse."""
+    first, second = tmp_path / "first-project", tmp_path / "second-project"
+    first.mkdir()
+    second.mkdir()
+    (first / "secret-name.txt").write_text("")
+    (first / "docker").mkdir()
+    resident.run(first)
+    got = resident.run(second)
+    assert all(_forked(h, resident) for h in got["hosts"]), resident.log.read_text()
+    assert not [f for f in got["hosts"][0]["finders"] if "first-project" in f], got["hosts"]
+
+
+def test_a_file_found_ahead_of_an_imported_one_ends_the_resident_host(tmp_path):
+    """A package added, since the resident host started, ahead on its path of one it
+    imported (certifi, which requests imports): a new interpreter would import the new
+    one, so the resident host refuses and exits to be replaced."""
+    def certifi_ahead(site: Path) -> None:
+        (site / "certifi").mkdir()
+        (site / "certifi" / "__init__.py").write_text("def where():\n    return 'x'\n")
+
+    _replaced_after(tmp_path, certifi_ahead, "certifi would now be found elsewhere")

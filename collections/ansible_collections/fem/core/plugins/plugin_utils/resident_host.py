@@ -72,37 +72,46 @@ RLIMITS = ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_STACK", "RLIM
            "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_MEMLOCK", "RLIMIT_CPU", "RLIMIT_NICE",
            "RLIMIT_RTPRIO", "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_LOCKS",
            "RLIMIT_RSS")
-#: How long a multiplexer waits for this process's answer before it starts its own host.
-ANSWER_S = 5.0
+#: How long a multiplexer waits for this process's answer before it starts its own host
+#: (and asks it no more).
+ANSWER_S = 2.0
 #: How long this process waits for a fork to take its run's state.
-READY_S = 2.0
+READY_S = 0.5
 #: How long a request may take to come whole, and how many may be coming at once (a
 #: sender that drips its bytes holds nobody else up).
 REQUEST_S = 2.0
 MAX_REQUESTS = 16
+#: How many forks may be running at once (each holds two descriptors here).
+MAX_HOSTS = 128
 _MAX_REQUEST = 1 << 20
 
 
-def fingerprint() -> dict[str, tuple[int, int]]:
-    """Every file this process imported code from, with its mtime and size."""
+def fingerprint() -> dict[str, tuple[int, ...]]:
+    """Every file this process imported code from, with what changes when it is written
+    or replaced (its inode and change time too: an edit of the same size whose mtime was
+    put back still changes those)."""
     files = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if isinstance(path, str):
             with contextlib.suppress(OSError):
-                st = os.stat(path)
-                files[path] = (st.st_mtime_ns, st.st_size)
+                files[path] = stamp(os.stat(path))
     return files
 
 
-def changed(files: dict[str, tuple[int, int]]) -> str | None:
+def stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What :func:`fingerprint` keeps of a file's status."""
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+
+
+def changed(files: dict[str, tuple[int, ...]]) -> str | None:
     """The first of ``files`` (:func:`fingerprint`) that is gone or differs."""
     for path, seen in files.items():
         try:
             st = os.stat(path)
         except OSError:
             return path
-        if (st.st_mtime_ns, st.st_size) != seen:
+        if stamp(st) != seen:
             return path
     return None
 
@@ -146,7 +155,10 @@ class Incoming:
             raise ValueError("message too long")
         if len(self.data) < 4 + self.size:
             return None
-        message = json.loads(self.data[4:])
+        try:
+            message = json.loads(self.data[4:])
+        except RecursionError:
+            raise ValueError("message nested too deep") from None
         if not isinstance(message, dict):
             raise ValueError("not a message")
         return message
@@ -222,14 +234,15 @@ class _Host:
 class _Request:
     """A request coming in: read as its bytes come, given up at its deadline."""
 
-    def __init__(self, conn: socket.socket, group: str) -> None:
-        self.conn, self.group = conn, group
+    def __init__(self, conn: socket.socket, group: str, pid: int = 0) -> None:
+        self.conn, self.group, self.pid = conn, group, pid
         self.incoming = Incoming(conn, 3)
         self.deadline = time.monotonic() + REQUEST_S
 
     def drop(self, why: str | None) -> None:
         self.incoming.close()
         if why:
+            why = why if len(why) <= 300 else why[:300] + "..."
             _say(f"a request refused (its run starts its own host): {why}")
             with contextlib.suppress(OSError):
                 self.conn.setblocking(True)
@@ -278,20 +291,22 @@ class Forks:
                 self.stop(stop["why"])
             if os.getppid() != self.server:
                 self.stop("the resident Ansible is gone")
-            now = time.monotonic()
-            for fd, request in list(self.requests.items()):
-                if request.deadline <= now:
-                    self._forget(fd).drop(f"no whole request within {REQUEST_S:.0f}s")
-            wait = min([1.0] + [r.deadline - now for r in self.requests.values()])
+            wait = min([1.0] + [r.deadline - time.monotonic() for r in self.requests.values()])
             for key, _mask in self.selector.select(timeout=max(wait, 0)):
                 if key.data == "accept":
                     self._accept()
-                elif key.data[0] == "request":
+                elif key.data[0] == "request" and key.data[1] in self.requests:
                     forked = self._read(key.data[1])
                     if forked is not None:
                         return forked
-                else:
+                elif key.data[0] == "host":
                     self._ended(key.data[1])
+            now = time.monotonic()
+            for fd, request in list(self.requests.items()):
+                if request.deadline <= now:  # what has come is read once more, then no more
+                    forked = self._read(fd, last=True)
+                    if forked is not None:
+                        return forked
         return None
 
     def _accept(self) -> None:
@@ -313,7 +328,7 @@ class Forks:
             _Request(conn, "").drop(f"{MAX_REQUESTS} requests are being read")
             return
         conn.setblocking(False)
-        self.requests[conn.fileno()] = _Request(conn, group)
+        self.requests[conn.fileno()] = _Request(conn, group, pid)
         self.selector.register(conn, selectors.EVENT_READ, ("request", conn.fileno()))
 
     def _forget(self, fd: int) -> _Request:
@@ -321,16 +336,21 @@ class Forks:
         self.selector.unregister(request.conn)
         return request
 
-    def _read(self, fd: int) -> dict | None:
+    def _read(self, fd: int, last: bool = False) -> dict | None:
+        """Read request ``fd`` as far as it has come; answer it once whole (None, or the
+        request in a fork).  ``last``: its deadline has passed, it is given up unless
+        whole now."""
         request = self.requests[fd]
         try:
             message = request.incoming.read()
         except BlockingIOError:
-            return None
+            message = None
         except (OSError, ValueError) as e:
             self._forget(fd).drop(f"{type(e).__name__}: {e}")
             return None
         if message is None:
+            if last:
+                self._forget(fd).drop(f"no whole request within {REQUEST_S:.0f}s")
             return None
         self._forget(fd)
         request.conn.setblocking(True)
@@ -343,18 +363,38 @@ class Forks:
         if why:
             request.drop(why)
             return None
+        if len(self.hosts) >= MAX_HOSTS:
+            request.drop(f"{MAX_HOSTS} hosts forked are still running")
+            return None
         sys.stdout.flush()
         sys.stderr.flush()
-        ready_r, ready_w = os.pipe()
-        child = os.fork()
+        opened: list[int] = []
+        try:
+            opened.append(os.pidfd_open(request.pid))
+            opened.extend(os.pipe())
+            child = os.fork()
+        except OSError as e:
+            for fd in opened:
+                os.close(fd)
+            request.drop(f"cannot fork now: {e}")
+            return None
+        asker, ready_r, ready_w = opened
         if child == 0:
             self._become_child(request.conn)
             os.close(ready_r)
-            _prepare(message, fds, request.group, ready_w)
+            _prepare(message, fds, request.group, ready_w, asker)
             return message
-        os.close(ready_w)
+        for fd in (asker, ready_w):
+            os.close(fd)
         request.incoming.close()
-        pidfd = os.pidfd_open(child)
+        try:
+            pidfd = os.pidfd_open(child)
+        except OSError as e:  # the fork must not go on unseen: it is ended by its pid
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            os.close(ready_r)
+            request.drop(f"cannot fork now: {e}")
+            return None
         why = _ready(ready_r)
         if why:  # the fork could not take the run's state: the run starts its own host
             with contextlib.suppress(ProcessLookupError):
@@ -373,7 +413,7 @@ class Forks:
     def _group(self, pid: int) -> str:
         """The cgroup of process ``pid`` if it is a run's (directly under the base)."""
         with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
-            own = next((line[3:].strip() for line in f if line.startswith("0::")), "")
+            own = next((line[3:].rstrip("\n") for line in f if line.startswith("0::")), "")
         group = os.path.join(self.mount, own.lstrip("/"))
         name = os.path.basename(group)
         if (os.path.normpath(group) != group or os.path.dirname(group) != self.base
@@ -388,25 +428,26 @@ class Forks:
             return f"its multiplexer speaks {message.get('protocol')!r}, this {PROTOCOL!r}"
         if len(fds) not in (2, 3):
             return "no stdio received"
-        path = changed(self.files)
-        if path:
-            self.stop(f"{path} changed", CHANGED_RC)
+        stale = changed(self.files)
+        stale = f"{stale} changed" if stale else _moved()
+        if stale:
+            self.stop(stale, CHANGED_RC)
             return "code imported by the resident host changed"
         env, cwd = message.get("env"), message.get("cwd")
         if not isinstance(env, dict) or not isinstance(cwd, str) or not os.path.isabs(cwd):
             return "no environment or working dir"
-        if not (all(isinstance(message.get(k), int) for k in ("size", "umask", "sigign",
-                                                                 "sigblk"))
+        if not (all(type(message.get(k)) is int for k in ("size", "umask", "sigign", "sigblk",
+                                                            "nice", "oom"))
                 and isinstance(message.get("rlimits"), dict)
-                and set(message["rlimits"]) <= set(RLIMITS)):
+                and set(message["rlimits"]) <= set(RLIMITS)
+                and isinstance(message.get("cpus"), list) and message["cpus"]
+                and all(type(cpu) is int for cpu in message["cpus"])):
             return "a malformed request"
         differ = sorted(k for k in {*env, *self.env} - self.per_run
                         if env.get(k) != self.env.get(k))
         if differ:
             return f"its environment differs in {', '.join(differ)}"
-        shadowed = _shadowed(cwd)
-        if shadowed:
-            return f"its working dir holds {shadowed}, which a new interpreter would import"
+        return _shadowed(cwd)
         return None
 
     def _become_child(self, conn: socket.socket) -> None:
@@ -433,14 +474,51 @@ class Forks:
 
 def _shadowed(cwd: str) -> str | None:
     """A name imported here that ``cwd``, first on a new interpreter's path, would give
-    instead."""
+    instead (a module or a package there; a plain directory is a namespace portion, which
+    the installed package still wins over).  A finder of its own: nothing of one run's
+    working dir is kept here for the next run's fork to see."""
+    finder = importlib.machinery.FileFinder(
+        cwd, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+        (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+        (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES))
     for name in sorted({name.partition(".")[0] for name in sys.modules}):
         if name in sys.builtin_module_names or name == "__main__":
             continue
-        with contextlib.suppress(ImportError, ValueError):
-            if importlib.machinery.PathFinder.find_spec(name, [cwd]) is not None:
-                return name
+        try:
+            spec = finder.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        except OSError as e:  # a working dir this process cannot read is one it refuses
+            return f"{name} (or cannot tell: {e.strerror})"
+        if spec is not None and spec.loader is not None:
+            return f"its working dir holds {name}, which a new interpreter would import"
     return None
+
+
+#: Where each top-level module imported here was found, as :func:`_moved` checks it.
+_ORIGINS: dict[str, str | None] = {}
+
+
+def _origins() -> dict[str, str | None]:
+    """Where a new interpreter would find each top-level module imported here, on this
+    process's path (a file added ahead of it on the path, since, would be found first)."""
+    found = {}
+    for name in {name.partition(".")[0] for name in sys.modules}:
+        if name in sys.builtin_module_names or name == "__main__":
+            continue
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(name)
+        except (ImportError, ValueError, OSError):
+            spec = None
+        found[name] = spec.origin if spec is not None else None
+    return found
+
+
+def _moved() -> str | None:
+    """Why what is imported here is no longer what a new interpreter would import."""
+    now = _origins()
+    moved = sorted(name for name, origin in _ORIGINS.items() if now.get(name) != origin)
+    return f"{', '.join(moved)} would now be found elsewhere" if moved else None
 
 
 def _ready(ready: int) -> str | None:
@@ -462,13 +540,22 @@ def _ready(ready: int) -> str | None:
     return None if text == "ready" else f"the fork could not take its run's state: {text}"
 
 
-def _prepare(message: dict, fds: list[int], group: str, ready: int) -> None:
+def _prepare(message: dict, fds: list[int], group: str, ready: int, asker: int) -> None:
     """In the fork: join ``group`` first, then take the multiplexer's process state and
-    Python's start-up state; say on ``ready`` whether it could (if not, end)."""
+    Python's start-up state; say on ``ready`` whether it could (if not, end).  If the
+    asker (pidfd ``asker``) has ended by the time this process is in its group, the run's
+    kill may have come before: this process ends rather than outlive it."""
     try:
         with open(os.path.join(group, "cgroup.procs"), "w", encoding="ascii") as f:
             f.write("0\n")
+        if select.select([asker], [], [], 0)[0]:
+            raise ProcessLookupError("the asking process has ended")
+        os.close(asker)
         os.setsid()
+        os.setpriority(os.PRIO_PROCESS, 0, message["nice"])
+        with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
+            f.write(f"{message['oom']}\n")
+        os.sched_setaffinity(0, message["cpus"])
         os.chdir(message["cwd"])
         os.umask(message["umask"])
         for name, limits in message["rlimits"].items():
@@ -564,6 +651,7 @@ def main(argv: list[str]) -> int:
             importlib.import_module(name)
         except Exception:  # a module that fails here is imported by the host itself
             skipped.append(name)
+    _ORIGINS.update(_origins())
     gc.collect()
     gc.freeze()  # the forks' copy of the heap stays shared: their collections skip it
     forks = Forks(path, server, mount, base, set(json.loads(per_run)))

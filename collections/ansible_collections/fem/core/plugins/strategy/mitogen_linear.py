@@ -79,6 +79,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable
+from pathlib import Path
 from types import CodeType
 from typing import Any
 
@@ -308,6 +309,10 @@ class ForkedHost(mitogen.parent.Process):
                 signal.pidfd_send_signal(self.pidfd, sig)
 
 
+#: Resident hosts that did not answer in time: this run's later hosts start as Mitogen's.
+_silent: set[str] = set()
+
+
 def _status(path: str, field: str, base: int) -> int:
     """A field of ``/proc/<...>/status``: the umask is read without setting it (other
     threads create files), the signal masks as an exec would keep them."""
@@ -336,8 +341,14 @@ def ask_resident_host(connection: mitogen.parent.Connection, path: str) -> Forke
             "sigblk": _status("/proc/thread-self/status", "SigBlk:", 16),
             "rlimits": {name: resource.getrlimit(getattr(resource, name))
                         for name in resident_host.RLIMITS if hasattr(resource, name)},
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "oom": int(Path("/proc/self/oom_score_adj").read_text()),
+            "cpus": sorted(os.sched_getaffinity(0)),
         }, [child_rfp.fileno(), child_wfp.fileno()] + ([2] if os.get_inheritable(2) else []))
         reply, fds = resident_host.receive(conn, 1, resident_host.ANSWER_S)
+    except TimeoutError as exc:  # silent: asked no more in this run
+        _silent.add(path)
+        LOG.debug("%r: no host from the resident host: %s", connection, exc)
     except (OSError, ValueError) as exc:
         LOG.debug("%r: no host from the resident host: %s", connection, exc)
     finally:
@@ -357,7 +368,8 @@ def start_child(self: mitogen.parent.Connection) -> mitogen.parent.Process:
     own interpreter (:func:`runs_controller_files`) is asked of the resident host first,
     when the run has one; any other, or when it gives none, as Mitogen starts it."""
     path = os.environ.get(resident_host.ENV)
-    if path and mitogen.parent._preexec_hook is None and runs_controller_files(self):
+    if (path and path not in _silent and mitogen.parent._preexec_hook is None
+            and runs_controller_files(self)):
         host = ask_resident_host(self, path)
         if host is not None:
             return host
