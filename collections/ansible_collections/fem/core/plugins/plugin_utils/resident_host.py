@@ -19,25 +19,31 @@ What keeps runs apart, by construction:
 - The fork joins the cgroup of the process that asked (read here from
   ``/proc/<peer>/cgroup``; only a group directly under the resident Ansible's
   ``fem-runs/``) before anything else, so cancel, timeout and the end of the run kill it
-  with the run's other processes.
-- It then takes what a host the multiplexer starts itself would inherit: the
-  multiplexer's stdio ends, working dir, environment, umask and resource limits; a session
-  of its own; Python's start-up state (``sys.argv``, ``sys.path`` with the working dir
-  first, signal dispositions).  It runs Mitogen's first stage as Mitogen's ``-c`` program
-  does, then the core source the multiplexer sends, as ``__main__``, as the interpreter
-  Mitogen would have started reads it from its stdin.
+  with the run's other processes; joined, it ends if the asker has (the run's kill may
+  have come first).
+- It then takes what a host the multiplexer starts itself would have after the exec: the
+  multiplexer's stdio ends (its stderr only where an exec keeps it), working dir,
+  environment, umask, resource limits, nice value, ``oom_score_adj``, CPU affinity, ignored
+  signals and blocked mask; a session of its own; Python's start-up state (``sys.argv``,
+  ``sys.path`` with the working dir first, SIGPIPE and SIGXFSZ ignored, SIGINT handled
+  unless ignored).  It says it could before the multiplexer is answered, then runs
+  Mitogen's first stage as Mitogen's ``-c`` program does, and the core source the
+  multiplexer sends as ``__main__``, as the interpreter Mitogen would have started reads
+  it from its stdin.
 - A request is refused (the multiplexer then starts its host as Mitogen does) when what was
   imported here could differ from what that interpreter would import: an environment other
   than this process's outside the per-run variables; a working dir holding a module or
   package of a name imported here (a fresh interpreter would import that one); a file
-  imported here changed since (this process then exits with :data:`CHANGED_RC` once its
-  hosts have ended, and fem_ansible.resident_server is replaced).
+  imported here changed, or a module imported here would now be found elsewhere on the
+  path (this process then exits with :data:`CHANGED_RC` once its hosts have ended, and
+  fem_ansible.resident_server is replaced).  Also when it is malformed, slow, one too many,
+  or the fork cannot take the state: whatever a request holds, this process goes on.
 
 Standard library only: fem_ansible.resident_server starts it as
 ``python <this file> <socket> <server pid> <cgroup mount> <runs' cgroup base> <per-run
 variables as JSON>``, without ``-P``, ``-I`` or ``-S``: the flags of its forks are those of
 the interpreter Mitogen starts.  fem.core's ``mitogen_linear`` is its client
-(:func:`ask`).
+(``ask_resident_host``).
 """
 
 from __future__ import annotations
