@@ -212,14 +212,13 @@ class Server:
         self.host = None
         if rc == resident_host.CHANGED_RC:
             self.retire("code the resident host imported changed")
-        elif self.retiring:
-            pass
-        elif time.monotonic() - self.host_started >= HOST_RESTART_S:
-            _say(f"the resident host ended (exit {rc}); a new one starts")
-            self.start_host()
-        else:  # it does not stay up: runs go on without it until this server is replaced
-            _say(f"the resident host ended (exit {rc}) within {HOST_RESTART_S:.0f}s of its "
-                 "start; runs start their own hosts")
+        elif not self.retiring:
+            if time.monotonic() - self.host_started >= HOST_RESTART_S:
+                _say(f"the resident host ended (exit {rc}); a new one starts")
+                self.start_host()
+            else:  # it does not stay up: runs go on without it until this server goes
+                _say(f"the resident host ended (exit {rc}) within {HOST_RESTART_S:.0f}s of "
+                     "its start; runs start their own hosts")
 
     def stop_host(self) -> None:
         """The resident host ends once the hosts it forked have (they are runs')."""
@@ -239,13 +238,11 @@ class Server:
     def serve(self) -> _Request | None:
         """Serve until retired and idle (returns None), or, in a forked child, return its
         run's request."""
-        stop = {"flag": ""}
         said = parsed_roles.kept()
-        for signum in _SIGNALS[:2]:
-            signal.signal(signum, lambda s, _f: stop.update(flag=signal.Signals(s).name))
+        stop = resident_host.stop_flag(_SIGNALS[:2])
         while not (self.retiring and not self.runs):
-            if stop["flag"]:
-                self.retire(stop["flag"])
+            if stop["why"]:
+                self.retire(stop["why"])
             if os.getppid() != self.listener:
                 self.retire("the listener is gone")
             parsing = not self.retiring and parsed_roles.pending()

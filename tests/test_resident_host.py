@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,12 +32,18 @@ resident_host = plugin_utils("resident_host")
 
 COLLECTIONS = data_dir() / "collections"
 
-# A run's multiplexer: joins its cgroup, loads the strategy as Ansible does, connects the
-# listener's own host twice as the context service does, and prints what each host saw.
-MULTIPLEXER = r"""
-import json, os, resource, sys
+# What each process of these tests that stands for one of a run's does first: join the
+# run's cgroup.
+JOIN = r"""
+import os
 with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
     f.write("0\n")
+"""
+
+# A run's multiplexer: joins its cgroup, loads the strategy as Ansible does, connects the
+# listener's own host twice as the context service does, and prints what each host saw.
+MULTIPLEXER = JOIN + r"""
+import json, os, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (777, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 os.umask(0o027)
 # As ansible_mitogen's multiplexer has them: SIGINT and SIGQUIT ignored, its stdio
@@ -145,6 +152,23 @@ class Resident:
                 cgroups.remove(group)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout.splitlines()[-1])
+
+    def client(self, script: str, cwd: Path) -> tuple[Any, list[int]]:
+        """``script``, a raw client of the resident host's protocol, run as a process of a
+        new run's group and given the socket, the protocol module's dir and ``cwd``: what
+        it printed, as JSON, and what was left in its group before the group's removal."""
+        group = cgroups.create(f"host-test.{time.monotonic_ns()}")
+        assert group is not None
+        env = {**self.env, "FEM_RUN_CGROUP": str(group), resident_host.ENV: str(self.path)}
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", script, str(self.path),
+                 str(Path(resident_host.__file__).parent), str(cwd)],
+                env=env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout), cgroups.pids(group)
+        finally:
+            cgroups.remove(group)
 
     def close(self) -> None:
         self.proc.terminate()
@@ -286,10 +310,8 @@ def test_no_resident_host_at_the_socket_gets_mitogens_own_host(resident, tmp_pat
 
 
 # A request as the strategy sends it, but for a working dir the fork cannot enter.
-RAW = r"""
+RAW = JOIN + r"""
 import json, os, socket, sys
-with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
-    f.write("0\n")
 sys.path.insert(0, sys.argv[2])
 import resident_host
 conn = socket.socket(socket.AF_UNIX)
@@ -306,26 +328,14 @@ def test_a_fork_that_cannot_take_its_runs_state_is_refused(resident, tmp_path):
     """The fork reports whether it could join the run's cgroup and take its state before
     the multiplexer is answered: if not, the answer is a refusal (its host then starts as
     Mitogen starts it), and the fork is gone."""
-    group = cgroups.create(f"host-test.{time.monotonic_ns()}")
-    env = {**resident.env, "FEM_RUN_CGROUP": str(group), resident_host.ENV: str(resident.path)}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", RAW, str(resident.path),
-             str(Path(resident_host.__file__).parent), str(tmp_path / "not-a-dir")],
-            env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        reply = json.loads(done.stdout)
-        assert "FileNotFoundError" in reply["cold"], reply
-        assert cgroups.pids(group) == []
-    finally:
-        cgroups.remove(group)
+    reply, left = resident.client(RAW, tmp_path / "not-a-dir")
+    assert "FileNotFoundError" in reply["cold"], reply
+    assert left == []
 
 
 # A process of a run that connects and sends its request's first bytes, then one a second.
-DRIP = r"""
+DRIP = JOIN + r"""
 import os, socket, sys, time
-with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
-    f.write("0\n")
 conn = socket.socket(socket.AF_UNIX)
 conn.connect(sys.argv[1])
 conn.send((1000).to_bytes(4, "big") + b"{")
@@ -358,10 +368,8 @@ def test_a_request_that_comes_slowly_holds_nobody_up(resident, tmp_path):
 
 
 # Bytes a process of a run may send: each is refused, and the resident host goes on.
-HOSTILE = r"""
+HOSTILE = JOIN + r"""
 import json, os, socket, sys
-with open(os.path.join(os.environ["FEM_RUN_CGROUP"], "cgroup.procs"), "w") as f:
-    f.write("0\n")
 sys.path.insert(0, sys.argv[2])
 import resident_host
 replies = []
@@ -386,24 +394,10 @@ def test_hostile_requests_are_refused_and_the_resident_host_goes_on(resident, tm
     resident host is still there, and forks the next run's hosts."""
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
-    group = cgroups.create(f"host-test.{time.monotonic_ns()}")
-    env = {**resident.env, "FEM_RUN_CGROUP": str(group)}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", HOSTILE, str(resident.path),
-             str(Path(resident_host.__file__).parent), str(loop)],
-            env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        replies = json.loads(done.stdout)
-        assert len(replies) == 4 and all("pid" not in r for r in replies), replies
-        looped = subprocess.run(
-            [sys.executable, "-c", RAW, str(resident.path),
-             str(Path(resident_host.__file__).parent), str(loop)],
-            env={**env, resident_host.ENV: str(resident.path)}, capture_output=True,
-            text=True, timeout=60)
-        assert "cold" in json.loads(looped.stdout), looped.stdout
-    finally:
-        cgroups.remove(group)
+    replies, _ = resident.client(HOSTILE, loop)
+    assert len(replies) == 4 and all("pid" not in r for r in replies), replies
+    looped, _ = resident.client(RAW, loop)
+    assert "cold" in looped, looped
     assert resident.proc.poll() is None, resident.log.read_text()
     log = resident.log.read_text()
     assert "nested too deep" in log

@@ -226,6 +226,15 @@ class Listening:
         self.sock.close()
 
 
+def stop_flag(signums: tuple[signal.Signals, ...]) -> dict[str, str]:
+    """A flag (``"why"``) that a signal of ``signums`` sets to its name: a loop checking it
+    stops between two steps, never inside one."""
+    flag = {"why": ""}
+    for signum in signums:
+        signal.signal(signum, lambda s, _f: flag.update(why=signal.Signals(s).name))
+    return flag
+
+
 def _say(line: str) -> None:
     """A line for the listener's log (through the resident Ansible's stderr)."""
     with contextlib.suppress(OSError):
@@ -233,8 +242,8 @@ def _say(line: str) -> None:
 
 
 class _Host:
-    def __init__(self, pid: int, pidfd: int, conn: socket.socket) -> None:
-        self.pid, self.pidfd, self.conn = pid, pidfd, conn
+    def __init__(self, pidfd: int, conn: socket.socket) -> None:
+        self.pidfd, self.conn = pidfd, conn
 
 
 class _Request:
@@ -262,7 +271,7 @@ class Forks:
 
     def __init__(self, path: str, server: int, mount: str, base: str,
                  per_run: set[str]) -> None:
-        self.path, self.server, self.mount, self.base = path, server, mount, base
+        self.server, self.mount, self.base = server, mount, base
         self.env = {k: v for k, v in os.environ.items() if k not in per_run}
         self.per_run = per_run | {ENV}
         self.files = fingerprint()
@@ -289,9 +298,7 @@ class Forks:
     def serve(self) -> dict | None:
         """Serve until stopped and idle (None), or, in a forked host that has taken its
         run's state (:func:`_prepare`), return its request."""
-        stop = {"why": ""}
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, lambda s, _f: stop.update(why=signal.Signals(s).name))
+        stop = stop_flag((signal.SIGTERM, signal.SIGHUP))
         while not (self.stopping and not self.hosts):
             if stop["why"]:
                 self.stop(stop["why"])
@@ -412,7 +419,7 @@ class Forks:
         # (the multiplexer gone: so is its host, with the run's cgroup)
         with contextlib.suppress(OSError):
             send(request.conn, {"pid": child}, [pidfd])
-        self.hosts[child] = _Host(child, pidfd, request.conn)
+        self.hosts[child] = _Host(pidfd, request.conn)
         self.selector.register(pidfd, selectors.EVENT_READ, ("host", child))
         return None
 
@@ -454,7 +461,6 @@ class Forks:
         if differ:
             return f"its environment differs in {', '.join(differ)}"
         return _shadowed(cwd)
-        return None
 
     def _become_child(self, conn: socket.socket) -> None:
         """In the fork: nothing of this process stays open or in charge."""
@@ -478,6 +484,12 @@ class Forks:
         host.conn.close()
 
 
+def _top_level() -> list[str]:
+    """The top-level modules imported here that a path lookup finds (not built in)."""
+    return sorted({name.partition(".")[0] for name in sys.modules}
+                  - set(sys.builtin_module_names) - {"__main__"})
+
+
 def _shadowed(cwd: str) -> str | None:
     """A name imported here that ``cwd``, first on a new interpreter's path, would give
     instead (a module or a package there; a plain directory is a namespace portion, which
@@ -487,15 +499,13 @@ def _shadowed(cwd: str) -> str | None:
         cwd, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
         (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
         (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES))
-    for name in sorted({name.partition(".")[0] for name in sys.modules}):
-        if name in sys.builtin_module_names or name == "__main__":
-            continue
+    for name in _top_level():
         try:
             spec = finder.find_spec(name)
         except (ImportError, ValueError):
             continue
         except OSError as e:  # a working dir this process cannot read is one it refuses
-            return f"{name} (or cannot tell: {e.strerror})"
+            return f"its working dir cannot be read ({e.strerror})"
         if spec is not None and spec.loader is not None:
             return f"its working dir holds {name}, which a new interpreter would import"
     return None
@@ -509,9 +519,7 @@ def _origins() -> dict[str, str | None]:
     """Where a new interpreter would find each top-level module imported here, on this
     process's path (a file added ahead of it on the path, since, would be found first)."""
     found = {}
-    for name in {name.partition(".")[0] for name in sys.modules}:
-        if name in sys.builtin_module_names or name == "__main__":
-            continue
+    for name in _top_level():
         try:
             spec = importlib.machinery.PathFinder.find_spec(name)
         except (ImportError, ValueError, OSError):

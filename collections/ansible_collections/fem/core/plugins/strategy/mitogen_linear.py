@@ -313,11 +313,11 @@ class ForkedHost(mitogen.parent.Process):
 _silent: set[str] = set()
 
 
-def _status(path: str, field: str, base: int) -> int:
-    """A field of ``/proc/<...>/status``: the umask is read without setting it (other
-    threads create files), the signal masks as an exec would keep them."""
+def _status(path: str) -> dict[str, str]:
+    """The fields of ``/proc/<...>/status``: the umask is read there without setting it
+    (other threads create files), the signal masks as an exec would keep them."""
     with open(path, encoding="ascii") as f:
-        return next(int(line.split()[1], base) for line in f if line.startswith(field))
+        return {key: value.strip() for key, _, value in (line.partition(":") for line in f)}
 
 
 def ask_resident_host(connection: mitogen.parent.Connection, path: str) -> ForkedHost | None:
@@ -327,6 +327,7 @@ def ask_resident_host(connection: mitogen.parent.Connection, path: str) -> Forke
         escalates_privilege=False)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     reply, fds = {}, []
+    status = _status("/proc/self/status")
     try:
         conn.settimeout(resident_host.ANSWER_S)
         conn.connect(path)
@@ -336,9 +337,8 @@ def ask_resident_host(connection: mitogen.parent.Connection, path: str) -> Forke
             "protocol": resident_host.PROTOCOL,
             "env": {k: v for k, v in os.environ.items() if k != resident_host.ENV},
             "cwd": os.getcwd(), "size": len(connection.get_preamble()),
-            "umask": _status("/proc/self/status", "Umask:", 8),
-            "sigign": _status("/proc/self/status", "SigIgn:", 16),
-            "sigblk": _status("/proc/thread-self/status", "SigBlk:", 16),
+            "umask": int(status["Umask"], 8), "sigign": int(status["SigIgn"], 16),
+            "sigblk": int(_status("/proc/thread-self/status")["SigBlk"], 16),
             "rlimits": {name: resource.getrlimit(getattr(resource, name))
                         for name in resident_host.RLIMITS if hasattr(resource, name)},
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
