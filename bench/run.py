@@ -369,6 +369,50 @@ class Bench:
             self.row(f"scale: {n} vs 1 SSH hosts, overhead (s)", f"{results[n]:.2f}",
                      f"{results[1]:.2f}", results[n] / results[1], "grows little")
 
+    def kept_ssh(self) -> None:
+        """A trivial task on one loopback SSH host, its connection kept between runs (the
+        default) against a connection per run (``execution.ssh.keep_connections: false``):
+        two listeners on the same sshd, tasks alternating between them, each side first in
+        turn; time and the controller CPU of each (the sshd's is not counted)."""
+        rounds = 1 if self.quick else 8
+        ssh.ensure_user()
+        node_base = f"bench{uuid.uuid4().hex[:6]}"
+        base = ssh.new_dir(node_base)
+        keys = ssh.SshKeys(base / "client")
+        host = ssh.SshHost("127.0.1.1", base / "h0", keys).start()
+        inv = ssh.inventory(base / "inventory.yml", {"h0": host})
+        lanes = {}
+        times: dict[bool, list[float]] = {True: [], False: []}
+        cpu: dict[bool, list[float]] = {True: [], False: []}
+        try:
+            for keep in (True, False):
+                node = f"{node_base}{'k' if keep else 'n'}"
+                lanes[keep] = (node, *self.listener(
+                    node, inventory=str(inv), target="h0",
+                    ssh={"private_key_file": str(keys.private_key),
+                         "known_hosts_file": str(keys.known_hosts), "keep_connections": keep},
+                    policy={"targets": {"allow": ["h0"]}}))
+            for node, lst, orch in lanes.values():
+                self.fem_once(lst, orch, node, "warm")
+            for i in range(rounds):
+                for keep in (True, False) if i % 2 == 0 else (False, True):
+                    node, lst, orch = lanes[keep]
+                    used = self.cpu(node)
+                    times[keep].append(self.fem_once(lst, orch, node, f"k{i}"))
+                    cpu[keep].append(self.cpu(node) - used)
+        finally:
+            for _node, lst, orch in lanes.values():
+                lst.stop()
+                orch.close()
+            host.stop()
+            shutil.rmtree(base, ignore_errors=True)
+        self.row("SSH host: trivial task, connection kept vs per run (s)",
+                 f"{median(times[True]):.2f}", f"{median(times[False]):.2f}",
+                 median(times[True]) / median(times[False]), "< 1")
+        self.row("SSH host: controller CPU, kept vs per run (CPU-s)",
+                 f"{median(cpu[True]):.2f}", f"{median(cpu[False]):.2f}",
+                 median(cpu[True]) / median(cpu[False]), "< 1")
+
     # -- output ----------------------------------------------------------------------------
 
     def table(self) -> str:
@@ -454,7 +498,7 @@ def main() -> None:
     measures: dict[str, Callable[[], None]] = {
         "overhead": bench.overhead, "throughput": bench.throughput,
         "stage_out": bench.stage_out, "footprint": bench.footprint, "scale": bench.scale,
-        "hosts": bench.hosts,
+        "hosts": bench.hosts, "kept_ssh": bench.kept_ssh,
     }
     print(f"{'measure':<34} {'fem-ansible':>16} {'baseline':>16} {'ratio':>7}  target")
     try:

@@ -97,6 +97,13 @@ def _probe(path: Path) -> None:
         probe.rmdir()
 
 
+def own_group() -> Path | None:
+    """The listener's own group, above its runs' (None where runs get no group): where what
+    outlives a run on purpose goes (an SSH master kept for a host's next run)."""
+    root = base()
+    return None if root is None else root.parent
+
+
 def create(ident: str) -> Path | None:
     """A new, empty group for the run ``ident`` (None where groups cannot be had)."""
     root = base()

@@ -101,8 +101,15 @@ class SshConfig:
         "Refuse hosts whose key is unknown or changed (keep on outside of labs).", default=True
     )
     control_persist_s: int = _doc(
-        "Seconds an idle SSH master connection stays open within one playbook run.",
+        "Seconds an idle SSH master connection stays open (`ControlPersist`), within a run "
+        "and, with `keep_connections`, between runs.",
         default=60,
+    )
+    keep_connections: bool = _doc(
+        "Keep a host's SSH master connection between runs, for at most `control_persist_s` "
+        "idle: a host's next run skips the SSH handshake. Each inventory host has its own; "
+        "a run's cancel never ends it (docs/hosts.md, \"Connections kept between runs\").",
+        default=True,
     )
 
 

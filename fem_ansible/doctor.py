@@ -421,7 +421,8 @@ def check_hosts(config: Config) -> Iterator[Check]:
     import tempfile
 
     from .runner import collections_view
-    from .targets import Inventory, check_host, inventory_path, stop_masters
+    from .ssh_masters import stop_masters
+    from .targets import Inventory, check_host, inventory_path
 
     path = inventory_path(config)
     # The collections runs see (inventory and connection plugins among them), in a view of

@@ -39,6 +39,7 @@ from .runner import (
     scan_cache_dir,
 )
 from .site_roles import stopped_by_file
+from .ssh_masters import KeptMasters
 from .stages import STATE_STAGE, Stage
 from .targets import Targets
 from .tracking import AttemptPart, StageTracker
@@ -98,13 +99,16 @@ class Node:
     :param run_datasets: the per-task datasets of protocol adapters (``policy.decide``'s
         ``run_datasets``), asked again at each attempt so recovery resolves them the same.
     :param run_secret_env: the per-task secret container env of protocol adapters.
+    :param ssh_masters: the SSH masters kept between runs (the listener's); None: each run's
+        end with it.
     """
 
     def __init__(self, config: Config, journal: Journal,
                  notify: Callable[[], None] = lambda: None,
                  observer: NodeObserver | None = None,
                  run_datasets: RunDatasets = lambda task: {},
-                 run_secret_env: RunSecretEnv = lambda task: {}):
+                 run_secret_env: RunSecretEnv = lambda task: {},
+                 ssh_masters: KeptMasters | None = None):
         self.config = config
         self.journal = journal
         self.notify = notify
@@ -131,6 +135,7 @@ class Node:
         self.abandon = threading.Event()
         self.run_datasets = run_datasets
         self.run_secret_env = run_secret_env
+        self.ssh_masters = ssh_masters
 
     # -- intake --------------------------------------------------------------------------
 

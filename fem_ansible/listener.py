@@ -34,6 +34,7 @@ from .events import heartbeat_routing_key, node_heartbeat, routing_key
 from .journal import Journal, JournalUnwritable
 from .lifecycle import CancelRequest, Node, NodeObserver
 from .logs import reopen_log_files, task_context
+from .ssh_masters import KeptMasters
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ class Listener:
                  adapters: Sequence[AdapterFactory] = ()):
         self.config = config
         self.journal = _open_journal(config.work_dir / "journal.sqlite")
+        keep_ssh = config.execution.ssh.keep_connections
         self.node = Node(config, self.journal, notify=self._notify, observer=observer,
-                         run_datasets=self._run_datasets, run_secret_env=self._run_secret_env)
+                         run_datasets=self._run_datasets, run_secret_env=self._run_secret_env,
+                         ssh_masters=KeptMasters.of(config) if keep_ssh else None)
         self.pool = ThreadPoolExecutor(config.execution.max_parallel,
                                        thread_name_prefix="fem-task")
         self.running: dict[str, tuple[Future[Any], CancelRequest]] = {}
@@ -523,6 +526,10 @@ class Listener:
             if self.node.resident is not None:
                 # Runs going on finish on the servers they started on.
                 self.node.resident.replace()
+            if self.node.ssh_masters is not None:
+                # The inventory may have changed a host's connection; running tasks keep
+                # the masters they were lent.
+                self.node.ssh_masters.retire()
             try:
                 hosts = len(self.node.targets.reload_inventory().hostvars)
             except ConfigError as e:
@@ -538,6 +545,8 @@ class Listener:
         self.pool.shutdown(wait=not self._stop_now.is_set(), cancel_futures=True)
         if self.node.resident is not None:
             self.node.resident.close()
+        if self.node.ssh_masters is not None:
+            self.node.ssh_masters.close()
         self.journal.close()
 
 

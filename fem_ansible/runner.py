@@ -36,11 +36,12 @@ from typing import Any
 import ansible_runner
 import pexpect
 
-from . import cgroups, diskspace, fastpath, unsafe, vault
+from . import cgroups, diskspace, fastpath, ssh_masters, unsafe, vault
 from .errors import ConfigError
 from .fastpath import data_dir, derived_cache
 from .resident import Servers, client_command
 from .resident_client import LOST_RC
+from .ssh_masters import KeptMasters, Loan
 from .stages import Stage
 from .verdict import Failure, PlayWatcher
 
@@ -146,8 +147,10 @@ class RunSpec:
         collections: the run's only collection path (:func:`collections_view`).
         scan_cache: where what Ansible and Mitogen derive from installed files is kept
             between runs (:func:`scan_cache_dir`).
-        ssh_control_dir: the run's own SSH ControlPath dir, removed after the run: SSH
-            masters live as long as the run that started them (docs/hosts.md).
+        ssh_masters: the listener's kept SSH masters (lent to the run, and keeping the
+            ones it opens); None: the run's masters end with it.
+        ssh_control_dir: the run's own SSH ControlPath dir, removed after the run, with the
+            masters the run opened that were not kept (docs/hosts.md).
         resident: the listener's resident Ansible servers; None: every run starts cold.
         rerun_if_lost: the run may be run again whole if its resident Ansible dies during
             it (the stop and cleanup runs: they only stop and remove).
@@ -169,6 +172,7 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
     strategy: str = "linear"
     ssh_control_dir: Path | None = None
+    ssh_masters: KeptMasters | None = None
     resident: Servers | None = None
     rerun_if_lost: bool = False
 
@@ -433,7 +437,13 @@ def _run_once(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -
     started = time.monotonic()
     group = cgroups.create(spec.ident)
     full: OSError | None = None
+    loan: Loan | None = None
+    ended = False
     try:
+        if spec.ssh_control_dir is not None:
+            spec.ssh_control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if spec.ssh_masters is not None:
+                loan = spec.ssh_masters.lend(spec.ssh_control_dir, spec.limit)
         runner = _init_runner(
             spec, group, command,
             passwords={vault.PROMPT: password},
@@ -453,6 +463,7 @@ def _run_once(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -
             else:
                 runner.config.command = [*client_command(None), *cold]
         runner.run()
+        ended = True
     except OSError as e:
         # ansible-runner could not write the run's output to its artifacts: the file
         # system is full (a task filled it, or something else did).  The run is over.
@@ -460,15 +471,18 @@ def _run_once(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -
             raise
         full = e
     finally:
-        # Whatever ended the run, nothing of it may outlive it.
-        kill_processes(spec.ident)
+        # Whatever ended the run, nothing of it may outlive it, but the SSH masters a run
+        # that ended on its own opened: they are kept for the host's next run.
+        kept: set[int] = set()
+        if loan is not None and ended and not should_stop():
+            kept = spec.ssh_masters.keep(loan, group)
+        kill_processes(spec.ident, spare=kept)
         if group is not None:
             cgroups.remove(group)
-        if spec.ssh_control_dir is not None:
-            from .targets import stop_masters
-
-            stop_masters(spec.ssh_control_dir)
-            shutil.rmtree(spec.ssh_control_dir, ignore_errors=True)
+        if loan is not None:
+            spec.ssh_masters.give_back(loan)
+        elif spec.ssh_control_dir is not None:
+            ssh_masters.release(spec.ssh_control_dir)
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
               time.monotonic() - started)
     rc = runner.rc or 0
@@ -516,13 +530,15 @@ def terminate_processes(ident: str, grace_s: float = 3.0) -> None:
     kill_processes(ident)
 
 
-def kill_processes(ident: str) -> None:
-    """SIGKILL every process of the run ``ident`` (its cgroup, and exactly that marker)."""
+def kill_processes(ident: str, spare: set[int] | frozenset[int] = frozenset()) -> None:
+    """SIGKILL every process of the run ``ident`` (its cgroup, and exactly that marker) but
+    those in ``spare``, moved out of its cgroup on purpose (fem_ansible.ssh_masters)."""
     root = cgroups.base()
     if root is not None:
         cgroups.kill(root / ident)
     for pid in _marked_pids(ident.__eq__):
-        _signal(pid, signal.SIGKILL)
+        if pid not in spare:
+            _signal(pid, signal.SIGKILL)
 
 
 def kill_task_processes(name: str) -> None:

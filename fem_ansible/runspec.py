@@ -91,6 +91,7 @@ def build(node: Node, rec: TaskRecord, decision: Decision, host: str, *,
         # and cleanup runs, where it would only delay a cancel (docs/decisions.md).
         strategy=config.execution.strategy if not (playbook or tags) else "linear",
         ssh_control_dir=ssh_dir,
+        ssh_masters=node.ssh_masters,
         resident=node.resident,
         rerun_if_lost=bool(playbook or tags),
     )

@@ -16,7 +16,6 @@ of the group before it fails (:meth:`Targets.retry_host`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import subprocess
@@ -264,10 +263,17 @@ def ssh_env(config: Config, control_dir: Path | None = None) -> dict[str, str]:
     and ``~/.ssh``).  A host's own ``ansible_*`` variables in the inventory win over all of
     these, as with any Ansible run.
 
-    :param control_dir: the run's own ControlPath dir (see :func:`control_dir`).
+    :param control_dir: the run's own ControlPath dir (see :func:`control_dir`): every
+        connection of the run, Mitogen's too, is multiplexed there under ssh's own name for
+        it, ``%C`` (fem_ansible.ssh_masters lends kept masters under that name).  The path
+        reaches ssh as ``${ANSIBLE_SSH_CONTROL_PATH_DIR}``, which ssh expands, so that
+        ``ANSIBLE_SSH_ARGS`` is the same for every run (a resident Ansible serves runs whose
+        environment is its own but for per-run variables, fem_ansible.resident_client).
     """
     ssh = config.execution.ssh
     args = f"-C -o ControlMaster=auto -o ControlPersist={ssh.control_persist_s}s"
+    if control_dir is not None:
+        args += " -o ControlPath=${ANSIBLE_SSH_CONTROL_PATH_DIR}/%C"
     if ssh.known_hosts_file:
         args += f" -o UserKnownHostsFile={ssh.known_hosts_file}"
     env = {
@@ -282,9 +288,9 @@ def ssh_env(config: Config, control_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-# ssh appends ~10 bytes of hash and ~17 of temporary suffix to the ControlPath dir, and a
-# unix socket path has at most 107 bytes.
-_CONTROL_DIR_MAX = 72
+# ssh appends "/" and 40 bytes of hash (%C), and a temporary suffix of 17 while it makes
+# the socket, to the ControlPath dir; a unix socket path has at most 107 bytes.
+_CONTROL_DIR_MAX = 49
 
 
 def control_dir(config: Config, ident: str) -> Path:
@@ -292,20 +298,6 @@ def control_dir(config: Config, ident: str) -> Path:
     ``<work_dir>/ssh/<hash>`` or, when the work dir's path is too long for a socket path,
     ``<tmp>/fem-ssh-<uid>/<hash>`` (fem_ansible.sockdir)."""
     return socket_dir(config.work_dir, "ssh", ident, _CONTROL_DIR_MAX)
-
-
-def stop_masters(control_dir: Path) -> None:
-    """End the SSH masters whose sockets are in ``control_dir`` (``ssh -O exit``).
-
-    A master outlives the run that started it for ``ControlPersist``, and the ``FEM_JOB_ID``
-    marker does not find it: ssh writes its process title over its environment.
-    """
-    if not control_dir.is_dir():
-        return
-    for socket_path in control_dir.iterdir():
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "master"],
-                           capture_output=True, timeout=10, check=False)
 
 
 # Run on the host by its own Python: what a task needs there, as one JSON line.
@@ -333,7 +325,7 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
     ``collections`` too), running the host's ``ansible_python_interpreter`` (default
     ``/usr/bin/python3``).  ``inventory`` is the one read with ``collections`` (read once
     for all hosts: each read is a second of ``ansible-inventory``).  ``control_dir``: the SSH
-    ControlPath dir (the caller ends its masters, :func:`stop_masters`).
+    ControlPath dir, made here (the caller ends its masters, fem_ansible.ssh_masters).
 
     :returns: ``{host, reachable, python, engines{docker, podman}, work_dir, free_bytes,
         left, message}``: ``reachable`` False (and the rest None) when Ansible could not
@@ -352,6 +344,8 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
     result: dict[str, Any] = {"host": host, "reachable": False, "python": None,
                               "engines": None, "work_dir": work_dir, "free_bytes": None,
                               "left": None, "message": ""}
+    if control_dir is not None:
+        control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # The probe is one `raw` call: Ansible's own strategy. Under fem.core.mitogen_linear an
     # ad-hoc `raw` to a host with `ansible_connection: local` went over SSH instead (as the
     # service user, whose shell is nologin, doctor then failed on a healthy host: issue 20).

@@ -9,9 +9,11 @@ python3, and the archives come back to the listener by ``fetch``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +192,57 @@ def test_a_host_that_goes_away_mid_task_ends_it_once_within_its_bound(site, ssh_
     _code, lines = doctor(config)
     assert f"task dirs there: {name}" in line(lines, "! host ssh-a:")
     subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True)
+
+
+def _masters() -> dict[int, str]:
+    """The SSH masters on this machine (ssh's title ``ssh: <ControlPath> [mux]``): pid to
+    its cgroup."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0")
+            group = Path(f"/proc/{pid}/cgroup").read_text().strip()
+        except OSError:
+            continue
+        if title.startswith(b"ssh: ") and title.endswith(b" [mux]"):
+            found[int(pid)] = group
+    return found
+
+
+def test_a_hosts_connection_is_kept_between_tasks_and_no_cancel_ends_it(site, ssh_site):
+    """Issue 30: a host's next run reuses the SSH connection its last run opened (one login
+    on the host for four tasks, a cancel among them), outside every run's cgroup, in the
+    listener's own; the listener's end ends it."""
+    orch = site.orchestrator
+    hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, target="ssh-a")
+    before = set(_masters())
+    lst = site.listener(config)
+    own = Path(f"/proc/{lst.proc.pid}/cgroup").read_text().strip()
+
+    def logins() -> int:
+        return hosts["ssh-a"].log.read_text().count(f"Accepted publickey for {ssh.USER}")
+
+    orch.publish(site.task("kept-1"))
+    assert orch.wait_terminal("kept-1")["state"] == "COMPLETED"
+    kept = {pid: group for pid, group in _masters().items() if pid not in before}
+    assert len(kept) == 1 and list(kept.values()) == [own], (kept, own)
+    assert logins() == 1
+
+    orch.publish(site.task("kept-2"))
+    assert orch.wait_terminal("kept-2")["state"] == "COMPLETED"
+    assert logins() == 1
+
+    orch.publish(site.task("kept-3", command=["sh", "-c", "echo begun; sleep 300"]))
+    orch.wait_state("kept-3", "RUNNING")
+    orch.cancel("kept-3")
+    assert orch.wait_terminal("kept-3", timeout=120)["state"] == "CANCELLED"
+    orch.publish(site.task("kept-4"))
+    assert orch.wait_terminal("kept-4")["state"] == "COMPLETED"
+    # The task run, the cancelled task's run and its stop run, all on the one connection.
+    assert logins() == 1
+    assert {pid for pid in _masters() if pid not in before} == set(kept)
+    assert [p for p in hosts["ssh-a"].leftovers() if p != "tasks"] == []
+    assert leftovers(site.node, site.work_dir) == NOTHING_LEFT
+
+    assert lst.stop() == 0
+    assert not {pid for pid in _masters() if pid not in before}
