@@ -137,7 +137,8 @@ class KeptMasters:
             if lent is not None and _same_file(path, lent.path):
                 continue  # not the run's own: a lent master's link
             pid = _master_pid(path)
-            if pid is None or pid not in cgroups.pids(group):
+            # The run's own master: in its group, and the ssh that bound this socket.
+            if pid is None or pid not in cgroups.pids(group) or not _is_master(pid, path):
                 continue
             with self._lock:
                 old = self._kept.get((loan.host, path.name))
@@ -147,6 +148,7 @@ class KeptMasters:
                     self._forget(loan.host, path.name)
                 pids = self._move_out(pid, group)
                 if not pids:
+                    _ssh_control(path, "exit")  # if the master did leave the run's group
                     continue
                 self._serial += 1
                 kept = _Kept(self.pool / str(self._serial), pid, path)
@@ -301,10 +303,18 @@ def _pipes(pid: int) -> set[str]:
 def _end(kept: _Kept) -> None:
     """End a kept master and unlink it: asked through its socket; by signal if it does not
     answer and its process is still that master (its title names the socket it bound)."""
-    if "Exit request sent" not in _ssh_control(kept.path, "exit"):
+    if "Exit request sent" not in _ssh_control(kept.path, "exit") and _is_master(
+            kept.pid, kept.origin):
         with contextlib.suppress(OSError):
-            with open(f"/proc/{kept.pid}/cmdline", "rb") as f:
-                title = f.read().rstrip(b"\0")
-            if title == f"ssh: {kept.origin} [mux]".encode():
-                os.kill(kept.pid, signal.SIGTERM)
+            os.kill(kept.pid, signal.SIGTERM)
     kept.path.unlink(missing_ok=True)
+
+
+def _is_master(pid: int, origin: Path) -> bool:
+    """Whether ``pid`` is the SSH master that bound the socket ``origin``: ssh's title for
+    it is ``ssh: <ControlPath> [mux]``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().rstrip(b"\0") == f"ssh: {origin} [mux]".encode()
+    except OSError:
+        return False
