@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 #: (fem_ansible.resident_client joins it before anything else runs).
 ENV = "FEM_RUN_CGROUP"
 _SUBTREE = "fem-runs"
+_KEPT = "fem-ssh"
 # base() is first called by whichever thread needs a group first: at a restart, the
 # recoveries of several tasks at once.  Two probes of one process at the same time removed
 # each other's directory, and the loser's "File exists" turned groups (and the resident
@@ -97,11 +98,16 @@ def _probe(path: Path) -> None:
         probe.rmdir()
 
 
-def own_group() -> Path | None:
-    """The listener's own group, above its runs' (None where runs get no group): where what
-    outlives a run on purpose goes (an SSH master kept for a host's next run)."""
+def kept_base() -> Path | None:
+    """``<the listener's own group>/fem-ssh``, beside ``fem-runs``, made if needed: where
+    what outlives a run on purpose gets its groups (an SSH master kept for a host's next
+    run, fem_ansible.ssh_masters); None where runs get no group."""
     root = base()
-    return None if root is None else root.parent
+    if root is None:
+        return None
+    path = root.parent / _KEPT
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def create(ident: str) -> Path | None:

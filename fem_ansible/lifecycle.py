@@ -299,7 +299,8 @@ class _Execution(AttemptPart):
         if resumed:
             # An earlier listener process died in this task: whatever of its playbook still
             # runs is stopped first, so that two attempts never work side by side.
-            kill_task_processes(self.node.object_name(self.tid))
+            kill_task_processes(self.node.object_name(self.tid), spare=(
+                self.node.ssh_masters.processes() if self.node.ssh_masters else frozenset()))
             stage = STATE_STAGE.get(self.rec.state, Stage.STAGE_IN)
             full = below_floor(self.config.work_dir, max(self.config.execution.min_free_bytes, 1))
             if full:

@@ -426,9 +426,12 @@ def _run_once(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -
         watcher.event(event)
         return True
 
+    def kept() -> set[int]:
+        return spec.ssh_masters.processes() if spec.ssh_masters is not None else set()
+
     def on_cancel() -> bool:
         if should_stop():
-            terminate_processes(spec.ident)
+            terminate_processes(spec.ident, spare=kept())
             return True
         return False
 
@@ -473,14 +476,14 @@ def _run_once(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -
     finally:
         # Whatever ended the run, nothing of it may outlive it, but the SSH masters a run
         # that ended on its own opened: they are kept for the host's next run.
-        kept: set[int] = set()
         if loan is not None and ended and not should_stop():
-            kept = spec.ssh_masters.keep(loan, group)
-        kill_processes(spec.ident, spare=kept)
+            spec.ssh_masters.keep(loan, group)
+        kill_processes(spec.ident, spare=kept())
         if group is not None:
             cgroups.remove(group)
         if loan is not None:
-            spec.ssh_masters.give_back(loan)
+            spec.ssh_masters.give_back(
+                loan, failed=not ended or runner.status in ("failed", "timeout"))
         elif spec.ssh_control_dir is not None:
             ssh_masters.release(spec.ssh_control_dir)
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,
@@ -499,11 +502,13 @@ def _run_once(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -
 _MARKER = b"FEM_JOB_ID="
 
 
-def _marked_pids(matches: Callable[[str], bool]) -> list[int]:
-    """Processes whose ``FEM_JOB_ID`` ``matches``."""
+def _marked_pids(matches: Callable[[str], bool],
+                 spare: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Processes whose ``FEM_JOB_ID`` ``matches``, but those in ``spare``."""
     pids = []
+    skip = {os.getpid(), *spare}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in skip:
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
@@ -516,38 +521,41 @@ def _marked_pids(matches: Callable[[str], bool]) -> list[int]:
     return pids
 
 
-def terminate_processes(ident: str, grace_s: float = 3.0) -> None:
+def terminate_processes(ident: str, grace_s: float = 3.0,
+                        spare: set[int] | frozenset[int] = frozenset()) -> None:
     """SIGTERM every process of the run ``ident`` (ansible cleans up its workers on
-    SIGTERM), then SIGKILL what is left after ``grace_s``."""
+    SIGTERM), then SIGKILL what is left after ``grace_s``; never those in ``spare``
+    (:func:`kill_processes`)."""
     root = cgroups.base()
     if root is not None and (root / ident).is_dir():
         cgroups.terminate(root / ident, grace_s)
-    for pid in _marked_pids(ident.__eq__):
+    for pid in _marked_pids(ident.__eq__, spare):
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while _marked_pids(ident.__eq__) and time.monotonic() < deadline:
+    while _marked_pids(ident.__eq__, spare) and time.monotonic() < deadline:
         time.sleep(0.1)
-    kill_processes(ident)
+    kill_processes(ident, spare)
 
 
 def kill_processes(ident: str, spare: set[int] | frozenset[int] = frozenset()) -> None:
     """SIGKILL every process of the run ``ident`` (its cgroup, and exactly that marker) but
-    those in ``spare``, moved out of its cgroup on purpose (fem_ansible.ssh_masters)."""
+    those in ``spare``: the kept SSH masters' (fem_ansible.ssh_masters), moved out of a
+    run's cgroup on purpose, whose ``ProxyCommand`` carries that run's marker."""
     root = cgroups.base()
     if root is not None:
         cgroups.kill(root / ident)
-    for pid in _marked_pids(ident.__eq__):
-        if pid not in spare:
-            _signal(pid, signal.SIGKILL)
+    for pid in _marked_pids(ident.__eq__, spare):
+        _signal(pid, signal.SIGKILL)
 
 
-def kill_task_processes(name: str) -> None:
+def kill_task_processes(name: str, spare: set[int] | frozenset[int] = frozenset()) -> None:
     """SIGKILL every process of every run of the task whose object name is ``name``: those
     whose marker is ``<name>.<anything>`` (a name has no ".", naming.NAME_PATTERN), never
-    another task's whose name merely starts like it; and their cgroups."""
+    another task's whose name merely starts like it, nor one in ``spare``
+    (:func:`kill_processes`); and their cgroups."""
     for group in cgroups.of_task(name):
         cgroups.remove(group)
-    for pid in _marked_pids(lambda marker: marker.partition(".")[0] == name):
+    for pid in _marked_pids(lambda marker: marker.partition(".")[0] == name, spare):
         _signal(pid, signal.SIGKILL)
 
 

@@ -4,11 +4,13 @@ runs").
 
 Every run still has its own ControlPath dir (fem_ansible.targets.control_dir) and the
 master it opens lives in the run's cgroup.  When the run has ended on its own (not stopped),
-its masters are moved out: into the listener's own cgroup and into this listener's pool,
+its masters are moved out, each into a cgroup of its own beside the runs'
+(``fem-ssh/<pool>.<n>``, with what carries its connection), and into this listener's pool,
 one per inventory host and ssh destination (``%C``).  A later run on the same inventory host
 is lent them: a hard link in its own ControlPath dir, under the name its ``ssh`` looks for,
 so it connects as a client of the kept master, while the run's own processes (that client
-included) stay in the run's cgroup.  A cancel kills the run's client, never the master.
+included) stay in the run's cgroup.  A cancel kills the run's client, never the master; a
+master ends with its whole group.
 
 Why per inventory host and not by ``%C`` alone: ``%C`` is a hash of the local host, the
 destination address, port and user (OpenSSH 9.2), not of the route; two inventory hosts
@@ -18,7 +20,8 @@ Bounds: ``ControlPersist`` (``execution.ssh.control_persist_s``) ends an idle ma
 that is near it is not lent (it may exit under its borrower).  At most
 :data:`MAX_BORROWERS` runs share one master (sshd's ``MaxSessions`` defaults to 10).  A
 SIGHUP retires every kept master (the inventory may have changed): each ends when its
-last borrower is done; the listener's end ends them all.
+last borrower is done, and runs that started before it keep nothing.  A run that failed
+retires what it was lent.  The listener's end ends them all.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -55,12 +57,12 @@ _SSH_TIMEOUT_S = 10
 
 @dataclass
 class _Kept:
-    """One master of the pool: its link there, its process, who uses it."""
+    """One master of the pool: its link there, its cgroup, who uses it."""
 
     path: Path
     pid: int
-    #: The socket ssh bound, which its process title names.
-    origin: Path
+    #: The master and what carries its connection, nothing else.
+    group: Path
     borrowers: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     retired: bool = False
@@ -72,6 +74,9 @@ class Loan:
 
     host: str
     run_dir: Path
+    #: The pool's generation when the run started: a run that started before a SIGHUP
+    #: may have read the inventory before it, and keeps nothing.
+    generation: int
     lent: dict[str, _Kept] = field(default_factory=dict)
 
 
@@ -79,17 +84,21 @@ class KeptMasters:
     """The listener's kept SSH masters.  Thread-safe: runs start and end in many threads."""
 
     def __init__(self, pool: Path, persist_s: int):
-        """:param pool: this listener's dir of kept masters (its sockets' hard links).
+        """:param pool: this listener's dir of kept masters (its sockets' hard links); its
+            name also names the masters' cgroups, ``fem-ssh/<name>.<n>``.
         :param persist_s: the masters' ``ControlPersist``."""
         self.pool, self.persist_s = pool, persist_s
-        #: Nothing is kept where runs get no cgroup (the master could not leave the run's
-        #: processes) or once a master could not be moved out of its run's.
-        self.off = cgroups.own_group() is None
+        #: Where the masters' groups go; None: nothing is kept (runs get no cgroup, so a
+        #: master could not be told from the run's processes).
+        self.groups = cgroups.kept_base()
         self._lock = threading.Lock()
         self._kept: dict[tuple[str, str], _Kept] = {}
         self._serial = 0
+        self._generation = 0
         # A listener killed before its end left its pool: its masters are ended now.
         stop_masters(self.pool)
+        for group in self._own_groups():
+            cgroups.remove(group)
         shutil.rmtree(self.pool, ignore_errors=True)
         self.pool.mkdir(mode=0o700, parents=True)
 
@@ -102,9 +111,9 @@ class KeptMasters:
     def lend(self, run_dir: Path, host: str) -> Loan:
         """Before a run on inventory host ``host``: link the host's kept masters that may be
         lent into the run's ControlPath dir ``run_dir``."""
-        loan = Loan(host, run_dir)
         now = time.monotonic()
         with self._lock:
+            loan = Loan(host, run_dir, self._generation)
             for (kept_host, name), kept in list(self._kept.items()):
                 if kept_host != host or kept.borrowers >= MAX_BORROWERS:
                     continue
@@ -121,17 +130,13 @@ class KeptMasters:
                 loan.lent[name] = kept
         return loan
 
-    def keep(self, loan: Loan, group: Path | None) -> set[int]:
+    def keep(self, loan: Loan, group: Path | None) -> None:
         """After a run that ended on its own, before its processes are killed: move the
-        masters it opened into the pool (and out of the run's cgroup ``group``), one per
-        destination of the host; the others end with the run.
-
-        :returns: the processes moved out, which the run's end must spare (a
-            ``ProxyCommand`` carries the run's ``FEM_JOB_ID`` marker).
-        """
-        moved: set[int] = set()
-        if self.off or group is None:
-            return moved
+        masters it opened into the pool (each with what carries its connection into a
+        cgroup of its own, out of the run's ``group``), one per destination of the host;
+        the others end with the run."""
+        if self.groups is None or group is None:
+            return
         for path in _sockets(loan.run_dir):
             lent = loan.lent.get(path.name)
             if lent is not None and _same_file(path, lent.path):
@@ -141,75 +146,74 @@ class KeptMasters:
             if pid is None or pid not in cgroups.pids(group) or not _is_master(pid, path):
                 continue
             with self._lock:
+                if loan.generation != self._generation:
+                    return
                 old = self._kept.get((loan.host, path.name))
                 if old is not None and _alive(old.path):
                     continue
                 if old is not None:  # ended under the run, which made this one instead
                     self._forget(loan.host, path.name)
-                pids = self._move_out(pid, group)
-                if not pids:
-                    _ssh_control(path, "exit")  # if the master did leave the run's group
-                    continue
                 self._serial += 1
-                kept = _Kept(self.pool / str(self._serial), pid, path)
+                kept = _Kept(self.pool / str(self._serial), pid,
+                             self.groups / f"{self.pool.name}.{self._serial}")
                 try:
+                    kept.group.mkdir()
+                    _move(pid, group, kept.group)
                     os.link(path, kept.path)
                 except OSError as e:
                     log.warning("an SSH master to %s is not kept: %s", loan.host, e)
                     _ssh_control(path, "exit")
+                    with contextlib.suppress(OSError):
+                        cgroups.remove(kept.group)
                     continue
-                path.unlink()  # the run's dir goes with the masters left in it
+                with contextlib.suppress(OSError):
+                    path.unlink()  # the run's dir goes with the masters left in it
                 self._kept[(loan.host, path.name)] = kept
-                moved.update(pids)
                 log.debug("SSH master %d to %s kept", pid, loan.host)
-        return moved
 
-    def _move_out(self, pid: int, group: Path) -> list[int]:
-        """Move the master ``pid`` and what carries its connection (a ``ProxyCommand``: the
-        processes of the run's ``group`` holding a pipe the master holds) into the
-        listener's own group.  Where that cannot be done, nothing is kept any more (one
-        warning): it would fail alike for every run."""
-        target = cgroups.own_group()
-        assert target is not None  # not off
-        pipes = _pipes(pid)
-        pids = [pid, *(p for p in cgroups.pids(group) if p != pid and pipes & _pipes(p))]
-        try:
-            for moved in pids:
-                cgroups.join(target, moved)
-        except OSError as e:
-            log.warning("SSH connections are not kept between runs: a master could not be "
-                        "moved out of its run's cgroup (%s)", e)
-            self.off = True
-            return []
-        return pids
-
-    def give_back(self, loan: Loan) -> None:
+    def give_back(self, loan: Loan, failed: bool) -> None:
         """After a run, its processes killed: its lent masters are idle from now unless
-        another run uses them; a retired one with no borrower left ends.  The run's
-        ControlPath dir goes, with any master of the run that was not kept."""
+        another run uses them; a retired one with no borrower left ends.  A run that
+        ``failed`` retires what it was lent: a connection that stalled (a firewall that
+        drops idle flows) fails every run lent it, where a new one may well work.  The
+        run's ControlPath dir goes, with any master of the run that was not kept."""
         now = time.monotonic()
         with self._lock:
             for name, kept in loan.lent.items():
-                (loan.run_dir / name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    (loan.run_dir / name).unlink(missing_ok=True)
                 kept.borrowers -= 1
                 kept.idle_since = now
-                if kept.retired and not kept.borrowers:
+                if failed and self._kept.get((loan.host, name)) is kept:
+                    self._forget(loan.host, name)
+                elif kept.retired and not kept.borrowers:
                     _end(kept)
         release(loan.run_dir)
 
+    def processes(self) -> set[int]:
+        """The kept masters' processes (retired ones still in use included): a sweep by
+        the ``FEM_JOB_ID`` marker must spare them (a ``ProxyCommand`` carries the marker of
+        the run that started it, and a later run may have the same ident)."""
+        return {pid for group in self._own_groups() for pid in cgroups.pids(group)}
+
     def retire(self) -> None:
-        """SIGHUP: no kept master is lent again; each ends now, or when its last borrower is
-        done (a running task is not disturbed)."""
+        """SIGHUP: no kept master is lent again, and none opened by a run that started
+        before is kept; each ends now, or when its last borrower is done (a running task is
+        not disturbed)."""
         with self._lock:
+            self._generation += 1
             for host, name in list(self._kept):
                 self._forget(host, name)
 
     def close(self) -> None:
         """The listener's end: every kept master ends, borrowed or not."""
         with self._lock:
+            self._generation += 1
             for kept in self._kept.values():
                 _end(kept)
             self._kept.clear()
+            for group in self._own_groups():  # retired ones still lent
+                cgroups.remove(group)
         shutil.rmtree(self.pool, ignore_errors=True)
 
     def _forget(self, host: str, name: str) -> None:
@@ -218,6 +222,15 @@ class KeptMasters:
         kept.retired = True
         if not kept.borrowers:
             _end(kept)
+
+    def _own_groups(self) -> list[Path]:
+        if self.groups is None:
+            return []
+        prefix = f"{self.pool.name}."
+        try:
+            return [g for g in self.groups.iterdir() if g.name.startswith(prefix)]
+        except OSError:
+            return []
 
 
 def release(run_dir: Path) -> None:
@@ -300,14 +313,26 @@ def _pipes(pid: int) -> set[str]:
     return found
 
 
+def _move(pid: int, run_group: Path, group: Path) -> None:
+    """Move the master ``pid`` into ``group`` with what carries its connection (a
+    ``ProxyCommand``: the processes of the run's group holding a pipe the master holds, and
+    whatever they start later, in ``group`` too)."""
+    pipes = _pipes(pid)
+    cgroups.join(group, pid)
+    for other in cgroups.pids(run_group):
+        if pipes & _pipes(other):
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                cgroups.join(group, other)
+
+
 def _end(kept: _Kept) -> None:
-    """End a kept master and unlink it: asked through its socket; by signal if it does not
-    answer and its process is still that master (its title names the socket it bound)."""
-    if "Exit request sent" not in _ssh_control(kept.path, "exit") and _is_master(
-            kept.pid, kept.origin):
-        with contextlib.suppress(OSError):
-            os.kill(kept.pid, signal.SIGTERM)
-    kept.path.unlink(missing_ok=True)
+    """End a kept master (asked through its socket, so that the host sees a clean end),
+    then what is left in its group, and unlink it."""
+    _ssh_control(kept.path, "exit")
+    with contextlib.suppress(OSError):
+        cgroups.remove(kept.group)
+    with contextlib.suppress(OSError):
+        kept.path.unlink(missing_ok=True)
 
 
 def _is_master(pid: int, origin: Path) -> bool:

@@ -271,7 +271,10 @@ def ssh_env(config: Config, control_dir: Path | None = None) -> dict[str, str]:
         environment is its own but for per-run variables, fem_ansible.resident_client).
     """
     ssh = config.execution.ssh
-    args = f"-C -o ControlMaster=auto -o ControlPersist={ssh.control_persist_s}s"
+    # Keepalives bound how long a master whose host vanished without a reset lives (and
+    # may be lent, fem_ansible.ssh_masters); Mitogen's own, given before these, win there.
+    args = (f"-C -o ControlMaster=auto -o ControlPersist={ssh.control_persist_s}s"
+            " -o ServerAliveInterval=15 -o ServerAliveCountMax=3")
     if control_dir is not None:
         args += " -o ControlPath=${ANSIBLE_SSH_CONTROL_PATH_DIR}/%C"
     if ssh.known_hosts_file:
@@ -325,7 +328,8 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
     ``collections`` too), running the host's ``ansible_python_interpreter`` (default
     ``/usr/bin/python3``).  ``inventory`` is the one read with ``collections`` (read once
     for all hosts: each read is a second of ``ansible-inventory``).  ``control_dir``: the SSH
-    ControlPath dir, made here (the caller ends its masters, fem_ansible.ssh_masters).
+    ControlPath dir, made here (the caller ends its masters, fem_ansible.ssh_masters); None:
+    one of the check's own, its masters ended after it.
 
     :returns: ``{host, reachable, python, engines{docker, podman}, work_dir, free_bytes,
         left, message}``: ``reachable`` False (and the rest None) when Ansible could not
@@ -338,6 +342,19 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
 
     from .runner import ansible_env, passed_env
 
+    if control_dir is None:
+        # Never Ansible's default, ~/.ansible/cp, where a master outlives the check
+        # (docs/decisions.md, "Doctor's SSH masters are its own").
+        import tempfile
+
+        from .ssh_masters import release
+
+        with tempfile.TemporaryDirectory(prefix="fem-check-") as tmp:
+            try:
+                return check_host(config, host, inventory, collections, timeout_s,
+                                  Path(tmp) / "ssh")
+            finally:
+                release(Path(tmp) / "ssh")
     work_dir = inventory.work_dir(host, config.execution.work_dir)
     probe = base64.b64encode(_HOST_PROBE.format(
         work_dir=work_dir, prefix=f"fem-{config.node_id}-").encode()).decode()

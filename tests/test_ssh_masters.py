@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fem_ansible import cgroups
-from fem_ansible.runner import kill_processes
+from fem_ansible.runner import kill_processes, kill_task_processes
 from fem_ansible.ssh_masters import MAX_BORROWERS, KeptMasters
 from tests.support import ssh
 
@@ -92,25 +92,27 @@ def groups() -> Iterator[list[Path]]:
         cgroups.remove(group)
 
 
-def _group(made: list[Path]) -> Path:
-    group = cgroups.create(f"masters-test.{time.monotonic_ns()}")
+def _group(made: list[Path], ident: str | None = None) -> Path:
+    group = cgroups.create(ident or f"masters-test.{time.monotonic_ns()}")
     assert group is not None, "the tests run where runs get cgroups"
     made.append(group)
     return group
 
 
 def _run(site: Site, kept: KeptMasters, host: str, made: list[Path], *options: str,
-         cancelled: bool = False) -> Path:
+         cancelled: bool = False, failed: bool = False, ident: str | None = None) -> Path:
     """A whole run as fem_ansible.runner makes it: lent, connected, kept unless cancelled,
-    killed, given back.  Returns the run's group (removed)."""
+    killed (``ident``: the run's marker and group name), given back.  Returns the run's
+    group (removed)."""
     run_dir = site.run_dir()
     loan = kept.lend(run_dir, host)
-    group = _group(made)
+    group = _group(made, ident)
     site.connect(run_dir, group, kept.persist_s, *options)
-    spare = set() if cancelled else kept.keep(loan, group)
-    kill_processes(group.name, spare)
+    if not cancelled:
+        kept.keep(loan, group)
+    kill_processes(group.name, kept.processes())
     cgroups.remove(group)
-    kept.give_back(loan)
+    kept.give_back(loan, failed)
     assert not run_dir.exists()
     return group
 
@@ -139,9 +141,9 @@ def test_a_hosts_runs_share_one_login_and_a_cancel_does_not_end_it(site, groups)
     try:
         _run(site, kept, "a", groups)
         [master] = _pool_pids(kept)
-        assert cgroups.own_group() is not None
         with open(f"/proc/{master}/cgroup") as f:
-            assert f.read().strip().endswith(":" + _own_cgroup())
+            group = f.read().strip().partition("0::")[2]
+        assert Path(group).parent == Path(_own_cgroup()) / "fem-ssh", group
         _run(site, kept, "a", groups, cancelled=True)
         _run(site, kept, "a", groups)
         assert site.logins() == 1
@@ -216,7 +218,7 @@ def test_a_second_master_to_one_destination_ends_with_its_run(site, groups):
         for loan, group in zip(loans, made, strict=True):
             kept.keep(loan, group)
             cgroups.remove(group)
-            kept.give_back(loan)
+            kept.give_back(loan, False)
         assert _pool_pids(kept) == masters[0]
         assert _ended(masters[1][0])
         _run(site, kept, "a", groups)
@@ -238,7 +240,7 @@ def test_retired_masters_serve_their_borrowers_and_then_end(site, groups):
         site.connect(run_dir, None)
         assert site.logins() == 1 and _alive(master)
         assert kept.lend(site.run_dir(), "a").lent == {}
-        kept.give_back(loan)
+        kept.give_back(loan, False)
         assert _ended(master)
     finally:
         kept.close()
@@ -251,7 +253,7 @@ def test_one_master_is_lent_to_at_most_so_many_runs(site, groups):
         loans = [kept.lend(site.run_dir(), "a") for _ in range(MAX_BORROWERS + 1)]
         assert [bool(loan.lent) for loan in loans] == [True] * MAX_BORROWERS + [False]
         for loan in loans:
-            kept.give_back(loan)
+            kept.give_back(loan, False)
     finally:
         kept.close()
 
@@ -282,3 +284,93 @@ def test_a_pool_left_by_a_killed_listener_is_ended(site, groups):
     assert _alive(master)
     KeptMasters(pool, 60).close()
     assert _ended(master)
+
+
+def test_a_run_that_started_before_a_sighup_keeps_nothing(site, groups):
+    """It may have read the inventory before it changed."""
+    kept = KeptMasters(site.base / "pool", 60)
+    try:
+        run_dir = site.run_dir()
+        loan = kept.lend(run_dir, "a")
+        group = _group(groups)
+        site.connect(run_dir, group)
+        kept.retire()
+        kept.keep(loan, group)
+        cgroups.remove(group)
+        kept.give_back(loan, False)
+        assert _pool_pids(kept) == []
+        _run(site, kept, "a", groups)
+        assert len(_pool_pids(kept)) == 1 and site.logins() == 2
+    finally:
+        kept.close()
+
+
+def test_a_failed_run_retires_the_master_it_was_lent(site, groups):
+    """A stalled connection fails every run lent it, where a new one may well work: the
+    first failure retires it (ended once its other borrowers are done)."""
+    kept = KeptMasters(site.base / "pool", 60)
+    try:
+        _run(site, kept, "a", groups)
+        [master] = _pool_pids(kept)
+        other = kept.lend(site.run_dir(), "a")
+        _run(site, kept, "a", groups, failed=True)
+        assert _pool_pids(kept) == [] and _alive(master)
+        kept.give_back(other, False)
+        assert _ended(master)
+        _run(site, kept, "a", groups)
+        assert site.logins() == 2
+    finally:
+        kept.close()
+
+
+def test_a_later_run_with_the_same_marker_spares_a_kept_proxy(site, groups):
+    """A ProxyCommand carries the marker of the run that started it; a run with the same
+    ident (a run again after its resident Ansible died) must not kill it by that marker."""
+    relay = site.base / "relay.py"
+    relay.write_text(PROXY)
+    kept = KeptMasters(site.base / "pool", 60)
+    proxy = f"ProxyCommand={sys.executable} {relay} %h %p"
+    try:
+        _run(site, kept, "a", groups, "-o", proxy, ident="fem-x-t.a1-stop")
+        [master] = _pool_pids(kept)
+        _run(site, kept, "a", groups, "-o", proxy, ident="fem-x-t.a1-stop")
+        kill_task_processes("fem-x-t", kept.processes())
+        assert _alive(master) and len(kept.processes()) == 2
+        _run(site, kept, "a", groups, "-o", proxy)
+        assert site.logins() == 1
+    finally:
+        kept.close()
+
+
+def test_what_a_proxy_command_starts_ends_with_its_master(site, groups):
+    relay = site.base / "relay.py"
+    relay.write_text(PROXY)
+    kept = KeptMasters(site.base / "pool", 60)
+    proxy = f"ProxyCommand=sh -c 'sleep 1000 & exec {sys.executable} {relay} %h %p'"
+    try:
+        _run(site, kept, "a", groups, "-o", proxy)
+        processes = kept.processes()
+        assert len(processes) == 3  # the master, the relay, the sleep
+        kept.retire()
+        assert all(_ended(pid) for pid in processes)
+    finally:
+        kept.close()
+
+
+@pytest.mark.parametrize("replaced_by", ["dir", "file"])
+def test_a_pool_entry_replaced_is_no_error(site, groups, replaced_by):
+    kept = KeptMasters(site.base / "pool", 60)
+    try:
+        _run(site, kept, "a", groups)
+        [entry] = kept._kept.values()
+        entry.path.unlink()
+        if replaced_by == "dir":
+            entry.path.mkdir()
+        else:
+            entry.path.write_text("")
+        _run(site, kept, "a", groups)
+        kept.retire()
+        _run(site, kept, "a", groups)
+        assert site.logins() == 3
+    finally:
+        kept.close()
