@@ -9,8 +9,10 @@ python3, and the archives come back to the listener by ``fetch``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -252,3 +254,32 @@ def test_a_hosts_connection_is_kept_between_tasks_and_no_cancel_ends_it(site, ss
 
     assert lst.stop() == 0
     assert not {pid for pid in _masters() if pid not in before}
+
+
+def test_a_stalled_kept_connection_fails_one_task_not_the_next(site, ssh_site):
+    """The kept master's connection stalls (the host's session processes stopped, as behind
+    a firewall that dropped the idle flow; the sshd still takes logins): the task lent it
+    fails as unreachable, and retires it; the next task connects anew and completes."""
+    orch = site.orchestrator
+    hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, target="ssh-a")
+    host = hosts["ssh-a"]
+    site.listener(config)
+    short = {"source": None, "datasets": None,
+             "command": ["sh", "-c", "echo done > /fem/output/r.txt"]}
+    orch.publish(site.task("stall-0", **short))
+    assert orch.wait_terminal("stall-0")["state"] == "COMPLETED"
+    sessions = ssh._descendants(host.proc.pid)
+    assert sessions
+    for pid in sessions:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        orch.publish(site.task("stall-1", **short))
+        final = orch.wait_terminal("stall-1", timeout=180)
+        assert final["state"] == "FAILED" and "unreachable" in final["error"]["message"], final
+        orch.publish(site.task("stall-2", **short))
+        assert orch.wait_terminal("stall-2", timeout=180)["state"] == "COMPLETED"
+        assert host.log.read_text().count(f"Accepted publickey for {ssh.USER}") == 2
+    finally:
+        for pid in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
