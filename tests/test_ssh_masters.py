@@ -84,6 +84,14 @@ def site() -> Iterator[Site]:
 
 
 @pytest.fixture
+def kept(site: Site) -> Iterator[KeptMasters]:
+    """The listener's pool, ``control_persist_s`` 60; every master ended after the test."""
+    masters = KeptMasters(site.base / "pool", 60)
+    yield masters
+    masters.close()
+
+
+@pytest.fixture
 def groups() -> Iterator[list[Path]]:
     """Runs' cgroups, removed after the test."""
     made: list[Path] = []
@@ -136,20 +144,17 @@ def _pool_pids(kept: KeptMasters) -> list[int]:
     return sorted(k.pid for k in kept._kept.values())
 
 
-def test_a_hosts_runs_share_one_login_and_a_cancel_does_not_end_it(site, groups):
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        _run(site, kept, "a", groups)
-        [master] = _pool_pids(kept)
-        with open(f"/proc/{master}/cgroup") as f:
-            group = f.read().strip().partition("0::")[2]
-        assert Path(group).parent == Path(_own_cgroup()) / "fem-ssh", group
-        _run(site, kept, "a", groups, cancelled=True)
-        _run(site, kept, "a", groups)
-        assert site.logins() == 1
-        assert _pool_pids(kept) == [master] and _alive(master)
-    finally:
-        kept.close()
+def test_a_hosts_runs_share_one_login_and_a_cancel_does_not_end_it(site, groups, kept):
+    _run(site, kept, "a", groups)
+    [master] = _pool_pids(kept)
+    with open(f"/proc/{master}/cgroup") as f:
+        group = f.read().strip().partition("0::")[2]
+    assert Path(group).parent == Path(_own_cgroup()) / "fem-ssh", group
+    _run(site, kept, "a", groups, cancelled=True)
+    _run(site, kept, "a", groups)
+    assert site.logins() == 1
+    assert _pool_pids(kept) == [master] and _alive(master)
+    kept.close()
     assert _ended(master)
     assert not (site.base / "pool").exists()
 
@@ -159,18 +164,14 @@ def _own_cgroup() -> str:
         return next(line[3:].strip() for line in f if line.startswith("0::"))
 
 
-def test_two_inventory_hosts_at_one_address_never_share_a_master(site, groups):
+def test_two_inventory_hosts_at_one_address_never_share_a_master(site, groups, kept):
     """%C hashes address, port and user, not the route: per inventory host, not per %C."""
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        _run(site, kept, "behind-jump-1", groups)
-        _run(site, kept, "behind-jump-2", groups)
-        assert site.logins() == 2 and len(_pool_pids(kept)) == 2
-        _run(site, kept, "behind-jump-1", groups)
-        _run(site, kept, "behind-jump-2", groups)
-        assert site.logins() == 2
-    finally:
-        kept.close()
+    _run(site, kept, "behind-jump-1", groups)
+    _run(site, kept, "behind-jump-2", groups)
+    assert site.logins() == 2 and len(_pool_pids(kept)) == 2
+    _run(site, kept, "behind-jump-1", groups)
+    _run(site, kept, "behind-jump-2", groups)
+    assert site.logins() == 2
 
 
 def test_a_master_near_its_idle_bound_is_not_lent_and_ends(site, groups):
@@ -187,92 +188,72 @@ def test_a_master_near_its_idle_bound_is_not_lent_and_ends(site, groups):
         kept.close()
 
 
-def test_a_kept_master_that_ended_is_replaced_by_the_next_runs_own(site, groups):
+def test_a_kept_master_that_ended_is_replaced_by_the_next_runs_own(site, groups, kept):
     """The host went away (its master with it): the next run connects anew, and its master
     is the one kept from then on."""
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        _run(site, kept, "a", groups)
-        [first] = _pool_pids(kept)
-        os.kill(first, signal.SIGKILL)
-        assert _ended(first)
-        _run(site, kept, "a", groups)
-        [second] = _pool_pids(kept)
-        assert second != first and _alive(second)
-        _run(site, kept, "a", groups)
-        assert site.logins() == 2 and _pool_pids(kept) == [second]
-    finally:
-        kept.close()
+    _run(site, kept, "a", groups)
+    [first] = _pool_pids(kept)
+    os.kill(first, signal.SIGKILL)
+    assert _ended(first)
+    _run(site, kept, "a", groups)
+    [second] = _pool_pids(kept)
+    assert second != first and _alive(second)
+    _run(site, kept, "a", groups)
+    assert site.logins() == 2 and _pool_pids(kept) == [second]
 
 
-def test_a_second_master_to_one_destination_ends_with_its_run(site, groups):
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        first, second = site.run_dir(), site.run_dir()
-        loans = [kept.lend(first, "a"), kept.lend(second, "a")]
-        made = [_group(groups), _group(groups)]
-        site.connect(first, made[0])
-        site.connect(second, made[1])
-        assert site.logins() == 2
-        masters = [cgroups.pids(group) for group in made]
-        for loan, group in zip(loans, made, strict=True):
-            kept.keep(loan, group)
-            cgroups.remove(group)
-            kept.give_back(loan, False)
-        assert _pool_pids(kept) == masters[0]
-        assert _ended(masters[1][0])
-        _run(site, kept, "a", groups)
-        assert site.logins() == 2
-    finally:
-        kept.close()
-
-
-def test_retired_masters_serve_their_borrowers_and_then_end(site, groups):
-    """SIGHUP: a running task keeps the master it was lent; no new run gets it."""
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        _run(site, kept, "a", groups)
-        [master] = _pool_pids(kept)
-        run_dir = site.run_dir()
-        loan = kept.lend(run_dir, "a")
-        assert loan.lent
-        kept.retire()
-        site.connect(run_dir, None)
-        assert site.logins() == 1 and _alive(master)
-        assert kept.lend(site.run_dir(), "a").lent == {}
+def test_a_second_master_to_one_destination_ends_with_its_run(site, groups, kept):
+    first, second = site.run_dir(), site.run_dir()
+    loans = [kept.lend(first, "a"), kept.lend(second, "a")]
+    made = [_group(groups), _group(groups)]
+    site.connect(first, made[0])
+    site.connect(second, made[1])
+    assert site.logins() == 2
+    masters = [cgroups.pids(group) for group in made]
+    for loan, group in zip(loans, made, strict=True):
+        kept.keep(loan, group)
+        cgroups.remove(group)
         kept.give_back(loan, False)
-        assert _ended(master)
-    finally:
-        kept.close()
+    assert _pool_pids(kept) == masters[0]
+    assert _ended(masters[1][0])
+    _run(site, kept, "a", groups)
+    assert site.logins() == 2
 
 
-def test_one_master_is_lent_to_at_most_so_many_runs(site, groups):
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        _run(site, kept, "a", groups)
-        loans = [kept.lend(site.run_dir(), "a") for _ in range(MAX_BORROWERS + 1)]
-        assert [bool(loan.lent) for loan in loans] == [True] * MAX_BORROWERS + [False]
-        for loan in loans:
-            kept.give_back(loan, False)
-    finally:
-        kept.close()
+def test_retired_masters_serve_their_borrowers_and_then_end(site, groups, kept):
+    """SIGHUP: a running task keeps the master it was lent; no new run gets it."""
+    _run(site, kept, "a", groups)
+    [master] = _pool_pids(kept)
+    run_dir = site.run_dir()
+    loan = kept.lend(run_dir, "a")
+    assert loan.lent
+    kept.retire()
+    site.connect(run_dir, None)
+    assert site.logins() == 1 and _alive(master)
+    assert kept.lend(site.run_dir(), "a").lent == {}
+    kept.give_back(loan, False)
+    assert _ended(master)
 
 
-def test_a_proxy_command_moves_out_with_its_master(site, groups):
+def test_one_master_is_lent_to_at_most_so_many_runs(site, groups, kept):
+    _run(site, kept, "a", groups)
+    loans = [kept.lend(site.run_dir(), "a") for _ in range(MAX_BORROWERS + 1)]
+    assert [bool(loan.lent) for loan in loans] == [True] * MAX_BORROWERS + [False]
+    for loan in loans:
+        kept.give_back(loan, False)
+
+
+def test_a_proxy_command_moves_out_with_its_master(site, groups, kept):
     """A master reached through a ProxyCommand lives only as long as its proxy: both leave
     the run's cgroup, so the next run still finds the connection."""
     relay = site.base / "relay.py"
     relay.write_text(PROXY)
-    kept = KeptMasters(site.base / "pool", 60)
     proxy = f"ProxyCommand={sys.executable} {relay} %h %p"
-    try:
-        group = _run(site, kept, "a", groups, "-o", proxy)
-        [master] = _pool_pids(kept)
-        _run(site, kept, "a", groups, "-o", proxy)
-        assert site.logins() == 1 and _alive(master)
-        assert not group.exists()
-    finally:
-        kept.close()
+    group = _run(site, kept, "a", groups, "-o", proxy)
+    [master] = _pool_pids(kept)
+    _run(site, kept, "a", groups, "-o", proxy)
+    assert site.logins() == 1 and _alive(master)
+    assert not group.exists()
 
 
 def test_a_pool_left_by_a_killed_listener_is_ended(site, groups):
@@ -286,91 +267,71 @@ def test_a_pool_left_by_a_killed_listener_is_ended(site, groups):
     assert _ended(master)
 
 
-def test_a_run_that_started_before_a_sighup_keeps_nothing(site, groups):
+def test_a_run_that_started_before_a_sighup_keeps_nothing(site, groups, kept):
     """It may have read the inventory before it changed."""
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        run_dir = site.run_dir()
-        loan = kept.lend(run_dir, "a")
-        group = _group(groups)
-        site.connect(run_dir, group)
-        kept.retire()
-        kept.keep(loan, group)
-        cgroups.remove(group)
-        kept.give_back(loan, False)
-        assert _pool_pids(kept) == []
-        _run(site, kept, "a", groups)
-        assert len(_pool_pids(kept)) == 1 and site.logins() == 2
-    finally:
-        kept.close()
+    run_dir = site.run_dir()
+    loan = kept.lend(run_dir, "a")
+    group = _group(groups)
+    site.connect(run_dir, group)
+    kept.retire()
+    kept.keep(loan, group)
+    cgroups.remove(group)
+    kept.give_back(loan, False)
+    assert _pool_pids(kept) == []
+    _run(site, kept, "a", groups)
+    assert len(_pool_pids(kept)) == 1 and site.logins() == 2
 
 
-def test_a_failed_run_retires_the_master_it_was_lent(site, groups):
+def test_a_failed_run_retires_the_master_it_was_lent(site, groups, kept):
     """A stalled connection fails every run lent it, where a new one may well work: the
     first failure retires it (ended once its other borrowers are done)."""
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        _run(site, kept, "a", groups)
-        [master] = _pool_pids(kept)
-        other = kept.lend(site.run_dir(), "a")
-        _run(site, kept, "a", groups, failed=True)
-        assert _pool_pids(kept) == [] and _alive(master)
-        kept.give_back(other, False)
-        assert _ended(master)
-        _run(site, kept, "a", groups)
-        assert site.logins() == 2
-    finally:
-        kept.close()
+    _run(site, kept, "a", groups)
+    [master] = _pool_pids(kept)
+    other = kept.lend(site.run_dir(), "a")
+    _run(site, kept, "a", groups, failed=True)
+    assert _pool_pids(kept) == [] and _alive(master)
+    kept.give_back(other, False)
+    assert _ended(master)
+    _run(site, kept, "a", groups)
+    assert site.logins() == 2
 
 
-def test_a_later_run_with_the_same_marker_spares_a_kept_proxy(site, groups):
+def test_a_later_run_with_the_same_marker_spares_a_kept_proxy(site, groups, kept):
     """A ProxyCommand carries the marker of the run that started it; a run with the same
     ident (a run again after its resident Ansible died) must not kill it by that marker."""
     relay = site.base / "relay.py"
     relay.write_text(PROXY)
-    kept = KeptMasters(site.base / "pool", 60)
     proxy = f"ProxyCommand={sys.executable} {relay} %h %p"
-    try:
-        _run(site, kept, "a", groups, "-o", proxy, ident="fem-x-t.a1-stop")
-        [master] = _pool_pids(kept)
-        _run(site, kept, "a", groups, "-o", proxy, ident="fem-x-t.a1-stop")
-        kill_task_processes("fem-x-t", kept.processes())
-        assert _alive(master) and len(kept.processes()) == 2
-        _run(site, kept, "a", groups, "-o", proxy)
-        assert site.logins() == 1
-    finally:
-        kept.close()
+    _run(site, kept, "a", groups, "-o", proxy, ident="fem-x-t.a1-stop")
+    [master] = _pool_pids(kept)
+    _run(site, kept, "a", groups, "-o", proxy, ident="fem-x-t.a1-stop")
+    kill_task_processes("fem-x-t", kept.processes())
+    assert _alive(master) and len(kept.processes()) == 2
+    _run(site, kept, "a", groups, "-o", proxy)
+    assert site.logins() == 1
 
 
-def test_what_a_proxy_command_starts_ends_with_its_master(site, groups):
+def test_what_a_proxy_command_starts_ends_with_its_master(site, groups, kept):
     relay = site.base / "relay.py"
     relay.write_text(PROXY)
-    kept = KeptMasters(site.base / "pool", 60)
     proxy = f"ProxyCommand=sh -c 'sleep 1000 & exec {sys.executable} {relay} %h %p'"
-    try:
-        _run(site, kept, "a", groups, "-o", proxy)
-        processes = kept.processes()
-        assert len(processes) == 3  # the master, the relay, the sleep
-        kept.retire()
-        assert all(_ended(pid) for pid in processes)
-    finally:
-        kept.close()
+    _run(site, kept, "a", groups, "-o", proxy)
+    processes = kept.processes()
+    assert len(processes) == 3  # the master, the relay, the sleep
+    kept.retire()
+    assert all(_ended(pid) for pid in processes)
 
 
 @pytest.mark.parametrize("replaced_by", ["dir", "file"])
-def test_a_pool_entry_replaced_is_no_error(site, groups, replaced_by):
-    kept = KeptMasters(site.base / "pool", 60)
-    try:
-        _run(site, kept, "a", groups)
-        [entry] = kept._kept.values()
-        entry.path.unlink()
-        if replaced_by == "dir":
-            entry.path.mkdir()
-        else:
-            entry.path.write_text("")
-        _run(site, kept, "a", groups)
-        kept.retire()
-        _run(site, kept, "a", groups)
-        assert site.logins() == 3
-    finally:
-        kept.close()
+def test_a_pool_entry_replaced_is_no_error(site, groups, kept, replaced_by):
+    _run(site, kept, "a", groups)
+    [entry] = kept._kept.values()
+    entry.path.unlink()
+    if replaced_by == "dir":
+        entry.path.mkdir()
+    else:
+        entry.path.write_text("")
+    _run(site, kept, "a", groups)
+    kept.retire()
+    _run(site, kept, "a", groups)
+    assert site.logins() == 3
