@@ -421,14 +421,15 @@ def check_hosts(config: Config) -> Iterator[Check]:
     import tempfile
 
     from .runner import collections_view
-    from .ssh_masters import stop_masters
+    from .ssh_masters import scratch_control_dir
     from .targets import Inventory, check_host, inventory_path
 
     path = inventory_path(config)
     # The collections runs see (inventory and connection plugins among them), in a view of
     # doctor's own that goes with it: doctor creates nothing in the work dir.  Its SSH
-    # masters have their sockets there too and die with it: one left in ~/.ansible/cp
-    # answered the next doctor without the host key being checked again (issue 31).
+    # masters have their sockets in a temp dir of its own too and end with it: one left in
+    # ~/.ansible/cp answered the next doctor without the host key being checked again
+    # (issue 31).
     with tempfile.TemporaryDirectory(prefix="fem-doctor-") as tmp:
         try:
             collections = collections_view(Path(tmp), tuple(config.execution.collections))
@@ -449,13 +450,10 @@ def check_hosts(config: Config) -> Iterator[Check]:
             yield fail(f"target {name}", f"not a host or group of {path}",
                        "add it to the inventory or remove it from policy.targets.allow / "
                        "execution.target")
-        try:
+        with scratch_control_dir("fem-doctor-") as control_dir:
             for host in hosts:
                 yield _host_line(host, check_host(config, host, inventory, collections,
-                                                  timeout_s=30,
-                                                  control_dir=Path(tmp) / "ssh"))
-        finally:
-            stop_masters(Path(tmp) / "ssh")
+                                                  timeout_s=30, control_dir=control_dir))
 
 
 def _host_line(host: str, result: dict[str, Any]) -> Check:

@@ -476,14 +476,15 @@ def _run_once(spec: RunSpec, hooks: RunHooks, should_stop: Callable[[], bool]) -
     finally:
         # Whatever ended the run, nothing of it may outlive it, but the SSH masters a run
         # that ended on its own opened: they are kept for the host's next run.
-        if loan is not None and ended and not should_stop():
+        # A run that failed or timed out may have met a stalled connection.
+        healthy = ended and runner.status not in ("failed", "timeout")
+        if loan is not None and healthy and not should_stop():
             spec.ssh_masters.keep(loan, group)
         kill_processes(spec.ident, spare=kept())
         if group is not None:
             cgroups.remove(group)
         if loan is not None:
-            spec.ssh_masters.give_back(
-                loan, failed=not ended or runner.status in ("failed", "timeout"))
+            spec.ssh_masters.give_back(loan, failed=not healthy)
         elif spec.ssh_control_dir is not None:
             ssh_masters.release(spec.ssh_control_dir)
     log.debug("playbook %s %s rc=%s in %.1fs", spec.ident, runner.status, runner.rc,

@@ -34,14 +34,17 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cgroups
 from .config import Config
-from .targets import control_dir
+from .sockdir import temp_root
+from .targets import CONTROL_DIR_MAX, control_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ log = logging.getLogger(__name__)
 MAX_BORROWERS = 8
 #: A master idle for longer than its ``ControlPersist`` less this is not lent any more.
 LEND_MARGIN_S = 10
+#: A kept master is lent once a session through it ran ``true`` on the host within this...
+PROBE_S = 5
+#: ...unless one did so this recently (runs starting together try it once).
+ANSWERED_S = 2
 # What ssh names a socket with ``ControlPath=<dir>/%C`` (fem_ansible.targets.ssh_env).
 _NAME = re.compile(r"[0-9a-f]{40}")
 _MASTER_PID = re.compile(r"\(pid=(\d+)\)")
@@ -65,6 +72,8 @@ class _Kept:
     group: Path
     borrowers: int = 0
     idle_since: float = field(default_factory=time.monotonic)
+    #: When it last carried a session the listener opened to try it.
+    answered_at: float = float("-inf")
     retired: bool = False
 
 
@@ -109,25 +118,40 @@ class KeptMasters:
         return cls(control_dir(config, "kept"), config.execution.ssh.control_persist_s)
 
     def lend(self, run_dir: Path, host: str) -> Loan:
-        """Before a run on inventory host ``host``: link the host's kept masters that may be
-        lent into the run's ControlPath dir ``run_dir``."""
+        """Before a run on inventory host ``host``: link the host's kept masters into the
+        run's ControlPath dir ``run_dir``, each once it has carried a session just now (a
+        connection that stalled would fail every run lent it; it is ended instead).  Any
+        host's master near its idle bound is ended."""
         now = time.monotonic()
+        wanted = []
         with self._lock:
             loan = Loan(host, run_dir, self._generation)
             for (kept_host, name), kept in list(self._kept.items()):
-                if kept_host != host or kept.borrowers >= MAX_BORROWERS:
-                    continue
                 if not kept.borrowers and now - kept.idle_since > self.persist_s - LEND_MARGIN_S:
                     self._forget(kept_host, name)  # it is ending, or has ended, on its own
-                    continue
-                try:
-                    os.link(kept.path, run_dir / name)
-                except OSError as e:
-                    log.warning("a kept SSH master could not be lent to a run on %s: %s",
-                                host, e)
-                    continue
-                kept.borrowers += 1
-                loan.lent[name] = kept
+                elif kept_host == host and kept.borrowers < MAX_BORROWERS:
+                    kept.borrowers += 1  # not ended while it is tried
+                    wanted.append((name, kept))
+        for name, kept in wanted:
+            answers = now - kept.answered_at < ANSWERED_S or _answers(kept.path)
+            with self._lock:
+                if answers and not kept.retired:
+                    kept.answered_at = max(kept.answered_at, now)
+                    try:
+                        os.link(kept.path, run_dir / name)
+                    except OSError as e:
+                        log.warning("a kept SSH master could not be lent to a run on %s: %s",
+                                    host, e)
+                    else:
+                        loan.lent[name] = kept
+                        continue
+                kept.borrowers -= 1
+                if not answers and self._kept.get((host, name)) is kept:
+                    log.warning("a kept SSH master to %s carried no session within %ds: "
+                                "ended, the run connects anew", host, PROBE_S)
+                    self._forget(host, name)
+                elif kept.retired and not kept.borrowers:
+                    _end(kept)
         return loan
 
     def keep(self, loan: Loan, group: Path | None) -> None:
@@ -155,7 +179,8 @@ class KeptMasters:
                     self._forget(loan.host, path.name)
                 self._serial += 1
                 kept = _Kept(self.pool / str(self._serial), pid,
-                             self.groups / f"{self.pool.name}.{self._serial}")
+                             self.groups / f"{self.pool.name}.{self._serial}",
+                             answered_at=time.monotonic())  # it carried the run just now
                 try:
                     kept.group.mkdir()
                     _move(pid, group, kept.group)
@@ -233,6 +258,19 @@ class KeptMasters:
             return []
 
 
+@contextlib.contextmanager
+def scratch_control_dir(prefix: str) -> Iterator[Path]:
+    """A ControlPath dir of one command's own (doctor's host checks), in a temp dir short
+    enough for ssh's socket names; its masters are ended and it is removed at the end."""
+    root = temp_root(len(f"/{prefix}12345678/ssh"), CONTROL_DIR_MAX)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=root) as tmp:
+        path = Path(tmp) / "ssh"
+        try:
+            yield path
+        finally:
+            release(path)
+
+
 def release(run_dir: Path) -> None:
     """End the masters a run opened whose sockets are still in its ControlPath dir
     ``run_dir`` (a lent one is unlinked before), and remove the dir."""
@@ -288,6 +326,19 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _answers(path: Path) -> bool:
+    """Whether a session through the master at ``path`` runs ``true`` on the host within
+    :data:`PROBE_S` (never another connection: without the master, the proxy is ``false``)."""
+    try:
+        done = subprocess.run(
+            ["ssh", "-o", f"ControlPath={path}", "-o", "ControlMaster=no", "-o",
+             "ProxyCommand=false", "-o", "BatchMode=yes", "-T", "master", "true"],
+            capture_output=True, timeout=PROBE_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 def _alive(path: Path) -> bool:

@@ -291,16 +291,16 @@ def ssh_env(config: Config, control_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-# ssh appends "/" and 40 bytes of hash (%C), and a temporary suffix of 17 while it makes
-# the socket, to the ControlPath dir; a unix socket path has at most 107 bytes.
-_CONTROL_DIR_MAX = 49
+#: The longest ControlPath dir: ssh appends "/" and 40 bytes of hash (%C), and a temporary
+#: suffix of 17 while it makes the socket; a unix socket path has at most 107 bytes.
+CONTROL_DIR_MAX = 49
 
 
 def control_dir(config: Config, ident: str) -> Path:
     """A run's own SSH ControlPath dir, which the run's end removes with its masters:
     ``<work_dir>/ssh/<hash>`` or, when the work dir's path is too long for a socket path,
     ``<tmp>/fem-ssh-<uid>/<hash>`` (fem_ansible.sockdir)."""
-    return socket_dir(config.work_dir, "ssh", ident, _CONTROL_DIR_MAX)
+    return socket_dir(config.work_dir, "ssh", ident, CONTROL_DIR_MAX)
 
 
 # Run on the host by its own Python: what a task needs there, as one JSON line.
@@ -345,16 +345,10 @@ def check_host(config: Config, host: str, inventory: Inventory, collections: Pat
     if control_dir is None:
         # Never Ansible's default, ~/.ansible/cp, where a master outlives the check
         # (docs/decisions.md, "Doctor's SSH masters are its own").
-        import tempfile
+        from .ssh_masters import scratch_control_dir
 
-        from .ssh_masters import release
-
-        with tempfile.TemporaryDirectory(prefix="fem-check-") as tmp:
-            try:
-                return check_host(config, host, inventory, collections, timeout_s,
-                                  Path(tmp) / "ssh")
-            finally:
-                release(Path(tmp) / "ssh")
+        with scratch_control_dir("fem-check-") as own:
+            return check_host(config, host, inventory, collections, timeout_s, own)
     work_dir = inventory.work_dir(host, config.execution.work_dir)
     probe = base64.b64encode(_HOST_PROBE.format(
         work_dir=work_dir, prefix=f"fem-{config.node_id}-").encode()).decode()

@@ -21,6 +21,7 @@ import pytest
 
 from fem_ansible.config import load_config
 from fem_ansible.runner import collections_view
+from fem_ansible.ssh_masters import ANSWERED_S
 from fem_ansible.targets import Inventory, check_host, inventory_path
 from tests.support import ssh
 from tests.support.archives import tar_members, uploaded_file
@@ -256,29 +257,31 @@ def test_a_hosts_connection_is_kept_between_tasks_and_no_cancel_ends_it(site, ss
     assert not {pid for pid in _masters() if pid not in before}
 
 
-def test_a_stalled_kept_connection_fails_one_task_not_the_next(site, ssh_site):
+def test_a_stalled_kept_connection_is_not_lent(site, ssh_site):
     """The kept master's connection stalls (the host's session processes stopped, as behind
-    a firewall that dropped the idle flow; the sshd still takes logins): the task lent it
-    fails as unreachable, and retires it; the next task connects anew and completes."""
+    a firewall that dropped the idle flow; the sshd still takes logins): three tasks
+    started together are not lent it (an outside review saw five such tasks fail as
+    unreachable): each connects anew and completes."""
     orch = site.orchestrator
-    hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, target="ssh-a")
+    hosts, config = ssh_site(up={"ssh-a": "127.0.0.2"}, target="ssh-a", max_parallel=3)
     host = hosts["ssh-a"]
     site.listener(config)
     short = {"source": None, "datasets": None,
              "command": ["sh", "-c", "echo done > /fem/output/r.txt"]}
     orch.publish(site.task("stall-0", **short))
     assert orch.wait_terminal("stall-0")["state"] == "COMPLETED"
+    time.sleep(ANSWERED_S)
     sessions = ssh._descendants(host.proc.pid)
     assert sessions
     for pid in sessions:
         os.kill(pid, signal.SIGSTOP)
     try:
-        orch.publish(site.task("stall-1", **short))
-        final = orch.wait_terminal("stall-1", timeout=180)
-        assert final["state"] == "FAILED" and "unreachable" in final["error"]["message"], final
-        orch.publish(site.task("stall-2", **short))
-        assert orch.wait_terminal("stall-2", timeout=180)["state"] == "COMPLETED"
-        assert host.log.read_text().count(f"Accepted publickey for {ssh.USER}") == 2
+        for i in (1, 2, 3):
+            orch.publish(site.task(f"stall-{i}", **short))
+        for i in (1, 2, 3):
+            final = orch.wait_terminal(f"stall-{i}", timeout=180)
+            assert final["state"] == "COMPLETED", final
+        assert host.log.read_text().count(f"Accepted publickey for {ssh.USER}") >= 2
     finally:
         for pid in sessions:
             with contextlib.suppress(ProcessLookupError):

@@ -4,6 +4,7 @@ Mitogen start it (``ControlPath=<run's dir>/%C``, ``ControlPersist``), in a run'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,13 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from fem_ansible import cgroups
 from fem_ansible.runner import kill_processes, kill_task_processes
-from fem_ansible.ssh_masters import MAX_BORROWERS, KeptMasters
+from fem_ansible.ssh_masters import ANSWERED_S, MAX_BORROWERS, KeptMasters
 from tests.support import ssh
 
 # A TCP relay for ProxyCommand: stdin to the address, the address to stdout.
@@ -116,7 +118,7 @@ def _run(site: Site, kept: KeptMasters, host: str, made: list[Path], *options: s
     loan = kept.lend(run_dir, host)
     group = _group(made, ident)
     site.connect(run_dir, group, kept.persist_s, *options)
-    if not cancelled:
+    if not (cancelled or failed):
         kept.keep(loan, group)
     kill_processes(group.name, kept.processes())
     cgroups.remove(group)
@@ -280,6 +282,31 @@ def test_a_run_that_started_before_a_sighup_keeps_nothing(site, groups, kept):
     assert _pool_pids(kept) == []
     _run(site, kept, "a", groups)
     assert len(_pool_pids(kept)) == 1 and site.logins() == 2
+
+
+def test_a_stalled_master_is_not_lent_but_ended(site, groups, kept):
+    """Its host's session processes stopped (a firewall dropped the idle flow): no session
+    through it within PROBE_S, so the run connects anew, and runs that start together all
+    do (an outside review saw five parallel tasks lent a stalled master fail)."""
+    _run(site, kept, "a", groups)
+    [master] = _pool_pids(kept)
+    time.sleep(ANSWERED_S)
+    sessions = ssh._descendants(site.host.proc.pid)
+    for pid in sessions:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            loans = list(pool.map(lambda _: kept.lend(site.run_dir(), "a"), range(3)))
+        assert [loan.lent for loan in loans] == [{}, {}, {}]
+        assert _pool_pids(kept) == [] and _ended(master)
+    finally:
+        for pid in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    for loan in loans:
+        kept.give_back(loan, False)
+    _run(site, kept, "a", groups)
+    assert site.logins() == 2
 
 
 def test_a_failed_run_retires_the_master_it_was_lent(site, groups, kept):

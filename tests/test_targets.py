@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 
 import pytest
 
 from fem_ansible.errors import ConfigError, PolicyViolation
 from fem_ansible.runner import collections_view
+from fem_ansible.ssh_masters import scratch_control_dir
 from fem_ansible.targets import Inventory, Targets, control_dir
 
 LISTING = {
@@ -64,10 +66,22 @@ def test_fem_work_dir_must_be_a_plain_absolute_path():
         inv.work_dir("h", "/var/lib/fem-ansible")
 
 
-def test_control_dir_fits_a_socket_path(make_config):
+# What ssh adds to a ControlPath dir: "/", %C (40 bytes) and a temporary suffix (17).
+SSH_ADDS = 58
+
+
+@pytest.mark.parametrize("long_tmpdir", [False, True])
+def test_control_dir_fits_a_socket_path(make_config, monkeypatch, tmp_path, long_tmpdir):
+    """A long work dir goes to a temp dir; a long TMPDIR too, to /tmp (an outside review
+    found doctor's hosts all unreachable with a 43-byte TMPDIR)."""
+    if long_tmpdir:
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        assert len(str(tmp_path)) > 43
     config = make_config(execution={"work_dir": "/" + "x" * 120})
     path = control_dir(config, "fem-node-" + "t" * 128 + ".a1")
-    assert len(str(path)) + 28 <= 107 and path.parent.stat().st_mode & 0o077 == 0
+    assert len(str(path)) + SSH_ADDS <= 107 and path.parent.stat().st_mode & 0o077 == 0
+    with scratch_control_dir("fem-doctor-") as scratch:
+        assert len(str(scratch)) + SSH_ADDS <= 107
 
 
 def test_the_inventory_is_read_with_the_environment_runs_get(tmp_path, monkeypatch):
