@@ -100,7 +100,7 @@ class Node:
         ``run_datasets``), asked again at each attempt so recovery resolves them the same.
     :param run_secret_env: the per-task secret container env of protocol adapters.
     :param ssh_masters: the SSH masters kept between runs (the listener's); None: each run's
-        end with it.
+        masters end with it.
     """
 
     def __init__(self, config: Config, journal: Journal,

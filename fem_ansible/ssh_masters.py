@@ -56,8 +56,6 @@ LEND_MARGIN_S = 10
 PROBE_S = 5
 #: ...unless one did so this recently (runs starting together try it once).
 ANSWERED_S = 2
-# What ssh names a socket with ``ControlPath=<dir>/%C`` (fem_ansible.targets.ssh_env).
-_NAME = re.compile(r"[0-9a-f]{40}")
 _MASTER_PID = re.compile(r"\(pid=(\d+)\)")
 _SSH_TIMEOUT_S = 10
 
