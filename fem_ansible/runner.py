@@ -52,15 +52,26 @@ log = logging.getLogger(__name__)
 ROLE_COLLECTIONS = ("community.docker", "containers.podman")
 
 
-class ReapedChildSpawn(pexpect.spawn):
-    """pexpect's child, closed without ptyprocess's wait when it has already been reaped.
+class RunnerSpawn(pexpect.spawn):
+    """pexpect's child without pexpect's two fixed delays, where nothing is waited for.
 
-    Why: ansible-runner closes its child only once ``isalive()`` has seen it end and reaped
-    it, yet ptyprocess's ``close()`` still sleeps ``delayafterclose`` (0.1 s) "to give the
-    kernel time to update process status" before asking again: 0.1 s at the end of every run,
-    on the task's path to its terminal event (bench/RESULTS.md, bench/runner_close.py).  A
-    child not yet reaped is closed as pexpect closes it, wait and signals included.
+    Why: every run answers the vault prompt and is closed through this, on the task's path
+    from its message to its terminal event (bench/RESULTS.md, bench/runner_close.py):
+
+    - ``send()`` sleeps ``delaybeforesend`` (0.05 s) first, so that a password does not
+      arrive before the program has turned its terminal's echo off and flushed its input.
+      ansible-runner answers only a prompt it has read, and Python's ``getpass`` (what
+      Ansible's vault prompt is) flushes and turns echo off before it writes the prompt:
+      the answer cannot come too early, so it is sent at once.
+    - ansible-runner closes its child only once ``isalive()`` has seen it end and reaped
+      it, yet ptyprocess's ``close()`` still sleeps ``delayafterclose`` (0.1 s) "to give
+      the kernel time to update process status" before asking again.  A child not yet
+      reaped is closed as pexpect closes it, wait and signals included.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delaybeforesend = None
 
     def close(self, force: bool = True) -> None:
         if self.terminated and hasattr(self.ptyproc, "delayafterclose"):
@@ -68,8 +79,7 @@ class ReapedChildSpawn(pexpect.spawn):
         super().close(force=force)
 
 
-# ansible-runner spawns its child as ``pexpect.spawn(...)``, looked up when a run starts.
-pexpect.spawn = ReapedChildSpawn  # type: ignore[misc]
+pexpect.spawn = RunnerSpawn  # type: ignore[misc]
 
 
 def collection_dirs(extra: tuple[str, ...] = ()) -> dict[str, Path]:
