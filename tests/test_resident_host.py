@@ -429,3 +429,66 @@ def test_a_file_found_ahead_of_an_imported_one_ends_the_resident_host(tmp_path):
         (site / "certifi" / "__init__.py").write_text("def where():\n    return 'x'\n")
 
     _replaced_after(tmp_path, certifi_ahead, "certifi would now be found elsewhere")
+
+
+# The multiplexer's side of a forked host's end: ForkedHost as Mitogen's reaper polls it, the
+# resident host's report played by a thread that waits for a real child, as
+# resident_host.Forks._ended does.
+HOST_END = r"""
+import json, os, socket, subprocess, sys, threading
+from ansible.plugins.loader import init_plugin_loader
+init_plugin_loader([sys.argv[1]])
+import importlib
+plugin = importlib.import_module("ansible_collections.fem.core.plugins.strategy.mitogen_linear")
+send = plugin.resident_host.send
+
+
+def host(wait_s):
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(3)"],
+                             stdin=subprocess.PIPE)
+    ours, theirs = socket.socketpair()
+    plugin.END_WAIT_S = wait_s
+    return child, theirs, plugin.ForkedHost(child.pid, os.pidfd_open(child.pid), ours, None, None)
+
+
+def ended(child, theirs):
+    send(theirs, {"rc": child.wait()}, [])
+
+
+seen = {}
+# The report is there, whole, when the reaper first looks.
+child, theirs, forked = host(30.0)
+child.stdin.close()
+ended(child, theirs)
+seen["whole"] = forked.poll()
+# The host ends as the reaper first looks (its stdio closed): the first look waits for it.
+child, theirs, forked = host(30.0)
+threading.Thread(target=ended, args=(child, theirs)).start()
+child.stdin.close()
+seen["first"] = forked.poll()
+# A host that does not end in the wait: no status yet; later looks do not wait, and take
+# the report as it comes, in parts.
+child, theirs, forked = host(0.01)
+seen["alive"] = forked.poll()
+plugin.END_WAIT_S = 600.0  # were it waited for, the test's deadline would fail it
+seen["still"] = forked.poll()
+child.stdin.close()
+body = json.dumps({"rc": child.wait()}).encode()
+theirs.sendall(len(body).to_bytes(4, "big"))
+seen["size only"] = forked.poll()
+theirs.sendall(body)
+seen["rest"] = forked.poll()
+print(json.dumps(seen))
+"""
+
+
+def test_the_multiplexer_takes_a_forked_hosts_status_as_the_resident_host_reports_it(
+        tmp_path):
+    """Mitogen's reaper looks at a host's end as its stdio closes, then 50 ms later after
+    a SIGTERM: a report that has come, or comes during the first look, is taken at once
+    and whole; later looks do not wait for one."""
+    done = subprocess.run([sys.executable, "-c", HOST_END, str(COLLECTIONS)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "whole": 3, "first": 3, "alive": None, "still": None, "size only": None, "rest": 3}

@@ -272,6 +272,13 @@ def send_module_forwards(self, context) -> None:
     _send_module_forwards(self, context)
 
 
+#: How long the first look at a forked host's end waits for the resident host's report.
+#: Mitogen first looks as the host's stdio closes, a few ms before the host has exited, and
+#: next only 50 ms later (then 86 ms later, after a SIGTERM): the report comes about 3 ms
+#: after the close, and the run's end waits for it (bench/RESULTS.md).
+END_WAIT_S = 0.05
+
+
 class ForkedHost(mitogen.parent.Process):
     """A host interpreter the resident host (fem.core's ``plugin_utils.resident_host``)
     forked for this multiplexer.  Not this process's child: its exit status comes from the
@@ -283,20 +290,28 @@ class ForkedHost(mitogen.parent.Process):
         self.pidfd, self.conn = pidfd, conn
         self.returncode: int | None = None
         self._exit = resident_host.Incoming(conn, 0)
+        self._waited = False
         conn.setblocking(False)
 
     def poll(self) -> int | None:
+        """The host's exit status once the resident host has reported it, else None.
+        Mitogen's reaper calls this once the host's stdio has closed; the first call waits
+        up to :data:`END_WAIT_S` for the report (the broker thread waits with it, once a
+        host), later calls do not wait."""
         if self.returncode is None:
+            if not self._waited:
+                self._waited = True
+                select.select([self.conn], [], [], END_WAIT_S)
             try:
-                message = self._exit.read()
+                message = None
+                while message is None:  # Incoming reads the size, then the rest
+                    message = self._exit.read()
             except BlockingIOError:
                 return None
             except (OSError, ValueError):  # the resident host is gone
                 if not select.select([self.pidfd], [], [], 0)[0]:
                     return None  # and the host lives on
                 message = {}  # both gone: how it ended is not known
-            if message is None:
-                return None
             rc = message.get("rc")
             self.returncode = rc if isinstance(rc, int) else -signal.SIGKILL
             self.conn.close()
