@@ -435,7 +435,7 @@ def test_a_file_found_ahead_of_an_imported_one_ends_the_resident_host(tmp_path):
 # resident host's report played by a thread that waits for a real child, as
 # resident_host.Forks._ended does.
 HOST_END = r"""
-import json, os, socket, subprocess, sys, threading
+import json, os, resource, socket, subprocess, sys, threading
 from ansible.plugins.loader import init_plugin_loader
 init_plugin_loader([sys.argv[1]])
 import importlib
@@ -443,12 +443,18 @@ plugin = importlib.import_module("ansible_collections.fem.core.plugins.strategy.
 send = plugin.resident_host.send
 
 
-def host(wait_s):
+def host(wait_s, fd=None):
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(3)"],
                              stdin=subprocess.PIPE)
     ours, theirs = socket.socketpair()
+    pidfd = os.pidfd_open(child.pid)
+    if fd is not None:  # the multiplexer's descriptors above select(2)'s 1023
+        os.dup2(ours.detach(), fd)
+        ours = socket.socket(fileno=fd)
+        os.dup2(pidfd, fd + 1)
+        pidfd = fd + 1
     plugin.END_WAIT_S = wait_s
-    return child, theirs, plugin.ForkedHost(child.pid, os.pidfd_open(child.pid), ours, None, None)
+    return child, theirs, plugin.ForkedHost(child.pid, pidfd, ours, None, None)
 
 
 def ended(child, theirs):
@@ -478,6 +484,20 @@ theirs.sendall(len(body).to_bytes(4, "big"))
 seen["size only"] = forked.poll()
 theirs.sendall(body)
 seen["rest"] = forked.poll()
+# Descriptors above 1023, as a multiplexer with many contexts has them.
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+child, theirs, forked = host(30.0, fd=2000)
+threading.Thread(target=ended, args=(child, theirs)).start()
+child.stdin.close()
+seen["high fd"] = forked.poll()
+# The resident host gone (its end of the connection closed): the host's end is taken from
+# its pidfd, how it ended not known.
+child, theirs, forked = host(0.01, fd=2000)
+theirs.close()
+seen["server gone, host alive"] = forked.poll()
+child.stdin.close()
+child.wait()
+seen["server gone, host ended"] = forked.poll()
 print(json.dumps(seen))
 """
 
@@ -486,9 +506,11 @@ def test_the_multiplexer_takes_a_forked_hosts_status_as_the_resident_host_report
         tmp_path):
     """Mitogen's reaper looks at a host's end as its stdio closes, then 50 ms later after
     a SIGTERM: a report that has come, or comes during the first look, is taken at once
-    and whole; later looks do not wait for one."""
+    and whole; later looks do not wait for one; descriptors above select(2)'s range are
+    waited on too; with the resident host gone, the host's end is its pidfd's."""
     done = subprocess.run([sys.executable, "-c", HOST_END, str(COLLECTIONS)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == {
-        "whole": 3, "first": 3, "alive": None, "still": None, "size only": None, "rest": 3}
+        "whole": 3, "first": 3, "alive": None, "still": None, "size only": None, "rest": 3,
+        "high fd": 3, "server gone, host alive": None, "server gone, host ended": -9}

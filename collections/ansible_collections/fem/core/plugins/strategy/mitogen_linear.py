@@ -295,13 +295,14 @@ class ForkedHost(mitogen.parent.Process):
 
     def poll(self) -> int | None:
         """The host's exit status once the resident host has reported it, else None.
-        Mitogen's reaper calls this once the host's stdio has closed; the first call waits
-        up to :data:`END_WAIT_S` for the report (the broker thread waits with it, once a
-        host), later calls do not wait."""
+        Mitogen's reaper calls this once the host's stdio has closed (at the end, or when
+        the connection failed); the first call waits up to :data:`END_WAIT_S` for the
+        report, whatever the host's state (the broker thread waits with it, once a host),
+        later calls do not wait."""
         if self.returncode is None:
             if not self._waited:
                 self._waited = True
-                select.select([self.conn], [], [], END_WAIT_S)
+                _readable(self.conn.fileno(), END_WAIT_S)
             try:
                 message = None
                 while message is None:  # Incoming reads the size, then the rest
@@ -309,7 +310,7 @@ class ForkedHost(mitogen.parent.Process):
             except BlockingIOError:
                 return None
             except (OSError, ValueError):  # the resident host is gone
-                if not select.select([self.pidfd], [], [], 0)[0]:
+                if not _readable(self.pidfd, 0):
                     return None  # and the host lives on
                 message = {}  # both gone: how it ended is not known
             rc = message.get("rc")
@@ -322,6 +323,14 @@ class ForkedHost(mitogen.parent.Process):
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, sig)
+
+
+def _readable(fd: int, timeout_s: float) -> bool:
+    """Whether ``fd`` is readable within ``timeout_s``: poll(2), which, unlike select(2),
+    takes descriptors above 1023 (Mitogen raises a multiplexer's limit of open files)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 #: Resident hosts that did not answer in time: this run's later hosts start as Mitogen's.
