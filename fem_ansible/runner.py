@@ -79,6 +79,7 @@ class RunnerSpawn(pexpect.spawn):
         super().close(force=force)
 
 
+# ansible-runner spawns its child as ``pexpect.spawn(...)``, looked up when a run starts.
 pexpect.spawn = RunnerSpawn  # type: ignore[misc]
 
 

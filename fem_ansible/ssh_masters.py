@@ -54,7 +54,8 @@ MAX_BORROWERS = 8
 LEND_MARGIN_S = 10
 #: A kept master is lent once a session through it ran ``true`` on the host within this...
 PROBE_S = 5
-#: ...unless one did so this recently (runs starting together try it once).
+#: ...unless it carried a run or a try this recently (a run lent it just after its keep or a
+#: good try skips the try; runs that start while a try is under way try it too).
 ANSWERED_S = 2
 _MASTER_PID = re.compile(r"\(pid=(\d+)\)")
 _SSH_TIMEOUT_S = 10
